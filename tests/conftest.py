@@ -1,0 +1,75 @@
+"""Shared fixtures: tiny random Llama/Qwen2/Mistral configs and the real default model (loaded once)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU through Triton's interpreter; it must be chosen before triton is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    MistralConfig,
+    PretrainedConfig,
+    Qwen2Config,
+)
+
+TINY_FAMILIES = {"llama": LlamaConfig, "qwen2": Qwen2Config, "mistral": MistralConfig}
+TINY_HEAD_DIMS = (64, 128)
+
+
+def make_tiny_config(family: str, head_dim: int = 64, **overrides) -> PretrainedConfig:
+    """A tiny random config with grouped-query attention (4 query heads over 2 KV heads)."""
+    kwargs = dict(
+        vocab_size=128,
+        hidden_size=2 * head_dim,
+        intermediate_size=4 * head_dim,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=head_dim,
+        max_position_embeddings=512,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    kwargs.update(overrides)
+    return TINY_FAMILIES[family](**kwargs)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs CUDA; none is present")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(
+    params=[(f, d) for f in TINY_FAMILIES for d in TINY_HEAD_DIMS], ids=lambda p: f"{p[0]}-d{p[1]}"
+)
+def tiny_config(request: pytest.FixtureRequest) -> PretrainedConfig:
+    """Each tiny family at head_dim 64 and 128."""
+    family, head_dim = request.param
+    return make_tiny_config(family, head_dim)
+
+
+@pytest.fixture
+def tiny_model(tiny_config: PretrainedConfig) -> torch.nn.Module:
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(tiny_config).eval()
+
+
+@pytest.fixture(scope="session")
+def default_model_and_tokenizer():
+    """The real SmolLM2-135M-Instruct, loaded once per test session (converts the GGUF on first use)."""
+    from hf_common import load_model_and_tokenizer
+
+    return load_model_and_tokenizer()

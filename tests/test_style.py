@@ -1,0 +1,19 @@
+"""The code base stays ruff-clean (lint and format), as the style guide asks."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("command", [["check"], ["format", "--check"]], ids=["lint", "format"])
+def test_ruff(command: list[str]) -> None:
+    ruff = shutil.which("ruff")
+    assert ruff is not None, "ruff is part of the dev extra: pip install -e '.[dev]'"
+    result = subprocess.run([ruff, *command, str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
