@@ -79,7 +79,6 @@ def set_up() -> None:
         print(f"Creating virtual environment in {VENV}", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
     pip: list[str | Path] = [venv_python(), "-m", "pip", "--disable-pip-version-check"]
-    run([*pip, "install", "--upgrade", "pip"])
     has_torch = subprocess.run([venv_python(), "-c", "import torch"], capture_output=True).returncode == 0
     if not has_torch:
         run(torch_install_command(pip))
