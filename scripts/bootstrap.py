@@ -103,7 +103,8 @@ def main() -> int:
     else:
         return 0
     print("+", " ".join(str(part) for part in command), flush=True)
-    return subprocess.run([str(part) for part in command], cwd=ROOT).returncode
+    env = {**os.environ, "PATH": f"{venv_python().parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return subprocess.run([str(part) for part in command], cwd=ROOT, env=env).returncode
 
 
 if __name__ == "__main__":

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 
@@ -52,6 +54,7 @@ def test_env_reports_versions(capsys: pytest.CaptureFixture[str]) -> None:
 
 @pytest.mark.parametrize("prog", sorted(CLIS))
 def test_console_script_is_installed(prog: str) -> None:
-    result = subprocess.run([prog, "--help"], capture_output=True, text=True)
+    script = Path(sysconfig.get_path("scripts")) / prog
+    result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"usage: {prog}")
