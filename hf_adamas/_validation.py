@@ -27,9 +27,9 @@ def codes_per_byte(bits: int) -> int:
 
 
 def check_head_dim(dim: int) -> None:
-    if dim < 8 or dim & (dim - 1):
+    if dim < 16 or dim & (dim - 1):
         raise ValueError(
-            f"head_dim {dim} is not supported: the Sylvester Hadamard transform needs a power of two >= 8 "
+            f"head_dim {dim} is not supported: the Sylvester Hadamard transform needs a power of two >= 16 "
             "(e.g. 64 or 128)"
         )
 
