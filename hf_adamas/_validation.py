@@ -29,8 +29,8 @@ def codes_per_byte(bits: int) -> int:
 def check_head_dim(dim: int) -> None:
     if dim < 16 or dim & (dim - 1):
         raise ValueError(
-            f"head_dim {dim} is not supported: the Sylvester Hadamard transform needs a power of two >= 16 "
-            "(e.g. 64 or 128)"
+            f"head_dim {dim} is not supported: Adamas needs a power of two >= 16 (e.g. 64 or 128) for the "
+            "Sylvester Hadamard transform and the Triton kernels"
         )
 
 
