@@ -84,9 +84,18 @@ def code_distance_kernel(
 
 
 def _as_words(codes: torch.Tensor) -> torch.Tensor:
-    """View packed bytes as int32 words when the row length allows (4x fewer loads and bit operations)."""
-    codes = codes.contiguous()
-    return codes.view(torch.int32) if codes.shape[-1] % 4 == 0 else codes
+    """View packed bytes as int32 words when layout allows (4x fewer loads and bit operations), else bytes.
+
+    Strided views such as the filled prefix of a preallocated code cache are read in place.
+    """
+    if codes.stride(-1) != 1:
+        codes = codes.contiguous()
+    if codes.shape[-1] % 4 == 0:
+        try:
+            return codes.view(torch.int32)
+        except RuntimeError:  # a stride or storage offset that is not a multiple of 4 bytes
+            pass
+    return codes
 
 
 def _launch_code_distance(

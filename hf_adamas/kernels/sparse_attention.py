@@ -58,7 +58,9 @@ def sparse_decode_attention_split_kernel(
     heads = sel_head * HEADS + tl.arange(0, HEADS_PAD)
     head_mask = tl.arange(0, HEADS_PAD) < HEADS
     dims = tl.arange(0, D)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=head_mask[:, None])
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=head_mask[:, None], other=0.0
+    )
     q = q.to(tl.float32) * scaling
     k_base = k_ptr + b * stride_kb + kv_head * stride_kh
     v_base = v_ptr + b * stride_vb + kv_head * stride_vh
