@@ -91,7 +91,8 @@ def test_hadamard_matrix_is_orthonormal_sylvester(dim: int) -> None:
     i = torch.arange(dim)
     and_bits = i[:, None] & i[None, :]
     parity = sum((and_bits >> b) & 1 for b in range(int(math.log2(dim))))
-    torch.testing.assert_close(h, (1 - 2 * (parity % 2)).float() / math.sqrt(dim))  # H[i, j] = (-1)^popc(i & j)
+    # Sylvester: H[i, j] = (-1)^popcount(i & j) / sqrt(dim).
+    torch.testing.assert_close(h, (1 - 2 * (parity % 2)).float() / math.sqrt(dim))
     assert hadamard_matrix(dim, "cpu") is h, "the matrix is cached per (dim, device, dtype)"
 
 
