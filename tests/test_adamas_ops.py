@@ -5,7 +5,10 @@ Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set in conftest.py), 
 
 from __future__ import annotations
 
+import importlib.util
+import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -370,3 +373,42 @@ def test_attention_kernel_matches_reference(B, Hq, Hkv, S, D, K, shared, dtype) 
     for num_splits in (1, 3):
         split = _launch_sparse_decode_attention(q, k, v, indices, D**-0.5, Hq // Hkv, num_splits)
         assert_close(f"o ({num_splits} splits)", ref, split, ratio)
+
+
+@requires_triton
+def test_attention_kernel_reads_strided_views() -> None:
+    torch.manual_seed(0)
+    q = torch.randn(2, 4, 3, 64)[:, :, -1]  # the last token of a [B, H, T, D] projection
+    cache = torch.randn(2, 2, 2, 64, 64)  # preallocated [B, Hkv, {k, v}, S_max, D] buffer
+    k, v = cache[:, :, 0, :29], cache[:, :, 1, :29]
+    indices = torch.stack([torch.randperm(29)[:11] for _ in range(4)]).view(2, 2, 11)
+    ref = sparse_decode_attention(q, k, v, indices, 0.125)
+    assert_close("o (strided)", ref, sparse_decode_attention_triton(q, k, v, indices, 0.125), 1e-3)
+
+
+@pytest.mark.gpu
+def test_ops_use_kernels_on_cuda() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
+    q = torch.randn(1, 32, 128, device="cuda", dtype=torch.bfloat16)
+    k_codes, q_codes = ops.hadamard_codes(x, THRESHOLDS[2], 2), ops.hadamard_codes(q, THRESHOLDS[2], 2)
+    ref_k, near = hadamard_codes(x, THRESHOLDS[2], 2), brute_force_codes(x, 2)[1]
+    assert not ((unpack_codes(k_codes, 2) != unpack_codes(ref_k, 2)) & ~near).any()
+    distance = ops.code_distance(q_codes, k_codes, 2, True)
+    assert torch.equal(distance, code_distance(q_codes, k_codes, 2, True))
+    indices = select_topk(distance, 64, None, None)
+    out = ops.sparse_decode_attention(q, x, x, indices, 128**-0.5)
+    assert_close("o (cuda)", sparse_decode_attention(q, x, x, indices, 128**-0.5), out, 1e-2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke run; the CUDA benchmark is run by hand")
+def test_bench_script_runs_on_small_sizes(tmp_path: Path) -> None:
+    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_adamas_kernels.py"
+    spec = importlib.util.spec_from_file_location("bench_adamas_kernels", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = ["--contexts", "128", "--budgets", "16", "64", "--repeats", "1", "--out", str(tmp_path)]
+    assert bench.main(args) == 0
+    rows = json.loads((tmp_path / "bench_kernels.json").read_text())["rows"]
+    assert [r["budget"] for r in rows] == [16, 64]
+    assert (tmp_path / "bench_kernels.png").exists()

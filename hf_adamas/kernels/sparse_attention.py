@@ -138,7 +138,7 @@ def _launch_sparse_decode_attention(
     bsz, num_q_heads, head_dim = query.shape
     num_sel_heads, num_indices = indices.shape[1], indices.shape[2]
     heads = num_q_heads // num_sel_heads  # query heads sharing one row of indices: G or 1
-    out = torch.zeros_like(query)
+    out = torch.zeros(query.shape, dtype=query.dtype, device=query.device)  # contiguous: rows of D
     if out.numel() == 0 or num_indices == 0:
         return out
     query, indices = query.contiguous(), indices.contiguous()
