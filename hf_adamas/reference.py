@@ -165,6 +165,11 @@ def select_topk(
     if distance.dim() != 3:
         raise ValueError(f"distance must be [B, H, S], got shape {tuple(distance.shape)}")
     bsz, num_heads, seq_len = distance.shape
+    for name, mask in (("valid", valid), ("forced", forced)):
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (bsz, seq_len)):
+            raise ValueError(
+                f"{name} must be a bool [B, S] = {[bsz, seq_len]} mask, got {mask.dtype} {list(mask.shape)}"
+            )
     pos = torch.arange(seq_len, device=distance.device)
     # Unique composite key: distance first, then recency; forced keys are negative, invalid ones huge.
     key = distance.long() * seq_len + (seq_len - 1 - pos)
@@ -190,7 +195,7 @@ def sparse_decode_attention(
         query: ``[B, Hq, D]``.
         key, value: ``[B, Hkv, S, D]`` in their storage dtype; query head ``h`` uses KV head ``h // G``.
         indices: int64 ``[B, Hq, K]`` (per query head) or ``[B, Hkv, K]`` (shared by the G query heads of
-            a group); ``-1`` entries are skipped.
+            a group), each ``-1`` (skipped) or a position below S; order does not matter.
         scaling: score scale, usually ``D ** -0.5``.
 
     Returns:

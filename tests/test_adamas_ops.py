@@ -265,6 +265,8 @@ def test_bad_distance_and_attention_inputs_raise() -> None:
         )
     with pytest.raises(ValueError, match="budget"):
         select_topk(torch.zeros(1, 1, 4, dtype=torch.int32), 0, None, None)
+    with pytest.raises(ValueError, match="forced must be a bool"):
+        select_topk(torch.zeros(1, 1, 4, dtype=torch.int32), 2, None, torch.ones(1, 5, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------- Triton vs reference

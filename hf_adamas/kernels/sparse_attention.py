@@ -177,7 +177,8 @@ def sparse_decode_attention_triton(
         key, value: ``[B, Hkv, S, D]`` in their storage dtype (e.g. bf16), innermost dim contiguous; query
             head ``h`` reads KV head ``h // (Hq // Hkv)``.
         indices: int64 ``[B, Hq, K]`` (per query head) or ``[B, Hkv, K]`` (shared by a KV group, whose keys
-            are then gathered once for all G heads); ``-1`` entries are skipped.
+            are then gathered once for all G heads). Each entry is ``-1`` (skipped) or a position below S:
+            positions are not bounds-checked on the device.
         scaling: score scale, usually ``D ** -0.5``.
 
     Returns:
