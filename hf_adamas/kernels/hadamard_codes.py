@@ -57,7 +57,8 @@ def _launch_hadamard_codes(x2d: torch.Tensor, thresholds: list[float], bits: int
     out = torch.empty(n_rows, dim // codes_per_byte(bits), dtype=torch.uint8, device=x2d.device)
     if n_rows == 0:
         return out
-    block_n, block_d = 16, min(dim, 64)
+    # Column blocks cap the fp32 Hadamard tile at 8192 values (32 KB of shared memory, also for D=256).
+    block_n, block_d = 16, min(dim, 8192 // dim)
     t0, t1, t2 = [*thresholds, 0.0, 0.0][:3]  # 1-bit codes use only t0
     grid = (triton.cdiv(n_rows, block_n), dim // block_d)
     hadamard_codes_kernel[grid](

@@ -17,8 +17,10 @@ from hf_adamas._validation import check_attention_inputs, check_head_dim
 
 __all__ = ["sparse_decode_attention_triton"]
 
-# Upper bound on the [heads, BLOCK_K, D] float32 product tile of one program (keeps registers in check).
+# Upper bound on the [heads, BLOCK_K, D] float32 product tile of one program. With 8 warps it compiles
+# without register spills on sm_90 for 1, 4 and 8 heads at D=128 (BLOCK_K 32, 16 and 8).
 _MAX_TILE_ELEMENTS = 8192
+_NUM_WARPS = 8
 
 
 @triton.jit
@@ -145,7 +147,7 @@ def _launch_sparse_decode_attention(
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
     heads_pad = triton.next_power_of_2(heads)
-    block_k = max(16, min(64, _MAX_TILE_ELEMENTS // (heads_pad * head_dim)))
+    block_k = max(8, min(32, _MAX_TILE_ELEMENTS // (heads_pad * head_dim)))
     num_blocks = triton.cdiv(num_indices, block_k)
     if num_splits is None:
         num_splits = _default_num_splits(num_blocks, bsz * num_sel_heads, query.device)
@@ -157,7 +159,7 @@ def _launch_sparse_decode_attention(
         query, key, value, indices, mid_o, mid_lse, scaling, num_sel_heads, num_indices, chunk, num_splits,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2), value.stride(0),
         value.stride(1), value.stride(2), indices.stride(0), indices.stride(1), G=group, HEADS=heads,
-        HEADS_PAD=heads_pad, D=head_dim, BLOCK_K=block_k,
+        HEADS_PAD=heads_pad, D=head_dim, BLOCK_K=block_k, num_warps=_NUM_WARPS,
     )  # fmt: skip
     sparse_decode_attention_combine_kernel[(bsz * num_q_heads,)](
         mid_o, mid_lse, out, num_splits, D=head_dim, SPLITS_PAD=triton.next_power_of_2(num_splits)
