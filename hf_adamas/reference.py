@@ -120,27 +120,28 @@ def code_distance(
     Returns:
         int32 ``[B, Hq, S]``, or ``[B, Hkv, S]`` when ``shared_per_kv_group``.
 
-    Uses ``|a - b| = a + b - 2·min(a, b)`` with ``min(a, b) = Σ_j [a > j]·[b > j]``, so the cross term is one
-    float32 matmul over thermometer bit-planes (exact: every partial sum is a small integer).
+    Uses ``|a - b| = a + Σ_j [b > j]·(1 - 2·[a > j])`` (that is ``a + b - 2·min(a, b)`` over thermometer
+    bit-planes ``[c > j]``), so the key-dependent part is one float32 matmul; it is exact because every
+    partial sum is a small integer. Keys are processed in chunks to bound the memory of their bit-planes.
     """
     group = check_code_distance_inputs(q_codes, k_codes)
     check_bits(bits)
     bsz, num_kv_heads, seq_len, _ = k_codes.shape
     q_planes = _bit_planes(q_codes, bits).unflatten(1, (num_kv_heads, group))  # [B, Hkv, G, L]
-    if shared_per_kv_group:
+    if shared_per_kv_group:  # distances are linear in the query planes: sum the group first
         q_planes = q_planes.sum(2, keepdim=True)
-    q_total = q_planes.sum(-1).unsqueeze(-1)  # Σ_i c_q,i per row (summed over the group if shared)
-    rows = q_planes.shape[2]
+    q_total = q_planes.sum(-1, keepdim=True)  # Σ_i c_q,i per row
+    weights = (group if shared_per_kv_group else 1) - 2 * q_planes
     chunk = max(1, _DISTANCE_CHUNK_ELEMENTS // max(1, bsz * num_kv_heads * q_planes.shape[-1]))
-    out = []
-    for start in range(0, seq_len, chunk):
-        k_planes = _bit_planes(k_codes[:, :, start : start + chunk], bits)  # [B, Hkv, s, L]
-        k_total = k_planes.sum(-1).unsqueeze(2)  # [B, Hkv, 1, s]
-        cross = q_planes @ k_planes.transpose(-1, -2)  # [B, Hkv, rows, s]
-        scale = group if shared_per_kv_group else 1
-        out.append(q_total + scale * k_total - 2 * cross)
-    dist = torch.cat(out, dim=-1) if out else q_total.new_zeros(bsz, num_kv_heads, rows, 0)
-    return dist.round().to(torch.int32).flatten(1, 2)
+    dist = torch.cat(
+        [
+            q_total + weights @ _bit_planes(k_codes[:, :, start : start + chunk], bits).transpose(-1, -2)
+            for start in range(0, seq_len, chunk)
+        ]
+        or [q_total[..., :0]],
+        dim=-1,
+    )
+    return dist.to(torch.int32).flatten(1, 2)
 
 
 def select_topk(
