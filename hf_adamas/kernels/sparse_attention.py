@@ -9,6 +9,8 @@ partials with log-sum-exp weights. ``-1`` indices are skipped; a row with none l
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -122,10 +124,14 @@ def sparse_decode_attention_combine_kernel(
     tl.store(out_ptr + row * D + dims, out)
 
 
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+
+
 def _default_num_splits(num_blocks: int, num_programs: int, device: torch.device) -> int:
     """Enough splits for about two programs per streaming multiprocessor, never more than the blocks."""
-    num_sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-    return max(1, min(num_blocks, (2 * num_sms) // max(1, num_programs)))
+    return max(1, min(num_blocks, (2 * _num_sms(device)) // max(1, num_programs)))
 
 
 def _launch_sparse_decode_attention(
