@@ -1,0 +1,94 @@
+"""Input checks shared by the reference ops and the Triton kernels, so both raise the same actionable errors."""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+
+__all__ = [
+    "check_attention_inputs",
+    "check_bits",
+    "check_code_distance_inputs",
+    "check_head_dim",
+    "check_thresholds",
+    "codes_per_byte",
+]
+
+
+def check_bits(bits: int) -> None:
+    if bits not in (1, 2):
+        raise ValueError(f"bits must be 1 or 2 (codes of 1 or 2 bits per dimension), got {bits}")
+
+
+def codes_per_byte(bits: int) -> int:
+    check_bits(bits)
+    return 8 // bits
+
+
+def check_head_dim(dim: int) -> None:
+    if dim < 16 or dim & (dim - 1):
+        raise ValueError(
+            f"head_dim {dim} is not supported: Adamas needs a power of two >= 16 (e.g. 64 or 128) for the "
+            "Sylvester Hadamard transform and the Triton kernels"
+        )
+
+
+def check_thresholds(thresholds: torch.Tensor, bits: int) -> list[float]:
+    """Validate the bucket thresholds and return them as Python floats (free for a CPU tensor)."""
+    check_bits(bits)
+    expected = 2**bits - 1
+    if thresholds.dim() != 1 or thresholds.numel() != expected:
+        raise ValueError(
+            f"thresholds must be a 1-D tensor of {expected} values for bits={bits}, got shape "
+            f"{tuple(thresholds.shape)}"
+        )
+    values = [float(t) for t in thresholds.float().tolist()]
+    if any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"thresholds must be strictly increasing, got {values}")
+    return values
+
+
+def check_code_distance_inputs(q_codes: torch.Tensor, k_codes: torch.Tensor) -> int:
+    """Validate packed query/key codes ``[B, Hq, P]`` / ``[B, Hkv, S, P]`` and return the group size G."""
+    if q_codes.dtype != torch.uint8 or k_codes.dtype != torch.uint8:
+        raise ValueError(
+            f"codes must be packed uint8 (from hadamard_codes), got {q_codes.dtype} and {k_codes.dtype}"
+        )
+    if q_codes.dim() != 3 or k_codes.dim() != 4:
+        raise ValueError(
+            "expected q_codes [B, Hq, P] (one query token) and k_codes [B, Hkv, S, P], got shapes "
+            f"{tuple(q_codes.shape)} and {tuple(k_codes.shape)}"
+        )
+    (bsz, num_q_heads, num_bytes), (k_bsz, num_kv_heads, _, k_bytes) = q_codes.shape, k_codes.shape
+    if bsz != k_bsz or num_bytes != k_bytes or num_q_heads % num_kv_heads:
+        raise ValueError(
+            "q_codes [B, Hq, P] and k_codes [B, Hkv, S, P] must agree on B and P, and Hq must be a multiple "
+            f"of Hkv; got {tuple(q_codes.shape)} and {tuple(k_codes.shape)}"
+        )
+    return num_q_heads // num_kv_heads
+
+
+def check_attention_inputs(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor
+) -> int:
+    """Validate sparse decode attention inputs and return the group size G = Hq // Hkv."""
+    if query.dim() != 3 or key.dim() != 4 or key.shape != value.shape:
+        raise ValueError(
+            "expected query [B, Hq, D] (one decode token; squeeze the length-1 axis) and key/value "
+            f"[B, Hkv, S, D] of equal shape, got {tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}"
+        )
+    bsz, num_q_heads, head_dim = query.shape
+    if key.shape[0] != bsz or key.shape[3] != head_dim or num_q_heads % key.shape[1]:
+        raise ValueError(
+            "query [B, Hq, D] and key [B, Hkv, S, D] must agree on B and D with Hq a multiple of Hkv, got "
+            f"{tuple(query.shape)} and {tuple(key.shape)}"
+        )
+    if indices.dim() != 3 or indices.shape[0] != bsz or indices.shape[1] not in (num_q_heads, key.shape[1]):
+        raise ValueError(
+            f"indices must be [B, Hq, K] or [B, Hkv, K] (B={bsz}, Hq={num_q_heads}, Hkv={key.shape[1]}), "
+            f"got {tuple(indices.shape)}"
+        )
+    if indices.dtype != torch.int64:
+        raise ValueError(f"indices must be int64 (as returned by select_topk), got {indices.dtype}")
+    return num_q_heads // key.shape[1]

@@ -1,0 +1,78 @@
+"""Device dispatch for the Adamas ops: the Triton kernels for CUDA tensors, the PyTorch reference otherwise.
+
+Every function keeps the signature of its :mod:`hf_adamas.reference` twin. Set the environment variable
+``HF_ADAMAS_FORCE_REFERENCE=1`` (read at import) or call :func:`force_reference` to use the reference on
+every device, e.g. to rule out a kernel when debugging. Top-k always runs ``torch.topk``
+(:func:`select_topk`).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from types import ModuleType
+
+import torch
+
+from hf_adamas import reference
+from hf_adamas.reference import select_topk
+
+__all__ = [
+    "code_distance",
+    "force_reference",
+    "hadamard_codes",
+    "select_topk",
+    "sparse_decode_attention",
+    "triton_available",
+]
+
+_force_reference = os.environ.get("HF_ADAMAS_FORCE_REFERENCE", "0").lower() not in ("", "0", "false", "no")
+
+
+def force_reference(enabled: bool = True) -> None:
+    """Use the PyTorch reference ops on every device (True) or the Triton kernels on CUDA again (False)."""
+    global _force_reference
+    _force_reference = enabled
+
+
+@functools.cache
+def _kernels() -> ModuleType | None:
+    try:
+        from hf_adamas import kernels
+    except ImportError:  # no triton wheel for this platform
+        return None
+    return kernels
+
+
+def triton_available() -> bool:
+    """Whether the Triton kernels can be imported here."""
+    return _kernels() is not None
+
+
+def _use_triton(tensor: torch.Tensor) -> bool:
+    return tensor.is_cuda and not _force_reference and triton_available()
+
+
+def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torch.Tensor:
+    """Packed Hadamard codes ``[..., D * bits // 8]`` of ``x [..., D]``; see :func:`reference.hadamard_codes`."""
+    if _use_triton(x):
+        return _kernels().hadamard_codes_triton(x, thresholds, bits)
+    return reference.hadamard_codes(x, thresholds, bits)
+
+
+def code_distance(
+    q_codes: torch.Tensor, k_codes: torch.Tensor, bits: int, shared_per_kv_group: bool
+) -> torch.Tensor:
+    """Exact L1 code distance, int32 ``[B, Hq or Hkv, S]``; see :func:`reference.code_distance`."""
+    if _use_triton(k_codes):
+        return _kernels().code_distance_triton(q_codes, k_codes, bits, shared_per_kv_group)
+    return reference.code_distance(q_codes, k_codes, bits, shared_per_kv_group)
+
+
+def sparse_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Attention of one decode token over selected positions, ``[B, Hq, D]``; see :func:`reference.sparse_decode_attention`."""
+    if _use_triton(query):
+        return _kernels().sparse_decode_attention_triton(query, key, value, indices, scaling)
+    return reference.sparse_decode_attention(query, key, value, indices, scaling)

@@ -1,0 +1,219 @@
+"""Plain-PyTorch Adamas ops: the specification the Triton kernels are tested against, and the CPU path.
+
+Adamas (arXiv 2510.18413) ranks past tokens for one decode query by comparing short codes of the
+Walsh-Hadamard-transformed query and keys, then attends exactly over the best ``budget`` tokens:
+
+1. ``x̂ = x @ H_D / sqrt(D)`` (orthonormal Sylvester Hadamard, no random signs; ``(qH)(kH)ᵀ = qkᵀ``).
+2. Per dimension, ``c = Σ_j [x̂ > t_j]`` with increasing thresholds ``t`` (3 for 2-bit codes, 1 for 1-bit).
+3. Relevance is the exact Manhattan distance ``Σ_i |c_q,i - c_k,i|`` (not the popcount approximation of the
+   official CUDA kernel, which scores the code pair (1, 2) as 3).
+4. Keep the ``budget`` keys with the smallest distance; softmax attention over just those.
+
+Packed code layout (shared by every op and the key-code cache): ``8 // bits`` codes per byte, little end
+first. Dimension ``i`` lives in byte ``i // (8 // bits)`` at bits ``[bits * (i % (8 // bits)), bits * (i %
+(8 // bits)) + bits)``. With ``bits=2`` and ``D=64`` a token costs 16 bytes per head: 1/8 of a bf16 key,
+1/16 of bf16 K+V.
+
+All math runs in float32; inputs may be any float dtype. The functions are vectorised over batch, heads
+and tokens so they double as the production path on CPU.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+from hf_adamas._validation import (
+    check_attention_inputs,
+    check_bits,
+    check_code_distance_inputs,
+    check_head_dim,
+    check_thresholds,
+    codes_per_byte,
+)
+
+__all__ = [
+    "code_distance",
+    "hadamard_codes",
+    "hadamard_matrix",
+    "pack_codes",
+    "select_topk",
+    "sparse_decode_attention",
+    "unpack_codes",
+]
+
+# code_distance works on chunks of keys so its float32 bit-planes stay below this many elements.
+_DISTANCE_CHUNK_ELEMENTS = 1 << 24
+
+
+def hadamard_matrix(dim: int, device: torch.device | str | None = None, dtype=torch.float32) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix ``H_dim / sqrt(dim)`` (symmetric, its own inverse).
+
+    Cached per ``(dim, device, dtype)``; treat the result as read-only.
+    """
+    check_head_dim(dim)
+    return _hadamard_matrix(dim, torch.device(device if device is not None else "cpu"), dtype)
+
+
+@functools.lru_cache(maxsize=32)
+def _hadamard_matrix(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < dim:
+        h = torch.cat([torch.cat([h, h], dim=1), torch.cat([h, -h], dim=1)], dim=0)
+    return (h / dim**0.5).to(device=device, dtype=dtype)
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes ``[..., D]`` (values below ``2**bits``) into uint8 ``[..., D * bits // 8]``."""
+    per_byte = codes_per_byte(bits)
+    shifts = torch.arange(0, 8, bits, device=codes.device, dtype=torch.int32)
+    grouped = codes.to(torch.int32).unflatten(-1, (-1, per_byte))
+    return (grouped << shifts).sum(-1).to(torch.uint8)
+
+
+def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpack uint8 ``[..., P]`` into codes uint8 ``[..., P * 8 // bits]`` (inverse of :func:`pack_codes`)."""
+    check_bits(bits)
+    shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
+    return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
+
+
+def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torch.Tensor:
+    """Hadamard-transform ``x [..., D]`` and bucketize it into packed codes uint8 ``[..., D * bits // 8]``.
+
+    ``thresholds`` holds ``2**bits - 1`` strictly increasing values; the code of a dimension is the number of
+    thresholds its transformed value is strictly greater than. Keep ``thresholds`` on the CPU: it is read
+    back for validation.
+    """
+    check_thresholds(thresholds, bits)
+    check_head_dim(x.shape[-1])
+    x_hat = x.float() @ hadamard_matrix(x.shape[-1], x.device)
+    t = thresholds.to(device=x.device, dtype=torch.float32)
+    return pack_codes((x_hat.unsqueeze(-1) > t).sum(-1), bits)
+
+
+@functools.lru_cache(maxsize=8)
+def _plane_table(bits: int, device: torch.device) -> torch.Tensor:
+    """For each byte value, the float32 thermometer planes ``[c > j]`` of its packed codes: ``[256, 8 // bits * (2**bits - 1)]``."""
+    codes = unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits)
+    levels = torch.arange(2**bits - 1, device=device, dtype=torch.uint8)
+    return (codes.unsqueeze(-1) > levels).flatten(-2).float()
+
+
+def _bit_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Thermometer bit-planes ``[..., D * (2**bits - 1)]`` in float32: entry ``(i, j)`` is ``[c_i > j]``."""
+    return _plane_table(bits, packed.device)[packed.int()].flatten(-2)
+
+
+def code_distance(
+    q_codes: torch.Tensor, k_codes: torch.Tensor, bits: int, shared_per_kv_group: bool
+) -> torch.Tensor:
+    """Exact Manhattan distance between one query token's codes and every key's codes.
+
+    Args:
+        q_codes: packed uint8 ``[B, Hq, P]``.
+        k_codes: packed uint8 ``[B, Hkv, S, P]``; query head ``h`` uses KV head ``h // (Hq // Hkv)``.
+        bits: code width the codes were packed with (1 or 2).
+        shared_per_kv_group: if True, return one row per KV head, the sum of its G query heads' distances.
+
+    Returns:
+        int32 ``[B, Hq, S]``, or ``[B, Hkv, S]`` when ``shared_per_kv_group``.
+
+    Uses ``|a - b| = a + Σ_j [b > j]·(1 - 2·[a > j])`` (that is ``a + b - 2·min(a, b)`` over thermometer
+    bit-planes ``[c > j]``), so the key-dependent part is one float32 matmul; it is exact because every
+    partial sum is a small integer. Keys are processed in chunks to bound the memory of their bit-planes.
+    """
+    group = check_code_distance_inputs(q_codes, k_codes)
+    check_bits(bits)
+    bsz, num_kv_heads, seq_len, _ = k_codes.shape
+    q_planes = _bit_planes(q_codes, bits).unflatten(1, (num_kv_heads, group))  # [B, Hkv, G, L]
+    if shared_per_kv_group:  # distances are linear in the query planes: sum the group first
+        q_planes = q_planes.sum(2, keepdim=True)
+    q_total = q_planes.sum(-1, keepdim=True)  # Σ_i c_q,i per row
+    weights = (group if shared_per_kv_group else 1) - 2 * q_planes
+    chunk = max(1, _DISTANCE_CHUNK_ELEMENTS // max(1, bsz * num_kv_heads * q_planes.shape[-1]))
+    dist = torch.cat(
+        [
+            q_total + weights @ _bit_planes(k_codes[:, :, start : start + chunk], bits).transpose(-1, -2)
+            for start in range(0, seq_len, chunk)
+        ]
+        or [q_total[..., :0]],
+        dim=-1,
+    )
+    return dist.to(torch.int32).flatten(1, 2)
+
+
+def select_topk(
+    distance: torch.Tensor, budget: int, valid: torch.Tensor | None, forced: torch.Tensor | None
+) -> torch.Tensor:
+    """Pick, per row, the ``budget`` positions with the smallest distance.
+
+    Args:
+        distance: int32 ``[B, H, S]``.
+        budget: number of positions to keep per row.
+        valid: bool ``[B, S]``, False for padding (never selected), or None.
+        forced: bool ``[B, S]`` of positions always selected (current token, sinks, recent window), or None.
+            Forced positions rank before all others, the more recent first.
+
+    Returns:
+        int64 ``[B, H, budget]``: selected positions in ascending order, followed by ``-1`` in slots that
+        no valid position can fill. Ties go to the more recent (larger) position, so the result is
+        deterministic.
+    """
+    if budget < 1:
+        raise ValueError(f"budget must be a positive number of tokens, got {budget}")
+    if distance.dim() != 3:
+        raise ValueError(f"distance must be [B, H, S], got shape {tuple(distance.shape)}")
+    bsz, num_heads, seq_len = distance.shape
+    for name, mask in (("valid", valid), ("forced", forced)):
+        if mask is not None and (mask.dtype != torch.bool or mask.shape != (bsz, seq_len)):
+            raise ValueError(
+                f"{name} must be a bool [B, S] = {[bsz, seq_len]} mask, got {mask.dtype} {list(mask.shape)}"
+            )
+    pos = torch.arange(seq_len, device=distance.device)
+    # Unique composite key: distance first, then recency; forced keys are negative, invalid ones huge.
+    key = distance.long() * seq_len + (seq_len - 1 - pos)
+    if forced is not None:
+        key = torch.where(forced[:, None, :], -1 - pos, key)
+    never = torch.iinfo(torch.int64).max
+    if valid is not None:
+        key = key.masked_fill(~valid[:, None, :], never)
+    chosen_key, chosen = torch.topk(key, min(budget, seq_len), dim=-1, largest=False)
+    chosen = chosen.masked_fill(chosen_key == never, seq_len).sort(dim=-1).values
+    chosen = chosen.masked_fill(chosen == seq_len, -1)
+    if budget > seq_len:
+        chosen = torch.cat([chosen, chosen.new_full((bsz, num_heads, budget - seq_len), -1)], dim=-1)
+    return chosen
+
+
+def sparse_decode_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """Exact softmax attention of one decode token over the selected key/value positions.
+
+    Args:
+        query: ``[B, Hq, D]``.
+        key, value: ``[B, Hkv, S, D]`` in their storage dtype; query head ``h`` uses KV head ``h // G``.
+        indices: int64 ``[B, Hq, K]`` (per query head) or ``[B, Hkv, K]`` (shared by the G query heads of
+            a group), each ``-1`` (skipped) or a position below S; order does not matter.
+        scaling: score scale, usually ``D ** -0.5``.
+
+    Returns:
+        ``[B, Hq, D]`` in ``query.dtype``: ``softmax(q · k_selᵀ · scaling) @ v_sel`` computed in float32;
+        zeros for a row with no valid index.
+    """
+    group = check_attention_inputs(query, key, value, indices)
+    bsz, num_kv_heads, _, head_dim = key.shape
+    per_head = indices.shape[1] // num_kv_heads  # G if each query head has its own indices, else 1
+    idx = indices.reshape(bsz, num_kv_heads, -1)  # [B, Hkv, per_head * K]
+    gather_idx = idx.clamp(min=0).unsqueeze(-1).expand(-1, -1, -1, head_dim)
+    k_sel = key.gather(2, gather_idx).float().unflatten(2, (per_head, -1))  # [B, Hkv, per_head, K, D]
+    v_sel = value.gather(2, gather_idx).float().unflatten(2, (per_head, -1))
+    q = query.float().unflatten(1, (num_kv_heads, group))
+    # [B, Hkv, G, 1, D] when each query head meets its own keys, else [B, Hkv, 1, G, D].
+    q = q.unsqueeze(3) if per_head > 1 else q.unsqueeze(2)
+    scores = (q @ k_sel.transpose(-1, -2)) * scaling  # [B, Hkv, per_head, rows, K]
+    live = (idx >= 0).unflatten(2, (per_head, 1, -1))
+    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
+    return (probs @ v_sel).reshape(bsz, -1, head_dim).to(query.dtype)
