@@ -43,9 +43,6 @@ __all__ = [
     "unpack_codes",
 ]
 
-# code_distance works on chunks of keys so its float32 bit-planes stay below this many elements.
-_DISTANCE_CHUNK_ELEMENTS = 1 << 24
-
 
 def hadamard_matrix(dim: int, device: torch.device | str | None = None, dtype=torch.float32) -> torch.Tensor:
     """The orthonormal Sylvester-Hadamard matrix ``H_dim / sqrt(dim)`` (symmetric, its own inverse).
@@ -94,16 +91,9 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
 
 
 @functools.lru_cache(maxsize=8)
-def _plane_table(bits: int, device: torch.device) -> torch.Tensor:
-    """For each byte value, the float32 thermometer planes ``[c > j]`` of its packed codes: ``[256, 8 // bits * (2**bits - 1)]``."""
-    codes = unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits)
-    levels = torch.arange(2**bits - 1, device=device, dtype=torch.uint8)
-    return (codes.unsqueeze(-1) > levels).flatten(-2).float()
-
-
-def _bit_planes(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Thermometer bit-planes ``[..., D * (2**bits - 1)]`` in float32: entry ``(i, j)`` is ``[c_i > j]``."""
-    return _plane_table(bits, packed.device)[packed.int()].flatten(-2)
+def _byte_codes(bits: int, device: torch.device) -> torch.Tensor:
+    """The codes packed in each byte value, as float32 ``[256, 8 // bits]``."""
+    return unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).float()
 
 
 def code_distance(
@@ -120,28 +110,25 @@ def code_distance(
     Returns:
         int32 ``[B, Hq, S]``, or ``[B, Hkv, S]`` when ``shared_per_kv_group``.
 
-    Uses ``|a - b| = a + Σ_j [b > j]·(1 - 2·[a > j])`` (that is ``a + b - 2·min(a, b)`` over thermometer
-    bit-planes ``[c > j]``), so the key-dependent part is one float32 matmul; it is exact because every
-    partial sum is a small integer. Keys are processed in chunks to bound the memory of their bit-planes.
+    A byte of key codes contributes ``Σ_m |c_q,m - c_k,m|`` over its ``8 // bits`` dimensions, which
+    depends only on the byte's value and position. So the query is turned into a table
+    ``[P, 256]`` of those contributions (one column per query head of the group) and each key's
+    distance is the sum of ``P`` table rows picked by its bytes: one ``embedding_bag`` that reads
+    the packed codes as they are, without unpacking them. Exact: every partial sum is a small integer.
     """
     group = check_code_distance_inputs(q_codes, k_codes)
     check_bits(bits)
-    bsz, num_kv_heads, seq_len, _ = k_codes.shape
-    q_planes = _bit_planes(q_codes, bits).unflatten(1, (num_kv_heads, group))  # [B, Hkv, G, L]
-    if shared_per_kv_group:  # distances are linear in the query planes: sum the group first
-        q_planes = q_planes.sum(2, keepdim=True)
-    q_total = q_planes.sum(-1, keepdim=True)  # Σ_i c_q,i per row
-    weights = (group if shared_per_kv_group else 1) - 2 * q_planes
-    chunk = max(1, _DISTANCE_CHUNK_ELEMENTS // max(1, bsz * num_kv_heads * q_planes.shape[-1]))
-    dist = torch.cat(
-        [
-            q_total + weights @ _bit_planes(k_codes[:, :, start : start + chunk], bits).transpose(-1, -2)
-            for start in range(0, seq_len, chunk)
-        ]
-        or [q_total[..., :0]],
-        dim=-1,
-    )
-    return dist.to(torch.int32).flatten(1, 2)
+    bsz, num_kv_heads, seq_len, packed = k_codes.shape
+    query = unpack_codes(q_codes, bits).float().view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
+    table = (query - _byte_codes(bits, k_codes.device)).abs().sum(-1)  # [B, Hkv, G, P, 256]
+    if shared_per_kv_group:  # distances are sums over the group: sum the tables first
+        table = table.sum(2, keepdim=True)
+    columns = table.shape[2]
+    weight = table.permute(0, 1, 3, 4, 2).reshape(-1, columns)  # row ((b * Hkv + h) * P + j) * 256 + byte
+    first_row = torch.arange(bsz * num_kv_heads * packed, device=k_codes.device).view(-1, 1, packed) * 256
+    rows = k_codes.reshape(bsz * num_kv_heads, seq_len, packed).long() + first_row
+    dist = torch.nn.functional.embedding_bag(rows.view(-1, packed), weight, mode="sum")
+    return dist.view(bsz, num_kv_heads, seq_len, columns).transpose(2, 3).reshape(bsz, -1, seq_len).int()
 
 
 def select_topk(

@@ -44,7 +44,9 @@ def run_cli(
     prog: str, description: str, commands: Sequence[Command], argv: Sequence[str] | None = None
 ) -> int:
     """Parse ``argv`` and run the chosen command; returns the process exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog, description, commands).parse_args(argv)
+    args.argv = argv  # recorded in saved results, so each one says which command made it
     return int(args._run(args) or 0)
 
 

@@ -1,0 +1,157 @@
+"""The ``"adamas"`` attention function, with the transformers `AttentionInterface` signature.
+
+Decode steps (one query token) of sparse layers select keys per head and run exact attention over
+them; everything else (prefill, the first ``dense_layers`` layers, caches not longer than the
+budget, training, ``output_attentions``) is delegated to transformers' own sdpa function, so it is
+bit-identical to ``attn_implementation="sdpa"``.
+
+Training and ``output_attentions=True`` fall back to dense attention with a one-time warning: the
+selection is not differentiable and there are no dense weights to return.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.utils import logging
+
+from hf_adamas import ops
+from hf_adamas.cache import AdamasLayer
+from hf_adamas.config import AdamasConfig, check_model_config
+from hf_adamas.selection import SELECTORS
+
+logger = logging.get_logger(__name__)
+
+ATTENTION_NAME = "adamas"
+
+_HOOK_FLAG = "_adamas_cache_hook"
+_LAYER_ATTRIBUTE = "_adamas_cache_layer"
+
+
+def settings_for(module: torch.nn.Module) -> AdamasConfig:
+    """The module's `AdamasConfig`, parsed once per distinct stored dict and kept on the module."""
+    stored = getattr(module.config, "adamas_config", None)
+    cached = getattr(module, "_adamas_settings", None)
+    if cached is not None and cached[0] is stored:
+        return cached[1]
+    settings = AdamasConfig.from_model_config(module.config)
+    module._adamas_settings = (stored, settings)
+    return settings
+
+
+def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+    """Forward pre-hook: find this layer's cache and give it an `AdamasLayer` if it has a plain one.
+
+    The attention function receives keys and values but not the cache, so this hook (on each
+    attention module) stashes the layer where the function finds it.
+    """
+    cache = kwargs.get("past_key_values")
+    layer = None
+    if isinstance(cache, Cache) and module.layer_idx < len(cache.layers):
+        layer = cache.layers[module.layer_idx]
+        settings = settings_for(module)
+        thresholds = settings.thresholds_for_layer(module.layer_idx)
+        plain = type(layer) is DynamicLayer
+        stale = isinstance(layer, AdamasLayer) and not layer.encodes_with(thresholds, settings.bits)
+        sparse_layer = module.layer_idx >= settings.dense_layers
+        if sparse_layer and (plain or stale) and module.config._attn_implementation == ATTENTION_NAME:
+            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits)
+            cache.layers[module.layer_idx] = layer
+    setattr(module, _LAYER_ATTRIBUTE, layer)
+
+
+def _prepare_module(module: torch.nn.Module, settings: AdamasConfig) -> None:
+    """On a module's first Adamas call: validate the model, install the cache hook."""
+    if not getattr(module, _HOOK_FLAG, False):
+        check_model_config(module.config, settings, type(module).__name__)
+        module.register_forward_pre_hook(_stash_cache_layer, with_kwargs=True)
+        setattr(module, _HOOK_FLAG, True)
+
+
+def _key_codes(
+    module: torch.nn.Module, key: torch.Tensor, thresholds: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """Cached codes when the layer's cache holds exactly these keys, else codes computed now.
+
+    The second case covers forwards without a cache, sliding-window and static caches.
+    """
+    layer = getattr(module, _LAYER_ATTRIBUTE, None)
+    if (
+        isinstance(layer, AdamasLayer)
+        and layer.bits == bits
+        and layer.get_seq_length() == key.shape[2]
+        and layer.keys.data_ptr() == key.data_ptr()
+    ):
+        return layer.key_codes
+    return ops.hadamard_codes(key, thresholds, bits)
+
+
+def _valid_positions(attention_mask: torch.Tensor | None, query_length: int) -> torch.Tensor | None:
+    """``[batch, kv_len]`` bool of positions the (last) query may attend to, from the 4-D mask."""
+    if attention_mask is None:
+        return None
+    last_row = attention_mask[:, 0, query_length - 1, :]
+    return last_row if last_row.dtype == torch.bool else last_row == 0
+
+
+def _warn_dense_fallback(reason: str) -> None:
+    logger.warning_once(f"Adamas attention runs dense (ordinary sdpa attention) {reason}.")
+
+
+def adamas_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """Adamas sparse attention. Shapes as every transformers attention function.
+
+    Args:
+        module: the attention module (reads ``layer_idx``, ``config.adamas_config``).
+        query: ``[batch, q_heads, q_len, head_dim]``, post-RoPE.
+        key, value: ``[batch, kv_heads, kv_len, head_dim]``, the whole cache after this step's update.
+        attention_mask: boolean or additive 4-D mask from the registered mask builder, or None.
+
+    Returns:
+        ``([batch, q_len, q_heads, head_dim], None)``.
+    """
+    if kwargs.get("softcap") is not None:
+        raise ValueError(
+            f"Adamas attention does not support attention-logit soft-capping ({type(module).__name__}, "
+            "e.g. Gemma 2); use attn_implementation='eager' for this model."
+        )
+    settings = settings_for(module)
+    _prepare_module(module, settings)
+    query_length, kv_length = query.shape[2], key.shape[2]
+    sparse = (
+        query_length == 1 and module.layer_idx >= settings.dense_layers and kv_length > settings.token_budget
+    )
+    if sparse and module.training:
+        _warn_dense_fallback("in training mode: sparse selection is for inference only")
+        sparse = False
+    if sparse and kwargs.get("output_attentions", False):
+        _warn_dense_fallback("when output_attentions=True: there are no dense weights to return")
+        sparse = False
+    if not sparse:
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+
+    scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
+    valid = _valid_positions(attention_mask, query_length)
+    select = SELECTORS[settings.selector]
+    indices = select(
+        settings=settings,
+        module=module,
+        query=query[:, :, 0],
+        key=key,
+        valid=valid,
+        key_codes=lambda thresholds: _key_codes(module, key, thresholds, settings.bits),
+    )
+    output = ops.sparse_decode_attention(query[:, :, 0], key, value, indices, scaling)
+    return output[:, None], None

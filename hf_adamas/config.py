@@ -1,0 +1,176 @@
+"""`AdamasConfig`: every knob of Adamas sparse attention, validated, and stored on the model's config.
+
+The settings live in ``model.config.adamas_config`` as a plain dict, so ``save_pretrained`` writes
+them into ``config.json`` and ``from_pretrained`` restores them; the attention function reads them
+from ``module.config`` on every call.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import PretrainedConfig
+
+CONFIG_ATTRIBUTE = "adamas_config"
+"""Name of the attribute of a transformers config that holds the Adamas settings."""
+
+PAPER_THRESHOLDS = {2: (-10.0, 0.0, 10.0), 1: (0.0,)}
+"""Fixed bucket edges of the official code (tuned on Llama-2 activations), per code width."""
+
+Selector = Literal["adamas", "streaming_llm", "quest"]
+GqaSelection = Literal["per_query_head", "shared_per_kv_group"]
+
+
+@dataclass
+class AdamasConfig:
+    """Configuration of Adamas sparse attention ([arXiv 2510.18413](https://arxiv.org/abs/2510.18413)).
+
+    During decoding (one query token), each layer past the first ``dense_layers`` keeps, per head,
+    the ``token_budget`` keys whose 2-bit Hadamard codes are closest (Manhattan distance) to the
+    query's code, and runs exact attention over just those. Prefill, the dense layers, and steps
+    whose cache is not longer than the budget use ordinary (sdpa) attention.
+
+    Args:
+        token_budget (`int`, *optional*, defaults to `256`):
+            Keys attended per head and decode step, the current token included.
+        dense_layers (`int`, *optional*, defaults to `2`):
+            The first layers, which always attend densely (as in the paper's code).
+        bits (`int`, *optional*, defaults to `2`):
+            Code width per dimension: 2 (paper) or 1 (sign only).
+        thresholds (`list[float]` or `list[list[float]]`, *optional*, defaults to the paper's `[-10, 0, 10]`):
+            Increasing bucket edges on the orthonormal Hadamard values, ``2**bits - 1`` of them; either
+            one list for all layers or one list per layer (what `calibrate_thresholds` produces).
+        gqa_selection (`str`, *optional*, defaults to `"per_query_head"`):
+            With grouped-query attention, ``"per_query_head"`` lets each query head choose its own
+            keys (the paper's evaluation path); ``"shared_per_kv_group"`` sums the distances of the
+            query heads of a KV group and selects once per group (cheaper, reads each key once).
+        sink_tokens (`int`, *optional*, defaults to `0`):
+            Leading tokens always kept (the paper forces none).
+        recent_tokens (`int`, *optional*, defaults to `0`):
+            Most recent tokens always kept, besides the current one (the paper forces none).
+        selector (`str`, *optional*, defaults to `"adamas"`):
+            Which rule picks the keys: ``"adamas"``; or the baselines ``"streaming_llm"``
+            (``sink_tokens`` sinks plus the most recent tokens) and ``"quest"`` (pages of
+            ``quest_page_size`` tokens scored by per-channel key min/max), run through the same code.
+        quest_page_size (`int`, *optional*, defaults to `16`):
+            Page size of the Quest baseline.
+    """
+
+    token_budget: int = field(default=256, metadata={"help": "Keys attended per head and decode step."})
+    dense_layers: int = field(default=2, metadata={"help": "Leading layers that always attend densely."})
+    bits: int = field(default=2, metadata={"help": "Code bits per dimension: 1 or 2."})
+    thresholds: list[float] | list[list[float]] | None = field(
+        default=None, metadata={"help": "Bucket edges (global or per layer); None means the paper's."}
+    )
+    gqa_selection: GqaSelection = field(
+        default="per_query_head", metadata={"help": "per_query_head or shared_per_kv_group."}
+    )
+    sink_tokens: int = field(default=0, metadata={"help": "Leading tokens always kept."})
+    recent_tokens: int = field(default=0, metadata={"help": "Recent tokens always kept."})
+    selector: Selector = field(default="adamas", metadata={"help": "adamas, streaming_llm or quest."})
+    quest_page_size: int = field(default=16, metadata={"help": "Page size of the Quest baseline."})
+
+    def __post_init__(self) -> None:
+        _check_int("token_budget", self.token_budget, minimum=1)
+        _check_int("dense_layers", self.dense_layers, minimum=0)
+        _check_int("sink_tokens", self.sink_tokens, minimum=0)
+        _check_int("recent_tokens", self.recent_tokens, minimum=0)
+        _check_int("quest_page_size", self.quest_page_size, minimum=1)
+        if self.bits not in (1, 2) or isinstance(self.bits, bool):
+            raise ValueError(f"AdamasConfig.bits must be 1 or 2, got {self.bits!r}.")
+        _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
+        _check_choice("selector", self.selector, Selector)
+        if self.thresholds is None:
+            self.thresholds = list(PAPER_THRESHOLDS[self.bits])
+        per_layer = self.thresholds and isinstance(self.thresholds[0], list | tuple)
+        rows = self.thresholds if per_layer else [self.thresholds]
+        self.thresholds = [_check_thresholds(row, self.bits) for row in rows]
+        if not per_layer:
+            self.thresholds = self.thresholds[0]
+        forced = self.sink_tokens + self.recent_tokens + 1
+        if self.selector == "adamas" and forced > self.token_budget:
+            raise ValueError(
+                f"sink_tokens + recent_tokens + 1 (the current token) = {forced} exceeds "
+                f"token_budget={self.token_budget}; raise the budget or keep fewer forced tokens."
+            )
+
+    def thresholds_for_layer(self, layer_idx: int) -> list[float]:
+        """The bucket edges that layer ``layer_idx`` uses."""
+        if self.thresholds and isinstance(self.thresholds[0], list):
+            if layer_idx >= len(self.thresholds):
+                raise ValueError(
+                    f"AdamasConfig has per-layer thresholds for {len(self.thresholds)} layers, "
+                    f"but layer {layer_idx} asked for its own; recalibrate for this model."
+                )
+            return self.thresholds[layer_idx]
+        return self.thresholds
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> AdamasConfig:
+        unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"Unknown AdamasConfig fields: {sorted(unknown)}.")
+        return cls(**values)
+
+    @classmethod
+    def from_model_config(cls, config: PretrainedConfig) -> AdamasConfig:
+        """The settings stored on a model's config, or the defaults if it has none."""
+        stored = getattr(config, CONFIG_ATTRIBUTE, None)
+        if stored is None:
+            return cls()
+        return stored if isinstance(stored, cls) else cls.from_dict(stored)
+
+    def save_to_model_config(self, config: PretrainedConfig) -> None:
+        """Store these settings on ``config`` so ``save_pretrained`` writes them to ``config.json``."""
+        setattr(config, CONFIG_ATTRIBUTE, self.to_dict())
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"AdamasConfig.{name} must be an integer >= {minimum}, got {value!r}.")
+
+
+def _check_choice(name: str, value: Any, choices: Any) -> None:
+    allowed = choices.__args__
+    if value not in allowed:
+        raise ValueError(f"AdamasConfig.{name} must be one of {list(allowed)}, got {value!r}.")
+
+
+def _check_thresholds(row: Any, bits: int) -> list[float]:
+    row = [float(t) for t in row]
+    if len(row) != 2**bits - 1:
+        raise ValueError(f"{bits}-bit codes need {2**bits - 1} thresholds, got {len(row)}: {row}.")
+    if any(not math.isfinite(t) for t in row) or any(b <= a for a, b in itertools.pairwise(row)):
+        raise ValueError(f"Adamas thresholds must be finite and strictly increasing, got {row}.")
+    return row
+
+
+def check_model_config(config: PretrainedConfig, adamas_config: AdamasConfig, model_name: str) -> None:
+    """Raise a `ValueError` naming the model when Adamas cannot run on it."""
+    text_config = config.get_text_config(decoder=True)
+    head_dim = (
+        getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
+    )
+    if head_dim & (head_dim - 1):
+        raise ValueError(
+            f"{model_name} has head_dim={head_dim}, which is not a power of two; the Walsh-Hadamard "
+            "transform of Adamas needs one (64, 128, ...)."
+        )
+    if getattr(text_config, "attn_logit_softcapping", None):
+        raise ValueError(
+            f"{model_name} uses attention-logit soft-capping, which Adamas does not support; "
+            "use attn_implementation='eager' for it."
+        )
+    layers = text_config.num_hidden_layers
+    if isinstance(adamas_config.thresholds[0], list) and len(adamas_config.thresholds) != layers:
+        raise ValueError(
+            f"AdamasConfig has per-layer thresholds for {len(adamas_config.thresholds)} layers, "
+            f"but {model_name} has {layers}; recalibrate for this model."
+        )

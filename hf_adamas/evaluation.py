@@ -1,0 +1,236 @@
+"""Long-context evaluation of attention methods: passkey retrieval, perplexity, decode speed.
+
+All three follow the protocol of Quest and Adamas: the context is prefilled densely (one forward
+pass), then tokens are decoded one at a time, which is where the sparse path runs. The prefill is
+done once per context and shared by every method, whose decoding is undone afterwards by cropping
+the cache back, so methods are compared on identical caches.
+
+A *method* is a name and an `AdamasConfig` (``None`` = dense sdpa attention).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_adamas.config import AdamasConfig
+from hf_adamas.integration import apply_adamas
+
+PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
+PASSKEY_QUESTION = "What is the pass key? The pass key is"
+
+
+@dataclass(frozen=True)
+class Method:
+    """An attention method under evaluation: dense sdpa when ``config`` is None."""
+
+    name: str
+    config: AdamasConfig | None = None
+
+    @property
+    def budget(self) -> int | None:
+        return None if self.config is None else self.config.token_budget
+
+
+@contextmanager
+def attention_method(model: PreTrainedModel, method: Method) -> Iterator[None]:
+    """Run the block with ``method``'s attention, restoring sdpa afterwards."""
+    if method.config is None:
+        model.set_attn_implementation("sdpa")
+    else:
+        apply_adamas(model, method.config)
+    try:
+        yield
+    finally:
+        model.set_attn_implementation("sdpa")
+
+
+@torch.inference_mode()
+def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
+    """Dense forward over ``input_ids``; returns the cache and the last position's logits."""
+    model.set_attn_implementation("sdpa")
+    cache = DynamicCache(config=model.config)
+    output = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    return cache, output.logits[:, -1]
+
+
+@torch.inference_mode()
+def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor) -> torch.Tensor:
+    """One decode step (``token`` is ``[batch, 1]``); returns next-token logits ``[batch, vocab]``."""
+    return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+
+
+def rewind(cache: DynamicCache, length: int) -> None:
+    """Crop the cache back to ``length`` tokens (undo a method's decoding)."""
+    excess = cache.get_seq_length() - length
+    if excess > 0:
+        cache.crop(-excess)
+
+
+# ---------------------------------------------------------------- passkey retrieval
+
+
+def passkey_prompt(
+    tokenizer: PreTrainedTokenizerBase, length: int, depth: float, passkey: str
+) -> tuple[torch.Tensor, int]:
+    """Token ids of about ``length`` tokens of filler with the pass key at relative ``depth``.
+
+    Returns ``(input_ids [1, L], question_length)``: the prompt ends with the question, whose
+    tokens are decoded one by one through the sparse path.
+    """
+    needle = f"The pass key is {passkey}. Remember it. {passkey} is the pass key. "
+    filler_ids = tokenizer(PASSKEY_FILLER, add_special_tokens=False).input_ids
+    needle_ids = tokenizer(needle, add_special_tokens=False).input_ids
+    question_ids = tokenizer(" " + PASSKEY_QUESTION, add_special_tokens=False).input_ids
+    room = length - len(needle_ids) - len(question_ids)
+    repeats = room // len(filler_ids)
+    before = round(depth * repeats)
+    ids = filler_ids * before + needle_ids + filler_ids * (repeats - before) + question_ids
+    return torch.tensor([ids]), len(question_ids)
+
+
+@torch.inference_mode()
+def greedy_continue(
+    model: PreTrainedModel, cache: DynamicCache, logits: torch.Tensor, steps: int
+) -> list[int]:
+    """Greedy-decode ``steps`` tokens from ``logits`` with the cache; returns the token ids."""
+    tokens = []
+    for _ in range(steps):
+        token = logits.argmax(-1, keepdim=True)
+        tokens.append(int(token))
+        logits = decode_step(model, cache, token)
+    return tokens
+
+
+def run_passkey(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    methods: Sequence[Method],
+    lengths: Sequence[int],
+    depths: Sequence[float],
+    seed: int = 0,
+    answer_tokens: int = 8,
+) -> list[dict]:
+    """Passkey retrieval for every (length, depth) and method; one record per trial."""
+    rng = random.Random(seed)
+    records = []
+    trials = [(length, depth) for length in lengths for depth in depths]
+    progress = tqdm(total=len(trials) * len(methods), desc="passkey", unit="trial")
+    for length, depth in trials:
+        passkey = f"{rng.randrange(10000, 100000)}"
+        input_ids, question_length = passkey_prompt(tokenizer, length, depth, passkey)
+        input_ids = input_ids.to(model.device)
+        context = input_ids[:, :-question_length]
+        cache, _ = prefill(model, context)
+        for method in methods:
+            with attention_method(model, method):
+                for position in range(context.shape[1], input_ids.shape[1]):
+                    logits = decode_step(model, cache, input_ids[:, position : position + 1])
+                answer = tokenizer.decode(greedy_continue(model, cache, logits, answer_tokens))
+            rewind(cache, context.shape[1])
+            records.append(
+                {
+                    "method": method.name,
+                    "budget": method.budget,
+                    "length": int(input_ids.shape[1]),
+                    "target_length": length,
+                    "depth": depth,
+                    "passkey": passkey,
+                    "answer": answer,
+                    "correct": passkey in answer,
+                }
+            )
+            progress.update()
+    progress.close()
+    return records
+
+
+# ---------------------------------------------------------------- perplexity
+
+
+def run_perplexity(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    methods: Sequence[Method],
+    decode_tokens: int,
+) -> list[dict]:
+    """Perplexity of the last ``decode_tokens`` tokens of ``input_ids`` ``[1, L]``, decoded one by one.
+
+    The first ``L - decode_tokens`` tokens are prefilled densely; every later token is scored
+    after a sparse decode step over everything before it (the paper's protocol).
+    """
+    input_ids = input_ids.to(model.device)
+    context_length = input_ids.shape[1] - decode_tokens
+    cache, first_logits = prefill(model, input_ids[:, :context_length])
+    records = []
+    for method in tqdm(methods, desc="perplexity", unit="method"):
+        logits, nll = first_logits, 0.0
+        with attention_method(model, method):
+            for position in range(context_length, input_ids.shape[1]):
+                target = input_ids[:, position]
+                nll -= float(torch.log_softmax(logits.float(), dim=-1)[0, target])
+                if position + 1 < input_ids.shape[1]:
+                    logits = decode_step(model, cache, input_ids[:, position : position + 1])
+        rewind(cache, context_length)
+        records.append(
+            {
+                "method": method.name,
+                "budget": method.budget,
+                "context": int(input_ids.shape[1]),
+                "decoded_tokens": decode_tokens,
+                "nll": nll / decode_tokens,
+                "perplexity": math.exp(nll / decode_tokens),
+            }
+        )
+    return records
+
+
+# ---------------------------------------------------------------- decode speed
+
+
+def run_decode_speed(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    methods: Sequence[Method],
+    steps: int,
+    warmup: int = 2,
+) -> list[dict]:
+    """Decode tokens/s after a dense prefill of ``input_ids``, per method (model forward only).
+
+    Each method gets its own fresh prefill: the Adamas path swaps cache layers for chunked ones,
+    which would otherwise also speed up the methods that run after it.
+    """
+    input_ids = input_ids.to(model.device)
+    records = []
+    for method in tqdm(methods, desc="decode speed", unit="method"):
+        cache, first_logits = prefill(model, input_ids)
+        with attention_method(model, method):
+            greedy_continue(model, cache, first_logits, warmup)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            greedy_continue(model, cache, first_logits, steps)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+        del cache
+        records.append(
+            {
+                "method": method.name,
+                "budget": method.budget,
+                "context": int(input_ids.shape[1]),
+                "steps": steps,
+                "seconds": seconds,
+                "tokens_per_second": steps / seconds,
+                "ms_per_token": 1000 * seconds / steps,
+            }
+        )
+    return records

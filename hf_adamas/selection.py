@@ -1,0 +1,117 @@
+"""Which keys each head attends to in a sparse decode step: Adamas, and two baselines.
+
+Every selector returns ``int64`` indices ``[batch, heads, token_budget]`` (``heads`` is the number
+of query heads, or of KV heads when a KV group shares one selection), sorted by position, ``-1``
+where fewer valid positions than the budget exist. All three rank positions with an integer
+"distance" and hand it to the same deterministic top-k (`ops.select_topk`), so they differ only in
+the ranking:
+
+- ``adamas``: Manhattan distance between the 2-bit Hadamard codes of the query and of each key;
+- ``streaming_llm``: recency, with ``sink_tokens`` leading tokens forced (StreamingLLM);
+- ``quest``: pages of ``quest_page_size`` tokens ranked by the upper bound
+  ``sum_i max(q_i * min_i, q_i * max_i)`` over the page's per-channel key min/max (Quest), the
+  current page forced. Page statistics are computed from the keys each step: the baseline is for
+  accuracy comparisons, not speed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+from hf_adamas import ops
+from hf_adamas.config import AdamasConfig
+
+KeyCodes = Callable[[torch.Tensor], torch.Tensor]
+
+
+def forced_positions(
+    settings: AdamasConfig, valid: torch.Tensor | None, batch: int, length: int, device
+) -> torch.Tensor:
+    """``[batch, length]`` bool: the current token, the first ``sink_tokens`` valid tokens, the recent window."""
+    positions = torch.arange(length, device=device)
+    forced = (positions >= length - 1 - settings.recent_tokens).expand(batch, length)
+    if settings.sink_tokens:
+        is_valid = valid if valid is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
+        rank_among_valid = is_valid.long().cumsum(-1)
+        forced = forced | (is_valid & (rank_among_valid <= settings.sink_tokens))
+    return forced
+
+
+def thresholds_tensor(settings: AdamasConfig, layer_idx: int) -> torch.Tensor:
+    """This layer's thresholds as a CPU tensor (the kernels read them as scalars), built once."""
+    cache = settings.__dict__.setdefault("_threshold_tensors", {})
+    if layer_idx not in cache:
+        cache[layer_idx] = torch.tensor(settings.thresholds_for_layer(layer_idx), dtype=torch.float32)
+    return cache[layer_idx]
+
+
+def select_adamas(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    key_codes: KeyCodes,
+) -> torch.Tensor:
+    thresholds = thresholds_tensor(settings, module.layer_idx)
+    query_codes = ops.hadamard_codes(query, thresholds, settings.bits)
+    distance = ops.code_distance(
+        query_codes, key_codes(thresholds), settings.bits, settings.gqa_selection == "shared_per_kv_group"
+    )
+    forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
+    return ops.select_topk(distance, settings.token_budget, valid, forced)
+
+
+def select_streaming_llm(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    key_codes: KeyCodes,
+) -> torch.Tensor:
+    batch, kv_heads, length, _ = key.shape
+    recency = torch.arange(length - 1, -1, -1, dtype=torch.int32, device=key.device)
+    distance = recency.expand(batch, kv_heads, length)
+    forced = forced_positions(settings, valid, batch, length, key.device)
+    return ops.select_topk(distance, settings.token_budget, valid, forced)
+
+
+def select_quest(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    key_codes: KeyCodes,
+) -> torch.Tensor:
+    batch, q_heads, head_dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    page = settings.quest_page_size
+    pages = -(-length // page)
+    keys = key.float().repeat_interleave(q_heads // kv_heads, dim=1)
+    padded = torch.full((batch, q_heads, pages * page, head_dim), float("nan"), device=key.device)
+    padded[:, :, :length] = keys
+    if valid is not None:
+        padded[:, :, :length].masked_fill_(~valid[:, None, :, None], float("nan"))
+    paged = padded.view(batch, q_heads, pages, page, head_dim)
+    page_min = paged.nan_to_num(nan=float("inf")).amin(dim=3)
+    page_max = paged.nan_to_num(nan=float("-inf")).amax(dim=3)
+    q = query.float()[:, :, None, :]
+    bound = torch.maximum(q * page_min, q * page_max).nan_to_num(nan=0.0).sum(-1)
+    empty_page = torch.isinf(page_min).all(-1)
+    bound = bound.masked_fill(empty_page, float("-inf"))
+    page_rank = bound.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).to(torch.int32)
+    distance = page_rank.repeat_interleave(page, dim=-1)[..., :length]
+    current_page = torch.arange(length, device=key.device) >= (length - 1) // page * page
+    forced = forced_positions(settings, valid, batch, length, key.device) | current_page
+    return ops.select_topk(distance, settings.token_budget, valid, forced)
+
+
+SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
+    "adamas": select_adamas,
+    "streaming_llm": select_streaming_llm,
+    "quest": select_quest,
+}
