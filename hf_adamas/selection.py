@@ -19,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 
 from hf_adamas import ops
 from hf_adamas.config import AdamasConfig
@@ -91,18 +92,19 @@ def select_quest(
     kv_heads, length = key.shape[1], key.shape[2]
     page = settings.quest_page_size
     pages = -(-length // page)
-    keys = key.float().repeat_interleave(q_heads // kv_heads, dim=1)
-    padded = torch.full((batch, q_heads, pages * page, head_dim), float("nan"), device=key.device)
-    padded[:, :, :length] = keys
-    if valid is not None:
-        padded[:, :, :length].masked_fill_(~valid[:, None, :, None], float("nan"))
-    paged = padded.view(batch, q_heads, pages, page, head_dim)
-    page_min = paged.nan_to_num(nan=float("inf")).amin(dim=3)
-    page_max = paged.nan_to_num(nan=float("-inf")).amax(dim=3)
-    q = query.float()[:, :, None, :]
-    bound = torch.maximum(q * page_min, q * page_max).nan_to_num(nan=0.0).sum(-1)
-    empty_page = torch.isinf(page_min).all(-1)
-    bound = bound.masked_fill(empty_page, float("-inf"))
+    lows = highs = key.float()
+    if valid is not None:  # padding must not widen a page's min/max
+        lows = lows.masked_fill(~valid[:, None, :, None], float("inf"))
+        highs = highs.masked_fill(~valid[:, None, :, None], float("-inf"))
+    tail = pages * page - length
+    page_min = F.pad(lows, (0, 0, 0, tail), value=float("inf")).view(batch, kv_heads, pages, page, -1).amin(3)
+    page_max = (
+        F.pad(highs, (0, 0, 0, tail), value=float("-inf")).view(batch, kv_heads, pages, page, -1).amax(3)
+    )
+    q = query.float().view(batch, kv_heads, -1, 1, head_dim)
+    bound = torch.maximum(q * page_min[:, :, None], q * page_max[:, :, None]).sum(-1)  # [B, Hkv, G, pages]
+    empty_page = torch.isinf(page_min[..., 0])[:, :, None]
+    bound = bound.masked_fill(empty_page, float("-inf")).view(batch, q_heads, pages)
     page_rank = bound.argsort(dim=-1, descending=True, stable=True).argsort(dim=-1).to(torch.int32)
     distance = page_rank.repeat_interleave(page, dim=-1)[..., :length]
     current_page = torch.arange(length, device=key.device) >= (length - 1) // page * page

@@ -36,21 +36,16 @@ class GenerationResult:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
 
-def timed_chat_generation(
+def timed_generation(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
+    inputs: dict[str, torch.Tensor],
     max_new_tokens: int,
     label: str,
     **generate_kwargs,
 ) -> GenerationResult:
-    """Greedy-decode an answer to one user turn and time ``generate`` alone (no loading, no templating)."""
-    inputs = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}],
-        add_generation_prompt=True,
-        return_tensors="pt",
-        return_dict=True,
-    ).to(model.device)
+    """Greedy ``generate`` on tokenized ``inputs``, timing ``generate`` alone."""
+    inputs = {name: tensor.to(model.device) for name, tensor in inputs.items()}
     prompt_length = inputs["input_ids"].shape[1]
     start = time.perf_counter()
     with torch.inference_mode():
@@ -63,11 +58,63 @@ def timed_chat_generation(
     return GenerationResult(label=label, text=text, new_tokens=int(new_tokens.numel()), seconds=seconds)
 
 
+def timed_chat_generation(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt: str,
+    max_new_tokens: int,
+    label: str,
+    **generate_kwargs,
+) -> GenerationResult:
+    """Greedy-decode an answer to one user turn (chat template applied), timing ``generate`` alone."""
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    )
+    return timed_generation(model, tokenizer, dict(inputs), max_new_tokens, label, **generate_kwargs)
+
+
+def adamas_long_context(
+    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, length: int, budget: int
+) -> list[GenerationResult]:
+    """A pass key hidden in ``length`` tokens of filler, retrieved with dense and with Adamas attention.
+
+    Answers come from plain ``generate()``; the decode speed from `run_decode_speed` (dense prefill
+    once per method, then timed decode steps), since ``generate``'s time is mostly prefill here.
+    """
+    from hf_adamas import AdamasConfig
+    from hf_adamas.evaluation import Method, attention_method, passkey_prompt, run_decode_speed
+
+    input_ids, _ = passkey_prompt(tokenizer, length, depth=0.4, passkey="68217")
+    print(f"Long context: pass key 68217 hidden in {input_ids.shape[1]} tokens of filler.", flush=True)
+    methods = (Method("sdpa"), Method(f"adamas budget {budget}", AdamasConfig(token_budget=budget)))
+    answers = []
+    for method in methods:
+        with attention_method(model, method):
+            answers.append(timed_generation(model, tokenizer, {"input_ids": input_ids}, 8, method.name).text)
+    speeds = run_decode_speed(model, input_ids, methods, steps=16)
+    return [
+        GenerationResult(
+            label=f"{input_ids.shape[1]}-token context, {method.name}",
+            text=answer,
+            new_tokens=speed["steps"],
+            seconds=speed["seconds"],
+        )
+        for method, answer, speed in zip(methods, answers, speeds, strict=True)
+    ]
+
+
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of a causal LM.")
     parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="The user turn to answer.")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="Tokens to generate.")
     parser.add_argument("--json", type=Path, default=None, help="Also write the results to this JSON file.")
+    parser.add_argument("--context", type=int, default=2048, help="Context length of the long-context step.")
+    parser.add_argument(
+        "--budget", type=int, default=64, help="Adamas token budget of the long-context step."
+    )
 
 
 def run_demo(args: argparse.Namespace) -> list[GenerationResult]:
@@ -77,15 +124,16 @@ def run_demo(args: argparse.Namespace) -> list[GenerationResult]:
     print(f"Prompt: {args.prompt}\n", flush=True)
 
     results = [
-        timed_chat_generation(model, tokenizer, args.prompt, args.max_new_tokens, label="greedy (sdpa)"),
+        timed_chat_generation(model, tokenizer, args.prompt, args.max_new_tokens, label="chat answer, sdpa"),
+        *adamas_long_context(model, tokenizer, args.context, args.budget),
     ]
 
     for result in results:
         print(f"[{result.label}] {result.text}\n")
-    print(f"{'step':<28}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}")
+    print(f"{'step':<40}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}")
     for result in results:
         print(
-            f"{result.label:<28}{result.new_tokens:>12}{result.seconds:>10.2f}{result.tokens_per_second:>10.1f}"
+            f"{result.label:<40}{result.new_tokens:>12}{result.seconds:>10.2f}{result.tokens_per_second:>10.1f}"
         )
     print(f"(device: {model.device}, {torch.get_num_threads()} CPU threads)")
 

@@ -215,6 +215,23 @@ def test_attention_over_subset_is_masked_dense(shared: bool) -> None:
     assert_close("subset", dense_attention(q, k, v, 0.125, mask), out, 1e-5)
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "cache_prefix", "transposed"])
+def test_position_gather_matches_torch_gather(layout: str) -> None:
+    """The row-copy fast path (contiguous and cache-prefix views) and the fallback agree with gather."""
+    from hf_adamas.reference import _gather_positions
+
+    torch.manual_seed(0)
+    full = torch.randn(2, 3, 40, 16)
+    states = {
+        "contiguous": full,
+        "cache_prefix": full[:, :, :29],
+        "transposed": full.transpose(1, 2).contiguous().transpose(1, 2)[:, :, :29],
+    }[layout]
+    positions = torch.randint(0, 29, (2, 3, 7))
+    expected = states.gather(2, positions.unsqueeze(-1).expand(-1, -1, -1, 16))
+    assert torch.equal(_gather_positions(states, positions), expected)
+
+
 def test_attention_row_without_indices_is_zero() -> None:
     q, k = torch.randn(1, 2, 16), torch.randn(1, 1, 5, 16)
     out = sparse_decode_attention(q, k, k, torch.full((1, 2, 3), -1), 0.25)
