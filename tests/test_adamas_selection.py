@@ -1,0 +1,99 @@
+"""The three selectors against loop-based brute force: what each one keeps for a decode query."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_adamas import AdamasConfig
+from hf_adamas.reference import hadamard_codes, unpack_codes
+from hf_adamas.selection import select_adamas, select_quest, select_streaming_llm
+
+
+class _Layer(torch.nn.Module):
+    layer_idx = 3
+
+
+def _inputs(seed: int = 0, batch: int = 2, q_heads: int = 4, kv_heads: int = 2, length: int = 53):
+    generator = torch.Generator().manual_seed(seed)
+    query = torch.randn(batch, q_heads, 64, generator=generator) * 3
+    key = torch.randn(batch, kv_heads, length, 64, generator=generator) * 3
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[1, :6] = False  # left padding on the second row
+    return query, key, valid
+
+
+def _select(select, settings, query, key, valid):
+    return select(
+        settings=settings,
+        module=_Layer(),
+        query=query,
+        key=key,
+        valid=valid,
+        key_codes=lambda t: hadamard_codes(key, t, settings.bits),
+    )
+
+
+def _as_sets(indices: torch.Tensor) -> list[list[set[int]]]:
+    return [[{int(i) for i in row if i >= 0} for row in head] for head in indices]
+
+
+def test_streaming_llm_keeps_sinks_and_recent_window() -> None:
+    query, key, valid = _inputs()
+    settings = AdamasConfig(token_budget=12, sink_tokens=4, selector="streaming_llm")
+    chosen = _as_sets(_select(select_streaming_llm, settings, query, key, valid))
+    length = key.shape[2]
+    assert chosen[0][0] == set(range(4)) | set(range(length - 8, length))
+    assert chosen[1][1] == set(range(6, 10)) | set(range(length - 8, length))  # sinks skip the padding
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_adamas_keeps_the_closest_codes(shared: bool) -> None:
+    query, key, valid = _inputs(seed=1)
+    settings = AdamasConfig(
+        token_budget=10, thresholds=[-1.0, 0.0, 1.0], sink_tokens=2,
+        gqa_selection="shared_per_kv_group" if shared else "per_query_head",
+    )  # fmt: skip
+    chosen = _as_sets(_select(select_adamas, settings, query, key, valid))
+    thresholds = torch.tensor([-1.0, 0.0, 1.0])
+    q_codes = unpack_codes(hadamard_codes(query, thresholds, 2), 2).long()
+    k_codes = unpack_codes(hadamard_codes(key, thresholds, 2), 2).long()
+    length, group = key.shape[2], 2
+    for b in range(2):
+        positions = [p for p in range(length) if valid[b, p]]
+        sinks = set(positions[:2])
+        for row in range(2 if shared else 4):
+            heads = range(row * group, row * group + group) if shared else [row]
+            kv = row if shared else row // group
+
+            def distance(p, heads=heads, kv=kv, b=b):
+                return sum(int((q_codes[b, h] - k_codes[b, kv, p]).abs().sum()) for h in heads)
+
+            forced = sinks | {length - 1}
+            ranked = sorted((p for p in positions if p not in forced), key=lambda p: (distance(p), -p))
+            assert chosen[b][row] == forced | set(ranked[: 10 - len(forced)])
+
+
+def test_quest_keeps_the_pages_with_the_highest_bound() -> None:
+    query, key, valid = _inputs(seed=2)
+    settings = AdamasConfig(token_budget=16, selector="quest", quest_page_size=4)
+    chosen = _as_sets(_select(select_quest, settings, query, key, valid))
+    length = key.shape[2]
+    for b in range(2):
+        for h in range(4):
+            k = key[b, h // 2]
+            bounds = {}
+            for start in range(0, length, 4):
+                members = [p for p in range(start, min(start + 4, length)) if valid[b, p]]
+                if members:
+                    lo, hi = k[members].amin(0), k[members].amax(0)
+                    bounds[start] = float(torch.maximum(query[b, h] * lo, query[b, h] * hi).sum())
+            current = (length - 1) // 4 * 4
+            best = sorted((s for s in bounds if s != current), key=lambda s: -bounds[s])
+            expected = set(range(current, length))
+            for start in best:
+                page = {p for p in range(start, start + 4) if valid[b, p]}
+                if len(expected) + len(page) > 16:
+                    break
+                expected |= page
+            assert expected <= chosen[b][h] and len(chosen[b][h]) == 16
