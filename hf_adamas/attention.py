@@ -20,6 +20,7 @@ from hf_adamas import ops
 from hf_adamas.cache import AdamasLayer
 from hf_adamas.config import AdamasConfig, check_model_config
 from hf_adamas.selection import SELECTORS
+from hf_common.compat import CACHE_ARGUMENT
 
 logger = logging.get_logger(__name__)
 
@@ -46,7 +47,7 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
     The attention function receives keys and values but not the cache, so this hook (on each
     attention module) stashes the layer where the function finds it.
     """
-    cache = kwargs.get("past_key_values")
+    cache = kwargs.get(CACHE_ARGUMENT)
     layer = None
     if isinstance(cache, Cache) and module.layer_idx < len(cache.layers):
         layer = cache.layers[module.layer_idx]

@@ -15,7 +15,7 @@ Two ways to get it:
 - plain ``model.generate()``: the Adamas attention function swaps each sparse layer's
   `DynamicLayer` in the `DynamicCache` that ``generate`` builds for an `AdamasLayer` holding the
   same tensors (see `hf_adamas.attention`), so nothing needs building;
-- ``past_key_values=AdamasCache(model.config)`` built by the user, e.g. to reuse across calls.
+- ``cache=AdamasCache(model.config)`` (``past_key_values=`` before transformers 5.24) built by the user, e.g. to reuse across calls.
 """
 
 from __future__ import annotations
@@ -153,7 +153,7 @@ class AdamasLayer(DynamicLayer):
 class AdamasCache(Cache):
     """A cache for a whole model: `AdamasLayer` for sparse layers, `DynamicLayer` for dense ones.
 
-    Pass it as ``past_key_values=AdamasCache(model.config)``; the settings come from
+    Pass it as ``cache=AdamasCache(model.config)`` (``past_key_values=`` before transformers 5.24); the settings come from
     ``model.config.adamas_config`` unless ``adamas_config`` is given.
     """
 

@@ -14,6 +14,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas.reference import hadamard_matrix
+from hf_common.compat import cache_kwargs
 
 
 @torch.inference_mode()
@@ -42,7 +43,7 @@ def calibrate_thresholds(
     if input_ids.shape[1] < 16:
         raise ValueError(f"Calibration text too short: {input_ids.shape[1]} tokens (need at least 16).")
     cache = DynamicCache(config=model.config)
-    model(input_ids=input_ids, past_key_values=cache, use_cache=True)
+    model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True)
     levels = 2**bits
     quantiles = torch.arange(1, levels, dtype=torch.float32) / levels
     thresholds = []

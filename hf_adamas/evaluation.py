@@ -23,6 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas.config import AdamasConfig
 from hf_adamas.integration import apply_adamas
+from hf_common.compat import cache_kwargs
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
@@ -58,14 +59,14 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCac
     """Dense forward over ``input_ids``; returns the cache and the last position's logits."""
     model.set_attn_implementation("sdpa")
     cache = DynamicCache(config=model.config)
-    output = model(input_ids=input_ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
     return cache, output.logits[:, -1]
 
 
 @torch.inference_mode()
 def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor) -> torch.Tensor:
     """One decode step (``token`` is ``[batch, 1]``); returns next-token logits ``[batch, vocab]``."""
-    return model(input_ids=token, past_key_values=cache, use_cache=True).logits[:, -1]
+    return model(input_ids=token, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
 
 
 def rewind(cache: DynamicCache, length: int) -> None:

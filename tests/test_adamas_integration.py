@@ -6,11 +6,12 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_config
-from transformers import AutoModelForCausalLM, Gemma2Config, GPTJConfig
+from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoConfig
 
 import hf_adamas
 from hf_adamas import AdamasCache, AdamasConfig, AdamasLayer, apply_adamas, ops
 from hf_adamas.evaluation import Method, attention_method, decode_step, prefill, rewind
+from hf_common.compat import cache_kwargs, output_cache
 
 
 def _prompt(batch: int = 2, length: int = 40, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -83,10 +84,10 @@ def test_dense_layers_are_untouched(tiny_model) -> None:
     input_ids, _ = _prompt(pad=0)
     cache, _ = prefill(tiny_model, input_ids)
     token = input_ids[:, -1:]
-    dense = tiny_model(input_ids=token, past_key_values=cache, output_hidden_states=True).hidden_states
+    dense = tiny_model(input_ids=token, output_hidden_states=True, **cache_kwargs(cache)).hidden_states
     rewind(cache, input_ids.shape[1])
     with attention_method(tiny_model, Method("adamas", AdamasConfig(token_budget=4, dense_layers=2))):
-        sparse = tiny_model(input_ids=token, past_key_values=cache, output_hidden_states=True).hidden_states
+        sparse = tiny_model(input_ids=token, output_hidden_states=True, **cache_kwargs(cache)).hidden_states
     for layer in range(3):  # embeddings, then the outputs of layers 0 and 1
         assert torch.equal(dense[layer], sparse[layer]), layer
     assert not torch.equal(dense[-1], sparse[-1])
@@ -99,7 +100,7 @@ def test_generate_fills_code_cache_that_matches_keys() -> None:
     output = model.generate(
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, return_dict_in_generate=True
     )
-    layers = output.past_key_values.layers
+    layers = output_cache(output).layers
     assert type(layers[0]).__name__ == "DynamicLayer"
     for layer in layers[1:]:
         assert isinstance(layer, AdamasLayer)
@@ -135,7 +136,7 @@ def test_beam_search_and_user_built_cache_work() -> None:
     assert torch.equal(_generate(model, input_ids, attention_mask, num_beams=2), expected)
     apply_adamas(model, AdamasConfig(token_budget=8, dense_layers=1))
     beams = _generate(model, input_ids, attention_mask, num_beams=2)
-    own_cache = _generate(model, input_ids, attention_mask, past_key_values=AdamasCache(model.config))
+    own_cache = _generate(model, input_ids, attention_mask, **cache_kwargs(AdamasCache(model.config)))
     assert beams.shape == own_cache.shape == (1, input_ids.shape[1] + 12)
 
 
@@ -168,7 +169,7 @@ def test_training_mode_falls_back_to_dense(tiny_model, caplog) -> None:
     apply_adamas(tiny_model, AdamasConfig(token_budget=4, dense_layers=0))
     tiny_model.train()
     with torch.no_grad():
-        logits = tiny_model(input_ids=token, past_key_values=cache).logits[:, -1]
+        logits = tiny_model(input_ids=token, **cache_kwargs(cache)).logits[:, -1]
     torch.testing.assert_close(logits, expected)
 
 
@@ -200,8 +201,11 @@ def test_head_dim_not_a_power_of_two_is_rejected() -> None:
 
 
 def test_model_without_attention_interface_is_rejected() -> None:
-    config = GPTJConfig(vocab_size=64, n_positions=64, n_embd=64, n_layer=1, n_head=2, rotary_dim=16)
-    with pytest.raises(ValueError, match="GPTJForCausalLM does not route its attention"):
+    config = GPTNeoConfig(
+        vocab_size=64, max_position_embeddings=64, hidden_size=64, num_layers=1, num_heads=2,
+        attention_types=[[["global"], 1]], bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="GPTNeoForCausalLM does not route its attention"):
         apply_adamas(AutoModelForCausalLM.from_config(config))
 
 
