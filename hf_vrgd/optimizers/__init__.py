@@ -1,0 +1,40 @@
+"""VRGD optimizers and the base optimizers torch lacks (LAMB, LARS), with a name registry."""
+
+from __future__ import annotations
+
+from torch.optim import Optimizer
+
+from hf_vrgd.optimizers.adam import VRAdam, VRAdamW
+from hf_vrgd.optimizers.base import GSNRScaledOptimizer
+from hf_vrgd.optimizers.lamb import LAMB, VRLAMB
+from hf_vrgd.optimizers.lars import LARS, VRLARS
+from hf_vrgd.optimizers.sgd import VRSGD
+from hf_vrgd.optimizers.wrapper import VRGD
+
+OPTIMIZERS: dict[str, type[Optimizer]] = {
+    cls.__name__.lower(): cls for cls in (VRSGD, VRAdam, VRAdamW, VRLAMB, VRLARS, LAMB, LARS)
+}
+"""Lower-case class name -> optimizer class (``"vradamw"`` -> `VRAdamW`)."""
+
+
+def load_optimizer(name: str) -> type[Optimizer]:
+    """The optimizer class registered as ``name`` (case-insensitive, ``-``/``_`` ignored: ``"VR-AdamW"``)."""
+    key = name.lower().replace("-", "").replace("_", "")
+    if key not in OPTIMIZERS:
+        raise ValueError(f"unknown optimizer {name!r}; known: {sorted(OPTIMIZERS)}")
+    return OPTIMIZERS[key]
+
+
+__all__ = [
+    "LAMB",
+    "LARS",
+    "OPTIMIZERS",
+    "VRGD",
+    "VRLAMB",
+    "VRLARS",
+    "VRSGD",
+    "GSNRScaledOptimizer",
+    "VRAdam",
+    "VRAdamW",
+    "load_optimizer",
+]

@@ -1,0 +1,119 @@
+"""VR-Adam and VR-AdamW: Adam moments of the GSNR-scaled gradient (reconstructed from the paper's text)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from hf_vrgd.optimizers.base import GSNRScaledOptimizer, ParamsT, fp32_copies, write_back
+
+
+def validate_adam_arguments(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """Raises ``ValueError`` for Adam-family hyperparameters outside their ranges."""
+    if lr < 0 or eps < 0 or weight_decay < 0:
+        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+    if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+        raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+
+
+def adam_directions(
+    group: dict[str, Any], states: list[dict], grads32: list[torch.Tensor]
+) -> list[torch.Tensor]:
+    """Updates the Adam moments and returns ``m̂ / (√v̂ + eps)`` per parameter (float32 state)."""
+    beta1, beta2 = group["betas"]
+    for state, grad in zip(states, grads32, strict=True):
+        if "exp_avg" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(grad)
+            state["exp_avg_sq"] = torch.zeros_like(grad)
+        state["step"] += 1
+    exp_avgs = [state["exp_avg"] for state in states]
+    exp_avg_sqs = [state["exp_avg_sq"] for state in states]
+    torch._foreach_lerp_(exp_avgs, grads32, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads32, grads32, 1.0 - beta2)
+    denominators = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2 ** state["step"]) for state in states])
+    torch._foreach_add_(denominators, group["eps"])
+    directions = torch._foreach_div(exp_avgs, denominators)
+    torch._foreach_div_(directions, [1.0 - beta1 ** state["step"] for state in states])
+    return directions
+
+
+def adam_update(
+    group: dict[str, Any], params: list[torch.Tensor], states: list[dict], decoupled: bool
+) -> None:
+    """One Adam (``decoupled=False``, L2 added to the gradient) or AdamW step, as in ``torch.optim``."""
+    params32 = fp32_copies(params)
+    grads32 = fp32_copies([p.grad for p in params])
+    if group["weight_decay"] != 0:
+        if decoupled:
+            torch._foreach_mul_(params32, 1.0 - group["lr"] * group["weight_decay"])
+        else:
+            grads32 = torch._foreach_add(grads32, params32, alpha=group["weight_decay"])
+    torch._foreach_add_(params32, adam_directions(group, states, grads32), alpha=-group["lr"])
+    write_back(params, params32)
+
+
+class VRAdam(GSNRScaledOptimizer):
+    """VR-Adam ([arXiv 2309.13681](https://arxiv.org/abs/2309.13681), §4.2), L2 weight decay as ``torch.optim.Adam``.
+
+    .. math::
+        p_t = \\beta_3 p_{t-1} + (1-\\beta_3) r_t, \\quad \\hat p_t = p_t / (1-\\beta_3^t), \\quad
+        g'_t = \\hat p_t \\odot \\tilde g_t, \\quad \\theta_t = \\mathrm{Adam}(g'_t)
+
+    The paper prints only the idea ("GSNR ... used to adapt the gradient mean *before* gradients'
+    momentum estimation ... momentum mechanism on GSNR"); its Appendix D pseudo-code was not available,
+    so the bias correction of ``p`` and feeding ``g'`` to both moments are **reconstructed**. ``gamma=1``
+    gives ``torch.optim.Adam``. Adam's ``v`` normalizes away GSNR scales that stay constant for ~1/(1-β2)
+    steps; only relative changes of GSNR change the step.
+
+    State per parameter (float32): ``exp_avg``, ``exp_avg_sq``, ``gsnr_ema``, ``step``/``gsnr_step``;
+    plus the two float32 statistics buffers. Needs ``K >= 2`` gradient groups per step.
+    """
+
+    fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
+    decoupled_weight_decay = False
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        gamma: float = 0.1,
+        beta3: float = 0.9,
+        gsnr_eps: float = 1e-6,
+    ) -> None:
+        validate_adam_arguments(lr, betas, eps, weight_decay)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
+
+    def _update(self) -> None:
+        for group, params, states in self._groups_with_gradients():
+            adam_update(group, params, states, decoupled=self.decoupled_weight_decay)
+
+
+class VRAdamW(VRAdam):
+    """VR-AdamW: `VRAdam` with decoupled weight decay (``torch.optim.AdamW``; default 0.01).
+
+    ``gamma=1`` gives ``torch.optim.AdamW``. Same state and reconstruction notes as `VRAdam`.
+    """
+
+    decoupled_weight_decay = True
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.01,
+        gamma: float = 0.1,
+        beta3: float = 0.9,
+        gsnr_eps: float = 1e-6,
+    ) -> None:
+        super().__init__(params, lr, betas, eps, weight_decay, gamma, beta3, gsnr_eps)

@@ -1,0 +1,288 @@
+"""Shared machinery of the optimizers: strict state dicts, fp32 math, and the GSNR gradient scaling.
+
+The update rules themselves are plain functions in the optimizer files (``sgd_update``, ``adam_update``,
+...). A base optimizer (`LAMB`, `LARS`) applies its rule to ``p.grad``; its VR version first multiplies
+``p.grad`` in place by the GSNR multiplier (`GSNRGradientScaler`), then applies the same rule. So after
+``step()`` a VR optimizer leaves the scaled gradient in ``.grad``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from hf_vrgd.config import VRGDConfig
+from hf_vrgd.gsnr import GradientStatistics, gsnr_multiplier
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+OPTIMIZER_CLASS_KEY = "optimizer_class"
+"""Top-level key of our state dicts naming the optimizer class that saved them."""
+
+
+class StrictStateOptimizer(Optimizer):
+    """Base of this package's optimizers.
+
+    * State listed in ``fp32_state_keys`` stays float32 for bf16/fp16 parameters, also after
+      ``load_state_dict`` (torch would cast it to the parameter's dtype).
+    * ``load_state_dict`` raises ``ValueError`` on a state dict saved by another optimizer class or for
+      another parameter layout (group count, group sizes, tensor shapes), which torch accepts silently.
+    """
+
+    fp32_state_keys: ClassVar[tuple[str, ...]] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict[OPTIMIZER_CLASS_KEY] = type(self).__name__
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        check_state_dict_layout(self, state_dict)
+        super().load_state_dict(dict(state_dict))
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in self.fp32_state_keys:
+                if key in saved:
+                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+
+    def _groups_with_gradients(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[dict]]]:
+        """``(group, params, states)`` for each group, over the parameters that have a gradient."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                yield group, params, [self.state[p] for p in params]
+
+
+def check_state_dict_layout(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` unless ``state_dict`` was saved by ``optimizer``'s class for the same layout."""
+    name = type(optimizer).__name__
+    saved_class = state_dict.get(OPTIMIZER_CLASS_KEY)
+    if saved_class is not None and saved_class != name:
+        raise ValueError(f"this state dict was saved by {saved_class}, it cannot be loaded into {name}")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} parameter groups, {name} has {len(optimizer.param_groups)}"
+        )
+    for group_index, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups, strict=True)):
+        missing = sorted(set(optimizer.defaults) - set(saved))
+        if missing:
+            raise ValueError(
+                f"parameter group {group_index} of the state dict lacks {missing}: it was saved by "
+                f"another optimizer than {name}"
+            )
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"parameter group {group_index} has {len(saved['params'])} parameters in the state dict "
+                f"and {len(group['params'])} in {name}"
+            )
+        for saved_id, param in zip(saved["params"], group["params"], strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"state {key!r} of parameter {saved_id} has shape {tuple(value.shape)}, "
+                        f"the parameter has {tuple(param.shape)}: another model or parameter order"
+                    )
+
+
+def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """Runs the optional closure with gradients enabled, as torch optimizers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def fp32_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float32 versions: the tensors themselves when already float32, new copies otherwise."""
+    return [t.float() for t in tensors]
+
+
+def write_back(params: list[torch.Tensor], params32: list[torch.Tensor]) -> None:
+    """Copies updated float32 copies back into low-precision parameters."""
+    for param, param32 in zip(params, params32, strict=True):
+        if param32 is not param:
+            param.copy_(param32)
+
+
+def apply_momentum(
+    states: list[dict], updates: list[torch.Tensor], momentum: float, dampening: float = 0.0
+) -> list[torch.Tensor]:
+    """Heavy-ball momentum as in ``torch.optim.SGD``: ``buf = momentum * buf + (1 - dampening) * update``.
+
+    A new buffer starts as a copy of the update (no dampening on the first step). Returns the buffers.
+    """
+    buffers, continuing, continuing_updates = [], [], []
+    for state, update in zip(states, updates, strict=True):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = update.clone()
+        else:
+            continuing.append(state["momentum_buffer"])
+            continuing_updates.append(update)
+        buffers.append(state["momentum_buffer"])
+    if continuing:
+        torch._foreach_mul_(continuing, momentum)
+        torch._foreach_add_(continuing, continuing_updates, alpha=1.0 - dampening)
+    return buffers
+
+
+class GSNRGradientScaler:
+    """Turns one window's `GradientStatistics` into GSNR multipliers and applies them to ``p.grad``.
+
+    Per step: all-reduce the statistics, check ``K >= 2`` and finite gradients, compute
+    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor, optionally replace it by its
+    bias-corrected EMA (``beta3``; state keys ``gsnr_ema`` and ``gsnr_step``), multiply ``p.grad`` by it,
+    and reset the statistics. ``gamma`` and ``beta3`` are read from each parameter group.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], eps: float) -> None:
+        self.statistics = GradientStatistics(params)
+        self.eps = eps
+        self.last_groups = 0
+        self._last_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def scale_gradients(self, param_groups: list[dict[str, Any]], state: Mapping[torch.Tensor, dict]) -> bool:
+        """Scales every ``p.grad`` by its multiplier; False (nothing touched) when a gradient is not finite."""
+        try:
+            groups = self.statistics.all_reduce()
+            if groups < 2:
+                raise ValueError(
+                    f"GSNR needs at least 2 gradient groups per optimizer step, got {groups}. A group is one "
+                    "backward pass on one rank: use gradient accumulation (gradient_accumulation_steps >= 2), "
+                    "several DDP processes, or VRGDTrainer(gradient_groups=k) to split each batch."
+                )
+            grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+            if not grads_are_finite(grads):
+                warnings.warn(
+                    "non-finite gradients: this optimizer step is skipped (parameters and state untouched)",
+                    stacklevel=3,
+                )
+                return False
+            stats = []
+            for group in param_groups:
+                for param in group["params"]:
+                    if param.grad is None:
+                        continue
+                    moments = self.statistics.moments(param, groups)
+                    if moments is None:
+                        raise ValueError(
+                            "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned "
+                            "directly?)"
+                        )
+                    multiplier = gsnr_multiplier(*moments, gamma=group["gamma"], eps=self.eps)
+                    stats.append((param, multiplier_stats(multiplier, moments[1], group["gamma"])))
+                    if group.get("beta3") is not None:
+                        multiplier = _bias_corrected_ema(state[param], multiplier, group["beta3"])
+                    param.grad.mul_(multiplier.to(param.grad.dtype))
+            self.last_groups, self._last_stats = groups, stats
+            return True
+        finally:
+            self.statistics.reset()
+
+    def summary(
+        self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
+    ) -> dict[str, float]:
+        """The last step's multiplier statistics (see `GSNRScaledOptimizer.gsnr_summary`)."""
+        if not self._last_stats:
+            return {}
+        table = torch.stack([s for _, s in self._last_stats]).double().cpu()
+        numel, informative, total, at_gamma, at_one = table.sum(0).tolist()
+        denominator = max(informative, 1.0)
+        summary = {
+            "gsnr/groups": float(self.last_groups),
+            "gsnr/mean_multiplier": total / denominator,
+            "gsnr/fraction_at_gamma": at_gamma / denominator,
+            "gsnr/fraction_at_one": at_one / denominator,
+            "gsnr/fraction_without_gradient": 1.0 - informative / numel,
+        }
+        if per_layer:
+            for index, ((param, _), row) in enumerate(zip(self._last_stats, table.tolist(), strict=True)):
+                name = names.get(param, f"param_{index}") if names else f"param_{index}"
+                summary[f"gsnr/{name}/mean_multiplier"] = row[2] / max(row[1], 1.0)
+                summary[f"gsnr/{name}/fraction_at_gamma"] = row[3] / max(row[1], 1.0)
+        return summary
+
+
+def grads_are_finite(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient element is finite (one host sync)."""
+    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+
+
+def multiplier_stats(multiplier: torch.Tensor, mean_sq: torch.Tensor, gamma: float) -> torch.Tensor:
+    """``[numel, informative, Σ r, #(r at gamma), #(r at 1)]``, kept on device (no sync).
+
+    Sums and counts run over informative elements (``E[g²] > 0``) only, so embedding rows absent
+    from the batch do not inflate the fraction at 1.
+    """
+    informative = mean_sq > 0
+    return torch.stack(
+        [
+            torch.tensor(float(multiplier.numel()), device=multiplier.device),
+            informative.sum().float(),
+            torch.where(informative, multiplier, 0.0).sum(),
+            (informative & (multiplier <= gamma)).sum().float(),
+            (informative & (multiplier >= 1.0)).sum().float(),
+        ]
+    )
+
+
+def _bias_corrected_ema(state: dict, multiplier: torch.Tensor, beta3: float) -> torch.Tensor:
+    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` (reconstructed VR-Adam)."""
+    if "gsnr_ema" not in state:
+        state["gsnr_ema"] = torch.zeros_like(multiplier)
+        state["gsnr_step"] = 0
+    state["gsnr_step"] += 1
+    state["gsnr_ema"].lerp_(multiplier, 1.0 - beta3)
+    return state["gsnr_ema"] / (1.0 - beta3 ** state["gsnr_step"])
+
+
+class GSNRScaledOptimizer(StrictStateOptimizer):
+    """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs `_update`.
+
+    Adds ``gamma`` (and ``beta3`` when given) to the defaults, so both can be set per parameter group.
+    Statistics memory: two float32 buffers (S1, S2) per trainable parameter, outside the state dict
+    (they are reset at every step, so checkpoints never need them).
+    """
+
+    fp32_state_keys: ClassVar[tuple[str, ...]] = ("gsnr_ema",)
+
+    def __init__(
+        self, params: ParamsT, defaults: dict[str, Any], gamma: float, beta3: float | None, gsnr_eps: float
+    ) -> None:
+        VRGDConfig(gamma=gamma, beta3=beta3, eps=gsnr_eps)
+        defaults = {**defaults, "gamma": gamma}
+        if beta3 is not None:
+            defaults["beta3"] = beta3
+        super().__init__(params, defaults)
+        self.gsnr_scaler = GSNRGradientScaler(
+            [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
+        )
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = evaluate_closure(closure)
+        if self.gsnr_scaler.scale_gradients(self.param_groups, self.state):
+            self._update()
+        return loss
+
+    def _update(self) -> None:
+        """Applies the base update rule to the (already scaled) ``p.grad``; each optimizer defines it."""
+        raise NotImplementedError
+
+    def gsnr_summary(
+        self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
+    ) -> dict[str, float]:
+        """Multiplier statistics of the last step, for logging (empty before the first step).
+
+        Keys: ``gsnr/groups`` (K), ``gsnr/mean_multiplier``, ``gsnr/fraction_at_gamma``,
+        ``gsnr/fraction_at_one``, ``gsnr/fraction_without_gradient`` and, with ``per_layer``,
+        ``gsnr/<name>/mean_multiplier`` and ``gsnr/<name>/fraction_at_gamma`` per tensor (``names`` maps
+        parameters to names; ``param_<i>`` otherwise). The multiplier is the clipped ``r`` of that
+        step, before any ``beta3`` EMA.
+        """
+        return self.gsnr_scaler.summary(names, per_layer)
