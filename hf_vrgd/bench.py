@@ -85,7 +85,9 @@ def llama_parameters(target: int, device: torch.device) -> tuple[list[torch.nn.P
     with torch.device(device):
         model = AutoModelForCausalLM.from_config(config)
     params = list(model.parameters())
-    shape = f"Llama hidden {hidden}, {layers} layers, vocab {vocab}, {sum(p.numel() for p in params)} parameters"
+    shape = (
+        f"Llama hidden {hidden}, {layers} layers, vocab {vocab}, {sum(p.numel() for p in params)} parameters"
+    )
     return params, shape
 
 
@@ -127,7 +129,7 @@ def _synchronize(device: torch.device) -> None:
 
 def _backward_groups(params: list[torch.Tensor], coefficients: list[torch.Tensor], groups: int) -> None:
     for group in range(groups):
-        loss = torch.stack([(p * c).sum() for p, c in zip(params, coefficients)]).sum()
+        loss = torch.stack([(p * c).sum() for p, c in zip(params, coefficients, strict=True)]).sum()
         (loss * (1.0 + 0.1 * group)).backward()
 
 
@@ -164,7 +166,7 @@ def time_optimizer(
     result = {
         "backward_ms": statistics.median(backward_ms),
         "step_ms": statistics.median(step_ms),
-        "total_ms": statistics.median(b + s for b, s in zip(backward_ms, step_ms)),
+        "total_ms": statistics.median(b + s for b, s in zip(backward_ms, step_ms, strict=True)),
         "bytes_before_step": bytes_before_step,
         "bytes_after_step": bytes_after_step,
     }
@@ -280,7 +282,11 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--groups", type=int, default=4, help="Gradient groups (backward passes) per step.")
     parser.add_argument("--repeats", type=int, default=5, help="Timed iterations per optimizer.")
     parser.add_argument(
-        "--optimizers", nargs="+", choices=BENCH_OPTIMIZERS, default=list(BENCH_OPTIMIZERS), help="VR optimizers."
+        "--optimizers",
+        nargs="+",
+        choices=BENCH_OPTIMIZERS,
+        default=list(BENCH_OPTIMIZERS),
+        help="VR optimizers.",
     )
     parser.add_argument("--cpu", action="store_true", help="Benchmark on the CPU even when CUDA is present.")
     parser.add_argument("--output-dir", type=Path, default=Path("results/vrgd"), help="Where results go.")

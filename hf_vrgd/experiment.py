@@ -168,7 +168,7 @@ def plan_runs(
                 if multiplier == 1.0 or seed in sweep_seeds:
                     lr = base * math.sqrt(ratio) * multiplier
                     runs.append(RunSpec(name, large, lr, multiplier, seed))
-    return runs
+    return list(dict.fromkeys(runs))  # a batch ratio of 1 plans the small-batch runs twice
 
 
 def train_one(
@@ -189,11 +189,6 @@ def train_one(
         raise ValueError(f"batch {spec.batch} is larger than the {len(train_set)}-block train set")
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     eval_steps = max(1, steps_per_epoch // config.evals_per_epoch)
-    callbacks = []
-    if spec.optimizer.startswith("vr-"):
-        from hf_vrgd import GSNRLoggingCallback
-
-        callbacks.append(GSNRLoggingCallback())
     args = TrainingArguments(
         output_dir=str(work_dir / spec.name),
         per_device_train_batch_size=config.micro_batch,
@@ -214,7 +209,6 @@ def train_one(
         report_to="none",
         use_cpu=not torch.cuda.is_available(),
         seed=spec.seed,
-        dataloader_drop_last=True,
         disable_tqdm=True,
     )
     trainer = Trainer(
@@ -222,9 +216,13 @@ def train_one(
         args=args,
         train_dataset=train_set,
         eval_dataset=eval_sets,
-        optimizer_cls_and_kwargs=(optimizer_class(spec.optimizer), {}),
-        callbacks=callbacks,
+        # The Trainer passes only these kwargs (not args.learning_rate) to the optimizer class.
+        optimizer_cls_and_kwargs=(optimizer_class(spec.optimizer), {"lr": spec.lr}),
     )
+    if spec.optimizer.startswith("vr-"):
+        from hf_vrgd import GSNRLoggingCallback
+
+        GSNRLoggingCallback.install(trainer, per_layer=False)
     start = time.perf_counter()
     trainer.train()
     final = trainer.evaluate()
@@ -281,7 +279,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch, help="Sequences per group.")
     parser.add_argument("--lr-adamw", type=float, default=2e-3, help="Small-batch LR of AdamW/VR-AdamW.")
     parser.add_argument("--lr-adam", type=float, default=2e-3, help="Small-batch LR of Adam/VR-Adam.")
-    parser.add_argument("--lr-lamb", type=float, default=5e-3, help="Small-batch LR of LAMB/VR-LAMB.")
+    parser.add_argument("--lr-lamb", type=float, default=2e-2, help="Small-batch LR of LAMB/VR-LAMB.")
     parser.add_argument(
         "--lr-multipliers",
         type=float,
@@ -385,7 +383,16 @@ def _write_report(args: argparse.Namespace, config: ExperimentConfig, records: l
     }
     save_json(out / "large_batch.json", payload)
     columns = ["optimizer", "batch", "groups", "lr", "seed", "steps", "eval_loss", "train_loss", "gap"]
-    summary_columns = ["optimizer", "batch", "lr_multiplier", "seeds", "eval_loss", "eval_std", "gap", "gap_std"]
+    summary_columns = [
+        "optimizer",
+        "batch",
+        "lr_multiplier",
+        "seeds",
+        "eval_loss",
+        "eval_std",
+        "gap",
+        "gap_std",
+    ]
     (out / "large_batch.md").write_text(
         f"# Large-batch experiment\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n"
         f"Model: byte-level Llama, {n_params} parameters; config {json.dumps(asdict(config))}\n\n"
