@@ -16,6 +16,7 @@ import json
 import math
 import platform
 import sysconfig
+import tempfile
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -176,7 +177,7 @@ def train_one(
     config: ExperimentConfig,
     train_set: ByteBlocks,
     eval_sets: dict[str, ByteBlocks],
-    work_dir: Path,
+    work_dir: str,
 ) -> dict:
     """Train one run with the HF Trainer and return its curves and final losses."""
     from transformers import Trainer, TrainingArguments
@@ -190,7 +191,7 @@ def train_one(
     total_steps = max(1, round(config.epochs * steps_per_epoch))
     eval_steps = max(1, steps_per_epoch // config.evals_per_epoch)
     args = TrainingArguments(
-        output_dir=str(work_dir / spec.name),
+        output_dir=work_dir,
         per_device_train_batch_size=config.micro_batch,
         per_device_eval_batch_size=64,
         gradient_accumulation_steps=groups,
@@ -354,7 +355,8 @@ def run_experiment(args: argparse.Namespace) -> int:
         if path.is_file():
             records.append(json.loads(path.read_text()))
             continue
-        record = train_one(spec, config, train_set, eval_sets, run_dir / "trainer")
+        with tempfile.TemporaryDirectory() as work_dir:  # the Trainer's output_dir; nothing is kept
+            record = train_one(spec, config, train_set, eval_sets, work_dir)
         save_json(path, record)
         records.append(record)
         tqdm.write(f"{spec.name}: eval {record['eval_loss']:.4f} gap {record['gap']:.4f}")
