@@ -382,6 +382,7 @@ def _write_report(args: argparse.Namespace, config: ExperimentConfig, records: l
         "parameters": n_params,
         "records": records,
         "summary": summarize(records),
+        "vr_minus_base": paired_differences(records),
     }
     save_json(out / "large_batch.json", payload)
     columns = ["optimizer", "batch", "groups", "lr", "seed", "steps", "eval_loss", "train_loss", "gap"]
@@ -395,15 +396,20 @@ def _write_report(args: argparse.Namespace, config: ExperimentConfig, records: l
         "gap",
         "gap_std",
     ]
+    paired_columns = ["comparison", "batch", "lr_multiplier", "seeds", "eval_delta", "eval_delta_per_seed"]
+    paired_columns += ["gap_delta", "gap_delta_per_seed"]
     (out / "large_batch.md").write_text(
         f"# Large-batch experiment\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n"
         f"Model: byte-level Llama, {n_params} parameters; config {json.dumps(asdict(config))}\n\n"
         f"## Mean over seeds\n\n{markdown_table(payload['summary'], summary_columns)}\n"
+        f"## VR minus base, paired by seed (negative favours VR)\n\n"
+        f"{markdown_table(payload['vr_minus_base'], paired_columns)}\n"
         f"## All runs\n\n{markdown_table(records, columns)}"
     )
     plot_eval_curves(out / "large_batch_eval", records)
     plot_gaps(out / "large_batch_gap.png", payload["summary"])
     print(markdown_table(payload["summary"], summary_columns))
+    print(markdown_table(payload["vr_minus_base"], paired_columns))
     print(f"Saved {out}/large_batch.json, .md and large_batch_*.png")
 
 
@@ -428,6 +434,46 @@ def summarize(records: list[dict]) -> list[dict]:
                 "train_loss": _mean([r["train_loss"] for r in group]),
                 "gap": _mean(gaps),
                 "gap_std": _std(gaps),
+            }
+        )
+    return rows
+
+
+def paired_differences(records: list[dict]) -> list[dict]:
+    """VR minus base, per (base optimizer, batch, LR multiplier), paired by seed: eval loss and gap.
+
+    Negative numbers favour the VR optimizer. Only seeds that both optimizers ran are paired.
+    """
+    by_key = {(r["optimizer"], r["batch"], r["lr_multiplier"], r["seed"]): r for r in records}
+    rows = []
+    for optimizer, batch, multiplier in sorted(
+        {(r["optimizer"], r["batch"], r["lr_multiplier"]) for r in records}
+    ):
+        if not optimizer.startswith("vr-"):
+            continue
+        base = optimizer.removeprefix("vr-")
+        seeds = sorted(
+            seed
+            for (name, b, m, seed) in by_key
+            if (name, b, m) == (optimizer, batch, multiplier) and (base, batch, multiplier, seed) in by_key
+        )
+        if not seeds:
+            continue
+        pairs = [
+            (by_key[(optimizer, batch, multiplier, s)], by_key[(base, batch, multiplier, s)]) for s in seeds
+        ]
+        eval_deltas = [vr["eval_loss"] - b["eval_loss"] for vr, b in pairs]
+        gap_deltas = [vr["gap"] - b["gap"] for vr, b in pairs]
+        rows.append(
+            {
+                "comparison": f"{optimizer} - {base}",
+                "batch": batch,
+                "lr_multiplier": multiplier,
+                "seeds": len(seeds),
+                "eval_delta": _mean(eval_deltas),
+                "eval_delta_per_seed": " ".join(f"{d:+.3f}" for d in eval_deltas),
+                "gap_delta": _mean(gap_deltas),
+                "gap_delta_per_seed": " ".join(f"{d:+.3f}" for d in gap_deltas),
             }
         )
     return rows
