@@ -72,6 +72,12 @@ class GradientStatistics:
         self.params = list(dict.fromkeys(p for p in params if p.requires_grad))
         if not self.params:
             raise ValueError("GSNR statistics need at least one parameter with requires_grad=True")
+        sharded = sorted({type(p).__name__ for p in self.params} & {"DTensor", "FlatParameter"})
+        if sharded:
+            raise ValueError(
+                f"parameters of type {sharded} are sharded or flattened (FSDP): per-tensor GSNR statistics "
+                "are not available; use DDP"
+            )
         self._index = {p: i for i, p in enumerate(self.params)}
         self._sums: list[torch.Tensor | None] = [None] * len(self.params)
         self._sums_of_squares: list[torch.Tensor | None] = [None] * len(self.params)
