@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -43,7 +44,7 @@ def adam_directions(
 
 
 def adam_update(
-    group: dict[str, Any], params: list[torch.Tensor], states: list[dict], decoupled: bool
+    group: dict[str, Any], params: list[torch.Tensor], states: list[dict], decoupled: bool = False
 ) -> None:
     """One Adam (``decoupled=False``, L2 added to the gradient) or AdamW step, as in ``torch.optim``."""
     params32 = fp32_copies(params)
@@ -75,7 +76,7 @@ class VRAdam(GSNRScaledOptimizer):
     """
 
     fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
-    decoupled_weight_decay = False
+    update_rule = staticmethod(adam_update)
 
     def __init__(
         self,
@@ -92,10 +93,6 @@ class VRAdam(GSNRScaledOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
 
-    def _update(self) -> None:
-        for group, params, states in self._groups_with_gradients():
-            adam_update(group, params, states, decoupled=self.decoupled_weight_decay)
-
 
 class VRAdamW(VRAdam):
     """VR-AdamW: `VRAdam` with decoupled weight decay (``torch.optim.AdamW``; default 0.01).
@@ -103,7 +100,7 @@ class VRAdamW(VRAdam):
     ``gamma=1`` gives ``torch.optim.AdamW``. Same state and reconstruction notes as `VRAdam`.
     """
 
-    decoupled_weight_decay = True
+    update_rule = staticmethod(partial(adam_update, decoupled=True))
 
     def __init__(
         self,

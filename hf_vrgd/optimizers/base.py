@@ -28,11 +28,29 @@ class StrictStateOptimizer(Optimizer):
 
     * State listed in ``fp32_state_keys`` stays float32 for bf16/fp16 parameters, also after
       ``load_state_dict`` (torch would cast it to the parameter's dtype).
+    * ``step()`` applies the class's ``update_rule`` to each group, and skips the step with a warning when
+      a gradient is NaN or infinite (parameters and state untouched; ``.grad`` is left for the caller).
     * ``load_state_dict`` raises ``ValueError`` on a state dict saved by another optimizer class or for
       another parameter layout (group count, group sizes, tensor shapes), which torch accepts silently.
     """
 
     fp32_state_keys: ClassVar[tuple[str, ...]] = ()
+    update_rule: ClassVar[Callable[[dict[str, Any], list[torch.Tensor], list[dict]], None]]
+    """``rule(group, params, states)``: the update of the parameters with a gradient in one group."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update; skipped with a warning (parameters and state untouched) if a gradient is not finite."""
+        loss = evaluate_closure(closure)
+        if self._prepare_gradients():
+            for group, params, states in self._groups_with_gradients():
+                self.update_rule(group, params, states)
+        return loss
+
+    def _prepare_gradients(self) -> bool:
+        """Whether the step may proceed: every gradient is finite (warns otherwise)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return all_finite_or_warn(grads)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -157,11 +175,7 @@ class GSNRGradientScaler:
                     "several DDP processes, or VRGDTrainer(gradient_groups=k) to split each batch."
                 )
             grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
-            if not grads_are_finite(grads):
-                warnings.warn(
-                    "non-finite gradients: this optimizer step is skipped (parameters and state untouched)",
-                    stacklevel=3,
-                )
+            if not all_finite_or_warn(grads):
                 return False
             stats = []
             for group in param_groups:
@@ -208,9 +222,14 @@ class GSNRGradientScaler:
         return summary
 
 
-def grads_are_finite(grads: list[torch.Tensor]) -> bool:
-    """Whether every gradient element is finite (one host sync)."""
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
+def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient element is finite (one host sync); warns that the step is skipped if not."""
+    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+        return True
+    warnings.warn(
+        "non-finite gradients: this optimizer step is skipped (parameters and state untouched)", stacklevel=4
+    )
+    return False
 
 
 def multiplier_stats(multiplier: torch.Tensor, mean_sq: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -242,7 +261,7 @@ def _bias_corrected_ema(state: dict, multiplier: torch.Tensor, beta3: float) -> 
 
 
 class GSNRScaledOptimizer(StrictStateOptimizer):
-    """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs `_update`.
+    """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs ``update_rule``.
 
     Adds ``gamma`` (and ``beta3`` when given) to the defaults, so both can be set per parameter group.
     Statistics memory: two float32 buffers (S1, S2) per trainable parameter, outside the state dict
@@ -263,16 +282,8 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
             [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = evaluate_closure(closure)
-        if self.gsnr_scaler.scale_gradients(self.param_groups, self.state):
-            self._update()
-        return loss
-
-    def _update(self) -> None:
-        """Applies the base update rule to the (already scaled) ``p.grad``; each optimizer defines it."""
-        raise NotImplementedError
+    def _prepare_gradients(self) -> bool:
+        return self.gsnr_scaler.scale_gradients(self.param_groups, self.state)
 
     def gsnr_summary(
         self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True

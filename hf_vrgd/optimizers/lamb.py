@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +11,6 @@ from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
     ParamsT,
     StrictStateOptimizer,
-    evaluate_closure,
     fp32_copies,
     write_back,
 )
@@ -55,6 +53,7 @@ class LAMB(StrictStateOptimizer):
     """
 
     fp32_state_keys = ("exp_avg", "exp_avg_sq")
+    update_rule = staticmethod(lamb_update)
 
     def __init__(
         self,
@@ -66,13 +65,6 @@ class LAMB(StrictStateOptimizer):
     ) -> None:
         validate_adam_arguments(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = evaluate_closure(closure)
-        for group, params, states in self._groups_with_gradients():
-            lamb_update(group, params, states)
-        return loss
 
 
 class VRLAMB(GSNRScaledOptimizer):
@@ -87,6 +79,7 @@ class VRLAMB(GSNRScaledOptimizer):
     """
 
     fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
+    update_rule = staticmethod(lamb_update)
 
     def __init__(
         self,
@@ -102,7 +95,3 @@ class VRLAMB(GSNRScaledOptimizer):
         validate_adam_arguments(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
-
-    def _update(self) -> None:
-        for group, params, states in self._groups_with_gradients():
-            lamb_update(group, params, states)
