@@ -88,7 +88,8 @@ def check_state_dict_layout(optimizer: Optimizer, state_dict: Mapping[str, Any])
             f"the state dict has {len(saved_groups)} parameter groups, {name} has {len(optimizer.param_groups)}"
         )
     for group_index, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups, strict=True)):
-        missing = sorted(set(optimizer.defaults) - set(saved))
+        # torch's Optimizer.__setstate__ (deepcopy, pickling) adds "differentiable" to the defaults only.
+        missing = sorted(set(optimizer.defaults) - set(saved) - {"differentiable"})
         if missing:
             raise ValueError(
                 f"parameter group {group_index} of the state dict lacks {missing}: it was saved by "
