@@ -202,6 +202,8 @@ def test_bad_hyperparameters_raise(make: Factory) -> None:
 def test_registry() -> None:
     assert load_optimizer("VR-AdamW") is VRAdamW
     assert load_optimizer("lamb") is LAMB
+    assert load_optimizer("vr_momentum") is VRSGD
+    assert load_optimizer("AdamW") is torch.optim.AdamW
     with pytest.raises(ValueError, match="unknown optimizer"):
         load_optimizer("vr-adafactor")
 
