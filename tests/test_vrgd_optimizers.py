@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch.optim import Optimizer
 
-from hf_vrgd import LAMB, LARS, VRGD, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW, load_optimizer
+from hf_vrgd import LAMB, LARS, VRGD, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW, VRGDConfig, load_optimizer
 
 Factory = Callable[..., Optimizer]
 
@@ -197,6 +197,20 @@ def test_bad_hyperparameters_raise(make: Factory) -> None:
     model, _ = make_problem()
     with pytest.raises(ValueError):
         make(model.parameters())
+
+
+def test_config_validates_and_builds_kwargs() -> None:
+    for bad in ({"gamma": 0.0}, {"gamma": 1.01}, {"beta3": 1.0}, {"eps": float("inf")}):
+        with pytest.raises(ValueError):
+            VRGDConfig(**bad)
+    config = VRGDConfig(gamma=0.2, beta3=0.8, eps=1e-5)
+    assert config.optimizer_kwargs(VRLAMB) == {"gamma": 0.2, "beta3": 0.8, "gsnr_eps": 1e-5}
+    assert config.optimizer_kwargs(VRLARS) == {"gamma": 0.2, "gsnr_eps": 1e-5}
+    model, _ = make_problem()
+    optimizer = VRAdamW(model.parameters(), **config.optimizer_kwargs(VRAdamW))
+    assert optimizer.param_groups[0]["beta3"] == 0.8
+    with pytest.raises(ValueError, match="at construction"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2))]})
 
 
 def test_registry() -> None:

@@ -283,6 +283,15 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
             [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
         )
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # The statistics hooks are registered once, over the parameters given at construction.
+        if hasattr(self, "gsnr_scaler"):
+            raise ValueError(
+                f"{type(self).__name__} takes all its parameter groups at construction (the GSNR hooks are "
+                "registered then); build a new optimizer, e.g. with frozen parameters in a group of lr=0"
+            )
+        super().add_param_group(param_group)
+
     def _prepare_gradients(self) -> bool:
         return self.gsnr_scaler.scale_gradients(self.param_groups, self.state)
 
