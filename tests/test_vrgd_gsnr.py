@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from hf_vrgd import VRSGD, gsnr_multiplier
-from hf_vrgd.gsnr import GradientStatistics
+from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
 
 EPS = 1e-6
 
@@ -120,6 +120,32 @@ def test_degenerate_elements() -> None:
 
     everything_zero = torch.zeros(2, 4)
     assert bool((gsnr_multiplier(everything_zero[0], everything_zero[0], 0.1, EPS) == 1.0).all())
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_foreach_multipliers_match_the_reference(gamma: float) -> None:
+    """The optimizers' foreach path equals `gsnr_multiplier` tensor by tensor, and its table counts right."""
+    torch.manual_seed(0)
+    group_grads = [torch.randn(4, 9, 5), torch.randn(4, 33), torch.zeros(4, 6), torch.randn(4, 1)]
+    group_grads[0][:, 2] = 0.0  # a row without gradient (absent embedding row)
+    group_grads[1][:, :3] = 0.7  # agreeing groups (var = 0)
+    means = [g.mean(0) for g in group_grads]
+    mean_sqs = [g.square().mean(0) for g in group_grads]
+    expected = [gsnr_multiplier(m, s, gamma, EPS) for m, s in zip(means, mean_sqs, strict=True)]
+    multipliers, table = gsnr_multipliers(
+        [m.clone() for m in means], [s.clone() for s in mean_sqs], gamma, EPS
+    )
+    for multiplier, reference, mean_sq, row in zip(multipliers, expected, mean_sqs, table, strict=True):
+        torch.testing.assert_close(multiplier, reference, rtol=1e-5, atol=1e-6)
+        informative = mean_sq > 0
+        counts = [
+            reference.numel(),
+            informative.sum(),
+            reference[informative].sum(),
+            (reference[informative] <= gamma).sum(),
+            (reference[informative] >= 1.0).sum(),
+        ]
+        torch.testing.assert_close(row, torch.tensor(counts, dtype=torch.float32), rtol=1e-5, atol=1e-4)
 
 
 def test_unused_parameter_counts_zero_in_every_group() -> None:

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from hf_vrgd.config import VRGDConfig
-from hf_vrgd.gsnr import GradientStatistics, gsnr_multiplier
+from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 OPTIMIZER_CLASS_KEY = "optimizer_class"
@@ -154,7 +154,7 @@ class GSNRGradientScaler:
     """Turns one window's `GradientStatistics` into GSNR multipliers and applies them to ``p.grad``.
 
     Per step: all-reduce the statistics, check ``K >= 2`` and finite gradients, compute
-    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor, optionally replace it by its
+    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor (foreach: `gsnr_multipliers`), optionally replace it by its
     bias-corrected EMA (``beta3``; state keys ``gsnr_ema`` and ``gsnr_step``), multiply ``p.grad`` by it,
     and reset the statistics. ``gamma`` and ``beta3`` are read from each parameter group.
     """
@@ -163,7 +163,7 @@ class GSNRGradientScaler:
         self.statistics = GradientStatistics(params)
         self.eps = eps
         self.last_groups = 0
-        self._last_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
     def scale_gradients(self, param_groups: list[dict[str, Any]], state: Mapping[torch.Tensor, dict]) -> bool:
         """Scales every ``p.grad`` by its multiplier; False (nothing touched) when a gradient is not finite."""
@@ -178,23 +178,25 @@ class GSNRGradientScaler:
             grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
             if not all_finite_or_warn(grads):
                 return False
-            stats = []
+            tables = []
             for group in param_groups:
-                for param in group["params"]:
-                    if param.grad is None:
-                        continue
-                    moments = self.statistics.moments(param, groups)
-                    if moments is None:
-                        raise ValueError(
-                            "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned "
-                            "directly?)"
-                        )
-                    multiplier = gsnr_multiplier(*moments, gamma=group["gamma"], eps=self.eps)
-                    stats.append((param, multiplier_stats(multiplier, moments[1], group["gamma"])))
-                    if group.get("beta3") is not None:
-                        multiplier = _bias_corrected_ema(state[param], multiplier, group["beta3"])
-                    param.grad.mul_(multiplier.to(param.grad.dtype))
-            self.last_groups, self._last_stats = groups, stats
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                moments = [self.statistics.moments(p, groups) for p in params]
+                if any(m is None for m in moments):
+                    raise ValueError(
+                        "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned directly?)"
+                    )
+                means, mean_sqs = (list(column) for column in zip(*moments, strict=True))
+                multipliers, table = gsnr_multipliers(means, mean_sqs, gamma=group["gamma"], eps=self.eps)
+                tables.append((params, table))
+                if group.get("beta3") is not None:
+                    multipliers = _bias_corrected_emas(
+                        [state[p] for p in params], multipliers, group["beta3"]
+                    )
+                torch._foreach_mul_([p.grad for p in params], multipliers)
+            self.last_groups, self._last_tables = groups, tables
             return True
         finally:
             self.statistics.reset()
@@ -203,9 +205,10 @@ class GSNRGradientScaler:
         self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
     ) -> dict[str, float]:
         """The last step's multiplier statistics (see `GSNRScaledOptimizer.gsnr_summary`)."""
-        if not self._last_stats:
+        if not self._last_tables:
             return {}
-        table = torch.stack([s for _, s in self._last_stats]).double().cpu()
+        params = [p for group_params, _ in self._last_tables for p in group_params]
+        table = torch.cat([t for _, t in self._last_tables]).double().cpu()
         numel, informative, total, at_gamma, at_one = table.sum(0).tolist()
         denominator = max(informative, 1.0)
         summary = {
@@ -216,7 +219,7 @@ class GSNRGradientScaler:
             "gsnr/fraction_without_gradient": 1.0 - informative / numel,
         }
         if per_layer:
-            for index, ((param, _), row) in enumerate(zip(self._last_stats, table.tolist(), strict=True)):
+            for index, (param, row) in enumerate(zip(params, table.tolist(), strict=True)):
                 name = names.get(param, f"param_{index}") if names else f"param_{index}"
                 summary[f"gsnr/{name}/mean_multiplier"] = row[2] / max(row[1], 1.0)
                 summary[f"gsnr/{name}/fraction_at_gamma"] = row[3] / max(row[1], 1.0)
@@ -225,7 +228,8 @@ class GSNRGradientScaler:
 
 def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
     """Whether every gradient element is finite (one host sync); warns that the step is skipped if not."""
-    if not grads or bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()):
+    # The largest magnitude is inf/NaN exactly when an element is, and cannot overflow (unlike a 2-norm).
+    if not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
         return True
     warnings.warn(
         "non-finite gradients: this optimizer step is skipped (parameters and state untouched)", stacklevel=4
@@ -233,32 +237,23 @@ def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
     return False
 
 
-def multiplier_stats(multiplier: torch.Tensor, mean_sq: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``[numel, informative, Σ r, #(r at gamma), #(r at 1)]``, kept on device (no sync).
+def _bias_corrected_emas(
+    states: list[dict], multipliers: list[torch.Tensor], beta3: float
+) -> list[torch.Tensor]:
+    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` in ``multipliers``' memory.
 
-    Sums and counts run over informative elements (``E[g²] > 0``) only, so embedding rows absent
-    from the batch do not inflate the fraction at 1.
+    Reconstructed VR-Adam (see `VRAdam`).
     """
-    informative = mean_sq > 0
-    return torch.stack(
-        [
-            torch.tensor(float(multiplier.numel()), device=multiplier.device),
-            informative.sum().float(),
-            torch.where(informative, multiplier, 0.0).sum(),
-            (informative & (multiplier <= gamma)).sum().float(),
-            (informative & (multiplier >= 1.0)).sum().float(),
-        ]
-    )
-
-
-def _bias_corrected_ema(state: dict, multiplier: torch.Tensor, beta3: float) -> torch.Tensor:
-    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` (reconstructed VR-Adam)."""
-    if "gsnr_ema" not in state:
-        state["gsnr_ema"] = torch.zeros_like(multiplier)
-        state["gsnr_step"] = 0
-    state["gsnr_step"] += 1
-    state["gsnr_ema"].lerp_(multiplier, 1.0 - beta3)
-    return state["gsnr_ema"] / (1.0 - beta3 ** state["gsnr_step"])
+    for state, multiplier in zip(states, multipliers, strict=True):
+        if "gsnr_ema" not in state:
+            state["gsnr_ema"] = torch.zeros_like(multiplier)
+            state["gsnr_step"] = 0
+        state["gsnr_step"] += 1
+    emas = [state["gsnr_ema"] for state in states]
+    torch._foreach_lerp_(emas, multipliers, 1.0 - beta3)
+    torch._foreach_copy_(multipliers, emas)
+    torch._foreach_div_(multipliers, [1.0 - beta3 ** state["gsnr_step"] for state in states])
+    return multipliers
 
 
 class GSNRScaledOptimizer(StrictStateOptimizer):

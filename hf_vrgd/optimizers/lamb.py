@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.adam import adam_directions, validate_adam_arguments
+from hf_vrgd.optimizers.adam import adam_moments, validate_adam_arguments
 from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
     ParamsT,
@@ -27,7 +27,11 @@ def trust_ratios(numerators: list[torch.Tensor], denominators: list[torch.Tensor
 def lamb_update(group: dict[str, Any], params: list[torch.Tensor], states: list[dict]) -> None:
     """One LAMB step in float32: ``u = m̂/(√v̂+eps) + wd·θ``, ``θ -= lr · ‖θ‖/‖u‖ · u``."""
     params32 = fp32_copies(params)
-    updates = adam_directions(group, states, fp32_copies([p.grad for p in params]))
+    exp_avgs, denominators, bias_corrections = adam_moments(
+        group, states, fp32_copies([p.grad for p in params])
+    )
+    updates = torch._foreach_div(exp_avgs, denominators)
+    torch._foreach_div_(updates, bias_corrections)
     if group["weight_decay"] != 0:
         torch._foreach_add_(updates, params32, alpha=group["weight_decay"])
     ratios = trust_ratios(torch._foreach_norm(params32), torch._foreach_norm(updates))
