@@ -115,7 +115,8 @@ class GradientStatistics:
     A hook on every parameter (``p.register_hook``) sees each backward's *local* gradient before it is
     accumulated into ``.grad``, also under DDP's ``no_sync``; a multi-grad hook counts backward passes.
     `all_reduce` sums ``[S1; S2; count]`` across ranks in one collective, so the number of groups is
-    ``K = ranks x micro-batches``. Memory: two float32 buffers per parameter that received a gradient.
+    ``K = ranks x micro-batches``. Memory: two float32 buffers per parameter that received a gradient;
+    with several ranks the all-reduce also packs them into one temporary flat buffer.
 
     Caveats: reentrant activation checkpointing (``use_reentrant=True``) runs nested backward passes,
     which miscounts groups, so it is not supported. A backward that starts while every ``.grad`` is
@@ -161,10 +162,10 @@ class GradientStatistics:
 
     def all_reduce(self) -> int:
         """Sums the statistics over ranks (one coalesced all-reduce) and returns ``K``, the group count."""
-        device = next((s.device for s in self._sums if s is not None), self.params[0].device)
-        count = torch.tensor([float(self.backward_passes)], device=device)
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.backward_passes
+        device = next((s.device for s in self._sums if s is not None), self.params[0].device)
+        count = torch.tensor([float(self.backward_passes)], device=device)
         # Every rank must contribute the same layout, so parameters without a gradient here get zeros.
         for i, p in enumerate(self.params):
             if self._sums[i] is None:

@@ -261,7 +261,8 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
 
     Adds ``gamma`` (and ``beta3`` when given) to the defaults, so both can be set per parameter group.
     Statistics memory: two float32 buffers (S1, S2) per trainable parameter, outside the state dict
-    (they are reset at every step, so checkpoints never need them).
+    (they are reset at every step, so checkpoints never need them). ``step()`` computes the multiplier
+    in place in them, with one temporary float32 tensor per parameter of the group being scaled.
     """
 
     fp32_state_keys: ClassVar[tuple[str, ...]] = ("gsnr_ema",)
