@@ -204,7 +204,7 @@ def test_lora_statistics_cover_only_trainable_parameters(tmp_path: Path) -> None
 
 def test_reentrant_checkpointing_is_refused(tmp_path: Path) -> None:
     args = training_args(
-        tmp_path, gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": True}
+        tmp_path, activation_checkpointing=True, activation_checkpointing_kwargs={"use_reentrant": True}
     )
     with pytest.raises(ValueError, match="reentrant"):
         VRGDTrainer(model=tiny_model(), args=args, train_dataset=token_dataset())
