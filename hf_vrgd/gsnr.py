@@ -14,7 +14,7 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-__all__ = ["GradientStatistics", "gsnr_multiplier"]
+__all__ = ["GradientStatistics", "gsnr_multiplier", "gsnr_multipliers"]
 
 
 def gsnr_multiplier(mean: torch.Tensor, mean_sq: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
@@ -54,13 +54,69 @@ def gsnr_multiplier(mean: torch.Tensor, mean_sq: torch.Tensor, gamma: float, eps
     return torch.where(informative, multiplier, 1.0)
 
 
+STATS_COLUMNS = ("numel", "informative", "multiplier_sum", "at_gamma", "at_one")
+"""Columns of the per-tensor table of `gsnr_multipliers`; sums and counts over informative elements."""
+
+
+def gsnr_multipliers(
+    means: list[torch.Tensor], mean_sqs: list[torch.Tensor], gamma: float, eps: float
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """`gsnr_multiplier` for a list of float32 tensors with foreach ops (a few kernels for all of them).
+
+    Works **in place**: the returned multipliers are the ``means`` tensors, and ``mean_sqs`` is
+    overwritten too (the optimizer passes its statistics buffers, which it resets afterwards). Also
+    returns a ``[len(means), 5]`` float32 table on the tensors' device (columns `STATS_COLUMNS`, no host
+    sync), from which `GSNRScaledOptimizer.gsnr_summary` logs.
+    """
+    tiny = torch.finfo(torch.float32).tiny
+    scratch = torch._foreach_mul(mean_sqs, eps)
+    multipliers = means
+    torch._foreach_mul_(multipliers, means)  # signal E[g]²
+    denominators = mean_sqs
+    torch._foreach_sub_(denominators, multipliers)
+    torch._foreach_clamp_min_(denominators, 0.0)
+    torch._foreach_add_(denominators, scratch)  # var + eps E[g²]: zero exactly where E[g²] = 0
+    informative = torch.stack(torch._foreach_norm(denominators, 0))  # ord 0 counts the nonzero elements
+    torch._foreach_copy_(scratch, denominators)
+    torch._foreach_sign_(scratch)  # 1 where informative, 0 elsewhere
+    torch._foreach_clamp_min_(denominators, tiny)  # 0 / tiny = 0 where E[g²] = 0
+    torch._foreach_div_(multipliers, denominators)
+    inverse_means = informative / torch.stack(torch._foreach_norm(multipliers, 1)).clamp_min(tiny)
+    torch._foreach_mul_(multipliers, list(inverse_means.unbind()))
+    torch._foreach_clamp_min_(multipliers, gamma)
+    torch._foreach_clamp_max_(multipliers, 1.0)
+    # r <- r sign(E[g²]) + (1 - sign(E[g²])): elements without any gradient get 1, the others stay exact
+    torch._foreach_mul_(multipliers, scratch)
+    torch._foreach_neg_(scratch)
+    torch._foreach_add_(scratch, 1.0)
+    torch._foreach_add_(multipliers, scratch)
+
+    numel = torch.tensor([float(m.numel()) for m in multipliers], device=informative.device)
+    multiplier_sum = torch.stack(torch._foreach_norm(multipliers, 1)) - (numel - informative)
+    at_one = informative - _count_nonzero_after_sub(scratch, multipliers, 1.0)
+    # Clipped elements hold float32(gamma) exactly; subtracting the float64 gamma would leave a residue.
+    gamma32 = torch.tensor(gamma, dtype=torch.float32).item()
+    at_gamma = numel - _count_nonzero_after_sub(scratch, multipliers, gamma32) if gamma < 1.0 else informative
+    return multipliers, torch.stack([numel, informative, multiplier_sum, at_gamma, at_one], dim=1)
+
+
+def _count_nonzero_after_sub(
+    scratch: list[torch.Tensor], tensors: list[torch.Tensor], value: float
+) -> torch.Tensor:
+    """Per tensor, how many elements differ from ``value`` (computed in ``scratch``)."""
+    torch._foreach_copy_(scratch, tensors)
+    torch._foreach_sub_(scratch, value)
+    return torch.stack(torch._foreach_norm(scratch, 0))
+
+
 class GradientStatistics:
     """``S1 = Σ g`` and ``S2 = Σ g²`` (float32) of each trainable parameter over one step's gradient groups.
 
     A hook on every parameter (``p.register_hook``) sees each backward's *local* gradient before it is
     accumulated into ``.grad``, also under DDP's ``no_sync``; a multi-grad hook counts backward passes.
     `all_reduce` sums ``[S1; S2; count]`` across ranks in one collective, so the number of groups is
-    ``K = ranks x micro-batches``. Memory: two float32 buffers per parameter that received a gradient.
+    ``K = ranks x micro-batches``. Memory: two float32 buffers per parameter that received a gradient;
+    with several ranks the all-reduce also packs them into one temporary flat buffer.
 
     Caveats: reentrant activation checkpointing (``use_reentrant=True``) runs nested backward passes,
     which miscounts groups, so it is not supported. A backward that starts while every ``.grad`` is
@@ -72,6 +128,12 @@ class GradientStatistics:
         self.params = list(dict.fromkeys(p for p in params if p.requires_grad))
         if not self.params:
             raise ValueError("GSNR statistics need at least one parameter with requires_grad=True")
+        sharded = sorted({type(p).__name__ for p in self.params} & {"DTensor", "FlatParameter"})
+        if sharded:
+            raise ValueError(
+                f"parameters of type {sharded} are sharded or flattened (FSDP): per-tensor GSNR statistics "
+                "are not available; use DDP"
+            )
         self._index = {p: i for i, p in enumerate(self.params)}
         self._sums: list[torch.Tensor | None] = [None] * len(self.params)
         self._sums_of_squares: list[torch.Tensor | None] = [None] * len(self.params)
@@ -100,10 +162,10 @@ class GradientStatistics:
 
     def all_reduce(self) -> int:
         """Sums the statistics over ranks (one coalesced all-reduce) and returns ``K``, the group count."""
-        device = next((s.device for s in self._sums if s is not None), self.params[0].device)
-        count = torch.tensor([float(self.backward_passes)], device=device)
         if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
             return self.backward_passes
+        device = next((s.device for s in self._sums if s is not None), self.params[0].device)
+        count = torch.tensor([float(self.backward_passes)], device=device)
         # Every rank must contribute the same layout, so parameters without a gradient here get zeros.
         for i, p in enumerate(self.params):
             if self._sums[i] is None:

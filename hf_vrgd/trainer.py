@@ -64,7 +64,7 @@ class VRGDTrainer(Trainer):
         if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
             raise ValueError(
                 "reentrant activation checkpointing runs nested backward passes that corrupt the GSNR "
-                "statistics; use gradient_checkpointing_kwargs={'use_reentrant': False}"
+                "statistics; use activation_checkpointing_kwargs={'use_reentrant': False}"
             )
 
     def training_step(

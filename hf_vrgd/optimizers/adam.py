@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any
 
 import torch
@@ -18,10 +19,10 @@ def validate_adam_arguments(lr: float, betas: tuple[float, float], eps: float, w
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
 
 
-def adam_directions(
+def adam_moments(
     group: dict[str, Any], states: list[dict], grads32: list[torch.Tensor]
-) -> list[torch.Tensor]:
-    """Updates the Adam moments and returns ``m̂ / (√v̂ + eps)`` per parameter (float32 state)."""
+) -> tuple[list[torch.Tensor], list[torch.Tensor], list[float]]:
+    """Updates the Adam moments (float32 state); returns ``m``, ``√v̂ + eps`` and ``1 - β1^t`` per parameter."""
     beta1, beta2 = group["betas"]
     for state, grad in zip(states, grads32, strict=True):
         if "exp_avg" not in state:
@@ -37,13 +38,11 @@ def adam_directions(
     denominators = torch._foreach_sqrt(exp_avg_sqs)
     torch._foreach_div_(denominators, [math.sqrt(1.0 - beta2 ** state["step"]) for state in states])
     torch._foreach_add_(denominators, group["eps"])
-    directions = torch._foreach_div(exp_avgs, denominators)
-    torch._foreach_div_(directions, [1.0 - beta1 ** state["step"] for state in states])
-    return directions
+    return exp_avgs, denominators, [1.0 - beta1 ** state["step"] for state in states]
 
 
 def adam_update(
-    group: dict[str, Any], params: list[torch.Tensor], states: list[dict], decoupled: bool
+    group: dict[str, Any], params: list[torch.Tensor], states: list[dict], decoupled: bool = False
 ) -> None:
     """One Adam (``decoupled=False``, L2 added to the gradient) or AdamW step, as in ``torch.optim``."""
     params32 = fp32_copies(params)
@@ -53,7 +52,9 @@ def adam_update(
             torch._foreach_mul_(params32, 1.0 - group["lr"] * group["weight_decay"])
         else:
             grads32 = torch._foreach_add(grads32, params32, alpha=group["weight_decay"])
-    torch._foreach_add_(params32, adam_directions(group, states, grads32), alpha=-group["lr"])
+    exp_avgs, denominators, bias_corrections = adam_moments(group, states, grads32)
+    step_sizes = [-group["lr"] / correction for correction in bias_corrections]
+    torch._foreach_addcdiv_(params32, exp_avgs, denominators, step_sizes)
     write_back(params, params32)
 
 
@@ -75,7 +76,7 @@ class VRAdam(GSNRScaledOptimizer):
     """
 
     fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
-    decoupled_weight_decay = False
+    update_rule = staticmethod(adam_update)
 
     def __init__(
         self,
@@ -92,10 +93,6 @@ class VRAdam(GSNRScaledOptimizer):
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
 
-    def _update(self) -> None:
-        for group, params, states in self._groups_with_gradients():
-            adam_update(group, params, states, decoupled=self.decoupled_weight_decay)
-
 
 class VRAdamW(VRAdam):
     """VR-AdamW: `VRAdam` with decoupled weight decay (``torch.optim.AdamW``; default 0.01).
@@ -103,7 +100,7 @@ class VRAdamW(VRAdam):
     ``gamma=1`` gives ``torch.optim.AdamW``. Same state and reconstruction notes as `VRAdam`.
     """
 
-    decoupled_weight_decay = True
+    update_rule = staticmethod(partial(adam_update, decoupled=True))
 
     def __init__(
         self,

@@ -16,7 +16,7 @@ import torch
 from torch.optim import Optimizer
 
 from hf_vrgd.config import VRGDConfig
-from hf_vrgd.gsnr import GradientStatistics, gsnr_multiplier
+from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 OPTIMIZER_CLASS_KEY = "optimizer_class"
@@ -28,11 +28,29 @@ class StrictStateOptimizer(Optimizer):
 
     * State listed in ``fp32_state_keys`` stays float32 for bf16/fp16 parameters, also after
       ``load_state_dict`` (torch would cast it to the parameter's dtype).
+    * ``step()`` applies the class's ``update_rule`` to each group, and skips the step with a warning when
+      a gradient is NaN or infinite (parameters and state untouched; ``.grad`` is left for the caller).
     * ``load_state_dict`` raises ``ValueError`` on a state dict saved by another optimizer class or for
       another parameter layout (group count, group sizes, tensor shapes), which torch accepts silently.
     """
 
     fp32_state_keys: ClassVar[tuple[str, ...]] = ()
+    update_rule: ClassVar[Callable[[dict[str, Any], list[torch.Tensor], list[dict]], None]]
+    """``rule(group, params, states)``: the update of the parameters with a gradient in one group."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update; skipped with a warning (parameters and state untouched) if a gradient is not finite."""
+        loss = evaluate_closure(closure)
+        if self._prepare_gradients():
+            for group, params, states in self._groups_with_gradients():
+                self.update_rule(group, params, states)
+        return loss
+
+    def _prepare_gradients(self) -> bool:
+        """Whether the step may proceed: every gradient is finite (warns otherwise)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return all_finite_or_warn(grads)
 
     def state_dict(self) -> dict[str, Any]:
         state_dict = super().state_dict()
@@ -70,7 +88,8 @@ def check_state_dict_layout(optimizer: Optimizer, state_dict: Mapping[str, Any])
             f"the state dict has {len(saved_groups)} parameter groups, {name} has {len(optimizer.param_groups)}"
         )
     for group_index, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups, strict=True)):
-        missing = sorted(set(optimizer.defaults) - set(saved))
+        # torch's Optimizer.__setstate__ (deepcopy, pickling) adds "differentiable" to the defaults only.
+        missing = sorted(set(optimizer.defaults) - set(saved) - {"differentiable"})
         if missing:
             raise ValueError(
                 f"parameter group {group_index} of the state dict lacks {missing}: it was saved by "
@@ -135,7 +154,7 @@ class GSNRGradientScaler:
     """Turns one window's `GradientStatistics` into GSNR multipliers and applies them to ``p.grad``.
 
     Per step: all-reduce the statistics, check ``K >= 2`` and finite gradients, compute
-    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor, optionally replace it by its
+    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor (foreach: `gsnr_multipliers`), optionally replace it by its
     bias-corrected EMA (``beta3``; state keys ``gsnr_ema`` and ``gsnr_step``), multiply ``p.grad`` by it,
     and reset the statistics. ``gamma`` and ``beta3`` are read from each parameter group.
     """
@@ -144,7 +163,7 @@ class GSNRGradientScaler:
         self.statistics = GradientStatistics(params)
         self.eps = eps
         self.last_groups = 0
-        self._last_stats: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
     def scale_gradients(self, param_groups: list[dict[str, Any]], state: Mapping[torch.Tensor, dict]) -> bool:
         """Scales every ``p.grad`` by its multiplier; False (nothing touched) when a gradient is not finite."""
@@ -157,29 +176,27 @@ class GSNRGradientScaler:
                     "several DDP processes, or VRGDTrainer(gradient_groups=k) to split each batch."
                 )
             grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
-            if not grads_are_finite(grads):
-                warnings.warn(
-                    "non-finite gradients: this optimizer step is skipped (parameters and state untouched)",
-                    stacklevel=3,
-                )
+            if not all_finite_or_warn(grads):
                 return False
-            stats = []
+            tables = []
             for group in param_groups:
-                for param in group["params"]:
-                    if param.grad is None:
-                        continue
-                    moments = self.statistics.moments(param, groups)
-                    if moments is None:
-                        raise ValueError(
-                            "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned "
-                            "directly?)"
-                        )
-                    multiplier = gsnr_multiplier(*moments, gamma=group["gamma"], eps=self.eps)
-                    stats.append((param, multiplier_stats(multiplier, moments[1], group["gamma"])))
-                    if group.get("beta3") is not None:
-                        multiplier = _bias_corrected_ema(state[param], multiplier, group["beta3"])
-                    param.grad.mul_(multiplier.to(param.grad.dtype))
-            self.last_groups, self._last_stats = groups, stats
+                params = [p for p in group["params"] if p.grad is not None]
+                if not params:
+                    continue
+                moments = [self.statistics.moments(p, groups) for p in params]
+                if any(m is None for m in moments):
+                    raise ValueError(
+                        "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned directly?)"
+                    )
+                means, mean_sqs = (list(column) for column in zip(*moments, strict=True))
+                multipliers, table = gsnr_multipliers(means, mean_sqs, gamma=group["gamma"], eps=self.eps)
+                tables.append((params, table))
+                if group.get("beta3") is not None:
+                    multipliers = _bias_corrected_emas(
+                        [state[p] for p in params], multipliers, group["beta3"]
+                    )
+                torch._foreach_mul_([p.grad for p in params], multipliers)
+            self.last_groups, self._last_tables = groups, tables
             return True
         finally:
             self.statistics.reset()
@@ -188,9 +205,10 @@ class GSNRGradientScaler:
         self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
     ) -> dict[str, float]:
         """The last step's multiplier statistics (see `GSNRScaledOptimizer.gsnr_summary`)."""
-        if not self._last_stats:
+        if not self._last_tables:
             return {}
-        table = torch.stack([s for _, s in self._last_stats]).double().cpu()
+        params = [p for group_params, _ in self._last_tables for p in group_params]
+        table = torch.cat([t for _, t in self._last_tables]).double().cpu()
         numel, informative, total, at_gamma, at_one = table.sum(0).tolist()
         denominator = max(informative, 1.0)
         summary = {
@@ -201,52 +219,50 @@ class GSNRGradientScaler:
             "gsnr/fraction_without_gradient": 1.0 - informative / numel,
         }
         if per_layer:
-            for index, ((param, _), row) in enumerate(zip(self._last_stats, table.tolist(), strict=True)):
+            for index, (param, row) in enumerate(zip(params, table.tolist(), strict=True)):
                 name = names.get(param, f"param_{index}") if names else f"param_{index}"
                 summary[f"gsnr/{name}/mean_multiplier"] = row[2] / max(row[1], 1.0)
                 summary[f"gsnr/{name}/fraction_at_gamma"] = row[3] / max(row[1], 1.0)
         return summary
 
 
-def grads_are_finite(grads: list[torch.Tensor]) -> bool:
-    """Whether every gradient element is finite (one host sync)."""
-    return bool(torch.stack([torch.isfinite(g).all() for g in grads]).all()) if grads else True
-
-
-def multiplier_stats(multiplier: torch.Tensor, mean_sq: torch.Tensor, gamma: float) -> torch.Tensor:
-    """``[numel, informative, Σ r, #(r at gamma), #(r at 1)]``, kept on device (no sync).
-
-    Sums and counts run over informative elements (``E[g²] > 0``) only, so embedding rows absent
-    from the batch do not inflate the fraction at 1.
-    """
-    informative = mean_sq > 0
-    return torch.stack(
-        [
-            torch.tensor(float(multiplier.numel()), device=multiplier.device),
-            informative.sum().float(),
-            torch.where(informative, multiplier, 0.0).sum(),
-            (informative & (multiplier <= gamma)).sum().float(),
-            (informative & (multiplier >= 1.0)).sum().float(),
-        ]
+def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient element is finite (one host sync); warns that the step is skipped if not."""
+    # The largest magnitude is inf/NaN exactly when an element is, and cannot overflow (unlike a 2-norm).
+    if not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
+        return True
+    warnings.warn(
+        "non-finite gradients: this optimizer step is skipped (parameters and state untouched)", stacklevel=4
     )
+    return False
 
 
-def _bias_corrected_ema(state: dict, multiplier: torch.Tensor, beta3: float) -> torch.Tensor:
-    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` (reconstructed VR-Adam)."""
-    if "gsnr_ema" not in state:
-        state["gsnr_ema"] = torch.zeros_like(multiplier)
-        state["gsnr_step"] = 0
-    state["gsnr_step"] += 1
-    state["gsnr_ema"].lerp_(multiplier, 1.0 - beta3)
-    return state["gsnr_ema"] / (1.0 - beta3 ** state["gsnr_step"])
+def _bias_corrected_emas(
+    states: list[dict], multipliers: list[torch.Tensor], beta3: float
+) -> list[torch.Tensor]:
+    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` in ``multipliers``' memory.
+
+    Reconstructed VR-Adam (see `VRAdam`).
+    """
+    for state, multiplier in zip(states, multipliers, strict=True):
+        if "gsnr_ema" not in state:
+            state["gsnr_ema"] = torch.zeros_like(multiplier)
+            state["gsnr_step"] = 0
+        state["gsnr_step"] += 1
+    emas = [state["gsnr_ema"] for state in states]
+    torch._foreach_lerp_(emas, multipliers, 1.0 - beta3)
+    torch._foreach_copy_(multipliers, emas)
+    torch._foreach_div_(multipliers, [1.0 - beta3 ** state["gsnr_step"] for state in states])
+    return multipliers
 
 
 class GSNRScaledOptimizer(StrictStateOptimizer):
-    """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs `_update`.
+    """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs ``update_rule``.
 
     Adds ``gamma`` (and ``beta3`` when given) to the defaults, so both can be set per parameter group.
     Statistics memory: two float32 buffers (S1, S2) per trainable parameter, outside the state dict
-    (they are reset at every step, so checkpoints never need them).
+    (they are reset at every step, so checkpoints never need them). ``step()`` computes the multiplier
+    in place in them, with one temporary float32 tensor per parameter of the group being scaled.
     """
 
     fp32_state_keys: ClassVar[tuple[str, ...]] = ("gsnr_ema",)
@@ -263,16 +279,17 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
             [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
         )
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = evaluate_closure(closure)
-        if self.gsnr_scaler.scale_gradients(self.param_groups, self.state):
-            self._update()
-        return loss
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # The statistics hooks are registered once, over the parameters given at construction.
+        if hasattr(self, "gsnr_scaler"):
+            raise ValueError(
+                f"{type(self).__name__} takes all its parameter groups at construction (the GSNR hooks are "
+                "registered then); build a new optimizer, e.g. with frozen parameters in a group of lr=0"
+            )
+        super().add_param_group(param_group)
 
-    def _update(self) -> None:
-        """Applies the base update rule to the (already scaled) ``p.grad``; each optimizer defines it."""
-        raise NotImplementedError
+    def _prepare_gradients(self) -> bool:
+        return self.gsnr_scaler.scale_gradients(self.param_groups, self.state)
 
     def gsnr_summary(
         self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True

@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.adam import adam_directions, validate_adam_arguments
+from hf_vrgd.optimizers.adam import adam_moments, validate_adam_arguments
 from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
     ParamsT,
     StrictStateOptimizer,
-    evaluate_closure,
     fp32_copies,
     write_back,
 )
@@ -29,7 +27,11 @@ def trust_ratios(numerators: list[torch.Tensor], denominators: list[torch.Tensor
 def lamb_update(group: dict[str, Any], params: list[torch.Tensor], states: list[dict]) -> None:
     """One LAMB step in float32: ``u = m̂/(√v̂+eps) + wd·θ``, ``θ -= lr · ‖θ‖/‖u‖ · u``."""
     params32 = fp32_copies(params)
-    updates = adam_directions(group, states, fp32_copies([p.grad for p in params]))
+    exp_avgs, denominators, bias_corrections = adam_moments(
+        group, states, fp32_copies([p.grad for p in params])
+    )
+    updates = torch._foreach_div(exp_avgs, denominators)
+    torch._foreach_div_(updates, bias_corrections)
     if group["weight_decay"] != 0:
         torch._foreach_add_(updates, params32, alpha=group["weight_decay"])
     ratios = trust_ratios(torch._foreach_norm(params32), torch._foreach_norm(updates))
@@ -55,6 +57,7 @@ class LAMB(StrictStateOptimizer):
     """
 
     fp32_state_keys = ("exp_avg", "exp_avg_sq")
+    update_rule = staticmethod(lamb_update)
 
     def __init__(
         self,
@@ -66,13 +69,6 @@ class LAMB(StrictStateOptimizer):
     ) -> None:
         validate_adam_arguments(lr, betas, eps, weight_decay)
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = evaluate_closure(closure)
-        for group, params, states in self._groups_with_gradients():
-            lamb_update(group, params, states)
-        return loss
 
 
 class VRLAMB(GSNRScaledOptimizer):
@@ -87,6 +83,7 @@ class VRLAMB(GSNRScaledOptimizer):
     """
 
     fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
+    update_rule = staticmethod(lamb_update)
 
     def __init__(
         self,
@@ -102,7 +99,3 @@ class VRLAMB(GSNRScaledOptimizer):
         validate_adam_arguments(lr, betas, eps, weight_decay)
         defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
         super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
-
-    def _update(self) -> None:
-        for group, params, states in self._groups_with_gradients():
-            lamb_update(group, params, states)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -12,7 +11,6 @@ from hf_vrgd.optimizers.base import (
     ParamsT,
     StrictStateOptimizer,
     apply_momentum,
-    evaluate_closure,
     fp32_copies,
     write_back,
 )
@@ -66,6 +64,7 @@ class LARS(StrictStateOptimizer):
     """
 
     fp32_state_keys = ("momentum_buffer",)
+    update_rule = staticmethod(lars_update)
 
     def __init__(
         self,
@@ -82,13 +81,6 @@ class LARS(StrictStateOptimizer):
         )
         super().__init__(params, defaults)
 
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        loss = evaluate_closure(closure)
-        for group, params, states in self._groups_with_gradients():
-            lars_update(group, params, states)
-        return loss
-
 
 class VRLARS(GSNRScaledOptimizer):
     """VR-LARS ([arXiv 2309.13681](https://arxiv.org/abs/2309.13681)): `LARS` on the GSNR-scaled gradient.
@@ -100,6 +92,7 @@ class VRLARS(GSNRScaledOptimizer):
     """
 
     fp32_state_keys = ("momentum_buffer",)
+    update_rule = staticmethod(lars_update)
 
     def __init__(
         self,
@@ -117,7 +110,3 @@ class VRLARS(GSNRScaledOptimizer):
             lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps
         )
         super().__init__(params, defaults, gamma=gamma, beta3=None, gsnr_eps=gsnr_eps)
-
-    def _update(self) -> None:
-        for group, params, states in self._groups_with_gradients():
-            lars_update(group, params, states)

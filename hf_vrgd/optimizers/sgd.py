@@ -40,6 +40,7 @@ class VRSGD(GSNRScaledOptimizer):
     """
 
     fp32_state_keys = ("momentum_buffer",)
+    update_rule = staticmethod(sgd_update)
 
     def __init__(
         self,
@@ -62,7 +63,3 @@ class VRSGD(GSNRScaledOptimizer):
             lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay
         )
         super().__init__(params, defaults, gamma=gamma, beta3=None, gsnr_eps=gsnr_eps)
-
-    def _update(self) -> None:
-        for group, params, states in self._groups_with_gradients():
-            sgd_update(group, params, states)
