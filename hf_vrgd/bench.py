@@ -122,15 +122,23 @@ def optimizer_bytes(optimizer: torch.optim.Optimizer, params: list[torch.Tensor]
     return total
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _backward_groups(params: list[torch.Tensor], coefficients: list[torch.Tensor], groups: int) -> None:
     for group in range(groups):
         loss = torch.stack([(p * c).sum() for p, c in zip(params, coefficients, strict=True)]).sum()
         (loss * (1.0 + 0.1 * group)).backward()
+
+
+def _clock(device: torch.device) -> Callable[[], float]:
+    """Seconds of this process's CPU time on the CPU (robust to other jobs on a shared machine), wall time
+    after a synchronize on CUDA."""
+    if device.type == "cuda":
+
+        def wall() -> float:
+            torch.cuda.synchronize(device)
+            return time.perf_counter()
+
+        return wall
+    return time.process_time
 
 
 def time_optimizer(
@@ -140,36 +148,41 @@ def time_optimizer(
     groups: int,
     repeats: int,
 ) -> dict:
-    """Median wall times (ms) of ``groups`` backward passes + step, and of the step alone; optimizer bytes."""
+    """Median times (ms) of ``groups`` backward passes + step and of the step alone; optimizer bytes.
+
+    ``*_ms`` is CPU time on the CPU and wall time on CUDA; ``wall_*_ms`` is always wall time.
+    """
     device = params[0].device
+    clock = _clock(device)
     optimizer = factory(params)
-    backward_ms, step_ms, bytes_before_step, bytes_after_step = [], [], 0, 0
+    times: dict[str, list[float]] = {
+        "backward_ms": [],
+        "step_ms": [],
+        "wall_backward_ms": [],
+        "wall_step_ms": [],
+    }
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     for repeat in range(repeats + 1):  # the first iteration allocates state and is not timed
         optimizer.zero_grad(set_to_none=True)
-        _synchronize(device)
-        start = time.perf_counter()
+        start, wall_start = clock(), time.perf_counter()
         _backward_groups(params, coefficients, groups)
-        _synchronize(device)
-        middle = time.perf_counter()
+        backward, wall_backward = clock() - start, time.perf_counter() - wall_start
         bytes_before_step = optimizer_bytes(optimizer, params)
-        _synchronize(device)
-        middle_step = time.perf_counter()
+        start, wall_start = clock(), time.perf_counter()
         optimizer.step()
-        _synchronize(device)
-        end = time.perf_counter()
+        step, wall_step = clock() - start, time.perf_counter() - wall_start
         bytes_after_step = optimizer_bytes(optimizer, params)
         if repeat:
-            backward_ms.append(1e3 * (middle - start))
-            step_ms.append(1e3 * (end - middle_step))
-    result = {
-        "backward_ms": statistics.median(backward_ms),
-        "step_ms": statistics.median(step_ms),
-        "total_ms": statistics.median(b + s for b, s in zip(backward_ms, step_ms, strict=True)),
-        "bytes_before_step": bytes_before_step,
-        "bytes_after_step": bytes_after_step,
-    }
+            for key, seconds in zip(times, (backward, step, wall_backward, wall_step), strict=True):
+                times[key].append(1e3 * seconds)
+    result = {key: statistics.median(values) for key, values in times.items()}
+    result["total_ms"] = statistics.median(
+        b + s for b, s in zip(times["backward_ms"], times["step_ms"], strict=True)
+    )
+    result["wall_total_ms"] = result["wall_backward_ms"] + result["wall_step_ms"]
+    result["bytes_before_step"] = bytes_before_step
+    result["bytes_after_step"] = bytes_after_step
     if device.type == "cuda":
         result["peak_cuda_bytes"] = torch.cuda.max_memory_allocated(device)
     optimizer.zero_grad(set_to_none=True)
@@ -218,6 +231,9 @@ def _compare(name: str, base: dict, vr: dict, n_params: int) -> dict:
         "step_ratio": vr["step_ms"] / base["step_ms"],
         "base_backward_ms": base["backward_ms"],
         "vr_backward_ms": vr["backward_ms"],
+        "base_wall_total_ms": base["wall_total_ms"],
+        "vr_wall_total_ms": vr["wall_total_ms"],
+        "wall_total_ratio": vr["wall_total_ms"] / base["wall_total_ms"],
         "base_bytes_per_param": base["bytes_after_step"] / n_params,
         "vr_bytes_per_param": vr["bytes_after_step"] / n_params,
         "extra_bytes_per_param": extra_after,
@@ -240,9 +256,10 @@ def _write_report(args: argparse.Namespace, device: torch.device, shape: str, ro
     command = "hf-vrgd " + " ".join(getattr(args, "argv", []))
     stem = f"bench_{device.type}"
     out: Path = args.output_dir
+    clock = "wall time (CUDA synchronized)" if device.type == "cuda" else "process CPU time (single thread)"
     how = (
         f"{args.groups} backward passes of a synthetic loss + one step per iteration, median of "
-        f"{args.repeats} iterations after one untimed warm-up"
+        f"{args.repeats} iterations after one untimed warm-up; *_ms columns are {clock}"
     )
     payload = {"command": command, "machine": _machine(device), "model": shape, "measured": how, "rows": rows}
     save_json(out / f"{stem}.json", payload)
@@ -251,6 +268,7 @@ def _write_report(args: argparse.Namespace, device: torch.device, shape: str, ro
         "base_total_ms",
         "vr_total_ms",
         "total_ratio",
+        "wall_total_ratio",
         "base_step_ms",
         "vr_step_ms",
         "step_ratio",
