@@ -6,7 +6,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
-from hf_common.reporting import plot_series, plt
+from hf_common.reporting import plot_series, plt, save_figure
 
 
 def plot_grouped_bars(
@@ -28,12 +28,7 @@ def plot_grouped_bars(
     ax.set_xticks(range(len(groups)), groups)
     ax.set(title=title, ylabel=ylabel)
     ax.grid(alpha=0.3, axis="y")
-    ax.legend()
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_eval_curves(path_prefix: Path, records: list[dict]) -> list[Path]:
