@@ -288,7 +288,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=[0.5, 1.0, 2.0],
         help="Large-batch sweep around base * sqrt(ratio).",
     )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="Seeds of the 1x-LR runs.")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the 1x-LR runs.")
     parser.add_argument(
         "--sweep-seeds", type=int, nargs="*", default=[0], help="Seeds that also run the LR sweep."
     )
