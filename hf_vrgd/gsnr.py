@@ -172,7 +172,7 @@ class GradientStatistics:
                 self._sums[i] = torch.zeros_like(p, dtype=torch.float32, device=device)
                 self._sums_of_squares[i] = torch.zeros_like(p, dtype=torch.float32, device=device)
         buffers = [*self._sums, *self._sums_of_squares, count]
-        flat = torch.cat([b.reshape(-1) for b in buffers])
+        flat = torch.cat([b.reshape(-1).to(device) for b in buffers])
         dist.all_reduce(flat)
         torch._foreach_copy_(
             buffers,
