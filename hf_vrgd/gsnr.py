@@ -153,6 +153,11 @@ class GradientStatistics:
 
     def add(self, index: int, grad: torch.Tensor) -> None:
         """Adds one group gradient of parameter ``index``."""
+        if grad.layout != torch.strided:
+            raise ValueError(
+                f"GSNR statistics need dense gradients, got a {grad.layout} one "
+                "(nn.Embedding(sparse=True)?); use dense gradients with VR optimizers"
+            )
         grad = grad.detach().float()
         if self._sums[index] is None:
             self._sums[index] = torch.zeros_like(grad)

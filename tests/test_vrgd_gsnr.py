@@ -200,6 +200,14 @@ def test_single_group_raises_with_advice() -> None:
         optimizer.step()
 
 
+def test_sparse_gradients_are_refused() -> None:
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    statistics = GradientStatistics(embedding.parameters())
+    with pytest.raises(ValueError, match="dense gradients"):
+        embedding(torch.tensor([1, 2])).sum().backward()
+    assert statistics.backward_passes == 1
+
+
 def test_statistics_only_for_trainable_parameters() -> None:
     model = tiny_model()
     model[0].weight.requires_grad_(False)
