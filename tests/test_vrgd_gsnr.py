@@ -6,6 +6,9 @@ all-reduce of the same statistics is checked in ``test_vrgd_ddp.py``.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -206,6 +209,17 @@ def test_sparse_gradients_are_refused() -> None:
     with pytest.raises(ValueError, match="dense gradients"):
         embedding(torch.tensor([1, 2])).sum().backward()
     assert statistics.backward_passes == 1
+
+
+def test_hooks_are_removed_with_the_optimizer() -> None:
+    """Replacing an optimizer leaves no hooks of the old one on the parameters."""
+    model = tiny_model()
+    optimizer = VRSGD(model.parameters(), lr=0.1)
+    statistics = weakref.ref(optimizer.gsnr_scaler.statistics)
+    del optimizer
+    gc.collect()
+    assert statistics() is None
+    assert all(not p._backward_hooks for p in model.parameters())
 
 
 def test_statistics_only_for_trainable_parameters() -> None:
