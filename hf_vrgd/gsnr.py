@@ -54,10 +54,6 @@ def gsnr_multiplier(mean: torch.Tensor, mean_sq: torch.Tensor, gamma: float, eps
     return torch.where(informative, multiplier, 1.0)
 
 
-STATS_COLUMNS = ("numel", "informative", "multiplier_sum", "at_gamma", "at_one")
-"""Columns of the per-tensor table of `gsnr_multipliers`; sums and counts over informative elements."""
-
-
 def gsnr_multipliers(
     means: list[torch.Tensor], mean_sqs: list[torch.Tensor], gamma: float, eps: float
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -65,8 +61,9 @@ def gsnr_multipliers(
 
     Works **in place**: the returned multipliers are the ``means`` tensors, and ``mean_sqs`` is
     overwritten too (the optimizer passes its statistics buffers, which it resets afterwards). Also
-    returns a ``[len(means), 5]`` float32 table on the tensors' device (columns `STATS_COLUMNS`, no host
-    sync), from which `GSNRScaledOptimizer.gsnr_summary` logs.
+    returns a ``[len(means), 5]`` float32 table on the tensors' device (no host sync), from which
+    `GSNRScaledOptimizer.gsnr_summary` logs. Its columns per tensor: element count, informative
+    elements (``E[g²] > 0``), and over those: the sum of multipliers, how many sit at ``gamma``, at 1.
     """
     tiny = torch.finfo(torch.float32).tiny
     scratch = torch._foreach_mul(mean_sqs, eps)
