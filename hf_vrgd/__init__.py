@@ -8,7 +8,8 @@ Each gradient element is scaled by its gradient signal-to-noise ratio, measured 
 
     args = TrainingArguments(..., gradient_accumulation_steps=8)
     optimizer = VRAdamW(model.parameters(), lr=1e-3)
-    trainer = Trainer(model, args, optimizers=(optimizer, None), callbacks=[GSNRLoggingCallback()], ...)
+    trainer = Trainer(model, args, optimizers=(optimizer, None), ...)
+    GSNRLoggingCallback.install(trainer)  # GSNR statistics in the logs, ahead of report_to
 """
 
 from hf_common import __version__

@@ -20,7 +20,7 @@ class VRGDConfig:
     Args:
         gamma (`float`, *optional*, defaults to `0.1`):
             Lower clip of the multiplier, in ``(0, 1]``. The paper uses 0.1 everywhere; ``gamma=1`` turns
-            every VR optimizer into its base optimizer.
+            every VR optimizer into its base optimizer (it still counts groups and needs ``K >= 2``).
         beta3 (`float` or `None`, *optional*, defaults to `0.9`):
             EMA factor of the multiplier used by VR-Adam/VR-AdamW/VR-LAMB (bias-corrected, reconstructed
             from the paper's main text). ``None`` means no EMA (VR-SGD, VR-Momentum, VR-LARS).

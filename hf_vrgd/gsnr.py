@@ -54,10 +54,6 @@ def gsnr_multiplier(mean: torch.Tensor, mean_sq: torch.Tensor, gamma: float, eps
     return torch.where(informative, multiplier, 1.0)
 
 
-STATS_COLUMNS = ("numel", "informative", "multiplier_sum", "at_gamma", "at_one")
-"""Columns of the per-tensor table of `gsnr_multipliers`; sums and counts over informative elements."""
-
-
 def gsnr_multipliers(
     means: list[torch.Tensor], mean_sqs: list[torch.Tensor], gamma: float, eps: float
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -65,8 +61,9 @@ def gsnr_multipliers(
 
     Works **in place**: the returned multipliers are the ``means`` tensors, and ``mean_sqs`` is
     overwritten too (the optimizer passes its statistics buffers, which it resets afterwards). Also
-    returns a ``[len(means), 5]`` float32 table on the tensors' device (columns `STATS_COLUMNS`, no host
-    sync), from which `GSNRScaledOptimizer.gsnr_summary` logs.
+    returns a ``[len(means), 5]`` float32 table on the tensors' device (no host sync), from which
+    `GSNRScaledOptimizer.gsnr_summary` logs. Its columns per tensor: element count, informative
+    elements (``E[g²] > 0``), and over those: the sum of multipliers, how many sit at ``gamma``, at 1.
     """
     tiny = torch.finfo(torch.float32).tiny
     scratch = torch._foreach_mul(mean_sqs, eps)
@@ -153,6 +150,11 @@ class GradientStatistics:
 
     def add(self, index: int, grad: torch.Tensor) -> None:
         """Adds one group gradient of parameter ``index``."""
+        if grad.layout != torch.strided:
+            raise ValueError(
+                f"GSNR statistics need dense gradients, got a {grad.layout} one "
+                "(nn.Embedding(sparse=True)?); use dense gradients with VR optimizers"
+            )
         grad = grad.detach().float()
         if self._sums[index] is None:
             self._sums[index] = torch.zeros_like(grad)
@@ -172,7 +174,7 @@ class GradientStatistics:
                 self._sums[i] = torch.zeros_like(p, dtype=torch.float32, device=device)
                 self._sums_of_squares[i] = torch.zeros_like(p, dtype=torch.float32, device=device)
         buffers = [*self._sums, *self._sums_of_squares, count]
-        flat = torch.cat([b.reshape(-1) for b in buffers])
+        flat = torch.cat([b.reshape(-1).to(device) for b in buffers])
         dist.all_reduce(flat)
         torch._foreach_copy_(
             buffers,

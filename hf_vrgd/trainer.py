@@ -73,7 +73,7 @@ class VRGDTrainer(Trainer):
         if self.gradient_groups is None:
             return super().training_step(model, inputs, num_items_in_batch)
         groups = split_batch(inputs, self.gradient_groups)
-        rows = sum(weight for _, weight in groups)
+        rows = sum(group_rows for _, group_rows in groups)
         normalized = self._loss_is_normalized(num_items_in_batch)
         total_loss = None
         for index, (group, group_rows) in enumerate(groups):

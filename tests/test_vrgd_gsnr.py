@@ -6,6 +6,9 @@ all-reduce of the same statistics is checked in ``test_vrgd_ddp.py``.
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import torch
 from hypothesis import given, settings
@@ -148,6 +151,25 @@ def test_foreach_multipliers_match_the_reference(gamma: float) -> None:
         torch.testing.assert_close(row, torch.tensor(counts, dtype=torch.float32), rtol=1e-5, atol=1e-4)
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    groups=st.integers(2, 5),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    zero_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_foreach_multipliers_match_the_reference_on_random_tensors(
+    groups: int, sizes: list[int], zero_fraction: float, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    group_grads = [torch.randn(groups, n) * (torch.rand(n) >= zero_fraction) for n in sizes]
+    means = [g.mean(0) for g in group_grads]
+    mean_sqs = [g.square().mean(0) for g in group_grads]
+    multipliers, _ = gsnr_multipliers([m.clone() for m in means], [s.clone() for s in mean_sqs], 0.1, EPS)
+    for multiplier, mean, mean_sq in zip(multipliers, means, mean_sqs, strict=True):
+        torch.testing.assert_close(multiplier, gsnr_multiplier(mean, mean_sq, 0.1, EPS), rtol=1e-5, atol=1e-6)
+
+
 def test_unused_parameter_counts_zero_in_every_group() -> None:
     """A parameter without gradient in one micro-batch contributes 0 there but K counts every backward."""
     torch.manual_seed(0)
@@ -179,6 +201,25 @@ def test_single_group_raises_with_advice() -> None:
     model(torch.randn(4, 5)).sum().backward()
     with pytest.raises(ValueError, match=r"gradient_accumulation_steps.*gradient_groups"):
         optimizer.step()
+
+
+def test_sparse_gradients_are_refused() -> None:
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    statistics = GradientStatistics(embedding.parameters())
+    with pytest.raises(ValueError, match="dense gradients"):
+        embedding(torch.tensor([1, 2])).sum().backward()
+    assert statistics.backward_passes == 1
+
+
+def test_hooks_are_removed_with_the_optimizer() -> None:
+    """Replacing an optimizer leaves no hooks of the old one on the parameters."""
+    model = tiny_model()
+    optimizer = VRSGD(model.parameters(), lr=0.1)
+    statistics = weakref.ref(optimizer.gsnr_scaler.statistics)
+    del optimizer
+    gc.collect()
+    assert statistics() is None
+    assert all(not p._backward_hooks for p in model.parameters())
 
 
 def test_statistics_only_for_trainable_parameters() -> None:

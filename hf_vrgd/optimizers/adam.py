@@ -11,12 +11,13 @@ import torch
 from hf_vrgd.optimizers.base import GSNRScaledOptimizer, ParamsT, fp32_copies, write_back
 
 
-def validate_adam_arguments(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
-    """Raises ``ValueError`` for Adam-family hyperparameters outside their ranges."""
+def adam_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict[str, Any]:
+    """The validated hyperparameters of an Adam-family optimizer (``ValueError`` outside their ranges)."""
     if lr < 0 or eps < 0 or weight_decay < 0:
         raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-    if not all(0.0 <= beta < 1.0 for beta in betas) or len(betas) != 2:
+    if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
+    return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
 
 
 def adam_moments(
@@ -89,8 +90,7 @@ class VRAdam(GSNRScaledOptimizer):
         beta3: float = 0.9,
         gsnr_eps: float = 1e-6,
     ) -> None:
-        validate_adam_arguments(lr, betas, eps, weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = adam_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
 
 

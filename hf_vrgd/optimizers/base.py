@@ -69,11 +69,25 @@ class StrictStateOptimizer(Optimizer):
                     self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
 
     def _groups_with_gradients(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[dict]]]:
-        """``(group, params, states)`` for each group, over the parameters that have a gradient."""
-        for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if params:
-                yield group, params, [self.state[p] for p in params]
+        """``(group, params, states)`` per group and device, over the parameters that have a gradient."""
+        for group, params in params_with_gradients(self.param_groups):
+            yield group, params, [self.state[p] for p in params]
+
+
+def params_with_gradients(
+    param_groups: list[dict[str, Any]],
+) -> Iterator[tuple[dict[str, Any], list[torch.Tensor]]]:
+    """``(group, params)`` for each group and device (models split over devices), params with a gradient.
+
+    The per-tensor norms of the rules and of the GSNR are stacked, which needs one device per list.
+    """
+    for group in param_groups:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for param in group["params"]:
+            if param.grad is not None:
+                by_device.setdefault(param.device, []).append(param)
+        for params in by_device.values():
+            yield group, params
 
 
 def check_state_dict_layout(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
@@ -179,10 +193,7 @@ class GSNRGradientScaler:
             if not all_finite_or_warn(grads):
                 return False
             tables = []
-            for group in param_groups:
-                params = [p for p in group["params"] if p.grad is not None]
-                if not params:
-                    continue
+            for group, params in params_with_gradients(param_groups):
                 moments = [self.statistics.moments(p, groups) for p in params]
                 if any(m is None for m in moments):
                     raise ValueError(
@@ -208,7 +219,7 @@ class GSNRGradientScaler:
         if not self._last_tables:
             return {}
         params = [p for group_params, _ in self._last_tables for p in group_params]
-        table = torch.cat([t for _, t in self._last_tables]).double().cpu()
+        table = torch.cat([t.double().cpu() for _, t in self._last_tables])
         numel, informative, total, at_gamma, at_one = table.sum(0).tolist()
         denominator = max(informative, 1.0)
         summary = {
@@ -229,7 +240,10 @@ class GSNRGradientScaler:
 def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
     """Whether every gradient element is finite (one host sync); warns that the step is skipped if not."""
     # The largest magnitude is inf/NaN exactly when an element is, and cannot overflow (unlike a 2-norm).
-    if not grads or bool(torch.stack(torch._foreach_norm(grads, float("inf"))).isfinite().all()):
+    if not grads:
+        return True
+    largest = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, float("inf"))])
+    if bool(largest.isfinite().all()):
         return True
     warnings.warn(
         "non-finite gradients: this optimizer step is skipped (parameters and state untouched)", stacklevel=4

@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.adam import adam_moments, validate_adam_arguments
+from hf_vrgd.optimizers.adam import adam_defaults, adam_moments
 from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
     ParamsT,
@@ -67,8 +67,7 @@ class LAMB(StrictStateOptimizer):
         eps: float = 1e-6,
         weight_decay: float = 0.01,
     ) -> None:
-        validate_adam_arguments(lr, betas, eps, weight_decay)
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay))
 
 
 class VRLAMB(GSNRScaledOptimizer):
@@ -96,6 +95,5 @@ class VRLAMB(GSNRScaledOptimizer):
         beta3: float = 0.9,
         gsnr_eps: float = 1e-6,
     ) -> None:
-        validate_adam_arguments(lr, betas, eps, weight_decay)
-        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        defaults = adam_defaults(lr, betas, eps, weight_decay)
         super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)

@@ -16,15 +16,18 @@ from hf_vrgd.optimizers.base import (
 )
 
 
-def validate_lars_arguments(
-    lr: float, momentum: float, weight_decay: float, trust_coefficient: float
-) -> None:
-    """Raises ``ValueError`` for LARS hyperparameters outside their ranges."""
-    if min(lr, momentum, weight_decay) < 0 or trust_coefficient <= 0:
+def lars_defaults(
+    lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float
+) -> dict[str, Any]:
+    """The validated LARS hyperparameters (``ValueError`` outside their ranges)."""
+    if min(lr, momentum, weight_decay, eps) < 0 or trust_coefficient <= 0:
         raise ValueError(
-            f"lr, momentum, weight_decay must be >= 0 and trust_coefficient > 0, got "
-            f"{lr}, {momentum}, {weight_decay}, {trust_coefficient}"
+            f"lr, momentum, weight_decay, eps must be >= 0 and trust_coefficient > 0, got "
+            f"{lr}, {momentum}, {weight_decay}, {eps}, {trust_coefficient}"
         )
+    return dict(
+        lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps
+    )
 
 
 def lars_update(group: dict[str, Any], params: list[torch.Tensor], states: list[dict]) -> None:
@@ -75,11 +78,7 @@ class LARS(StrictStateOptimizer):
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
     ) -> None:
-        validate_lars_arguments(lr, momentum, weight_decay, trust_coefficient)
-        defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps
-        )
-        super().__init__(params, defaults)
+        super().__init__(params, lars_defaults(lr, momentum, weight_decay, trust_coefficient, eps))
 
 
 class VRLARS(GSNRScaledOptimizer):
@@ -105,8 +104,5 @@ class VRLARS(GSNRScaledOptimizer):
         gamma: float = 0.1,
         gsnr_eps: float = 1e-6,
     ) -> None:
-        validate_lars_arguments(lr, momentum, weight_decay, trust_coefficient)
-        defaults = dict(
-            lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps
-        )
+        defaults = lars_defaults(lr, momentum, weight_decay, trust_coefficient, eps)
         super().__init__(params, defaults, gamma=gamma, beta3=None, gsnr_eps=gsnr_eps)
