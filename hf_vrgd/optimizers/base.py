@@ -1,0 +1,319 @@
+"""Shared machinery of the optimizers: strict state dicts, fp32 math, and the GSNR gradient scaling.
+
+The update rules themselves are plain functions in the optimizer files (``sgd_update``, ``adam_update``,
+...). A base optimizer (`LAMB`, `LARS`) applies its rule to ``p.grad``; its VR version first multiplies
+``p.grad`` in place by the GSNR multiplier (`GSNRGradientScaler`), then applies the same rule. So after
+``step()`` a VR optimizer leaves the scaled gradient in ``.grad``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, ClassVar
+
+import torch
+from torch.optim import Optimizer
+
+from hf_vrgd.config import VRGDConfig
+from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
+
+ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
+OPTIMIZER_CLASS_KEY = "optimizer_class"
+"""Top-level key of our state dicts naming the optimizer class that saved them."""
+
+
+class StrictStateOptimizer(Optimizer):
+    """Base of this package's optimizers.
+
+    * State listed in ``fp32_state_keys`` stays float32 for bf16/fp16 parameters, also after
+      ``load_state_dict`` (torch would cast it to the parameter's dtype).
+    * ``step()`` applies the class's ``update_rule`` to each group, and skips the step with a warning when
+      a gradient is NaN or infinite (parameters and state untouched; ``.grad`` is left for the caller).
+    * ``load_state_dict`` raises ``ValueError`` on a state dict saved by another optimizer class or for
+      another parameter layout (group count, group sizes, tensor shapes), which torch accepts silently.
+    """
+
+    fp32_state_keys: ClassVar[tuple[str, ...]] = ()
+    update_rule: ClassVar[Callable[[dict[str, Any], list[torch.Tensor], list[dict]], None]]
+    """``rule(group, params, states)``: the update of the parameters with a gradient in one group."""
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """One update; skipped with a warning (parameters and state untouched) if a gradient is not finite."""
+        loss = evaluate_closure(closure)
+        if self._prepare_gradients():
+            for group, params, states in self._groups_with_gradients():
+                self.update_rule(group, params, states)
+        return loss
+
+    def _prepare_gradients(self) -> bool:
+        """Whether the step may proceed: every gradient is finite (warns otherwise)."""
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]
+        return all_finite_or_warn(grads)
+
+    def state_dict(self) -> dict[str, Any]:
+        state_dict = super().state_dict()
+        state_dict[OPTIMIZER_CLASS_KEY] = type(self).__name__
+        return state_dict
+
+    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+        check_state_dict_layout(self, state_dict)
+        super().load_state_dict(dict(state_dict))
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        for saved_id, param in zip(saved_ids, params, strict=True):
+            saved = state_dict["state"].get(saved_id, {})
+            for key in self.fp32_state_keys:
+                if key in saved:
+                    self.state[param][key] = saved[key].to(device=param.device, dtype=torch.float32)
+
+    def _groups_with_gradients(self) -> Iterator[tuple[dict[str, Any], list[torch.Tensor], list[dict]]]:
+        """``(group, params, states)`` per group and device, over the parameters that have a gradient."""
+        for group, params in params_with_gradients(self.param_groups):
+            yield group, params, [self.state[p] for p in params]
+
+
+def params_with_gradients(
+    param_groups: list[dict[str, Any]],
+) -> Iterator[tuple[dict[str, Any], list[torch.Tensor]]]:
+    """``(group, params)`` for each group and device (models split over devices), params with a gradient.
+
+    The per-tensor norms of the rules and of the GSNR are stacked, which needs one device per list.
+    """
+    for group in param_groups:
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for param in group["params"]:
+            if param.grad is not None:
+                by_device.setdefault(param.device, []).append(param)
+        for params in by_device.values():
+            yield group, params
+
+
+def check_state_dict_layout(optimizer: Optimizer, state_dict: Mapping[str, Any]) -> None:
+    """Raises ``ValueError`` unless ``state_dict`` was saved by ``optimizer``'s class for the same layout."""
+    name = type(optimizer).__name__
+    saved_class = state_dict.get(OPTIMIZER_CLASS_KEY)
+    if saved_class is not None and saved_class != name:
+        raise ValueError(f"this state dict was saved by {saved_class}, it cannot be loaded into {name}")
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(optimizer.param_groups):
+        raise ValueError(
+            f"the state dict has {len(saved_groups)} parameter groups, {name} has {len(optimizer.param_groups)}"
+        )
+    for group_index, (saved, group) in enumerate(zip(saved_groups, optimizer.param_groups, strict=True)):
+        # torch's Optimizer.__setstate__ (deepcopy, pickling) adds "differentiable" to the defaults only.
+        missing = sorted(set(optimizer.defaults) - set(saved) - {"differentiable"})
+        if missing:
+            raise ValueError(
+                f"parameter group {group_index} of the state dict lacks {missing}: it was saved by "
+                f"another optimizer than {name}"
+            )
+        if len(saved["params"]) != len(group["params"]):
+            raise ValueError(
+                f"parameter group {group_index} has {len(saved['params'])} parameters in the state dict "
+                f"and {len(group['params'])} in {name}"
+            )
+        for saved_id, param in zip(saved["params"], group["params"], strict=True):
+            for key, value in state_dict["state"].get(saved_id, {}).items():
+                if torch.is_tensor(value) and value.dim() > 0 and value.shape != param.shape:
+                    raise ValueError(
+                        f"state {key!r} of parameter {saved_id} has shape {tuple(value.shape)}, "
+                        f"the parameter has {tuple(param.shape)}: another model or parameter order"
+                    )
+
+
+def evaluate_closure(closure: Callable[[], float] | None) -> float | None:
+    """Runs the optional closure with gradients enabled, as torch optimizers do."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def fp32_copies(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Float32 versions: the tensors themselves when already float32, new copies otherwise."""
+    return [t.float() for t in tensors]
+
+
+def write_back(params: list[torch.Tensor], params32: list[torch.Tensor]) -> None:
+    """Copies updated float32 copies back into low-precision parameters."""
+    for param, param32 in zip(params, params32, strict=True):
+        if param32 is not param:
+            param.copy_(param32)
+
+
+def apply_momentum(
+    states: list[dict], updates: list[torch.Tensor], momentum: float, dampening: float = 0.0
+) -> list[torch.Tensor]:
+    """Heavy-ball momentum as in ``torch.optim.SGD``: ``buf = momentum * buf + (1 - dampening) * update``.
+
+    A new buffer starts as a copy of the update (no dampening on the first step). Returns the buffers.
+    """
+    buffers, continuing, continuing_updates = [], [], []
+    for state, update in zip(states, updates, strict=True):
+        if "momentum_buffer" not in state:
+            state["momentum_buffer"] = update.clone()
+        else:
+            continuing.append(state["momentum_buffer"])
+            continuing_updates.append(update)
+        buffers.append(state["momentum_buffer"])
+    if continuing:
+        torch._foreach_mul_(continuing, momentum)
+        torch._foreach_add_(continuing, continuing_updates, alpha=1.0 - dampening)
+    return buffers
+
+
+class GSNRGradientScaler:
+    """Turns one window's `GradientStatistics` into GSNR multipliers and applies them to ``p.grad``.
+
+    Per step: all-reduce the statistics, check ``K >= 2`` and finite gradients, compute
+    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor (foreach: `gsnr_multipliers`), optionally replace it by its
+    bias-corrected EMA (``beta3``; state keys ``gsnr_ema`` and ``gsnr_step``), multiply ``p.grad`` by it,
+    and reset the statistics. ``gamma`` and ``beta3`` are read from each parameter group.
+    """
+
+    def __init__(self, params: Iterable[torch.Tensor], eps: float) -> None:
+        self.statistics = GradientStatistics(params)
+        self.eps = eps
+        self.last_groups = 0
+        self._last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
+
+    def scale_gradients(self, param_groups: list[dict[str, Any]], state: Mapping[torch.Tensor, dict]) -> bool:
+        """Scales every ``p.grad`` by its multiplier; False (nothing touched) when a gradient is not finite."""
+        try:
+            groups = self.statistics.all_reduce()
+            if groups < 2:
+                raise ValueError(
+                    f"GSNR needs at least 2 gradient groups per optimizer step, got {groups}. A group is one "
+                    "backward pass on one rank: use gradient accumulation (gradient_accumulation_steps >= 2), "
+                    "several DDP processes, or VRGDTrainer(gradient_groups=k) to split each batch."
+                )
+            grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+            if not all_finite_or_warn(grads):
+                return False
+            tables = []
+            for group, params in params_with_gradients(param_groups):
+                moments = [self.statistics.moments(p, groups) for p in params]
+                if any(m is None for m in moments):
+                    raise ValueError(
+                        "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned directly?)"
+                    )
+                means, mean_sqs = (list(column) for column in zip(*moments, strict=True))
+                multipliers, table = gsnr_multipliers(means, mean_sqs, gamma=group["gamma"], eps=self.eps)
+                tables.append((params, table))
+                if group.get("beta3") is not None:
+                    multipliers = _bias_corrected_emas(
+                        [state[p] for p in params], multipliers, group["beta3"]
+                    )
+                torch._foreach_mul_([p.grad for p in params], multipliers)
+            self.last_groups, self._last_tables = groups, tables
+            return True
+        finally:
+            self.statistics.reset()
+
+    def summary(
+        self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
+    ) -> dict[str, float]:
+        """The last step's multiplier statistics (see `GSNRScaledOptimizer.gsnr_summary`)."""
+        if not self._last_tables:
+            return {}
+        params = [p for group_params, _ in self._last_tables for p in group_params]
+        table = torch.cat([t.double().cpu() for _, t in self._last_tables])
+        numel, informative, total, at_gamma, at_one = table.sum(0).tolist()
+        denominator = max(informative, 1.0)
+        summary = {
+            "gsnr/groups": float(self.last_groups),
+            "gsnr/mean_multiplier": total / denominator,
+            "gsnr/fraction_at_gamma": at_gamma / denominator,
+            "gsnr/fraction_at_one": at_one / denominator,
+            "gsnr/fraction_without_gradient": 1.0 - informative / numel,
+        }
+        if per_layer:
+            for index, (param, row) in enumerate(zip(params, table.tolist(), strict=True)):
+                name = names.get(param, f"param_{index}") if names else f"param_{index}"
+                summary[f"gsnr/{name}/mean_multiplier"] = row[2] / max(row[1], 1.0)
+                summary[f"gsnr/{name}/fraction_at_gamma"] = row[3] / max(row[1], 1.0)
+        return summary
+
+
+def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
+    """Whether every gradient element is finite (one host sync); warns that the step is skipped if not."""
+    # The largest magnitude is inf/NaN exactly when an element is, and cannot overflow (unlike a 2-norm).
+    if not grads:
+        return True
+    largest = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, float("inf"))])
+    if bool(largest.isfinite().all()):
+        return True
+    warnings.warn(
+        "non-finite gradients: this optimizer step is skipped (parameters and state untouched)", stacklevel=4
+    )
+    return False
+
+
+def _bias_corrected_emas(
+    states: list[dict], multipliers: list[torch.Tensor], beta3: float
+) -> list[torch.Tensor]:
+    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` in ``multipliers``' memory.
+
+    Reconstructed VR-Adam (see `VRAdam`).
+    """
+    for state, multiplier in zip(states, multipliers, strict=True):
+        if "gsnr_ema" not in state:
+            state["gsnr_ema"] = torch.zeros_like(multiplier)
+            state["gsnr_step"] = 0
+        state["gsnr_step"] += 1
+    emas = [state["gsnr_ema"] for state in states]
+    torch._foreach_lerp_(emas, multipliers, 1.0 - beta3)
+    torch._foreach_copy_(multipliers, emas)
+    torch._foreach_div_(multipliers, [1.0 - beta3 ** state["gsnr_step"] for state in states])
+    return multipliers
+
+
+class GSNRScaledOptimizer(StrictStateOptimizer):
+    """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs ``update_rule``.
+
+    Adds ``gamma`` (and ``beta3`` when given) to the defaults, so both can be set per parameter group.
+    Statistics memory: two float32 buffers (S1, S2) per trainable parameter, outside the state dict
+    (they are reset at every step, so checkpoints never need them). ``step()`` computes the multiplier
+    in place in them, with one temporary float32 tensor per parameter of the group being scaled.
+    """
+
+    fp32_state_keys: ClassVar[tuple[str, ...]] = ("gsnr_ema",)
+
+    def __init__(
+        self, params: ParamsT, defaults: dict[str, Any], gamma: float, beta3: float | None, gsnr_eps: float
+    ) -> None:
+        VRGDConfig(gamma=gamma, beta3=beta3, eps=gsnr_eps)
+        defaults = {**defaults, "gamma": gamma}
+        if beta3 is not None:
+            defaults["beta3"] = beta3
+        super().__init__(params, defaults)
+        self.gsnr_scaler = GSNRGradientScaler(
+            [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
+        )
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        # The statistics hooks are registered once, over the parameters given at construction.
+        if hasattr(self, "gsnr_scaler"):
+            raise ValueError(
+                f"{type(self).__name__} takes all its parameter groups at construction (the GSNR hooks are "
+                "registered then); build a new optimizer, e.g. with frozen parameters in a group of lr=0"
+            )
+        super().add_param_group(param_group)
+
+    def _prepare_gradients(self) -> bool:
+        return self.gsnr_scaler.scale_gradients(self.param_groups, self.state)
+
+    def gsnr_summary(
+        self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
+    ) -> dict[str, float]:
+        """Multiplier statistics of the last step, for logging (empty before the first step).
+
+        Keys: ``gsnr/groups`` (K), ``gsnr/mean_multiplier``, ``gsnr/fraction_at_gamma``,
+        ``gsnr/fraction_at_one``, ``gsnr/fraction_without_gradient`` and, with ``per_layer``,
+        ``gsnr/<name>/mean_multiplier`` and ``gsnr/<name>/fraction_at_gamma`` per tensor (``names`` maps
+        parameters to names; ``param_<i>`` otherwise). The multiplier is the clipped ``r`` of that
+        step, before any ``beta3`` EMA.
+        """
+        return self.gsnr_scaler.summary(names, per_layer)

@@ -1,0 +1,232 @@
+"""GSNR reference math and hook statistics against brute force over explicit group gradients.
+
+The groups of several ranks are emulated in one process here (one backward per group); the cross-rank
+all-reduce of the same statistics is checked in ``test_vrgd_ddp.py``.
+"""
+
+from __future__ import annotations
+
+import gc
+import weakref
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_vrgd import VRSGD, gsnr_multiplier
+from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
+
+EPS = 1e-6
+
+
+def brute_force_multiplier(group_grads: torch.Tensor, gamma: float, eps: float = EPS) -> torch.Tensor:
+    """The paper's eq. 7-9 from a stack of K group gradients ``[K, *shape]``, in float64."""
+    grads = group_grads.double()
+    mean = grads.mean(0)
+    variance = grads.var(0, unbiased=False)
+    mean_sq = grads.square().mean(0)
+    informative = mean_sq > 0
+    ratio = torch.where(informative, mean.square() / (variance + eps * mean_sq), 0.0)
+    normalized = ratio / ratio[informative].mean()
+    return torch.where(informative, normalized.clamp(gamma, 1.0), 1.0)
+
+
+def tiny_model() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(5, 7), torch.nn.Tanh(), torch.nn.Linear(7, 3))
+
+
+def group_gradients(model: torch.nn.Module, batches: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Explicit per-group gradients via ``torch.autograd.grad``, stacked per parameter."""
+    per_group = [torch.autograd.grad(model(x).square().mean(), list(model.parameters())) for x in batches]
+    return [torch.stack(grads) for grads in zip(*per_group, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("ranks", "accumulation"), [(1, 2), (1, 5), (2, 1), (2, 3), (4, 2)], ids=lambda v: str(v)
+)
+@pytest.mark.parametrize("gamma", [0.1, 0.5])
+def test_hook_statistics_match_brute_force(ranks: int, accumulation: int, gamma: float) -> None:
+    model = tiny_model()
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 5) for _ in range(ranks * accumulation)]
+    expected = [brute_force_multiplier(g, gamma) for g in group_gradients(model, batches)]
+
+    statistics = GradientStatistics(model.parameters())
+    for x in batches:  # the Trainer divides each micro-batch loss by the accumulation steps
+        (model(x).square().mean() / accumulation).backward()
+    groups = statistics.all_reduce()
+    assert groups == ranks * accumulation
+    for param, reference in zip(model.parameters(), expected, strict=True):
+        multiplier = gsnr_multiplier(*statistics.moments(param, groups), gamma=gamma, eps=EPS)
+        torch.testing.assert_close(multiplier.double(), reference, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("scale", [1e-4, 1 / 3, 1024.0])
+def test_multiplier_is_scale_invariant(scale: float) -> None:
+    torch.manual_seed(0)
+    group_grads = torch.randn(6, 32, 8)
+    mean, mean_sq = group_grads.mean(0), group_grads.square().mean(0)
+    reference = gsnr_multiplier(mean, mean_sq, gamma=0.1, eps=EPS)
+    scaled = gsnr_multiplier(scale * mean, scale**2 * mean_sq, gamma=0.1, eps=EPS)
+    torch.testing.assert_close(scaled, reference, rtol=1e-4, atol=1e-5)
+
+
+def test_loss_scale_does_not_change_hook_multiplier() -> None:
+    """A loss scale (fp16 GradScaler, 1/accumulation) multiplies every group gradient alike and cancels."""
+    torch.manual_seed(1)
+    batches = [torch.randn(4, 5) for _ in range(3)]
+    multipliers = []
+    for loss_scale in (1.0, 2.0**12):
+        model = tiny_model()
+        statistics = GradientStatistics(model.parameters())
+        for x in batches:
+            (model(x).square().mean() * loss_scale).backward()
+        groups = statistics.all_reduce()
+        multipliers.append(
+            [gsnr_multiplier(*statistics.moments(p, groups), 0.1, EPS) for p in model.parameters()]
+        )
+    for unscaled, scaled in zip(*multipliers, strict=True):
+        torch.testing.assert_close(scaled, unscaled, rtol=1e-4, atol=1e-5)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    groups=st.integers(2, 6),
+    gamma=st.floats(0.01, 1.0),
+    seed=st.integers(0, 2**16),
+)
+def test_multiplier_stays_within_gamma_and_one(groups: int, gamma: float, seed: int) -> None:
+    torch.manual_seed(seed)
+    group_grads = torch.randn(groups, 17) * torch.rand(17)
+    multiplier = gsnr_multiplier(group_grads.mean(0), group_grads.square().mean(0), gamma=gamma, eps=EPS)
+    assert multiplier.dtype == torch.float32
+    assert bool(((multiplier >= gamma) & (multiplier <= 1.0)).all())
+
+
+def test_degenerate_elements() -> None:
+    """All-zero elements get 1 and stay out of the tensor mean; agreeing groups get 1; pure noise gets gamma."""
+    zero_and_noisy = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.5, -1.0]])
+    multiplier = gsnr_multiplier(zero_and_noisy.mean(0), zero_and_noisy.square().mean(0), 0.1, EPS)
+    expected = brute_force_multiplier(zero_and_noisy, 0.1)
+    torch.testing.assert_close(multiplier.double(), expected)
+    assert multiplier[0] == 1.0
+
+    agreeing = torch.tensor([[0.5, -2.0], [0.5, -2.0]])
+    ones = gsnr_multiplier(agreeing.mean(0), agreeing.square().mean(0), 0.1, EPS)
+    torch.testing.assert_close(ones, torch.ones(2))
+
+    opposite = torch.tensor([[0.5, -2.0], [-0.5, 2.0]])
+    noise = gsnr_multiplier(opposite.mean(0), opposite.square().mean(0), 0.1, EPS)
+    torch.testing.assert_close(noise, torch.full((2,), 0.1))
+
+    everything_zero = torch.zeros(2, 4)
+    assert bool((gsnr_multiplier(everything_zero[0], everything_zero[0], 0.1, EPS) == 1.0).all())
+
+
+@pytest.mark.parametrize("gamma", [0.1, 1.0])
+def test_foreach_multipliers_match_the_reference(gamma: float) -> None:
+    """The optimizers' foreach path equals `gsnr_multiplier` tensor by tensor, and its table counts right."""
+    torch.manual_seed(0)
+    group_grads = [torch.randn(4, 9, 5), torch.randn(4, 33), torch.zeros(4, 6), torch.randn(4, 1)]
+    group_grads[0][:, 2] = 0.0  # a row without gradient (absent embedding row)
+    group_grads[1][:, :3] = 0.7  # agreeing groups (var = 0)
+    means = [g.mean(0) for g in group_grads]
+    mean_sqs = [g.square().mean(0) for g in group_grads]
+    expected = [gsnr_multiplier(m, s, gamma, EPS) for m, s in zip(means, mean_sqs, strict=True)]
+    multipliers, table = gsnr_multipliers(
+        [m.clone() for m in means], [s.clone() for s in mean_sqs], gamma, EPS
+    )
+    for multiplier, reference, mean_sq, row in zip(multipliers, expected, mean_sqs, table, strict=True):
+        torch.testing.assert_close(multiplier, reference, rtol=1e-5, atol=1e-6)
+        informative = mean_sq > 0
+        counts = [
+            reference.numel(),
+            informative.sum(),
+            reference[informative].sum(),
+            (reference[informative] <= gamma).sum(),
+            (reference[informative] >= 1.0).sum(),
+        ]
+        torch.testing.assert_close(row, torch.tensor(counts, dtype=torch.float32), rtol=1e-5, atol=1e-4)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    groups=st.integers(2, 5),
+    sizes=st.lists(st.integers(1, 40), min_size=1, max_size=4),
+    zero_fraction=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**16),
+)
+def test_foreach_multipliers_match_the_reference_on_random_tensors(
+    groups: int, sizes: list[int], zero_fraction: float, seed: int
+) -> None:
+    torch.manual_seed(seed)
+    group_grads = [torch.randn(groups, n) * (torch.rand(n) >= zero_fraction) for n in sizes]
+    means = [g.mean(0) for g in group_grads]
+    mean_sqs = [g.square().mean(0) for g in group_grads]
+    multipliers, _ = gsnr_multipliers([m.clone() for m in means], [s.clone() for s in mean_sqs], 0.1, EPS)
+    for multiplier, mean, mean_sq in zip(multipliers, means, mean_sqs, strict=True):
+        torch.testing.assert_close(multiplier, gsnr_multiplier(mean, mean_sq, 0.1, EPS), rtol=1e-5, atol=1e-6)
+
+
+def test_unused_parameter_counts_zero_in_every_group() -> None:
+    """A parameter without gradient in one micro-batch contributes 0 there but K counts every backward."""
+    torch.manual_seed(0)
+    used, sometimes = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    statistics = GradientStatistics([used, sometimes])
+    (used * 2.0).sum().backward()
+    (used * 3.0 + sometimes * 4.0).sum().backward()
+    groups = statistics.all_reduce()
+    assert groups == 2
+    mean, mean_sq = statistics.moments(sometimes, groups)
+    torch.testing.assert_close(mean, torch.full((3,), 2.0))
+    torch.testing.assert_close(mean_sq, torch.full((3,), 8.0))
+
+
+def test_window_restarts_after_a_skipped_step() -> None:
+    """Gradients zeroed without an optimizer step (GradScaler overflow) start a new window."""
+    model = tiny_model()
+    statistics = GradientStatistics(model.parameters())
+    for _ in range(2):
+        model(torch.randn(4, 5)).sum().backward()
+    model.zero_grad()
+    model(torch.randn(4, 5)).sum().backward()
+    assert statistics.all_reduce() == 1
+
+
+def test_single_group_raises_with_advice() -> None:
+    model = tiny_model()
+    optimizer = VRSGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 5)).sum().backward()
+    with pytest.raises(ValueError, match=r"gradient_accumulation_steps.*gradient_groups"):
+        optimizer.step()
+
+
+def test_sparse_gradients_are_refused() -> None:
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    statistics = GradientStatistics(embedding.parameters())
+    with pytest.raises(ValueError, match="dense gradients"):
+        embedding(torch.tensor([1, 2])).sum().backward()
+    assert statistics.backward_passes == 1
+
+
+def test_hooks_are_removed_with_the_optimizer() -> None:
+    """Replacing an optimizer leaves no hooks of the old one on the parameters."""
+    model = tiny_model()
+    optimizer = VRSGD(model.parameters(), lr=0.1)
+    statistics = weakref.ref(optimizer.gsnr_scaler.statistics)
+    del optimizer
+    gc.collect()
+    assert statistics() is None
+    assert all(not p._backward_hooks for p in model.parameters())
+
+
+def test_statistics_only_for_trainable_parameters() -> None:
+    model = tiny_model()
+    model[0].weight.requires_grad_(False)
+    statistics = GradientStatistics(model.parameters())
+    assert all(p is not model[0].weight for p in statistics.params)
+    assert len(statistics.params) == 3
+    with pytest.raises(ValueError, match="requires_grad"):
+        GradientStatistics([model[0].weight])
