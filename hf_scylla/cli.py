@@ -1,13 +1,104 @@
-"""The ``hf-scylla`` command line."""
+"""The ``hf-scylla`` command line: bench (plus demo and env)."""
 
 from __future__ import annotations
 
+import argparse
+import platform
 from collections.abc import Sequence
+from pathlib import Path
 
-from hf_common.cli import COMMON_COMMANDS, run_cli
+import torch
+
+from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.default_model import DEFAULT_MODEL_ID
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
-COMMANDS = (*COMMON_COMMANDS,)
+
+
+def _machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_scylla.benchmark import PROMPTS_DIR
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument("--draft", type=Path, help="Folder of a trained Scylla draft for --model.")
+    parser.add_argument(
+        "--untrained-depth",
+        type=int,
+        default=1,
+        help="Without --draft: depth of an untrained (random) draft, which measures the drafting overhead.",
+    )
+    parser.add_argument(
+        "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
+    )
+    parser.add_argument("--limit", type=int, default=5, help="Prompts per set (0: all).")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt.")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="Prompt lookup candidates.")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_common.reporting import markdown_table, plot_series, save_json
+    from hf_scylla.benchmark import load_prompt_sets, run_benchmark
+    from hf_scylla.config import ScyllaDraftConfig
+    from hf_scylla.modeling import ScyllaDraftModel
+
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    if args.draft is not None:
+        draft = ScyllaDraftModel.from_pretrained(args.draft, target=target, target_tokenizer=tokenizer)
+        draft_name = f"scylla:{args.draft.name}"
+    else:
+        torch.manual_seed(0)
+        config = ScyllaDraftConfig.from_target_config(target.config, args.untrained_depth, tokenizer)
+        draft = ScyllaDraftModel(config)
+        draft.attach_target(target, tokenizer)
+        draft_name = f"scylla-untrained-D{args.untrained_depth}"
+    draft = draft.to(target.device).eval()
+    prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
+    rows = run_benchmark(
+        target,
+        tokenizer,
+        prompt_sets,
+        draft=draft,
+        draft_name=draft_name,
+        max_new_tokens=args.max_new_tokens,
+        prompt_lookup_tokens=args.prompt_lookup_tokens,
+    )
+    command = "hf-scylla " + " ".join(getattr(args, "argv", []))
+    save_json(args.output_dir / "bench.json", {"command": command, "machine": _machine(), "rows": rows})
+    columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
+    table = markdown_table(rows, [*columns, "lossless"])
+    title = f"Speculative decoding on {args.model}, greedy, {args.max_new_tokens} new tokens"
+    (args.output_dir / "bench.md").write_text(
+        f"# {title}\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n{table}"
+    )
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    series = {
+        method: (
+            [row["set"] for row in rows if row["method"] == method],
+            [row["speedup"] for row in rows if row["method"] == method],
+        )
+        for method in methods
+    }
+    plot_series(args.output_dir / "bench.png", series, title, "prompt set", "speedup vs greedy")
+    print(table)
+    print(f"Saved {args.output_dir}/bench.json, .md and .png")
+    return 0 if all(row["lossless"] for row in rows) else 1
+
+
+COMMANDS = (
+    *COMMON_COMMANDS,
+    Command(
+        "bench",
+        "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",
+        _add_bench_arguments,
+        _run_bench,
+    ),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

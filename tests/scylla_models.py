@@ -23,11 +23,19 @@ def make_target(
     return target
 
 
-def make_draft(target: PreTrainedModel, depth: int = 1, oracle: bool = False, seed: int = 1, **overrides):
+def make_draft(
+    target: PreTrainedModel,
+    depth: int = 1,
+    oracle: bool = False,
+    oracle_context_scale: float = 0.0,
+    seed: int = 1,
+    **overrides,
+) -> ScyllaDraftModel:
     """A random draft, or (``oracle``) one predicting the bigram feature ``embed(x_{t+1})``.
 
     The oracle draft agrees with a target built with a small ``context_scale`` on most tokens, so
-    tests see long accepted chains as well as rejections.
+    tests see long accepted chains as well as rejections. ``oracle_context_scale > 0`` keeps that
+    fraction of the draft's attention/MLP outputs, so its guesses also depend on its KV cache.
     """
     torch.manual_seed(seed)
     config = ScyllaDraftConfig.from_target_config(target.config, num_hidden_layers=depth, **overrides)
@@ -39,6 +47,6 @@ def make_draft(target: PreTrainedModel, depth: int = 1, oracle: bool = False, se
             draft.fc.weight.zero_()
             draft.fc.weight[:, :hidden] = torch.eye(hidden)
             for layer in draft.layers:
-                layer.self_attn.o_proj.weight.zero_()
-                layer.mlp.down_proj.weight.zero_()
+                layer.self_attn.o_proj.weight.mul_(oracle_context_scale)
+                layer.mlp.down_proj.weight.mul_(oracle_context_scale)
     return draft
