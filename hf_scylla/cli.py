@@ -1,8 +1,9 @@
-"""The ``hf-scylla`` command line: bench (plus demo and env)."""
+"""The ``hf-scylla`` command line: bench, stage, publish (plus demo and env)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import platform
 from collections.abc import Sequence
 from pathlib import Path
@@ -90,6 +91,102 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0 if all(row["lossless"] for row in rows) else 1
 
 
+def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="Folder of a saved Scylla draft (save_pretrained).")
+    parser.add_argument(
+        "--repo-name", required=True, help="Hub repository '<org>/<name>' it will be published to."
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, required=True, help="Folder to write the staged repository into."
+    )
+    parser.add_argument(
+        "--target",
+        help="Hub ID or folder of the target (its tokenizer is staged; default: the draft config's target).",
+    )
+    parser.add_argument(
+        "--eval-results",
+        type=Path,
+        help="JSON with measured tau and/or speedup plus dataset_name, dataset_type (optional dataset_split, "
+        "setting); without it the card says 'not evaluated yet'.",
+    )
+    parser.add_argument(
+        "--dataset", action="append", default=[], help="Training dataset Hub ID (repeatable)."
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_scylla.config import ScyllaDraftConfig
+    from hf_scylla.hub import stage_draft
+    from hf_scylla.modeling import ScyllaDraftModel
+
+    target_name = args.target or ScyllaDraftConfig.from_pretrained(args.checkpoint).target_name_or_path
+    if not target_name:
+        raise SystemExit("error: the draft config names no target; pass --target")
+    tokenizer = AutoTokenizer.from_pretrained(target_name)
+    draft = ScyllaDraftModel.from_pretrained(args.checkpoint)
+    if draft.config.save_embeddings and not draft.is_attached:
+        draft.attach_target(AutoModelForCausalLM.from_pretrained(target_name), tokenizer)
+    eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
+    folder = stage_draft(
+        draft,
+        tokenizer,
+        args.output_dir,
+        repo_name=args.repo_name,
+        eval_results=eval_results,
+        datasets=args.dataset,
+        base_model=args.target,
+        overwrite=args.overwrite,
+    )
+    print(
+        f"Staged {args.repo_name} in {folder}; check it with: hf-scylla publish {folder} --repo-id "
+        f"{args.repo_name} --dry-run"
+    )
+    return 0
+
+
+def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", type=Path, help="A folder written by `hf-scylla stage`.")
+    parser.add_argument("--repo-id", required=True, help="Hub repository '<org>/<name>'.")
+    parser.add_argument("--tag", help="Tag the upload commit with this revision name (e.g. v1).")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Allow replacing an existing repository's files."
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Validate and list the files; send nothing.")
+    parser.add_argument(
+        "--endpoint", help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co); token: $HF_TOKEN."
+    )
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from hf_scylla.hub import PublishError, StagedFolderError, publish
+
+    try:
+        result = publish(
+            args.folder,
+            args.repo_id,
+            endpoint=args.endpoint,
+            revision_tag=args.tag,
+            private=args.private,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+        )
+    except (PublishError, StagedFolderError) as error:
+        print(f"error: {error}")
+        return 1
+    for file in result.files:
+        print(f"{file.sha256}  {file.size:>12}  {file.path}")
+    if result.dry_run:
+        print(f"Dry run: {len(result.files)} files would be uploaded to {args.repo_id}; nothing was sent.")
+    else:
+        tag = f", tagged {result.tag}" if result.tag else ""
+        print(f"Uploaded {len(result.files)} files to {result.repo_url} in commit {result.commit_oid}{tag}")
+    return 0
+
+
 COMMANDS = (
     *COMMON_COMMANDS,
     Command(
@@ -97,6 +194,18 @@ COMMANDS = (
         "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",
         _add_bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "stage",
+        "Write a saved draft as a complete Hub repository folder (weights, tokenizer, custom_generate, card).",
+        _add_stage_arguments,
+        _run_stage,
+    ),
+    Command(
+        "publish",
+        "Validate a staged folder and upload it to the Hub in one commit (optionally tagged).",
+        _add_publish_arguments,
+        _run_publish,
     ),
 )
 
