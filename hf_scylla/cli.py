@@ -137,7 +137,7 @@ def _run_stage(args: argparse.Namespace) -> int:
         repo_name=args.repo_name,
         eval_results=eval_results,
         datasets=args.dataset,
-        base_model=args.target,
+        base_model=draft.config.target_name_or_path or target_name,
         overwrite=args.overwrite,
     )
     print(

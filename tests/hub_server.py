@@ -100,7 +100,7 @@ def _make_handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
 
 class _HubRequestHandler(BaseHTTPRequestHandler):
     hub: LoopbackHub
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.0"  # one request per connection: a stopped hub answers nothing more
 
     def log_message(self, format: str, *args) -> None:
         """Keep test output clean: no per-request line on stderr."""
