@@ -202,6 +202,7 @@ def test_custom_generate_folder_is_lossless(target, draft, tokenizer, tmp_path: 
 
 def test_publish_round_trip_with_tags(hub: LoopbackHub, target, draft, tokenizer, tmp_path: Path) -> None:
     folder = stage(draft, tokenizer, tmp_path / "staged", eval_results=EVAL_RESULTS)
+    (folder / "NOTES.md").write_text("only in the first release")
     result = publish(folder, REPO_ID, revision_tag="v1")
     assert not result.dry_run and result.tag == "v1"
     assert hub.commit_count(REPO_ID) == 2  # the repository's initial commit + one upload commit
@@ -219,6 +220,9 @@ def test_publish_round_trip_with_tags(hub: LoopbackHub, target, draft, tokenizer
     stage(retrained, tokenizer, folder, overwrite=True)
     second = publish(folder, REPO_ID, revision_tag="v2", overwrite=True)
     assert hub.commit_count(REPO_ID) == 3 and second.commit_oid != result.commit_oid
+    head_files = set(hub.repos[REPO_ID].head.files)
+    assert head_files == {file.path for file in second.files} | {".gitattributes"}, "stale files are deleted"
+    assert "NOTES.md" in hub.repos[REPO_ID].resolve("v1").files
     assert_same_weights(ScyllaDraftModel.from_pretrained(REPO_ID, revision="v1"), draft)
     assert_same_weights(ScyllaDraftModel.from_pretrained(REPO_ID, revision="v2"), retrained)
     assert_same_weights(ScyllaDraftModel.from_pretrained(REPO_ID), retrained)
@@ -236,6 +240,15 @@ def test_custom_generate_from_the_hub_is_lossless(
     assert stats.cycles > 0 and stats.tau > 1.0
     assert ("GET", f"/{REPO_ID}/resolve/v1/custom_generate/generate.py") in hub.requests
     assert ("GET", f"/api/models/{REPO_ID}/revision/v1") in hub.requests, "the draft must load from the tag"
+
+
+def test_private_repo_needs_a_token_to_read(hub: LoopbackHub, draft, tokenizer, tmp_path: Path) -> None:
+    publish(stage(draft, tokenizer, tmp_path / "staged"), REPO_ID, private=True)
+    assert hub.repos[REPO_ID].private
+    assert HfApi(token=TOKEN).model_info(REPO_ID).private
+    with pytest.raises(HfHubHTTPError) as error:
+        HfApi(token="hf_wrong").model_info(REPO_ID)
+    assert error.value.response.status_code == 401
 
 
 def test_publish_without_token_fails_before_any_request(
