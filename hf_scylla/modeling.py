@@ -170,9 +170,10 @@ class ScyllaDraftModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save the draft; the target's embedding and LM head only if ``config.save_embeddings``."""
-        if not self.config.save_embeddings and "state_dict" not in kwargs:
+        if not self.config.save_embeddings:
+            state_dict = kwargs.pop("state_dict", None) or self.state_dict()
             kwargs["state_dict"] = {
-                key: value for key, value in self.state_dict().items() if key not in SHARED_WITH_TARGET
+                key: value for key, value in state_dict.items() if key not in SHARED_WITH_TARGET
             }
         super().save_pretrained(save_directory, **kwargs)
 
