@@ -67,6 +67,8 @@ def eagle_loss(
         loss_mask: ``(B, T)`` 1 on the tokens to learn from (e.g. the response), 0 on prompt and padding.
         unroll_steps: passes over the draft's own predicted features (1: teacher forcing only).
         noise_std: std of uniform noise added to the input features (EAGLE uses 0.2 x U(-0.5, 0.5)).
+        token_weight: weight of the distillation term; 0 skips the LM head (vocab-sized logits), which
+            dominates the cost of a small draft, and reports ``token_loss``/``accuracy`` as NaN.
     """
     if draft.config.target_hidden_layer != -1:
         raise ValueError(
@@ -77,25 +79,33 @@ def eagle_loss(
     # Pair t = (h_t, x_{t+1}) counts when x_{t+1} is a masked-in token; it predicts h_{t+1} and x_{t+2}.
     mask = (loss_mask if loss_mask is not None else torch.ones_like(input_ids))[:, 1:].to(hidden_states.dtype)
     tokens, features_in, next_features = input_ids[:, 1:], hidden_states[:, :-1], hidden_states[:, 1:]
-    with torch.no_grad():
-        target_log_probs = draft.lm_head(next_features).float().log_softmax(dim=-1)
+    distil = token_weight > 0
+    if distil:
+        with torch.no_grad():
+            target_log_probs = draft.lm_head(next_features).float().log_softmax(dim=-1)
     total = hidden_states.new_zeros(())
+    token_loss = accuracy = torch.tensor(float("nan"))
     for step in range(unroll_steps):
         if noise_std > 0:
             features_in = features_in + (torch.rand_like(features_in) - 0.5) * noise_std
-        out = draft(tokens, features_in)
+        out = draft(tokens, features_in, logits_to_keep=0 if distil else 1)
         feature_loss = _masked_mean(
             F.smooth_l1_loss(out.features, next_features, reduction="none").mean(-1), mask
         )
-        log_probs = out.logits.float().log_softmax(dim=-1)
-        token_loss = _masked_mean(-(target_log_probs.exp() * log_probs).sum(-1), mask)
-        total = total + step_decay**step * (feature_weight * feature_loss + token_weight * token_loss)
+        step_loss = feature_weight * feature_loss
+        if distil:
+            log_probs = out.logits.float().log_softmax(dim=-1)
+            step_token_loss = _masked_mean(-(target_log_probs.exp() * log_probs).sum(-1), mask)
+            step_loss = step_loss + token_weight * step_token_loss
+        total = total + step_decay**step * step_loss
         if step == 0:
-            first = (feature_loss.detach(), token_loss.detach())
-            agreement = (log_probs.argmax(-1) == target_log_probs.argmax(-1)).to(mask.dtype)
-            accuracy = _masked_mean(agreement, mask).detach()
+            first_feature_loss = feature_loss.detach()
+            if distil:
+                token_loss = step_token_loss.detach()
+                agreement = (log_probs.argmax(-1) == target_log_probs.argmax(-1)).to(mask.dtype)
+                accuracy = _masked_mean(agreement, mask).detach()
         features_in = torch.cat([hidden_states[:, :1], out.features[:, :-1].detach()], dim=1)
-    return EagleLoss(loss=total, feature_loss=first[0], token_loss=first[1], accuracy=accuracy)
+    return EagleLoss(loss=total, feature_loss=first_feature_loss, token_loss=token_loss, accuracy=accuracy)
 
 
 class FeatureDataset(Dataset):
@@ -169,13 +179,12 @@ def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.
 class _EagleTrainer(Trainer):
     """Trainer whose loss is `eagle_loss`; logs its parts next to the total."""
 
-    def __init__(self, *args, unroll_steps: int, noise_std: float, **kwargs):
+    def __init__(self, *args, loss_settings: dict, **kwargs):
         super().__init__(*args, **kwargs)
-        self.unroll_steps = unroll_steps
-        self.noise_std = noise_std
+        self.loss_settings = loss_settings
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        result = eagle_loss(model, **inputs, unroll_steps=self.unroll_steps, noise_std=self.noise_std)
+        result = eagle_loss(model, **inputs, **self.loss_settings)
         if self.state.global_step % max(self.args.logging_steps, 1) == 0 and model.training:
             self.log(
                 {
@@ -196,6 +205,7 @@ def train_draft(
     learning_rate: float = 3e-4,
     unroll_steps: int = 2,
     noise_std: float = 0.2,
+    token_weight: float = 0.1,
     resume: bool | str = False,
     **training_arguments,
 ):
@@ -232,8 +242,7 @@ def train_draft(
         args=TrainingArguments(**arguments),
         train_dataset=features,
         data_collator=collate_features,
-        unroll_steps=unroll_steps,
-        noise_std=noise_std,
+        loss_settings={"unroll_steps": unroll_steps, "noise_std": noise_std, "token_weight": token_weight},
     )
     draft.train()
     result = trainer.train(resume_from_checkpoint=resume or None)

@@ -115,3 +115,14 @@ def test_resume_continues_from_the_last_checkpoint(target, features, tmp_path: P
     assert output.global_step == 8
     for key, value in straight.state_dict().items():
         torch.testing.assert_close(resumed.state_dict()[key], value, msg=key)
+
+
+def test_feature_only_loss_skips_the_lm_head(target, features) -> None:
+    draft = make_draft(target)
+    batch = collate_features([features[0], features[1]])
+    with torch.no_grad():
+        full, feature_only = eagle_loss(draft, **batch), eagle_loss(draft, **batch, token_weight=0.0)
+    assert torch.equal(full.feature_loss, feature_only.feature_loss)
+    assert torch.equal(feature_only.loss, feature_only.feature_loss)
+    assert torch.isnan(feature_only.token_loss)
+    assert torch.isclose(full.loss, full.feature_loss + 0.1 * full.token_loss)
