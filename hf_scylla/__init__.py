@@ -1,5 +1,7 @@
 """Scylla (arXiv 2505.07858): speculative decoding with scaled EAGLE-style draft models, through ``generate()``."""
 
+from pathlib import Path
+
 from hf_common import __version__
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
@@ -7,7 +9,11 @@ from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.reference import reference_speculative_decode
 
+CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
+"""Pass as ``generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, draft_model=draft)``."""
+
 __all__ = [
+    "CUSTOM_GENERATE_DIR",
     "ScyllaCandidateGenerator",
     "ScyllaDraftConfig",
     "ScyllaDraftModel",

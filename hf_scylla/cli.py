@@ -1,4 +1,4 @@
-"""The ``hf-scylla`` command line: bench, stage, publish (plus demo and env)."""
+"""The ``hf-scylla`` command line: train, bench, stage, publish (plus demo and env)."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from hf_common.cli import COMMON_COMMANDS, Command, run_cli
 from hf_common.default_model import DEFAULT_MODEL_ID
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
+GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
 
 
 def _machine() -> str:
@@ -89,6 +90,83 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")
     return 0 if all(row["lossless"] for row in rows) else 1
+
+
+def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from GSM8K-style ``question``/``answer`` or EAGLE-style ``turns``/``reference``."""
+    if not path.is_file():
+        raise SystemExit(f"error: training data {path} not found (pass another with --data)")
+    pairs = []
+    with path.open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            if "question" in record:
+                pairs.append((record["question"], record["answer"]))
+            elif record.get("reference"):
+                pairs.append((record["turns"][0], record["reference"][0]))
+            if len(pairs) == limit:
+                break
+    return pairs
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
+    parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
+    parser.add_argument("--max-length", type=int, default=256, help="Tokens per conversation (truncated).")
+    parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
+    parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Conversations per step.")
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate.")
+    parser.add_argument("--unroll-steps", type=int, default=2, help="Passes on the draft's own features.")
+    parser.add_argument(
+        "--token-weight",
+        type=float,
+        default=0.1,
+        help="Weight of the LM-head distillation term (0: feature loss only).",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("runs/scylla/draft"), help="Draft and checkpoints."
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue from the last checkpoint in --output-dir."
+    )
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_scylla.config import ScyllaDraftConfig
+    from hf_scylla.modeling import ScyllaDraftModel
+    from hf_scylla.training import FeatureDataset, cache_target_features, train_draft
+
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    features_path = args.output_dir / f"features-{args.samples}x{args.max_length}.pt"
+    if features_path.is_file():
+        features = FeatureDataset.load(features_path)
+    else:
+        conversations = _read_conversations(args.data, args.samples)
+        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        features.save(features_path)
+    torch.manual_seed(0)
+    draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
+    draft.attach_target(target, tokenizer)
+    draft.to(target.device)
+    result = train_draft(
+        draft,
+        features,
+        args.output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        unroll_steps=args.unroll_steps,
+        token_weight=args.token_weight,
+        resume=args.resume,
+    )
+    print(
+        f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; draft saved to {args.output_dir}"
+    )
+    return 0
 
 
 def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
@@ -189,6 +267,12 @@ def _run_publish(args: argparse.Namespace) -> int:
 
 COMMANDS = (
     *COMMON_COMMANDS,
+    Command(
+        "train",
+        "Train a Scylla draft for a target on cached target features (EAGLE loss, Trainer, resumable).",
+        _add_train_arguments,
+        _run_train,
+    ),
     Command(
         "bench",
         "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",

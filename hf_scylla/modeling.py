@@ -170,11 +170,13 @@ class ScyllaDraftModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save the draft; the target's embedding and LM head only if ``config.save_embeddings``."""
-        if not self.config.save_embeddings and "state_dict" not in kwargs:
-            kwargs["state_dict"] = {
-                key: value for key, value in self.state_dict().items() if key not in SHARED_WITH_TARGET
-            }
-        super().save_pretrained(save_directory, **kwargs)
+        state_dict = kwargs.pop("state_dict", None) or self.state_dict()
+        if not self.config.save_embeddings:
+            state_dict = {key: value for key, value in state_dict.items() if key not in SHARED_WITH_TARGET}
+        elif state_dict["lm_head.weight"].data_ptr() == state_dict["embed_tokens.weight"].data_ptr():
+            # The target ties them; the draft's config does not, so the checkpoint holds two copies.
+            state_dict = {**state_dict, "lm_head.weight": state_dict["lm_head.weight"].clone()}
+        super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
 
     @classmethod
     def from_pretrained(

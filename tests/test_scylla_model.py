@@ -67,9 +67,10 @@ def test_narrow_draft_projects_back_to_the_target_width() -> None:
     assert out.logits.shape == (1, 5, 128)
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied-target", "tied-target"])
 @pytest.mark.parametrize("save_embeddings", [False, True], ids=["without-embeddings", "with-embeddings"])
-def test_save_load_round_trip(tmp_path: Path, save_embeddings: bool) -> None:
-    target = make_target()
+def test_save_load_round_trip(tmp_path: Path, save_embeddings: bool, tied: bool) -> None:
+    target = make_target(tie_word_embeddings=tied)
     draft = make_draft(target, depth=2, save_embeddings=save_embeddings)
     draft.save_pretrained(tmp_path)
     saved_keys = set(load_file(tmp_path / "model.safetensors"))
