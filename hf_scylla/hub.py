@@ -88,9 +88,9 @@ def _draft_for(model, draft_repo, revision, token):
     return drafts[key]
 
 
-def generate(model, *args, draft_repo=DRAFT_REPO_ID, revision=None, token=None, **kwargs):
-    """``model.generate`` with this repository's Scylla draft; ``draft_repo`` overrides where it loads from."""
-    draft = _draft_for(model, draft_repo, revision, token)
+def generate(model, *args, draft_model=None, draft_repo=DRAFT_REPO_ID, revision=None, token=None, **kwargs):
+    """``model.generate`` with this repository's Scylla draft (or ``draft_model``; ``draft_repo`` to load another)."""
+    draft = draft_model if draft_model is not None else _draft_for(model, draft_repo, revision, token)
     return model.generate(*args, custom_generate=scylla_generate, draft_model=draft, **kwargs)
 '''
 
