@@ -365,7 +365,10 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
         raise StagedFolderError(
             f"The weights in {folder} do not load as a complete draft: {error}"
         ) from error
-    card_data = ModelCard.load(folder / "README.md").data
+    try:
+        card_data = ModelCard.load(folder / "README.md").data
+    except ValueError as error:
+        raise StagedFolderError(f"{folder}/README.md metadata does not parse: {error}") from error
     if not card_data.license or not card_data.base_model:
         raise StagedFolderError(f"{folder}/README.md lacks model-card metadata (license, base_model)")
     if repo_id is not None:

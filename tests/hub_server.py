@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, unquote, urlsplit
 
+import yaml
+
 LFS_SUFFIXES = (".safetensors", ".bin", ".pt")
 """Files the server asks the client to send through LFS, like the Hub's default .gitattributes."""
 
@@ -163,7 +165,7 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         if method == "POST" and path == "/api/repos/create":
             return self._create_repo()
         if method == "POST" and path == "/api/validate-yaml":
-            return self._send_json({})
+            return self._validate_yaml()
         if method == "PUT" and parts[0] == "lfs-upload":
             return self._lfs_put(parts[1])
         if method == "POST" and len(parts) == 6 and parts[2:] == ["info", "lfs", "objects", "batch"]:
@@ -206,6 +208,19 @@ class _HubRequestHandler(BaseHTTPRequestHandler):
         )
         self.hub.repos[repo_id] = repo
         self._send_json({"url": url, "name": repo_id})
+
+    def _validate_yaml(self) -> None:
+        """Reject README front matter that is not a YAML mapping, as the Hub does."""
+        content = json.loads(self.body)["content"]
+        if content.startswith("---\n"):
+            try:
+                metadata = yaml.safe_load(content[4 : content.index("\n---", 3)])
+            except (ValueError, yaml.YAMLError) as error:
+                metadata = f"unparsable: {error}"
+            if metadata is not None and not isinstance(metadata, dict):
+                message = f"README.md metadata must be a YAML mapping, got {metadata!r}"
+                return self._send_json({"errors": [{"message": message}]}, status=400)
+        self._send_json({"warnings": []})
 
     def _preupload(self, repo_id: str) -> None:
         self._repo(repo_id, write=True)

@@ -307,6 +307,12 @@ def strip_card_metadata(folder: Path) -> None:
     (folder / "README.md").write_text("# A draft\n")
 
 
+def break_model_index(folder: Path) -> None:
+    card = (folder / "README.md").read_text()
+    broken_index = "model-index:\n- name: x\n  results:\n  - task: {type: text-generation}\n    metrics: []\n"
+    (folder / "README.md").write_text(card.replace("license:", broken_index + "license:", 1))
+
+
 def remove_recipe(folder: Path) -> None:
     (folder / "custom_generate" / "generate.py").unlink()
 
@@ -319,6 +325,7 @@ def remove_recipe(folder: Path) -> None:
         (truncate_weights, "do not load as a complete draft"),
         (drop_a_draft_tensor, "partial"),
         (strip_card_metadata, "lacks model-card metadata"),
+        (break_model_index, "README.md metadata does not parse"),
         (remove_recipe, "custom_generate/generate.py"),
     ],
 )
