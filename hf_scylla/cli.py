@@ -182,6 +182,10 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         help="Hub ID or folder of the target (its tokenizer is staged; default: the draft config's target).",
     )
     parser.add_argument(
+        "--base-model",
+        help="Hub ID of the target recorded in the card (default: the draft config's target, else --target).",
+    )
+    parser.add_argument(
         "--eval-results",
         type=Path,
         help="JSON with measured tau and/or speedup plus dataset_name, dataset_type (optional dataset_split, "
@@ -215,7 +219,7 @@ def _run_stage(args: argparse.Namespace) -> int:
         repo_name=args.repo_name,
         eval_results=eval_results,
         datasets=args.dataset,
-        base_model=draft.config.target_name_or_path or target_name,
+        base_model=args.base_model or draft.config.target_name_or_path or target_name,
         overwrite=args.overwrite,
     )
     print(

@@ -285,8 +285,8 @@ def stage_draft(
     draft from that repository. ``eval_results`` holds measured ``tau`` and/or ``speedup`` with
     ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``); without it the card
     says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
-    ``config.target_name_or_path`` and is recorded there. A non-empty ``output_dir`` is refused unless
-    ``overwrite``.
+    ``config.target_name_or_path``; it and the tokenizer fingerprint are recorded in ``draft.config``,
+    so the saved config pins the target. A non-empty ``output_dir`` is refused unless ``overwrite``.
     """
     _check_repo_id(repo_name)
     base_model = base_model or draft.config.target_name_or_path

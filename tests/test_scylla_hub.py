@@ -64,7 +64,7 @@ def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     server.stop()
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def target():
     return make_target(context_scale=0.1)
 
@@ -74,7 +74,7 @@ def tokenizer():
     return word_tokenizer([f"w{index}" for index in range(128)])
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def draft(target):
     return make_draft(target, oracle=True)
 
@@ -372,8 +372,11 @@ def test_cli_stage_then_publish(
     results = tmp_path / "results.json"
     results.write_text(json.dumps(EVAL_RESULTS))
     stage_args = ["stage", str(checkpoint), "--target", str(target_dir), "--output-dir", str(staged)]
-    assert scylla_main([*stage_args, "--repo-name", REPO_ID, "--eval-results", str(results)]) == 0
-    assert {r.metric_value for r in ModelCard.load(staged / "README.md").data.eval_results} == {3.25, 1.75}
+    stage_args += ["--repo-name", REPO_ID, "--base-model", TARGET_ID, "--eval-results", str(results)]
+    assert scylla_main(stage_args) == 0
+    card = ModelCard.load(staged / "README.md")
+    assert card.data.base_model == TARGET_ID
+    assert {result.metric_value for result in card.data.eval_results} == {3.25, 1.75}
 
     assert scylla_main(["publish", str(staged), "--repo-id", REPO_ID, "--dry-run"]) == 0
     assert "nothing was sent" in capsys.readouterr().out and hub.requests == []
