@@ -43,9 +43,10 @@ def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, lis
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
     """``(1, S)`` ids of a one-turn chat with the generation prompt appended."""
     messages = [{"role": "user", "content": question}]
-    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-    ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-    return torch.tensor([list(ids)], dtype=torch.long)
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
 
 
 @dataclass

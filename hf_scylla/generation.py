@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
-from transformers.generation.utils import GenerationMixin
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.modeling import ScyllaDraftModel
@@ -88,7 +88,7 @@ def scylla_generate(
 class ScyllaGenerateOutput:
     """What `generate` returns: ``generate()``'s own output and the acceptance statistics."""
 
-    output: torch.LongTensor | object
+    output: torch.LongTensor | GenerateDecoderOnlyOutput
     stats: ScyllaStats
 
 

@@ -192,10 +192,18 @@ class ScyllaDraftModel(PreTrainedModel):
         A checkpoint that is unreadable, or that lacks any draft weight, raises a `ValueError`; a
         checkpoint without embedding/LM head needs ``target`` (or a later `attach_target`).
         """
-        if target is not None:
-            config = kwargs.get("config") or ScyllaDraftConfig.from_pretrained(pretrained_model_name_or_path)
-            check_draft_matches_target(config, target.config, target_tokenizer)
+        if os.path.isdir(pretrained_model_name_or_path) and not os.path.isfile(
+            os.path.join(pretrained_model_name_or_path, "config.json")
+        ):
+            raise ValueError(
+                f"Could not read the Scylla draft checkpoint at {pretrained_model_name_or_path}: no config.json"
+            )
         try:
+            if target is not None:  # check before reading any weights
+                config = kwargs.get("config") or ScyllaDraftConfig.from_pretrained(
+                    pretrained_model_name_or_path
+                )
+                check_draft_matches_target(config, target.config, target_tokenizer)
             model, info = super().from_pretrained(
                 pretrained_model_name_or_path, *model_args, output_loading_info=True, **kwargs
             )

@@ -127,11 +127,15 @@ def test_partial_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
         ScyllaDraftModel.from_pretrained(tmp_path, target=target)
 
 
-def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+@pytest.mark.parametrize("damage", ["truncated-weights", "no-config"])
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path, damage: str) -> None:
     target = make_target()
     make_draft(target).save_pretrained(tmp_path)
-    path = tmp_path / "model.safetensors"
-    path.write_bytes(path.read_bytes()[:100])
+    if damage == "truncated-weights":
+        path = tmp_path / "model.safetensors"
+        path.write_bytes(path.read_bytes()[:100])
+    else:
+        (tmp_path / "config.json").unlink()
     with pytest.raises(ValueError, match="Could not read the Scylla draft checkpoint"):
         ScyllaDraftModel.from_pretrained(tmp_path, target=target)
 
