@@ -194,6 +194,10 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--dataset", action="append", default=[], help="Training dataset Hub ID (repeatable)."
     )
+    parser.add_argument(
+        "--training-notes",
+        help="How the draft was trained (objective, steps, hyperparameters), for the card.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
 
 
@@ -219,6 +223,7 @@ def _run_stage(args: argparse.Namespace) -> int:
         repo_name=args.repo_name,
         eval_results=eval_results,
         datasets=args.dataset,
+        training_notes=args.training_notes,
         base_model=args.base_model or draft.config.target_name_or_path or target_name,
         overwrite=args.overwrite,
     )

@@ -205,7 +205,11 @@ def _results_section(eval_results: dict | None) -> str:
 
 
 def _card_body(
-    config: ScyllaDraftConfig, repo_name: str, eval_results: dict | None, datasets: list[str]
+    config: ScyllaDraftConfig,
+    repo_name: str,
+    eval_results: dict | None,
+    datasets: list[str],
+    training_notes: str | None,
 ) -> str:
     target = config.target_name_or_path
     trained_on = ", ".join(f"`{name}`" for name in datasets) if datasets else "data not recorded in this card"
@@ -256,6 +260,8 @@ Trained to predict the target's hidden states (layer index {config.target_hidden
 (confidence threshold {config.confidence_threshold}). The target's tokenizer is included; its
 fingerprint `{config.target_tokenizer_hash}` is checked when a tokenizer is passed to `from_pretrained`.
 
+{training_notes or "No further training details (objective, steps, hyperparameters) were recorded."}
+
 ## Results
 
 {_results_section(eval_results)}
@@ -277,6 +283,7 @@ def stage_draft(
     eval_results: dict | None = None,
     datasets: list[str] | tuple[str, ...] = (),
     base_model: str | None = None,
+    training_notes: str | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write a complete Hub repository folder for ``draft`` into ``output_dir`` and return its path.
@@ -286,7 +293,8 @@ def stage_draft(
     ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``); without it the card
     says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
     ``config.target_name_or_path``; it and the tokenizer fingerprint are recorded in ``draft.config``,
-    so the saved config pins the target. A non-empty ``output_dir`` is refused unless ``overwrite``.
+    so the saved config pins the target. ``training_notes`` (objective, steps, hyperparameters) goes
+    into the card's Training section as given. A non-empty ``output_dir`` is refused unless ``overwrite``.
     """
     _check_repo_id(repo_name)
     base_model = base_model or draft.config.target_name_or_path
@@ -323,7 +331,7 @@ def stage_draft(
     datasets = list(datasets)
     card_data = _card_data(config, repo_name, eval_results, datasets)
     card = ModelCard(
-        f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, repo_name, eval_results, datasets)}"
+        f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, repo_name, eval_results, datasets, training_notes)}"
     )
     card.save(output_dir / "README.md")
     return output_dir

@@ -142,6 +142,13 @@ def test_model_card_metadata_holds_the_measured_results(draft, tokenizer, tmp_pa
     assert f'custom_generate="{REPO_ID}"' in card.text
     assert "| 3.25 |" in card.text and "| 1.75 |" in card.text
     assert "Not evaluated yet" not in card.text
+    assert "No further training details" in card.text
+
+
+def test_model_card_carries_the_training_notes(draft, tokenizer, tmp_path: Path) -> None:
+    notes = "EAGLE loss, 400 GSM8K conversations, 1 epoch, lr 3e-4."
+    card = ModelCard.load(stage(draft, tokenizer, tmp_path / "staged", training_notes=notes) / "README.md")
+    assert notes in card.text and "No further training details" not in card.text
 
 
 def test_model_card_without_results_invents_no_numbers(draft, tokenizer, tmp_path: Path) -> None:
