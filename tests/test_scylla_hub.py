@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers.dynamic_module_utils
 import transformers.utils.hub
 from hub_server import LoopbackHub
 from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
@@ -36,7 +37,16 @@ PROMPT = torch.tensor([[1, 5, 9, 12, 7]])
 
 
 @pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+def modules_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+    """transformers copies custom_generate recipes into its modules cache: keep that inside the test."""
+    cache = tmp_path / "modules"
+    monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
+    monkeypatch.syspath_prepend(str(cache))
+    return cache
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, modules_cache: Path):
     """A loopback Hub that the real client talks to: endpoint, token, fresh cache, Xet disabled."""
     server = LoopbackHub(tokens=(TOKEN,)).start()
     home = tmp_path / "hf_home"
@@ -193,7 +203,7 @@ def test_stage_refuses_another_targets_tokenizer(draft, tokenizer, tmp_path: Pat
         stage(draft, other, tmp_path / "staged")
 
 
-def test_custom_generate_folder_is_lossless(target, draft, tokenizer, tmp_path: Path) -> None:
+def test_custom_generate_folder_is_lossless(target, draft, tokenizer, tmp_path: Path, modules_cache) -> None:
     folder = stage(draft, tokenizer, tmp_path / "staged")
     stats = ScyllaStats()
     output = greedy(
@@ -205,6 +215,7 @@ def test_custom_generate_folder_is_lossless(target, draft, tokenizer, tmp_path: 
     )
     assert torch.equal(output, greedy(target))
     assert stats.cycles > 0 and stats.tau > 1.0, "the staged recipe must actually draft"
+    assert (modules_cache / "transformers_modules").is_dir()
 
 
 def test_publish_round_trip_with_tags(hub: LoopbackHub, target, draft, tokenizer, tmp_path: Path) -> None:
