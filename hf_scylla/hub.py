@@ -241,14 +241,14 @@ output = target.generate(
 print(tokenizer.decode(output[0]))
 ```
 
-`custom_generate/generate.py` needs the `hf_scylla` package (`pip install {PACKAGE_REQUIREMENT}`);
+`custom_generate/generate.py` needs the `hf_scylla` package (`pip install "{PACKAGE_REQUIREMENT}"`);
 pass `revision=` to `generate` to pin both the recipe and the draft weights to one revision. With
 `hf_scylla` directly:
 
 ```python
 from hf_scylla import ScyllaDraftModel, generate
 
-draft = ScyllaDraftModel.from_pretrained("{repo_name}", target=target)
+draft = ScyllaDraftModel.from_pretrained("{repo_name}", target=target, target_tokenizer=tokenizer)
 result = generate(target, draft, inputs["input_ids"], max_new_tokens=64)
 print(result.stats)
 ```
