@@ -260,6 +260,18 @@ def test_custom_generate_from_the_hub_is_lossless(
     assert ("GET", f"/api/models/{REPO_ID}/revision/v1") in hub.requests, "the draft must load from the tag"
 
 
+@pytest.mark.parametrize("how", ["argument", "environment"])
+def test_publish_honours_the_endpoint_given_at_call_time(
+    hub: LoopbackHub, draft, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # what huggingface_hub read at import
+    monkeypatch.setenv("HF_ENDPOINT", hub.url if how == "environment" else "http://127.0.0.1:9")
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    result = publish(folder, REPO_ID, endpoint=hub.url if how == "argument" else None, revision_tag="v1")
+    assert hub.commit_count(REPO_ID) == 2 and hub.repos[REPO_ID].tags == {"v1": result.commit_oid}
+    assert result.repo_url.startswith(hub.url)
+
+
 def test_private_repo_needs_a_token_to_read(hub: LoopbackHub, draft, tokenizer, tmp_path: Path) -> None:
     publish(stage(draft, tokenizer, tmp_path / "staged"), REPO_ID, private=True)
     assert hub.repos[REPO_ID].private
