@@ -57,18 +57,27 @@ def scylla_generate(
     generation_config: GenerationConfig,
     draft_model: ScyllaDraftModel,
     scylla_stats: ScyllaStats | None = None,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
     **model_kwargs,
 ):
     """A ``custom_generate`` callable: assisted decoding of ``model`` with the Scylla ``draft_model``.
 
     Use as ``model.generate(input_ids, custom_generate=scylla_generate, draft_model=draft,
-    scylla_stats=stats, max_new_tokens=...)``; ``scylla_stats`` (optional) collects acceptance.
+    scylla_stats=stats, max_new_tokens=...)``; ``scylla_stats`` (optional) collects acceptance, and
+    ``max_draft_tokens`` / ``confidence_threshold`` override the draft config's for this call.
     """
     check_generation_inputs(model, input_ids, generation_config.max_length)
     if "_get_candidate_generator" in vars(model):
         raise RuntimeError("scylla_generate is already running on this model instance (re-entrant call)")
     generator = ScyllaCandidateGenerator(
-        draft_model, model, generation_config, logits_processor=logits_processor, stats=scylla_stats
+        draft_model,
+        model,
+        generation_config,
+        logits_processor=logits_processor,
+        max_draft_tokens=max_draft_tokens,
+        confidence_threshold=confidence_threshold,
+        stats=scylla_stats,
     )
     model._get_candidate_generator = lambda **_: generator
     try:

@@ -70,6 +70,10 @@ def test_oracle_draft_is_accepted_and_adaptive_length_drafts_less() -> None:
     adaptive_draft = make_draft(noisy_target, oracle=True, confidence_threshold=0.9)
     adaptive = generate(noisy_target, adaptive_draft, random_prompt(0), max_new_tokens=40).stats
     assert sum(adaptive.drafted) / adaptive.cycles < adaptive_draft.config.max_draft_tokens
+    short = generate(
+        noisy_target, adaptive_draft, random_prompt(0), max_new_tokens=40, max_draft_tokens=2
+    ).stats
+    assert max(short.drafted) <= 2
 
 
 @pytest.mark.parametrize(
