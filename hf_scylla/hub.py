@@ -22,6 +22,7 @@ from pathlib import Path
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
 
 from hf_common import __version__
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
@@ -367,12 +368,18 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
         ScyllaDraftConfig.from_pretrained(folder)
     except (ValueError, TypeError, OSError) as error:
         raise StagedFolderError(f"{folder}/config.json is not a Scylla draft config: {error}") from error
+    verbosity = transformers_logging.get_verbosity()
+    # A draft-only checkpoint lacks the shared tensors by design; transformers' load report would call
+    # them "newly initialized", which is noise here (a missing *draft* weight still raises).
+    transformers_logging.set_verbosity_error()
     try:
         ScyllaDraftModel.from_pretrained(folder)
     except ValueError as error:
         raise StagedFolderError(
             f"The weights in {folder} do not load as a complete draft: {error}"
         ) from error
+    finally:
+        transformers_logging.set_verbosity(verbosity)
     try:
         card_data = ModelCard.load(folder / "README.md").data
     except ValueError as error:
