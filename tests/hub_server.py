@@ -81,23 +81,22 @@ class LoopbackHub:
         self._server.server_close()
 
     def commit_count(self, repo_id: str) -> int:
-        """Commits in ``repo_id`` (the initial empty commit included); 0 if it does not exist."""
+        """Commits in ``repo_id`` (the initial ``.gitattributes`` commit included); 0 if it does not exist."""
         repo = self.repos.get(repo_id)
         return len(repo.commits) if repo else 0
 
 
 class _HubError(Exception):
+    """An error answer: HTTP status, message and the ``X-Error-Code`` the client maps to an exception."""
+
     def __init__(self, status: int, message: str, error_code: str | None = None):
         super().__init__(message)
         self.status, self.message, self.error_code = status, message, error_code
 
 
 def _make_handler(hub: LoopbackHub) -> type[BaseHTTPRequestHandler]:
-    class Handler(_HubRequestHandler):
-        pass
-
-    Handler.hub = hub
-    return Handler
+    """A handler class bound to ``hub`` (http.server builds one handler instance per request)."""
+    return type("LoopbackHubHandler", (_HubRequestHandler,), {"hub": hub})
 
 
 class _HubRequestHandler(BaseHTTPRequestHandler):
