@@ -101,7 +101,7 @@ class StagedFolderError(ValueError):
 
 
 class PublishError(RuntimeError):
-    """Publishing was refused (no token, repository or tag already exists) before anything was uploaded."""
+    """Publishing was refused (no or rejected token, repository or tag exists) before anything was uploaded."""
 
 
 @dataclass(frozen=True)
@@ -431,7 +431,12 @@ def publish(
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=False)
     except HfHubHTTPError as error:
-        if error.response is None or error.response.status_code != 409:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise PublishError(
+                f"The Hub at {api.endpoint} refused the token ({status}): it needs write access to {repo_id}"
+            ) from error
+        if status != 409:
             raise
         if not overwrite:
             raise PublishError(

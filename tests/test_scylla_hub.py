@@ -291,10 +291,14 @@ def test_publish_without_token_fails_before_any_request(
     assert hub.requests == []
 
 
-def test_server_rejects_a_wrong_token(hub: LoopbackHub) -> None:
+def test_publish_with_a_rejected_token_uploads_nothing(
+    hub: LoopbackHub, draft, tokenizer, tmp_path: Path
+) -> None:
     with pytest.raises(HfHubHTTPError) as error:
         HfApi(token="hf_wrong").create_repo(REPO_ID)
     assert error.value.response.status_code == 401
+    with pytest.raises(PublishError, match="refused the token \\(401\\)"):
+        publish(stage(draft, tokenizer, tmp_path / "staged"), REPO_ID, token="hf_wrong")
     assert REPO_ID not in hub.repos
 
 
