@@ -216,17 +216,21 @@ def _run_stage(args: argparse.Namespace) -> int:
     if draft.config.save_embeddings and not draft.is_attached:
         draft.attach_target(AutoModelForCausalLM.from_pretrained(target_name), tokenizer)
     eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
-    folder = stage_draft(
-        draft,
-        tokenizer,
-        args.output_dir,
-        repo_name=args.repo_name,
-        eval_results=eval_results,
-        datasets=args.dataset,
-        training_notes=args.training_notes,
-        base_model=args.base_model or draft.config.target_name_or_path or target_name,
-        overwrite=args.overwrite,
-    )
+    try:
+        folder = stage_draft(
+            draft,
+            tokenizer,
+            args.output_dir,
+            repo_name=args.repo_name,
+            eval_results=eval_results,
+            datasets=args.dataset,
+            training_notes=args.training_notes,
+            base_model=args.base_model or draft.config.target_name_or_path or target_name,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as error:
+        print(f"error: {error}")
+        return 1
     print(
         f"Staged {args.repo_name} in {folder}; check it with: hf-scylla publish {folder} --repo-id "
         f"{args.repo_name} --dry-run"

@@ -317,7 +317,9 @@ def stage_draft(
     output_dir = Path(output_dir)
     if output_dir.exists() and any(output_dir.iterdir()):
         if not overwrite:
-            raise FileExistsError(f"{output_dir} is not empty; pass overwrite=True to replace its contents")
+            raise FileExistsError(
+                f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace its contents"
+            )
         shutil.rmtree(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
 

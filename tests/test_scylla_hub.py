@@ -408,6 +408,8 @@ def test_cli_stage_then_publish(
     stage_args = ["stage", str(checkpoint), "--target", str(target_dir), "--output-dir", str(staged)]
     stage_args += ["--repo-name", REPO_ID, "--base-model", TARGET_ID, "--eval-results", str(results)]
     assert scylla_main(stage_args) == 0
+    assert scylla_main(stage_args) == 1
+    assert "not empty; pass overwrite=True" in capsys.readouterr().out
     card = ModelCard.load(staged / "README.md")
     assert card.data.base_model == TARGET_ID
     assert {result.metric_value for result in card.data.eval_results} == {3.25, 1.75}
