@@ -1,5 +1,27 @@
 """Scylla (arXiv 2505.07858): speculative decoding with scaled EAGLE-style draft models, through ``generate()``."""
 
-from hf_common import __version__
+from pathlib import Path
 
-__all__ = ["__version__"]
+from hf_common import __version__
+from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
+from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
+from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
+from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.reference import reference_speculative_decode
+
+CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
+"""Pass as ``generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, draft_model=draft)``."""
+
+__all__ = [
+    "CUSTOM_GENERATE_DIR",
+    "ScyllaCandidateGenerator",
+    "ScyllaDraftConfig",
+    "ScyllaDraftModel",
+    "ScyllaGenerateOutput",
+    "ScyllaStats",
+    "__version__",
+    "generate",
+    "reference_speculative_decode",
+    "scylla_generate",
+    "tokenizer_fingerprint",
+]

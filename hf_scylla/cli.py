@@ -1,13 +1,310 @@
-"""The ``hf-scylla`` command line."""
+"""The ``hf-scylla`` command line: train, bench, stage, publish (plus demo and env)."""
 
 from __future__ import annotations
 
+import argparse
+import json
+import platform
 from collections.abc import Sequence
+from pathlib import Path
 
-from hf_common.cli import COMMON_COMMANDS, run_cli
+import torch
+
+from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.default_model import DEFAULT_MODEL_ID
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
-COMMANDS = (*COMMON_COMMANDS,)
+GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+
+
+def _machine() -> str:
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
+
+
+def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_scylla.benchmark import PROMPTS_DIR
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument("--draft", type=Path, help="Folder of a trained Scylla draft for --model.")
+    parser.add_argument(
+        "--untrained-depth",
+        type=int,
+        default=1,
+        help="Without --draft: depth of an untrained (random) draft, which measures the drafting overhead.",
+    )
+    parser.add_argument(
+        "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
+    )
+    parser.add_argument("--limit", type=int, default=5, help="Prompts per set (0: all).")
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt.")
+    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="Prompt lookup candidates.")
+    parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_common.reporting import markdown_table, plot_series, save_json
+    from hf_scylla.benchmark import load_prompt_sets, run_benchmark
+    from hf_scylla.config import ScyllaDraftConfig
+    from hf_scylla.modeling import ScyllaDraftModel
+
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    if args.draft is not None:
+        draft = ScyllaDraftModel.from_pretrained(args.draft, target=target, target_tokenizer=tokenizer)
+        draft_name = f"scylla:{args.draft.name}"
+    else:
+        torch.manual_seed(0)
+        config = ScyllaDraftConfig.from_target_config(target.config, args.untrained_depth, tokenizer)
+        draft = ScyllaDraftModel(config)
+        draft.attach_target(target, tokenizer)
+        draft_name = f"scylla-untrained-D{args.untrained_depth}"
+    draft = draft.to(target.device).eval()
+    prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
+    rows = run_benchmark(
+        target,
+        tokenizer,
+        prompt_sets,
+        draft=draft,
+        draft_name=draft_name,
+        max_new_tokens=args.max_new_tokens,
+        prompt_lookup_tokens=args.prompt_lookup_tokens,
+    )
+    command = "hf-scylla " + " ".join(getattr(args, "argv", []))
+    save_json(args.output_dir / "bench.json", {"command": command, "machine": _machine(), "rows": rows})
+    columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
+    table = markdown_table(rows, [*columns, "lossless"])
+    title = f"Speculative decoding on {args.model}, greedy, {args.max_new_tokens} new tokens"
+    (args.output_dir / "bench.md").write_text(
+        f"# {title}\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n{table}"
+    )
+    methods = list(dict.fromkeys(row["method"] for row in rows))
+    series = {
+        method: (
+            [row["set"] for row in rows if row["method"] == method],
+            [row["speedup"] for row in rows if row["method"] == method],
+        )
+        for method in methods
+    }
+    plot_series(args.output_dir / "bench.png", series, title, "prompt set", "speedup vs greedy")
+    print(table)
+    print(f"Saved {args.output_dir}/bench.json, .md and .png")
+    return 0 if all(row["lossless"] for row in rows) else 1
+
+
+def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
+    """(prompt, response) pairs from GSM8K-style ``question``/``answer`` or EAGLE-style ``turns``/``reference``."""
+    if not path.is_file():
+        raise SystemExit(f"error: training data {path} not found (pass another with --data)")
+    pairs = []
+    with path.open() as lines:
+        for line in lines:
+            record = json.loads(line)
+            if "question" in record:
+                pairs.append((record["question"], record["answer"]))
+            elif record.get("reference"):
+                pairs.append((record["turns"][0], record["reference"][0]))
+            if len(pairs) == limit:
+                break
+    return pairs
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
+    parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
+    parser.add_argument("--max-length", type=int, default=256, help="Tokens per conversation (truncated).")
+    parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
+    parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
+    parser.add_argument("--batch-size", type=int, default=8, help="Conversations per step.")
+    parser.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate.")
+    parser.add_argument("--unroll-steps", type=int, default=2, help="Passes on the draft's own features.")
+    parser.add_argument(
+        "--token-weight",
+        type=float,
+        default=0.1,
+        help="Weight of the LM-head distillation term (0: feature loss only).",
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("runs/scylla/draft"), help="Draft and checkpoints."
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="Continue from the last checkpoint in --output-dir."
+    )
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_scylla.config import ScyllaDraftConfig
+    from hf_scylla.modeling import ScyllaDraftModel
+    from hf_scylla.training import FeatureDataset, cache_target_features, train_draft
+
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    features_path = args.output_dir / f"features-{args.samples}x{args.max_length}.pt"
+    if features_path.is_file():
+        features = FeatureDataset.load(features_path)
+    else:
+        conversations = _read_conversations(args.data, args.samples)
+        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        features.save(features_path)
+    torch.manual_seed(0)
+    draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
+    draft.attach_target(target, tokenizer)
+    draft.to(target.device)
+    result = train_draft(
+        draft,
+        features,
+        args.output_dir,
+        num_train_epochs=args.epochs,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        unroll_steps=args.unroll_steps,
+        token_weight=args.token_weight,
+        resume=args.resume,
+    )
+    print(
+        f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; draft saved to {args.output_dir}"
+    )
+    return 0
+
+
+def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", type=Path, help="Folder of a saved Scylla draft (save_pretrained).")
+    parser.add_argument(
+        "--repo-name", required=True, help="Hub repository '<org>/<name>' it will be published to."
+    )
+    parser.add_argument(
+        "--output-dir", type=Path, required=True, help="Folder to write the staged repository into."
+    )
+    parser.add_argument(
+        "--target",
+        help="Hub ID or folder of the target (its tokenizer is staged; default: the draft config's target).",
+    )
+    parser.add_argument(
+        "--base-model",
+        help="Hub ID of the target recorded in the card (default: the draft config's target, else --target).",
+    )
+    parser.add_argument(
+        "--eval-results",
+        type=Path,
+        help="JSON with measured tau and/or speedup plus dataset_name, dataset_type (optional dataset_split, "
+        "setting); without it the card says 'not evaluated yet'.",
+    )
+    parser.add_argument(
+        "--dataset", action="append", default=[], help="Training dataset Hub ID (repeatable)."
+    )
+    parser.add_argument(
+        "--training-notes",
+        help="How the draft was trained (objective, steps, hyperparameters), for the card.",
+    )
+    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+
+
+def _run_stage(args: argparse.Namespace) -> int:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_scylla.config import ScyllaDraftConfig
+    from hf_scylla.hub import stage_draft
+    from hf_scylla.modeling import ScyllaDraftModel
+
+    target_name = args.target or ScyllaDraftConfig.from_pretrained(args.checkpoint).target_name_or_path
+    if not target_name:
+        raise SystemExit("error: the draft config names no target; pass --target")
+    tokenizer = AutoTokenizer.from_pretrained(target_name)
+    draft = ScyllaDraftModel.from_pretrained(args.checkpoint)
+    if draft.config.save_embeddings and not draft.is_attached:
+        draft.attach_target(AutoModelForCausalLM.from_pretrained(target_name), tokenizer)
+    eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
+    try:
+        folder = stage_draft(
+            draft,
+            tokenizer,
+            args.output_dir,
+            repo_name=args.repo_name,
+            eval_results=eval_results,
+            datasets=args.dataset,
+            training_notes=args.training_notes,
+            base_model=args.base_model or draft.config.target_name_or_path or target_name,
+            overwrite=args.overwrite,
+        )
+    except (ValueError, FileExistsError) as error:
+        print(f"error: {error}")
+        return 1
+    print(
+        f"Staged {args.repo_name} in {folder}; check it with: hf-scylla publish {folder} --repo-id "
+        f"{args.repo_name} --dry-run"
+    )
+    return 0
+
+
+def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("folder", type=Path, help="A folder written by `hf-scylla stage`.")
+    parser.add_argument("--repo-id", required=True, help="Hub repository '<org>/<name>'.")
+    parser.add_argument("--tag", help="Tag the upload commit with this revision name (e.g. v1).")
+    parser.add_argument("--private", action="store_true", help="Create the repository as private.")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="Allow replacing an existing repository's files."
+    )
+    parser.add_argument("--dry-run", action="store_true", help="Validate and list the files; send nothing.")
+    parser.add_argument(
+        "--endpoint", help="Hub endpoint (default: $HF_ENDPOINT or huggingface.co); token: $HF_TOKEN."
+    )
+
+
+def _run_publish(args: argparse.Namespace) -> int:
+    from hf_scylla.hub import PublishError, StagedFolderError, publish
+
+    try:
+        result = publish(
+            args.folder,
+            args.repo_id,
+            endpoint=args.endpoint,
+            revision_tag=args.tag,
+            private=args.private,
+            overwrite=args.overwrite,
+            dry_run=args.dry_run,
+        )
+    except (PublishError, StagedFolderError) as error:
+        print(f"error: {error}")
+        return 1
+    for file in result.files:
+        print(f"{file.sha256}  {file.size:>12}  {file.path}")
+    if result.dry_run:
+        print(f"Dry run: {len(result.files)} files would be uploaded to {args.repo_id}; nothing was sent.")
+    else:
+        tag = f", tagged {result.tag}" if result.tag else ""
+        print(f"Uploaded {len(result.files)} files to {result.repo_url} in commit {result.commit_oid}{tag}")
+    return 0
+
+
+COMMANDS = (
+    *COMMON_COMMANDS,
+    Command(
+        "train",
+        "Train a Scylla draft for a target on cached target features (EAGLE loss, Trainer, resumable).",
+        _add_train_arguments,
+        _run_train,
+    ),
+    Command(
+        "bench",
+        "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",
+        _add_bench_arguments,
+        _run_bench,
+    ),
+    Command(
+        "stage",
+        "Write a saved draft as a complete Hub repository folder (weights, tokenizer, custom_generate, card).",
+        _add_stage_arguments,
+        _run_stage,
+    ),
+    Command(
+        "publish",
+        "Validate a staged folder and upload it to the Hub in one commit (optionally tagged).",
+        _add_publish_arguments,
+        _run_publish,
+    ),
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

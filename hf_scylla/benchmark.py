@@ -1,0 +1,154 @@
+"""Speed and acceptance benchmark: Scylla and prompt lookup against plain greedy, checked for losslessness.
+
+Per prompt set (EAGLE's ``question.jsonl`` format: first turn, chat template, temperature 0) every
+method decodes the same prompts; a method's output must equal plain greedy's token for token. Speed
+is total new tokens over total wall time; ``tokens_per_target_forward`` counts the target's forward
+passes with a hook, so it compares drafting methods on equal terms (plain greedy: 1.0).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_scylla.candidate_generator import ScyllaStats
+from hf_scylla.generation import generate as scylla_generate
+from hf_scylla.modeling import ScyllaDraftModel
+
+__all__ = ["PROMPTS_DIR", "MethodResult", "encode_prompt", "load_prompt_sets", "run_benchmark"]
+
+PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+
+
+def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, list[str]]:
+    """The first user turn of each line of every ``*.jsonl`` in ``directory``, keyed by file stem."""
+    files = sorted(directory.glob("*.jsonl"))
+    if not files:
+        raise FileNotFoundError(f"no *.jsonl prompt files in {directory}")
+    sets = {}
+    for path in files:
+        with path.open() as lines:
+            questions = [json.loads(line)["turns"][0] for line in lines if line.strip()]
+        sets[path.stem] = questions[:limit] if limit else questions
+    return sets
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
+    """``(1, S)`` ids of a one-turn chat with the generation prompt appended."""
+    messages = [{"role": "user", "content": question}]
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
+
+
+@dataclass
+class MethodResult:
+    """Totals of one method over one prompt set."""
+
+    method: str
+    prompt_set: str
+    prompts: int = 0
+    new_tokens: int = 0
+    seconds: float = 0.0
+    target_forwards: int = 0
+    mismatches: int = 0
+    stats: ScyllaStats = field(default_factory=ScyllaStats)
+
+    def row(self, baseline_tokens_per_second: float) -> dict:
+        tokens_per_second = self.new_tokens / self.seconds
+        return {
+            "set": self.prompt_set,
+            "method": self.method,
+            "prompts": self.prompts,
+            "new_tokens": self.new_tokens,
+            "tokens_per_second": tokens_per_second,
+            "speedup": tokens_per_second / baseline_tokens_per_second,
+            "tokens_per_target_forward": self.new_tokens / self.target_forwards,
+            "tau": self.stats.tau if self.stats.cycles else None,
+            "acceptance_per_position": self.stats.acceptance_per_position or None,
+            "lossless": self.mismatches == 0,
+        }
+
+
+class _ForwardCounter:
+    """Counts the target's forward passes through a forward pre-hook."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.count = 0
+        self.handle = model.register_forward_pre_hook(self._hook)
+
+    def _hook(self, module, args) -> None:
+        self.count += 1
+
+
+def _methods(
+    target: PreTrainedModel, draft: ScyllaDraftModel | None, draft_name: str, prompt_lookup_tokens: int
+) -> dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, ScyllaStats | None]]]:
+    """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline)."""
+    methods = {
+        "greedy": lambda ids, n: (target.generate(ids, max_new_tokens=n, do_sample=False), None),
+        f"prompt_lookup_{prompt_lookup_tokens}": lambda ids, n: (
+            target.generate(
+                ids, max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=prompt_lookup_tokens
+            ),
+            None,
+        ),
+    }
+    if draft is not None:
+
+        def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
+            result = scylla_generate(target, draft, ids, max_new_tokens=n, do_sample=False)
+            return result.output, result.stats
+
+        methods[draft_name] = decode_with_draft
+    return methods
+
+
+@torch.no_grad()
+def run_benchmark(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompt_sets: dict[str, list[str]],
+    draft: ScyllaDraftModel | None = None,
+    draft_name: str = "scylla",
+    max_new_tokens: int = 128,
+    prompt_lookup_tokens: int = 10,
+) -> list[dict]:
+    """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts."""
+    methods = _methods(target, draft, draft_name, prompt_lookup_tokens)
+    counter = _ForwardCounter(target)
+    warmup = encode_prompt(tokenizer, "Hello")
+    for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)
+        decode(warmup, 4)
+    rows = []
+    try:
+        for set_name, questions in prompt_sets.items():
+            results = {name: MethodResult(name, set_name) for name in methods}
+            for question in tqdm(questions, desc=set_name, unit="prompt"):
+                ids = encode_prompt(tokenizer, question).to(target.device)
+                reference = None
+                for name, decode in methods.items():
+                    result, forwards_before = results[name], counter.count
+                    start = time.perf_counter()
+                    sequence, stats = decode(ids, max_new_tokens)
+                    result.seconds += time.perf_counter() - start
+                    result.target_forwards += counter.count - forwards_before
+                    result.prompts += 1
+                    result.new_tokens += sequence.shape[1] - ids.shape[1]
+                    if stats is not None:
+                        result.stats.merge(stats)
+                    reference = sequence if reference is None else reference
+                    result.mismatches += int(not torch.equal(sequence, reference))
+            baseline = results["greedy"].new_tokens / results["greedy"].seconds
+            rows += [result.row(baseline) for result in results.values()]
+    finally:
+        counter.handle.remove()
+    return rows

@@ -1,0 +1,184 @@
+"""`ScyllaCandidateGenerator`: drafts token chains with a Scylla head inside transformers' assisted decoding.
+
+transformers 5.x hands a generator with ``requires_model_outputs = True`` the target's outputs of the
+previous forward (prefill or verification). The generator feeds the draft the pairs
+``(h_t, x_{t+1})`` whose target features are new, then drafts autoregressively on its own predicted
+features, and crops its cache back to the target-feature prefix after every verification (EAGLE
+recomputes the accepted positions with the target's true features).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
+from transformers.generation.candidate_generator import CandidateGenerator
+from transformers.utils import ModelOutput
+
+from hf_scylla.modeling import ScyllaDraftModel
+
+__all__ = ["ScyllaCandidateGenerator", "ScyllaStats"]
+
+
+@dataclass
+class ScyllaStats:
+    """Acceptance statistics of draft-verify cycles (the prefill forward is not a cycle).
+
+    ``tau`` is the paper's acceptance length: tokens gained per cycle, the target's bonus token included.
+    """
+
+    drafted: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+    new_tokens: int = 0
+    seconds: float = 0.0
+
+    def record(self, drafted: int, accepted: int) -> None:
+        self.drafted.append(drafted)
+        self.accepted.append(accepted)
+
+    @property
+    def cycles(self) -> int:
+        return len(self.drafted)
+
+    @property
+    def tau(self) -> float:
+        return (sum(self.accepted) + self.cycles) / self.cycles if self.cycles else float("nan")
+
+    @property
+    def acceptance_per_position(self) -> list[float]:
+        """For draft position j (0-based): accepted / drafted over the cycles that drafted it."""
+        rates = []
+        for position in range(max(self.drafted, default=0)):
+            reached = sum(d > position for d in self.drafted)
+            kept = sum(a > position for a in self.accepted)
+            rates.append(kept / reached)
+        return rates
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+    def merge(self, other: ScyllaStats) -> None:
+        """Add another run's cycles, tokens and time (for per-benchmark totals)."""
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.new_tokens += other.new_tokens
+        self.seconds += other.seconds
+
+    def to_dict(self) -> dict[str, float | int | list[float]]:
+        return {
+            "tau": self.tau,
+            "cycles": self.cycles,
+            "new_tokens": self.new_tokens,
+            "seconds": self.seconds,
+            "tokens_per_second": self.tokens_per_second,
+            "mean_drafted": sum(self.drafted) / self.cycles if self.cycles else float("nan"),
+            "acceptance_per_position": self.acceptance_per_position,
+        }
+
+
+class ScyllaCandidateGenerator(CandidateGenerator):
+    """Chain drafting from a Scylla head, with a fixed or confidence-adaptive draft length.
+
+    Args:
+        draft: a `ScyllaDraftModel` attached to ``target``.
+        target: the model being decoded (its config picks the hidden-state index).
+        generation_config: the target's generation config (``do_sample``, ``max_length``).
+        logits_processor: the target's processors and warpers, applied to draft logits too, so the
+            candidate logits are the distribution the draft tokens were sampled from (lossless sampling).
+        max_draft_tokens: chain length cap; defaults to ``draft.config.max_draft_tokens``.
+        confidence_threshold: stop a chain after a token with draft probability below this;
+            defaults to ``draft.config.confidence_threshold`` (0 drafts the full chain).
+        stats: where acceptance is recorded; a new `ScyllaStats` by default.
+    """
+
+    requires_model_outputs = True
+
+    def __init__(
+        self,
+        draft: ScyllaDraftModel,
+        target: PreTrainedModel,
+        generation_config: GenerationConfig,
+        logits_processor: LogitsProcessorList | None = None,
+        max_draft_tokens: int | None = None,
+        confidence_threshold: float | None = None,
+        stats: ScyllaStats | None = None,
+    ):
+        if not draft.is_attached:
+            raise ValueError("The draft has no embedding/LM head yet: call draft.attach_target(target) first")
+        self.draft = draft
+        self.do_sample = bool(generation_config.do_sample)
+        self.max_length = generation_config.max_length
+        self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
+        self.max_draft_tokens = max_draft_tokens or draft.config.max_draft_tokens
+        self.confidence_threshold = (
+            draft.config.confidence_threshold if confidence_threshold is None else confidence_threshold
+        )
+        self.stats = stats if stats is not None else ScyllaStats()
+        num_states = target.config.get_text_config().num_hidden_layers + 1
+        self.hidden_layer = draft.config.target_hidden_layer % num_states
+        self.model_kwargs_overrides = {"output_hidden_states": [self.hidden_layer]}
+        self.cache = draft.new_cache()
+        self.synced_length = 0  # positions whose draft KV was computed from the target's true features
+        self.last_drafted = 0
+
+    @torch.no_grad()
+    def get_candidates(
+        self,
+        input_ids: torch.LongTensor,
+        model_kwargs: dict | None = None,
+        model_outputs: ModelOutput | None = None,
+        is_first_iteration: bool = False,
+        n_last_matches: int = 0,
+        **kwargs,
+    ) -> tuple[torch.LongTensor, torch.Tensor | None]:
+        """Draft up to ``max_draft_tokens`` tokens after ``input_ids``; returns ``(ids, logits)``."""
+        self.last_drafted = 0
+        if is_first_iteration:  # the target prefills first; its features arrive with the next call
+            self.cache = self.draft.new_cache()
+            self.synced_length = 0
+            return input_ids, None
+
+        # The target has processed every token but the last: features h_0..h_{L-1} exist.
+        processed = input_ids.shape[1] - 1
+        new_features = model_outputs.hidden_states[self.hidden_layer][:, : processed - self.synced_length]
+        out = self.draft(
+            input_ids[:, self.synced_length + 1 :],
+            new_features.to(self.draft.device),
+            cache=self.cache,
+            logits_to_keep=1,
+        )
+        self.synced_length = processed
+
+        budget = min(self.max_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        sequence, chosen_logits = input_ids, []
+        for step in range(budget):
+            token, logits, confidence = self._choose_token(sequence, out.logits[:, -1])
+            sequence = torch.cat([sequence, token], dim=-1)
+            chosen_logits.append(logits)
+            if step == budget - 1 or confidence < self.confidence_threshold:
+                break
+            out = self.draft(token, out.features[:, -1:], cache=self.cache, logits_to_keep=1)
+        self.last_drafted = len(chosen_logits)
+        if not chosen_logits:
+            return input_ids, None
+        return sequence, torch.stack(chosen_logits, dim=1)
+
+    def _choose_token(
+        self, sequence: torch.LongTensor, raw_logits: torch.Tensor
+    ) -> tuple[torch.LongTensor, torch.Tensor, float]:
+        """Next draft token under the target's processors: argmax, or a sample when ``do_sample``."""
+        logits = self.logits_processor(sequence, raw_logits.float())
+        probs = logits.softmax(dim=-1)
+        if self.do_sample:
+            token = torch.multinomial(probs, num_samples=1)
+        else:
+            token = probs.argmax(dim=-1, keepdim=True)
+        return token, logits, float(probs.gather(-1, token))
+
+    def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
+        """Record the cycle and drop the draft's KV for positions built on its own (unverified) features."""
+        if self.last_drafted:
+            self.stats.record(self.last_drafted, int(num_matches))
+        self.cache.crop(self.synced_length - self.cache.get_seq_length())

@@ -1,0 +1,121 @@
+"""Entry points: ``model.generate(custom_generate=scylla_generate, draft_model=draft)`` and `generate`.
+
+transformers offers no argument to inject a candidate generator, but ``generate`` accepts a callable
+``custom_generate`` after preparing the cache, processors and stopping criteria. `scylla_generate` runs
+transformers' own ``_assisted_decoding`` with a `ScyllaCandidateGenerator`: for the duration of the
+call the *model instance* gets a ``_get_candidate_generator`` attribute returning it (removed on
+exit); transformers' classes and functions are left untouched.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
+from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
+
+from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
+from hf_scylla.modeling import ScyllaDraftModel
+
+__all__ = ["ScyllaGenerateOutput", "check_generation_inputs", "generate", "scylla_generate"]
+
+MAX_BATCH_SIZE = 1
+"""transformers' assisted decoding verifies one sequence at a time."""
+
+
+def check_generation_inputs(
+    target: PreTrainedModel, input_ids: torch.Tensor, max_length: int | None = None
+) -> None:
+    """Clear errors for inputs speculative decoding cannot serve: a batch, or a prompt past the context."""
+    if input_ids.shape[0] > MAX_BATCH_SIZE:
+        raise ValueError(
+            f"Scylla speculative decoding supports batch size {MAX_BATCH_SIZE} (transformers' assisted "
+            f"decoding verifies one chain at a time), got batch size {input_ids.shape[0]}; loop over prompts"
+        )
+    context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
+    if context is None:
+        return
+    if input_ids.shape[1] >= context:
+        raise ValueError(
+            f"The prompt has {input_ids.shape[1]} tokens but the target's context is {context} tokens: "
+            "there is no room to generate"
+        )
+    if max_length is not None and max_length > context:
+        raise ValueError(
+            f"Generating up to {max_length} tokens (prompt + new tokens) exceeds the target's context of "
+            f"{context} tokens; lower max_new_tokens"
+        )
+
+
+def scylla_generate(
+    model: PreTrainedModel,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    draft_model: ScyllaDraftModel,
+    scylla_stats: ScyllaStats | None = None,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+    **model_kwargs,
+):
+    """A ``custom_generate`` callable: assisted decoding of ``model`` with the Scylla ``draft_model``.
+
+    Use as ``model.generate(input_ids, custom_generate=scylla_generate, draft_model=draft,
+    scylla_stats=stats, max_new_tokens=...)``; ``scylla_stats`` (optional) collects acceptance, and
+    ``max_draft_tokens`` / ``confidence_threshold`` override the draft config's for this call.
+    """
+    check_generation_inputs(model, input_ids, generation_config.max_length)
+    if "_get_candidate_generator" in vars(model):
+        raise RuntimeError("scylla_generate is already running on this model instance (re-entrant call)")
+    generator = ScyllaCandidateGenerator(
+        draft_model,
+        model,
+        generation_config,
+        logits_processor=logits_processor,
+        max_draft_tokens=max_draft_tokens,
+        confidence_threshold=confidence_threshold,
+        stats=scylla_stats,
+    )
+    model._get_candidate_generator = lambda **_: generator
+    try:
+        return GenerationMixin._assisted_decoding(
+            model,
+            input_ids,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            generation_config=generation_config,
+            **model_kwargs,
+        )
+    finally:
+        del model._get_candidate_generator
+
+
+@dataclass
+class ScyllaGenerateOutput:
+    """What `generate` returns: ``generate()``'s own output and the acceptance statistics."""
+
+    output: torch.LongTensor | GenerateDecoderOnlyOutput
+    stats: ScyllaStats
+
+
+def generate(
+    target: PreTrainedModel, draft: ScyllaDraftModel, input_ids: torch.LongTensor, **generate_kwargs
+) -> ScyllaGenerateOutput:
+    """Speculative decoding of ``target`` with ``draft``; lossless (greedy or sampled) and timed.
+
+    ``generate_kwargs`` go to ``target.generate`` (``max_new_tokens``, ``do_sample``, ``temperature``,
+    ``attention_mask``...). ``stats.new_tokens`` / ``stats.seconds`` give tokens per second.
+    """
+    check_generation_inputs(target, input_ids)
+    stats = ScyllaStats()
+    start = time.perf_counter()
+    output = target.generate(
+        input_ids, custom_generate=scylla_generate, draft_model=draft, scylla_stats=stats, **generate_kwargs
+    )
+    stats.seconds = time.perf_counter() - start
+    sequences = output if isinstance(output, torch.Tensor) else output.sequences
+    stats.new_tokens = sequences.shape[1] - input_ids.shape[1]
+    return ScyllaGenerateOutput(output=output, stats=stats)

@@ -1,0 +1,469 @@
+"""Stage a trained Scylla draft as a Hub repository folder, check it, and publish it in one commit.
+
+A staged folder is everything a Hub user needs: the draft's ``config.json`` and safetensors weights
+(draft-only unless ``config.save_embeddings``), the target's tokenizer files (the draft is tied to
+that vocabulary; ``config.target_tokenizer_hash`` pins its fingerprint), a ``custom_generate/``
+folder so that ``target.generate(..., custom_generate="<org>/<repo>", trust_remote_code=True)`` runs
+Scylla speculative decoding, and a model card whose numbers come only from measured ``eval_results``.
+`publish` validates the folder before any network call, so a partial folder is never uploaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
+from huggingface_hub.errors import HfHubHTTPError
+from transformers import PreTrainedTokenizerBase
+from transformers.utils import logging as transformers_logging
+
+from hf_common import __version__
+from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
+from hf_scylla.modeling import ScyllaDraftModel
+
+__all__ = [
+    "PublishError",
+    "PublishResult",
+    "StagedFile",
+    "StagedFolderError",
+    "check_staged_folder",
+    "publish",
+    "stage_draft",
+]
+
+PACKAGE_REQUIREMENT = f"hf-adamas-scylla-vrgd>={__version__}"
+"""What ``custom_generate/requirements.txt`` asks for: the package that provides ``hf_scylla``."""
+
+EVAL_METRICS = {
+    "tau": ("mean_accepted_tokens", "Mean accepted length τ (tokens per draft-verify cycle)"),
+    "speedup": ("speedup", "Speedup over plain autoregressive decoding"),
+}
+"""``eval_results`` keys that become model-index metrics: key -> (metric type, display name)."""
+
+EVAL_DESCRIPTION_KEYS = ("dataset_name", "dataset_type", "dataset_split", "setting")
+"""``eval_results`` keys that describe the measurement; ``dataset_name`` and ``dataset_type`` are required."""
+
+REQUIRED_FILES = (
+    "config.json",
+    "README.md",
+    "custom_generate/generate.py",
+    "custom_generate/requirements.txt",
+)
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+_DRAFT_REPO_LINE = re.compile(r'^DRAFT_REPO_ID = "([^"]+)"$', re.MULTILINE)
+
+_GENERATE_PY = '''"""Scylla speculative decoding (arXiv 2505.07858) as a transformers ``custom_generate`` recipe.
+
+``target.generate(input_ids, custom_generate="{repo_id}", trust_remote_code=True, max_new_tokens=...)``
+loads the Scylla draft head stored in this repository (from the same ``revision`` you pass to
+``generate``, if any) and runs transformers' assisted decoding with it through the ``hf_scylla``
+package (see requirements.txt). Output equals the target's own decoding; only speed changes.
+"""
+
+import weakref
+
+from hf_scylla import ScyllaDraftModel
+from hf_scylla.generation import scylla_generate
+
+DRAFT_REPO_ID = "{repo_id}"
+
+_loaded_drafts = weakref.WeakKeyDictionary()
+
+
+def _draft_for(model, draft_repo, revision, token):
+    """The draft attached to ``model``, loaded once per (target instance, repo, revision)."""
+    drafts = _loaded_drafts.setdefault(model, {{}})
+    key = (str(draft_repo), revision)
+    if key not in drafts:
+        draft = ScyllaDraftModel.from_pretrained(
+            draft_repo, revision=revision, token=token, target=model, dtype=model.dtype
+        )
+        drafts[key] = draft.to(model.device).eval()
+    return drafts[key]
+
+
+def generate(model, *args, draft_model=None, draft_repo=DRAFT_REPO_ID, revision=None, token=None, **kwargs):
+    """``model.generate`` with this repository's Scylla draft (or ``draft_model``; ``draft_repo`` to load another)."""
+    draft = draft_model if draft_model is not None else _draft_for(model, draft_repo, revision, token)
+    return model.generate(*args, custom_generate=scylla_generate, draft_model=draft, **kwargs)
+'''
+
+
+class StagedFolderError(ValueError):
+    """A staged folder is missing files or holds a config, weights or card that does not load."""
+
+
+class PublishError(RuntimeError):
+    """Publishing was refused (no or rejected token, repository or tag exists) before anything was uploaded."""
+
+
+@dataclass(frozen=True)
+class StagedFile:
+    """One file of a staged folder as it would be uploaded."""
+
+    path: str
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class PublishResult:
+    """What `publish` did: the files sent (or that would be, with ``dry_run``) and where they landed."""
+
+    repo_id: str
+    files: list[StagedFile]
+    dry_run: bool
+    repo_url: str | None = None
+    commit_oid: str | None = None
+    commit_url: str | None = None
+    tag: str | None = None
+
+
+def _check_repo_id(repo_id: str) -> None:
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
+        raise ValueError(f"Expected a Hub repository id '<org>/<name>', got {repo_id!r}")
+
+
+def _check_eval_results(eval_results: dict) -> None:
+    """Refuse unknown keys and non-numbers so a typo never silently drops (or invents) a result."""
+    unknown = sorted(set(eval_results) - set(EVAL_METRICS) - set(EVAL_DESCRIPTION_KEYS))
+    if unknown:
+        raise ValueError(
+            f"Unknown eval_results keys {unknown}; expected metrics {sorted(EVAL_METRICS)} and "
+            f"descriptions {list(EVAL_DESCRIPTION_KEYS)}"
+        )
+    missing = [key for key in ("dataset_name", "dataset_type") if not eval_results.get(key)]
+    if missing:
+        raise ValueError(f"eval_results must name the dataset it was measured on; missing {missing}")
+    metrics = {key: eval_results[key] for key in EVAL_METRICS if key in eval_results}
+    if not metrics:
+        raise ValueError(
+            f"eval_results holds no measured metric; give at least one of {sorted(EVAL_METRICS)}"
+        )
+    for key, value in metrics.items():
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"eval_results[{key!r}] must be a finite number, got {value!r}")
+    if metrics.get("tau", 1.0) < 1.0:
+        raise ValueError(f"tau counts tokens accepted per cycle (>= 1), got {metrics['tau']}")
+    if metrics.get("speedup", 1.0) <= 0.0:
+        raise ValueError(f"speedup must be positive, got {metrics['speedup']}")
+
+
+def _card_data(
+    config: ScyllaDraftConfig, repo_name: str, eval_results: dict | None, datasets: list[str]
+) -> ModelCardData:
+    model_index = None
+    if eval_results:
+        model_index = [
+            EvalResult(
+                task_type="text-generation",
+                task_name="Speculative decoding",
+                dataset_type=eval_results["dataset_type"],
+                dataset_name=eval_results["dataset_name"],
+                dataset_split=eval_results.get("dataset_split"),
+                metric_type=metric_type,
+                metric_name=metric_name,
+                metric_value=float(eval_results[key]),
+            )
+            for key, (metric_type, metric_name) in EVAL_METRICS.items()
+            if key in eval_results
+        ]
+    return ModelCardData(
+        license="apache-2.0",
+        base_model=config.target_name_or_path,
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=["speculative-decoding", "scylla", "eagle", "draft-model", "custom_generate"],
+        datasets=datasets or None,
+        model_name=repo_name,
+        eval_results=model_index,
+    )
+
+
+def _results_section(eval_results: dict | None) -> str:
+    if not eval_results:
+        return "Not evaluated yet: no acceptance length or speedup has been measured for this draft.\n"
+    rows = [
+        f"| {metric_name} | {float(eval_results[key]):.3g} |"
+        for key, (_, metric_name) in EVAL_METRICS.items()
+        if key in eval_results
+    ]
+    dataset = eval_results["dataset_name"]
+    if eval_results.get("dataset_split"):
+        dataset += f" ({eval_results['dataset_split']} split)"
+    setting = f" Setting: {eval_results['setting']}." if eval_results.get("setting") else ""
+    return (
+        f"Measured on {dataset} (`{eval_results['dataset_type']}`).{setting}\n\n"
+        "| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n"
+    )
+
+
+def _card_body(
+    config: ScyllaDraftConfig,
+    repo_name: str,
+    eval_results: dict | None,
+    datasets: list[str],
+    training_notes: str | None,
+) -> str:
+    target = config.target_name_or_path
+    trained_on = ", ".join(f"`{name}`" for name in datasets) if datasets else "data not recorded in this card"
+    shared = (
+        "it also stores the target's embedding and LM head"
+        if config.save_embeddings
+        else "it stores only `fc` and the decoder layers and borrows the embedding and LM head from the target"
+    )
+    return f"""
+# {repo_name}
+
+A Scylla draft head ([arXiv 2505.07858](https://arxiv.org/abs/2505.07858)) for speculative decoding
+of [{target}](https://huggingface.co/{target}). Like EAGLE, it reads the target's hidden state and
+the next token's embedding, runs {config.num_hidden_layers} Llama decoder layer(s) and predicts the
+target's next hidden state, which the target's own LM head turns into draft tokens; {shared}.
+Verification is done by the target, so outputs equal the target's own greedy or sampled decoding.
+
+## Usage
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+target = AutoModelForCausalLM.from_pretrained("{target}")
+tokenizer = AutoTokenizer.from_pretrained("{target}")
+inputs = tokenizer("The capital of France is", return_tensors="pt")
+output = target.generate(
+    **inputs, custom_generate="{repo_name}", trust_remote_code=True, max_new_tokens=64
+)
+print(tokenizer.decode(output[0]))
+```
+
+`custom_generate/generate.py` needs the `hf_scylla` package (`pip install "{PACKAGE_REQUIREMENT}"`);
+pass `revision=` to `generate` to pin both the recipe and the draft weights to one revision. With
+`hf_scylla` directly:
+
+```python
+from hf_scylla import ScyllaDraftModel, generate
+
+draft = ScyllaDraftModel.from_pretrained("{repo_name}", target=target, target_tokenizer=tokenizer)
+result = generate(target, draft, inputs["input_ids"], max_new_tokens=64)
+print(result.stats)
+```
+
+## Training
+
+Trained to predict the target's hidden states (layer index {config.target_hidden_layer}) on
+{trained_on}. The draft drafts up to {config.max_draft_tokens} tokens per cycle
+(confidence threshold {config.confidence_threshold}). The target's tokenizer is included; its
+fingerprint `{config.target_tokenizer_hash}` is checked when a tokenizer is passed to `from_pretrained`.
+
+{training_notes or "No further training details (objective, steps, hyperparameters) were recorded."}
+
+## Results
+
+{_results_section(eval_results)}
+## Limitations
+
+- Works only with the target it was trained for (same hidden size, vocabulary and tokenizer).
+- transformers' assisted decoding verifies one chain at a time: batch size 1, no tree attention.
+- Speedups depend on hardware, dtype and prompt domain; acceptance drops on text unlike the
+  training data.
+"""
+
+
+def stage_draft(
+    draft: ScyllaDraftModel,
+    target_tokenizer: PreTrainedTokenizerBase,
+    output_dir: str | os.PathLike,
+    *,
+    repo_name: str,
+    eval_results: dict | None = None,
+    datasets: list[str] | tuple[str, ...] = (),
+    base_model: str | None = None,
+    training_notes: str | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a complete Hub repository folder for ``draft`` into ``output_dir`` and return its path.
+
+    ``repo_name`` (``<org>/<name>``) is baked into ``custom_generate/generate.py``, which loads the
+    draft from that repository. ``eval_results`` holds measured ``tau`` and/or ``speedup`` with
+    ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``); without it the card
+    says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
+    ``config.target_name_or_path``; it and the tokenizer fingerprint are recorded in ``draft.config``,
+    so the saved config pins the target. ``training_notes`` (objective, steps, hyperparameters) goes
+    into the card's Training section as given. A non-empty ``output_dir`` is refused unless ``overwrite``.
+    """
+    _check_repo_id(repo_name)
+    base_model = base_model or draft.config.target_name_or_path
+    if not base_model:
+        raise ValueError("The draft's config names no target model: pass base_model='<org>/<target>'")
+    if eval_results:
+        _check_eval_results(eval_results)
+    config = draft.config
+    fingerprint = tokenizer_fingerprint(target_tokenizer)
+    if config.target_tokenizer_hash not in (None, fingerprint):
+        raise ValueError(
+            f"The draft was trained with tokenizer fingerprint {config.target_tokenizer_hash}, but the given "
+            f"tokenizer has fingerprint {fingerprint}: stage it with its target's tokenizer"
+        )
+    if config.save_embeddings and not draft.is_attached:
+        raise ValueError(
+            "config.save_embeddings is set but the draft has no target attached: call attach_target"
+        )
+    output_dir = Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not overwrite:
+            raise FileExistsError(
+                f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace its contents"
+            )
+        shutil.rmtree(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+
+    config.target_name_or_path = base_model
+    config.target_tokenizer_hash = fingerprint
+    draft.save_pretrained(output_dir)
+    target_tokenizer.save_pretrained(output_dir)
+    recipe_dir = output_dir / "custom_generate"
+    recipe_dir.mkdir()
+    (recipe_dir / "generate.py").write_text(_GENERATE_PY.format(repo_id=repo_name), encoding="utf-8")
+    (recipe_dir / "requirements.txt").write_text(PACKAGE_REQUIREMENT + "\n", encoding="utf-8")
+    datasets = list(datasets)
+    card_data = _card_data(config, repo_name, eval_results, datasets)
+    card = ModelCard(
+        f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, repo_name, eval_results, datasets, training_notes)}"
+    )
+    card.save(output_dir / "README.md")
+    return output_dir
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -> list[StagedFile]:
+    """Validate a staged folder without any network call and list its files (path, size, sha256).
+
+    Checks that the config loads as a `ScyllaDraftConfig`, the weights load as a complete draft, the
+    README has license and base-model metadata and ``custom_generate/`` is present; with ``repo_id``,
+    that ``generate.py`` loads the draft from that repository. Raises `StagedFolderError`.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise StagedFolderError(f"{folder} is not a directory; stage a draft there first (hf-scylla stage)")
+    missing = [name for name in REQUIRED_FILES if not (folder / name).is_file()]
+    if not any((folder / name).is_file() for name in WEIGHT_FILES):
+        missing.append(" or ".join(WEIGHT_FILES))
+    if missing:
+        raise StagedFolderError(f"{folder} is not a complete staged draft: missing {missing}")
+    try:
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type != ScyllaDraftConfig.model_type:
+            raise ValueError(f"model_type is {model_type!r}, not {ScyllaDraftConfig.model_type!r}")
+        ScyllaDraftConfig.from_pretrained(folder)
+    except (ValueError, TypeError, OSError) as error:
+        raise StagedFolderError(f"{folder}/config.json is not a Scylla draft config: {error}") from error
+    verbosity = transformers_logging.get_verbosity()
+    # A draft-only checkpoint lacks the shared tensors by design; transformers' load report would call
+    # them "newly initialized", which is noise here (a missing *draft* weight still raises).
+    transformers_logging.set_verbosity_error()
+    try:
+        ScyllaDraftModel.from_pretrained(folder)
+    except ValueError as error:
+        raise StagedFolderError(
+            f"The weights in {folder} do not load as a complete draft: {error}"
+        ) from error
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+    try:
+        card_data = ModelCard.load(folder / "README.md").data
+    except ValueError as error:
+        raise StagedFolderError(f"{folder}/README.md metadata does not parse: {error}") from error
+    if not card_data.license or not card_data.base_model:
+        raise StagedFolderError(f"{folder}/README.md lacks model-card metadata (license, base_model)")
+    if repo_id is not None:
+        generate_py = (folder / "custom_generate" / "generate.py").read_text(encoding="utf-8")
+        staged_for = _DRAFT_REPO_LINE.search(generate_py)
+        if staged_for is None or staged_for.group(1) != repo_id:
+            found = staged_for.group(1) if staged_for else None
+            raise StagedFolderError(
+                f"custom_generate/generate.py loads the draft from {found!r}, not {repo_id!r}: "
+                f"re-stage with repo_name={repo_id!r}"
+            )
+    return [
+        StagedFile(path.relative_to(folder).as_posix(), path.stat().st_size, _sha256(path))
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    ]
+
+
+def publish(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    token: str | None = None,
+    endpoint: str | None = None,
+    revision_tag: str | None = None,
+    private: bool = False,
+    overwrite: bool = False,
+    dry_run: bool = False,
+) -> PublishResult:
+    """Upload a staged folder to ``repo_id`` in one commit, optionally tagging that commit.
+
+    The folder is validated first (`check_staged_folder`); ``dry_run`` stops there and makes no network
+    call. ``token`` and ``endpoint`` default to ``HF_TOKEN`` and ``HF_ENDPOINT``. An existing repository
+    is refused unless ``overwrite`` (then files absent from the folder are deleted in the same commit);
+    an existing ``revision_tag`` is always refused. Both refusals happen before any upload.
+    """
+    _check_repo_id(repo_id)
+    files = check_staged_folder(folder, repo_id)
+    if dry_run:
+        return PublishResult(repo_id=repo_id, files=files, dry_run=True, tag=revision_tag)
+    token = token or get_token()
+    if not token:
+        raise PublishError("No Hub token: pass token=..., set HF_TOKEN, or run `hf auth login`")
+    api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT"), token=token)
+    try:
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=False)
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise PublishError(
+                f"The Hub at {api.endpoint} refused the token ({status}): it needs write access to {repo_id}"
+            ) from error
+        if status != 409:
+            raise
+        if not overwrite:
+            raise PublishError(
+                f"The repository {repo_id} already exists; pass overwrite=True (--overwrite) to replace its files"
+            ) from error
+        repo_url = api.create_repo(repo_id, private=private, exist_ok=True)
+        existing_tags = {ref.name for ref in api.list_repo_refs(repo_id).tags}
+    else:
+        existing_tags = set()
+    if revision_tag in existing_tags:
+        raise PublishError(f"Tag {revision_tag!r} already exists in {repo_id}; a tag names one release")
+    commit = api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=f"Upload Scylla draft ({len(files)} files)",
+        delete_patterns="*" if overwrite else None,
+    )
+    if revision_tag is not None:
+        api.create_tag(repo_id, tag=revision_tag, revision=commit.oid)
+    return PublishResult(
+        repo_id=repo_id,
+        files=files,
+        dry_run=False,
+        repo_url=str(repo_url),
+        commit_oid=commit.oid,
+        commit_url=commit.commit_url,
+        tag=revision_tag,
+    )

@@ -1,0 +1,251 @@
+"""Training a Scylla draft: the EAGLE loss on cached target features, driven by the transformers Trainer.
+
+The loss (EAGLE-1, arXiv 2401.15077) at position t, for the pair ``(h_t, x_{t+1})``:
+
+    L_t = w_f * SmoothL1(f_t, h_{t+1}) + w_p * CE(softmax(lm_head(h_{t+1})), lm_head(f_t))
+
+``f_t`` is the draft's predicted feature; the token term distils the target's own next-token
+distribution through the shared LM head (soft labels). With ``unroll_steps > 1`` the draft is run
+again on its own (detached) predictions, as it is from the second drafted token on at inference,
+and step k is weighted ``step_decay**k``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
+
+from hf_scylla.modeling import ScyllaDraftModel
+
+__all__ = [
+    "EagleLoss",
+    "FeatureDataset",
+    "cache_target_features",
+    "collate_features",
+    "eagle_loss",
+    "train_draft",
+]
+
+
+@dataclass
+class EagleLoss:
+    """The weighted total and, for logging, the first step's feature loss, token loss and top-1 agreement."""
+
+    loss: torch.Tensor
+    feature_loss: torch.Tensor
+    token_loss: torch.Tensor
+    accuracy: torch.Tensor
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def eagle_loss(
+    draft: ScyllaDraftModel,
+    input_ids: torch.LongTensor,
+    hidden_states: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    unroll_steps: int = 1,
+    feature_weight: float = 1.0,
+    token_weight: float = 0.1,
+    step_decay: float = 0.8,
+    noise_std: float = 0.0,
+) -> EagleLoss:
+    """EAGLE loss of ``draft`` on one batch of target features.
+
+    Args:
+        input_ids: ``(B, T)`` tokens.
+        hidden_states: ``(B, T, target_hidden)`` the target's final normed hidden states of ``input_ids``.
+        loss_mask: ``(B, T)`` 1 on the tokens to learn from (e.g. the response), 0 on prompt and padding.
+        unroll_steps: passes over the draft's own predicted features (1: teacher forcing only).
+        noise_std: std of uniform noise added to the input features (EAGLE uses 0.2 x U(-0.5, 0.5)).
+        token_weight: weight of the distillation term; 0 skips the LM head (vocab-sized logits), which
+            dominates the cost of a small draft, and reports ``token_loss``/``accuracy`` as NaN.
+    """
+    if draft.config.target_hidden_layer != -1:
+        raise ValueError(
+            f"eagle_loss distils through the LM head, so the draft must read the final hidden state "
+            f"(target_hidden_layer=-1), got {draft.config.target_hidden_layer}"
+        )
+    hidden_states = hidden_states.to(draft.fc.weight.dtype)
+    # Pair t = (h_t, x_{t+1}) counts when x_{t+1} is a masked-in token; it predicts h_{t+1} and x_{t+2}.
+    mask = (loss_mask if loss_mask is not None else torch.ones_like(input_ids))[:, 1:].to(hidden_states.dtype)
+    tokens, features_in, next_features = input_ids[:, 1:], hidden_states[:, :-1], hidden_states[:, 1:]
+    distil = token_weight > 0
+    if distil:
+        with torch.no_grad():
+            target_log_probs = draft.lm_head(next_features).float().log_softmax(dim=-1)
+    total = hidden_states.new_zeros(())
+    token_loss = accuracy = torch.tensor(float("nan"))
+    for step in range(unroll_steps):
+        if noise_std > 0:
+            features_in = features_in + (torch.rand_like(features_in) - 0.5) * noise_std
+        out = draft(tokens, features_in, logits_to_keep=0 if distil else 1)
+        feature_loss = _masked_mean(
+            F.smooth_l1_loss(out.features, next_features, reduction="none").mean(-1), mask
+        )
+        step_loss = feature_weight * feature_loss
+        if distil:
+            log_probs = out.logits.float().log_softmax(dim=-1)
+            step_token_loss = _masked_mean(-(target_log_probs.exp() * log_probs).sum(-1), mask)
+            step_loss = step_loss + token_weight * step_token_loss
+        total = total + step_decay**step * step_loss
+        if step == 0:
+            first_feature_loss = feature_loss.detach()
+            if distil:
+                token_loss = step_token_loss.detach()
+                agreement = (log_probs.argmax(-1) == target_log_probs.argmax(-1)).to(mask.dtype)
+                accuracy = _masked_mean(agreement, mask).detach()
+        features_in = torch.cat([hidden_states[:, :1], out.features[:, :-1].detach()], dim=1)
+    return EagleLoss(loss=total, feature_loss=first_feature_loss, token_loss=token_loss, accuracy=accuracy)
+
+
+class FeatureDataset(Dataset):
+    """Cached ``{"input_ids", "hidden_states", "loss_mask"}`` records; `save` / `load` with torch."""
+
+    def __init__(self, records: list[dict[str, torch.Tensor]]):
+        self.records = records
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.records[index]
+
+    def save(self, path: str | os.PathLike) -> None:
+        torch.save(self.records, path)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> FeatureDataset:
+        return cls(torch.load(path, weights_only=True))
+
+
+@torch.no_grad()
+def cache_target_features(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    conversations: Iterable[tuple[str, str]],
+    max_length: int = 256,
+    dtype: torch.dtype = torch.bfloat16,
+) -> FeatureDataset:
+    """Run the target once over each ``(prompt, response)`` chat and keep its final hidden states.
+
+    Only response tokens enter the loss (the prompt is context), as in EAGLE's SFT data.
+    """
+    records = []
+    for prompt, response in tqdm(list(conversations), desc="caching target features", unit="sample"):
+        user = [{"role": "user", "content": prompt}]
+        prompt_ids = tokenizer.apply_chat_template(
+            user, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        full = tokenizer.apply_chat_template(
+            [*user, {"role": "assistant", "content": response}], tokenize=True, return_dict=True
+        )
+        ids = torch.tensor(full["input_ids"][:max_length])
+        loss_mask = torch.zeros_like(ids)
+        loss_mask[len(prompt_ids["input_ids"]) :] = 1
+        hidden = target(ids[None].to(target.device), output_hidden_states=[-1]).hidden_states[-1][0]
+        records.append({"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask})
+    return FeatureDataset(records)
+
+
+def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of cached records (padding is masked out of the loss)."""
+    length = max(len(record["input_ids"]) for record in records)
+
+    def pad(name: str) -> torch.Tensor:
+        rows = []
+        for record in records:
+            value = record[name]
+            padding = (0, 0) * (value.dim() - 1) + (0, length - value.shape[0])
+            rows.append(F.pad(value, padding))
+        return torch.stack(rows)
+
+    return {
+        "input_ids": pad("input_ids"),
+        "hidden_states": pad("hidden_states"),
+        "loss_mask": pad("loss_mask"),
+    }
+
+
+class _EagleTrainer(Trainer):
+    """Trainer whose loss is `eagle_loss`; logs its parts next to the total."""
+
+    def __init__(self, *args, loss_settings: dict, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.loss_settings = loss_settings
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = eagle_loss(model, **inputs, **self.loss_settings)
+        if self.state.global_step % max(self.args.logging_steps, 1) == 0 and model.training:
+            self.log(
+                {
+                    "feature_loss": float(result.feature_loss),
+                    "token_loss": float(result.token_loss),
+                    "top1_agreement": float(result.accuracy),
+                }
+            )
+        return (result.loss, result) if return_outputs else result.loss
+
+
+def train_draft(
+    draft: ScyllaDraftModel,
+    features: FeatureDataset,
+    output_dir: str | os.PathLike,
+    num_train_epochs: float = 1.0,
+    per_device_train_batch_size: int = 8,
+    learning_rate: float = 3e-4,
+    unroll_steps: int = 2,
+    noise_std: float = 0.2,
+    token_weight: float = 0.1,
+    resume: bool | str = False,
+    **training_arguments,
+):
+    """Train ``draft`` (attached to its target) on cached features; checkpoints go to ``output_dir``.
+
+    The shared embedding and LM head stay frozen and are not saved. ``resume=True`` continues from the
+    last checkpoint in ``output_dir`` (optimizer, scheduler and step included), or from a given path.
+    ``training_arguments`` override `TrainingArguments` (``max_steps``, ``save_steps``...).
+    Returns the Trainer's ``TrainOutput``; the final draft is saved to ``output_dir``.
+    """
+    if not draft.is_attached:
+        raise ValueError("attach the draft to its target before training (draft.attach_target(target))")
+    for parameter in (*draft.embed_tokens.parameters(), *draft.lm_head.parameters()):
+        parameter.requires_grad_(False)
+    arguments = {
+        "output_dir": str(output_dir),
+        "num_train_epochs": num_train_epochs,
+        "per_device_train_batch_size": per_device_train_batch_size,
+        "learning_rate": learning_rate,
+        "adam_beta2": 0.95,
+        "max_grad_norm": 0.5,
+        "warmup_steps": 10,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 10,
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "remove_unused_columns": False,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+    }
+    arguments.update(training_arguments)
+    trainer = _EagleTrainer(
+        model=draft,
+        args=TrainingArguments(**arguments),
+        train_dataset=features,
+        data_collator=collate_features,
+        loss_settings={"unroll_steps": unroll_steps, "noise_std": noise_std, "token_weight": token_weight},
+    )
+    draft.train()
+    result = trainer.train(resume_from_checkpoint=resume or None)
+    draft.eval()
+    draft.save_pretrained(output_dir)
+    return result

@@ -1,0 +1,71 @@
+"""The benchmark runs every method on every prompt set, reports speedups and checks losslessness."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from scylla_models import make_draft, make_target
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+from hf_scylla.benchmark import encode_prompt, load_prompt_sets, run_benchmark
+
+WORDS = [f"w{index}" for index in range(128)]
+
+
+def chat_word_tokenizer() -> TokenizersBackend:
+    """Word-level tokenizer over ``w0..w127`` whose chat template joins the message contents."""
+    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="w0"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend = TokenizersBackend(tokenizer_object=tokenizer)
+    backend.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}w3"
+    return backend
+
+
+@pytest.fixture
+def prompt_dir(tmp_path: Path) -> Path:
+    for name, questions in {
+        "copy": ["w5 w6 w7 w5 w6 w7 w5 w6", "w9 w10 w9 w10"],
+        "mixed": ["w20 w40 w60"],
+    }.items():
+        lines = [json.dumps({"question_id": i, "turns": [q]}) for i, q in enumerate(questions)]
+        (tmp_path / f"{name}.jsonl").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_load_prompt_sets_reads_first_turns(prompt_dir: Path) -> None:
+    sets = load_prompt_sets(prompt_dir, limit=1)
+    assert sets == {"copy": ["w5 w6 w7 w5 w6 w7 w5 w6"], "mixed": ["w20 w40 w60"]}
+    with pytest.raises(FileNotFoundError, match=r"no \*\.jsonl prompt files"):
+        load_prompt_sets(prompt_dir / "missing")
+
+
+def test_encode_prompt_applies_the_chat_template() -> None:
+    assert encode_prompt(chat_word_tokenizer(), "w5 w6").tolist() == [[5, 6, 3]]
+
+
+def test_benchmark_rows_are_lossless_with_speedups(prompt_dir: Path) -> None:
+    target = make_target(context_scale=0.3)
+    draft = make_draft(target, oracle=True)
+    rows = run_benchmark(
+        target,
+        chat_word_tokenizer(),
+        load_prompt_sets(prompt_dir),
+        draft=draft,
+        draft_name="oracle",
+        max_new_tokens=16,
+    )
+    assert [(row["set"], row["method"]) for row in rows] == [
+        (prompt_set, method)
+        for prompt_set in ("copy", "mixed")
+        for method in ("greedy", "prompt_lookup_10", "oracle")
+    ]
+    assert all(row["lossless"] for row in rows)
+    by_method = {(row["set"], row["method"]): row for row in rows}
+    assert by_method["copy", "greedy"]["speedup"] == 1.0
+    assert by_method["copy", "greedy"]["tokens_per_target_forward"] == 1.0
+    assert by_method["copy", "oracle"]["tokens_per_target_forward"] > 1.5
+    assert by_method["copy", "oracle"]["tau"] > 1.5
+    assert by_method["copy", "oracle"]["new_tokens"] == 2 * 16

@@ -1,0 +1,224 @@
+"""Scylla decoding is lossless: greedy equals plain greedy, sampling keeps the target's distribution."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from scylla_models import make_draft, make_target
+
+from hf_scylla import (
+    CUSTOM_GENERATE_DIR,
+    ScyllaStats,
+    generate,
+    reference_speculative_decode,
+    scylla_generate,
+)
+
+PROMPT_SEEDS = (0, 1, 2)
+
+
+def random_prompt(seed: int, length: int = 7, vocab_size: int = 128) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randint(3, vocab_size, (1, length), generator=generator)
+
+
+@pytest.mark.parametrize(
+    ("context_scale", "oracle", "draft_context_scale", "depth", "threshold"),
+    [
+        pytest.param(1.0, False, 1.0, 1, 0.0, id="random-draft-D1"),
+        pytest.param(0.3, True, 1.0, 2, 0.0, id="oracle-draft-D2"),
+        pytest.param(0.5, True, 0.5, 3, 0.0, id="oracle-draft-D3"),
+        pytest.param(0.3, True, 1.0, 2, 0.5, id="oracle-draft-D2-adaptive"),
+    ],
+)
+def test_greedy_equals_plain_greedy_and_reference(
+    context_scale, oracle, draft_context_scale, depth, threshold
+):
+    """Same tokens as plain greedy, and the same (drafted, accepted) per cycle as the cache-free reference.
+
+    The oracle drafts keep part of their attention output, so a draft KV cache left uncropped after a
+    rejection changes their guesses and the per-cycle comparison fails.
+    """
+    target = make_target(context_scale=context_scale)
+    draft = make_draft(
+        target,
+        depth=depth,
+        oracle=oracle,
+        oracle_context_scale=draft_context_scale,
+        confidence_threshold=threshold,
+    )
+    for seed in PROMPT_SEEDS:
+        prompt = random_prompt(seed)
+        plain = target.generate(prompt, max_new_tokens=32, do_sample=False)
+        result = generate(target, draft, prompt, max_new_tokens=32, do_sample=False)
+        assert torch.equal(result.output, plain), f"prompt seed {seed}"
+        sequence, cycles = reference_speculative_decode(target, draft, prompt, max_new_tokens=32)
+        assert torch.equal(sequence, plain), f"prompt seed {seed}"
+        assert cycles == list(zip(result.stats.drafted, result.stats.accepted, strict=True))
+        assert result.stats.new_tokens == 32
+
+
+def test_oracle_draft_is_accepted_and_adaptive_length_drafts_less() -> None:
+    """The statistics see acceptance: an oracle draft on a near-bigram target keeps long chains."""
+    target = make_target(context_scale=0.05)
+    fixed = generate(target, make_draft(target, oracle=True), random_prompt(0), max_new_tokens=40).stats
+    assert fixed.tau > 4.0
+    assert all(rate > 0.8 for rate in fixed.acceptance_per_position)
+    noisy_target = make_target(context_scale=0.5)
+    adaptive_draft = make_draft(noisy_target, oracle=True, confidence_threshold=0.9)
+    adaptive = generate(noisy_target, adaptive_draft, random_prompt(0), max_new_tokens=40).stats
+    assert sum(adaptive.drafted) / adaptive.cycles < adaptive_draft.config.max_draft_tokens
+    short = generate(
+        noisy_target, adaptive_draft, random_prompt(0), max_new_tokens=40, max_draft_tokens=2
+    ).stats
+    assert max(short.drafted) <= 2
+
+
+@pytest.mark.parametrize(
+    "custom_generate", [scylla_generate, CUSTOM_GENERATE_DIR], ids=["callable", "folder"]
+)
+def test_custom_generate_entry_points_and_eos(custom_generate) -> None:
+    """``generate(custom_generate=..., draft_model=...)`` as a callable or as the ``custom_generate/`` folder
+    gives plain greedy's tokens and scores, and stops at EOS like it."""
+    target = make_target(context_scale=0.3)
+    draft = make_draft(target, oracle=True)
+    prompt = random_prompt(1)
+    plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
+    eos = int(plain[0, prompt.shape[1] + 5])  # a token greedy decoding emits: generation must stop there
+    stats = ScyllaStats()
+    output = target.generate(
+        prompt,
+        custom_generate=custom_generate,
+        trust_remote_code=True,  # needed by the folder route, which executes custom_generate/generate.py
+        draft_model=draft,
+        scylla_stats=stats,
+        max_new_tokens=24,
+        eos_token_id=eos,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
+    expected = target.generate(prompt, max_new_tokens=24, eos_token_id=eos, do_sample=False)
+    assert torch.equal(output.sequences, expected)
+    assert len(output.scores) == expected.shape[1] - prompt.shape[1]
+    assert stats.tau > 1.0
+    assert "_get_candidate_generator" not in vars(target)
+
+
+def test_batch_above_one_is_a_clear_error() -> None:
+    target = make_target()
+    draft = make_draft(target)
+    with pytest.raises(ValueError, match=r"batch size 1.*got batch size 2"):
+        generate(target, draft, torch.cat([random_prompt(0), random_prompt(1)]), max_new_tokens=4)
+
+
+def test_prompt_longer_than_context_is_a_clear_error() -> None:
+    target = make_target(max_position_embeddings=32)
+    draft = make_draft(target)
+    with pytest.raises(ValueError, match="prompt has 40 tokens but the target's context is 32"):
+        generate(target, draft, random_prompt(0, length=40), max_new_tokens=4)
+    with pytest.raises(ValueError, match="exceeds the target's context of 32"):
+        generate(target, draft, random_prompt(0, length=20), max_new_tokens=20)
+
+
+def test_draft_without_target_is_a_clear_error() -> None:
+    target = make_target()
+    draft = make_draft(target)
+    draft.is_attached = False
+    with pytest.raises(ValueError, match="attach_target"):
+        generate(target, draft, random_prompt(0), max_new_tokens=4)
+
+
+# Sampling: Leviathan et al.'s rule keeps the target's distribution. Vocabulary of 4, so the joint
+# law of the first three new tokens (64 cells) is computed exactly and compared by a chi-square test.
+SAMPLING_VOCAB = 4
+SAMPLING_PROMPT = torch.tensor([[3, 1, 2, 0]])
+
+
+def sampling_pair():
+    """A peaky target and a draft that disagrees with it about half the time (rejections happen)."""
+    target = make_target(vocab_size=SAMPLING_VOCAB, eos_token_id=None, bos_token_id=None, pad_token_id=None)
+    with torch.no_grad():
+        target.lm_head.weight.mul_(6.0)
+    draft = make_draft(target, max_draft_tokens=2)
+    with torch.no_grad():
+        draft.fc.weight.mul_(10.0)
+    return target, draft
+
+
+@torch.no_grad()
+def exact_joint(model, prompt: torch.Tensor, length: int, next_logits) -> torch.Tensor:
+    """P(x_1..x_length | prompt) over all ``V**length`` continuations, in lexicographic order."""
+    probs = torch.ones(1)
+    for step in range(length):
+        continuations = torch.tensor(
+            list(itertools.product(range(SAMPLING_VOCAB), repeat=step)), dtype=torch.long
+        ).view(SAMPLING_VOCAB**step, step)
+        inputs = torch.cat([prompt.expand(len(continuations), -1), continuations], dim=1)
+        step_probs = next_logits(model, inputs).softmax(dim=-1)
+        probs = (probs[:, None] * step_probs).reshape(-1)
+    return probs
+
+
+def target_next_logits(target, inputs: torch.Tensor) -> torch.Tensor:
+    return target(inputs).logits[:, -1].float()
+
+
+def draft_only_next_logits(draft_and_target, inputs: torch.Tensor) -> torch.Tensor:
+    """Logits of a broken sampler that keeps every draft token: the draft's chain law after the first token."""
+    target, draft = draft_and_target
+    prompt_length = SAMPLING_PROMPT.shape[1]
+    if inputs.shape[1] == prompt_length:
+        return target_next_logits(target, inputs)
+    features = target(inputs[:, :prompt_length], output_hidden_states=True).hidden_states[-1]
+    tokens = inputs[:, 1 : prompt_length + 1]
+    for position in range(prompt_length + 1, inputs.shape[1]):
+        out = draft(tokens, features)
+        features = torch.cat([features, out.features[:, -1:]], dim=1)
+        tokens = torch.cat([tokens, inputs[:, position : position + 1]], dim=1)
+    return draft(tokens, features).logits[:, -1].float()
+
+
+def chi_square_p_value(samples: torch.Tensor, probs: torch.Tensor) -> float:
+    """Pearson chi-square p-value, pooling cells expected below 5 counts into one."""
+    counts = torch.bincount(samples, minlength=len(probs)).double()
+    expected = probs.double() * len(samples)
+    small = expected < 5
+    observed = torch.cat([counts[~small], counts[small].sum().view(1)])
+    expected = torch.cat([expected[~small], expected[small].sum().view(1)])
+    statistic = ((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()
+    dof = len(observed) - 1
+    return float(torch.special.gammaincc(torch.tensor(dof / 2), statistic / 2))
+
+
+def joint_index(sequence: torch.Tensor) -> int:
+    new_tokens = sequence[0, SAMPLING_PROMPT.shape[1] : SAMPLING_PROMPT.shape[1] + 3].tolist()
+    return new_tokens[0] * SAMPLING_VOCAB**2 + new_tokens[1] * SAMPLING_VOCAB + new_tokens[2]
+
+
+@pytest.mark.parametrize("path", ["fast", "reference"])
+def test_speculative_sampling_keeps_the_target_distribution(path: str) -> None:
+    target, draft = sampling_pair()
+    probs = exact_joint(target, SAMPLING_PROMPT, 3, target_next_logits)
+    torch.manual_seed(1234)
+    rng = torch.Generator().manual_seed(1234)
+    samples, stats = [], ScyllaStats()
+    for _ in range(800):
+        if path == "fast":
+            result = generate(target, draft, SAMPLING_PROMPT, max_new_tokens=4, do_sample=True, top_k=0)
+            sequence = result.output
+            stats.merge(result.stats)
+        else:
+            sequence, cycles = reference_speculative_decode(
+                target, draft, SAMPLING_PROMPT, max_new_tokens=4, do_sample=True, rng=rng
+            )
+            for drafted, accepted in cycles:
+                stats.record(drafted, accepted)
+        samples.append(joint_index(sequence))
+    samples = torch.tensor(samples)
+    assert 0.0 < sum(stats.accepted) / sum(stats.drafted) < 0.9, "the test needs both accepts and rejects"
+    assert chi_square_p_value(samples, probs) > 1e-3
+    # The same test rejects the law of a sampler that keeps every draft token: it has power.
+    broken = exact_joint((target, draft), SAMPLING_PROMPT, 3, draft_only_next_logits)
+    assert chi_square_p_value(samples, broken) < 1e-6
