@@ -60,6 +60,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         draft.attach_target(target, tokenizer)
         draft_name = f"scylla-untrained-D{args.untrained_depth}"
     draft = draft.to(target.device).eval()
+    if args.max_draft_tokens is not None:
+        draft.config.max_draft_tokens = args.max_draft_tokens
+    if args.confidence_threshold is not None:
+        draft.config.confidence_threshold = args.confidence_threshold
     prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
     rows = run_benchmark(
         target,
