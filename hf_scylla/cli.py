@@ -33,6 +33,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="Without --draft: depth of an untrained (random) draft, which measures the drafting overhead.",
     )
+    parser.add_argument("--max-draft-tokens", type=int, help="Override the draft config's chain length.")
+    parser.add_argument(
+        "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
+    )
     parser.add_argument(
         "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
     )
