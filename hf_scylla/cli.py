@@ -46,9 +46,24 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
 
 
+def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
+    """One line per method: speedup against plain greedy on each prompt set."""
+    from hf_common.reporting import plot_series
+
+    methods = dict.fromkeys(row["method"] for row in rows)
+    series = {
+        method: (
+            [r["set"] for r in rows if r["method"] == method],
+            [r["speedup"] for r in rows if r["method"] == method],
+        )
+        for method in methods
+    }
+    return plot_series(path, series, title, "prompt set", "speedup vs greedy")
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_common.reporting import markdown_table, plot_series, save_json
+    from hf_common.reporting import markdown_table, save_json
     from hf_scylla.benchmark import load_prompt_sets, run_benchmark
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
@@ -86,15 +101,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     (args.output_dir / "bench.md").write_text(
         f"# {title}\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n{table}"
     )
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    series = {
-        method: (
-            [row["set"] for row in rows if row["method"] == method],
-            [row["speedup"] for row in rows if row["method"] == method],
-        )
-        for method in methods
-    }
-    plot_series(args.output_dir / "bench.png", series, title, "prompt set", "speedup vs greedy")
+    plot_title = f"{args.model.split('/')[-1]}, greedy, {args.max_new_tokens} new tokens"
+    plot_speedups(args.output_dir / "bench.png", rows, plot_title)
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")
     return 0 if all(row["lossless"] for row in rows) else 1
