@@ -131,6 +131,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
     parser.add_argument("--max-length", type=int, default=256, help="Tokens per conversation (truncated).")
     parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
+    parser.add_argument("--init-draft", type=Path, help="Start from this trained draft instead of a new one.")
     parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
     parser.add_argument("--batch-size", type=int, default=8, help="Conversations per step.")
     parser.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate.")
@@ -164,9 +165,12 @@ def _run_train(args: argparse.Namespace) -> int:
         features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         features.save(features_path)
-    torch.manual_seed(0)
-    draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
-    draft.attach_target(target, tokenizer)
+    if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
+        draft = ScyllaDraftModel.from_pretrained(args.init_draft, target=target, target_tokenizer=tokenizer)
+    else:
+        torch.manual_seed(0)
+        draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
+        draft.attach_target(target, tokenizer)
     draft.to(target.device)
     result = train_draft(
         draft,
