@@ -38,10 +38,7 @@ def test_train_then_bench(tmp_path: Path) -> None:
     assert (draft_dir / "model.safetensors").is_file()
     assert (draft_dir / "features-8x16.pt").is_file()  # cached target features, reused by a rerun
     tuned_dir = tmp_path / "tuned"
-    assert (
-        main([*train, "--init-draft", str(draft_dir), "--max-length", "16", "--output-dir", str(tuned_dir)])
-        == 0
-    )
+    assert main([*train, "--init-draft", str(draft_dir), "--output-dir", str(tuned_dir)]) == 0
     assert (tuned_dir / "model.safetensors").is_file()
 
     results = tmp_path / "results"
