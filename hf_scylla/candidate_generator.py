@@ -111,10 +111,16 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         self.do_sample = bool(generation_config.do_sample)
         self.max_length = generation_config.max_length
         self.logits_processor = logits_processor if logits_processor is not None else LogitsProcessorList()
-        self.max_draft_tokens = max_draft_tokens or draft.config.max_draft_tokens
+        self.max_draft_tokens = (
+            draft.config.max_draft_tokens if max_draft_tokens is None else max_draft_tokens
+        )
         self.confidence_threshold = (
             draft.config.confidence_threshold if confidence_threshold is None else confidence_threshold
         )
+        if self.max_draft_tokens < 1:
+            raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
+        if not 0.0 <= self.confidence_threshold < 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
         self.stats = stats if stats is not None else ScyllaStats()
         num_states = target.config.get_text_config().num_hidden_layers + 1
         self.hidden_layer = draft.config.target_hidden_layer % num_states

@@ -33,6 +33,10 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=1,
         help="Without --draft: depth of an untrained (random) draft, which measures the drafting overhead.",
     )
+    parser.add_argument("--max-draft-tokens", type=int, help="Override the draft config's chain length.")
+    parser.add_argument(
+        "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
+    )
     parser.add_argument(
         "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
     )
@@ -42,9 +46,24 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
 
 
+def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
+    """One line per method: speedup against plain greedy on each prompt set."""
+    from hf_common.reporting import plot_series
+
+    methods = dict.fromkeys(row["method"] for row in rows)
+    series = {
+        method: (
+            [r["set"] for r in rows if r["method"] == method],
+            [r["speedup"] for r in rows if r["method"] == method],
+        )
+        for method in methods
+    }
+    return plot_series(path, series, title, "prompt set", "speedup vs greedy")
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_common.reporting import markdown_table, plot_series, save_json
+    from hf_common.reporting import markdown_table, save_json
     from hf_scylla.benchmark import load_prompt_sets, run_benchmark
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
@@ -60,6 +79,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         draft.attach_target(target, tokenizer)
         draft_name = f"scylla-untrained-D{args.untrained_depth}"
     draft = draft.to(target.device).eval()
+    if args.max_draft_tokens is not None:
+        draft.config.max_draft_tokens = args.max_draft_tokens
+    if args.confidence_threshold is not None:
+        draft.config.confidence_threshold = args.confidence_threshold
     prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
     rows = run_benchmark(
         target,
@@ -78,15 +101,8 @@ def _run_bench(args: argparse.Namespace) -> int:
     (args.output_dir / "bench.md").write_text(
         f"# {title}\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n{table}"
     )
-    methods = list(dict.fromkeys(row["method"] for row in rows))
-    series = {
-        method: (
-            [row["set"] for row in rows if row["method"] == method],
-            [row["speedup"] for row in rows if row["method"] == method],
-        )
-        for method in methods
-    }
-    plot_series(args.output_dir / "bench.png", series, title, "prompt set", "speedup vs greedy")
+    plot_title = f"{args.model.split('/')[-1]}, greedy, {args.max_new_tokens} new tokens"
+    plot_speedups(args.output_dir / "bench.png", rows, plot_title)
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")
     return 0 if all(row["lossless"] for row in rows) else 1
@@ -115,6 +131,7 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
     parser.add_argument("--max-length", type=int, default=256, help="Tokens per conversation (truncated).")
     parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
+    parser.add_argument("--init-draft", type=Path, help="Start from this trained draft instead of a new one.")
     parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
     parser.add_argument("--batch-size", type=int, default=8, help="Conversations per step.")
     parser.add_argument("--learning-rate", type=float, default=3e-4, help="AdamW learning rate.")
@@ -148,9 +165,12 @@ def _run_train(args: argparse.Namespace) -> int:
         features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
         args.output_dir.mkdir(parents=True, exist_ok=True)
         features.save(features_path)
-    torch.manual_seed(0)
-    draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
-    draft.attach_target(target, tokenizer)
+    if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
+        draft = ScyllaDraftModel.from_pretrained(args.init_draft, target=target, target_tokenizer=tokenizer)
+    else:
+        torch.manual_seed(0)
+        draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
+        draft.attach_target(target, tokenizer)
     draft.to(target.device)
     result = train_draft(
         draft,

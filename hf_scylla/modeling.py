@@ -104,6 +104,10 @@ class ScyllaDraftModel(PreTrainedModel):
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.is_attached = False
         self.post_init()
+        if not config.save_embeddings:  # absent by design: no "newly initialized" warning on load
+            self._keys_to_ignore_on_load_missing = {
+                rf"^{key}$".replace(".", r"\.") for key in SHARED_WITH_TARGET
+            }
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.embed_tokens
@@ -220,7 +224,9 @@ class ScyllaDraftModel(PreTrainedModel):
         if target is not None:
             model.attach_target(target, target_tokenizer)
         else:
-            model.is_attached = not set(info["missing_keys"]) & set(SHARED_WITH_TARGET)
+            model.is_attached = model.config.save_embeddings and not set(info["missing_keys"]) & set(
+                SHARED_WITH_TARGET
+            )
         return model
 
 

@@ -235,6 +235,7 @@ def train_draft(
         "remove_unused_columns": False,
         "report_to": [],
         "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
     }
     arguments.update(training_arguments)
     trainer = _EagleTrainer(

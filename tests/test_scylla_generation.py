@@ -122,6 +122,19 @@ def test_prompt_longer_than_context_is_a_clear_error() -> None:
         generate(target, draft, random_prompt(0, length=20), max_new_tokens=20)
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ({"max_draft_tokens": 0}, "max_draft_tokens must be >= 1"),
+        ({"confidence_threshold": 1.2}, r"in \[0, 1\)"),
+    ],
+)
+def test_bad_per_call_draft_settings_are_clear_errors(override: dict, message: str) -> None:
+    target = make_target()
+    with pytest.raises(ValueError, match=message):
+        generate(target, make_draft(target), random_prompt(0), max_new_tokens=4, **override)
+
+
 def test_draft_without_target_is_a_clear_error() -> None:
     target = make_target()
     draft = make_draft(target)

@@ -1,0 +1,50 @@
+"""``hf-scylla train`` then ``hf-scylla bench`` end to end on a tiny saved target."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scylla_models import make_target
+from test_scylla_benchmark import chat_word_tokenizer
+
+from hf_scylla.cli import main
+
+
+def test_train_then_bench(tmp_path: Path) -> None:
+    model_dir, data, prompts = tmp_path / "target", tmp_path / "train.jsonl", tmp_path / "prompts"
+    make_target(context_scale=0.3).save_pretrained(model_dir)
+    chat_word_tokenizer().save_pretrained(model_dir)
+    pairs = [{"question": f"w{i} w{i + 1}", "answer": f"w{i + 2} w{i + 3} w{i + 4}"} for i in range(5, 13)]
+    data.write_text("".join(json.dumps(pair) + "\n" for pair in pairs))
+    prompts.mkdir()
+    (prompts / "tiny.jsonl").write_text(json.dumps({"question_id": 0, "turns": ["w7 w8 w9"]}) + "\n")
+
+    draft_dir = tmp_path / "draft"
+    common = ["--model", str(model_dir)]
+    train = [
+        "train",
+        *common,
+        "--data",
+        str(data),
+        "--samples",
+        "8",
+        "--max-length",
+        "16",
+        "--batch-size",
+        "4",
+    ]
+    assert main([*train, "--output-dir", str(draft_dir)]) == 0
+    assert (draft_dir / "model.safetensors").is_file()
+    assert (draft_dir / "features-8x16.pt").is_file()  # cached target features, reused by a rerun
+    tuned_dir = tmp_path / "tuned"
+    assert main([*train, "--init-draft", str(draft_dir), "--output-dir", str(tuned_dir)]) == 0
+    assert (tuned_dir / "model.safetensors").is_file()
+
+    results = tmp_path / "results"
+    bench = ["bench", *common, "--draft", str(draft_dir), "--prompts-dir", str(prompts), "--limit", "1"]
+    assert main([*bench, "--max-new-tokens", "8", "--output-dir", str(results)]) == 0
+    rows = json.loads((results / "bench.json").read_text())["rows"]
+    assert {row["method"] for row in rows} == {"greedy", "prompt_lookup_10", "scylla:draft"}
+    assert all(row["lossless"] for row in rows)
+    assert (results / "bench.md").is_file() and (results / "bench.png").is_file()
