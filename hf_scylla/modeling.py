@@ -21,6 +21,7 @@ from transformers.masking_utils import create_causal_mask
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 from transformers.utils import ModelOutput
 
+from hf_common.compat import cache_kwargs
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 
 __all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target"]
@@ -155,8 +156,8 @@ class ScyllaDraftModel(PreTrainedModel):
             config=self.config,
             inputs_embeds=hidden,
             attention_mask=None,
-            cache=cache,
             position_ids=position_ids,
+            **cache_kwargs(cache),
         )
         position_embeddings = self.rotary_emb(hidden, position_ids=position_ids)
         for layer in self.layers:
@@ -164,9 +165,9 @@ class ScyllaDraftModel(PreTrainedModel):
                 hidden,
                 attention_mask=mask,
                 position_ids=position_ids,
-                cache=cache,
                 use_cache=cache is not None,
                 position_embeddings=position_embeddings,
+                **cache_kwargs(cache),
             )
         features = self.out_proj(hidden) if self.out_proj is not None else hidden
         logits = self.lm_head(features[:, -logits_to_keep:] if logits_to_keep else features)
