@@ -420,14 +420,41 @@ def test_ops_use_kernels_on_cuda() -> None:
     assert_close("o (cuda)", sparse_decode_attention(q, x, x, indices, 128**-0.5), out, 1e-2)
 
 
+def _load_script(name: str):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke run; the CUDA benchmark is run by hand")
 def test_bench_script_runs_on_small_sizes(tmp_path: Path) -> None:
-    path = Path(__file__).resolve().parent.parent / "scripts" / "bench_adamas_kernels.py"
-    spec = importlib.util.spec_from_file_location("bench_adamas_kernels", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+    bench = _load_script("bench_adamas_kernels")
     args = ["--contexts", "128", "--budgets", "16", "64", "--repeats", "1", "--out", str(tmp_path)]
     assert bench.main(args) == 0
     rows = json.loads((tmp_path / "bench_kernels.json").read_text())["rows"]
     assert [r["budget"] for r in rows] == [16, 64]
     assert (tmp_path / "bench_kernels.png").exists()
+
+
+@pytest.mark.slow
+def test_profile_script_lists_operators_for_every_method(tmp_path: Path) -> None:
+    profiler = _load_script("profile_adamas_decode")
+    args = [
+        "--context",
+        "320",
+        "--budget",
+        "64",
+        "--steps",
+        "1",
+        "--rows",
+        "3",
+        "--output-dir",
+        str(tmp_path),
+    ]
+    assert profiler.main(args) == 0
+    report = (tmp_path / "decode_profile_320.md").read_text()
+    for method in ("dense", "adamas", "streaming_llm", "quest"):
+        assert f"## {method}:" in report
+    assert report.count("| `aten::") == 4 * 3
