@@ -218,12 +218,23 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         "--training-notes",
         help="How the draft was trained (objective, steps, hyperparameters), for the card.",
     )
+    parser.add_argument(
+        "--max-draft-tokens",
+        type=int,
+        help="Store this chain length in the staged config (e.g. the benchmarked one).",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help="Store this adaptive-length threshold in the staged config.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from hf_common.default_model import default_model_path, load_model_and_tokenizer
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.hub import stage_draft
     from hf_scylla.modeling import ScyllaDraftModel
@@ -231,10 +242,17 @@ def _run_stage(args: argparse.Namespace) -> int:
     target_name = args.target or ScyllaDraftConfig.from_pretrained(args.checkpoint).target_name_or_path
     if not target_name:
         raise SystemExit("error: the draft config names no target; pass --target")
-    tokenizer = AutoTokenizer.from_pretrained(target_name)
+    # The default model's tokenizer comes from the embedded copy, so staging works offline.
+    embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
     draft = ScyllaDraftModel.from_pretrained(args.checkpoint)
     if draft.config.save_embeddings and not draft.is_attached:
-        draft.attach_target(AutoModelForCausalLM.from_pretrained(target_name), tokenizer)
+        draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
+    if args.max_draft_tokens is not None:
+        draft.config.max_draft_tokens = args.max_draft_tokens
+    if args.confidence_threshold is not None:
+        draft.config.confidence_threshold = args.confidence_threshold
+    draft.config._check_draft_fields()
     eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
     try:
         folder = stage_draft(
