@@ -365,9 +365,9 @@ def _run_stage(args: argparse.Namespace) -> int:
         draft.config.max_draft_tokens = args.max_draft_tokens
     if args.confidence_threshold is not None:
         draft.config.confidence_threshold = args.confidence_threshold
-    draft.config._check_draft_fields()
     eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
     try:
+        draft.config._check_draft_fields()
         folder = stage_draft(
             draft,
             tokenizer,
