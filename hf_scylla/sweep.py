@@ -61,6 +61,11 @@ class SweepSettings:
     max_new_tokens: int = 48
     max_draft_tokens: int = 4
 
+    def measurement(self) -> dict:
+        """The settings a point's tau depends on besides its depth and data (training and decoding)."""
+        axes = ("samples", "tokens_depth", "depths", "depth_samples")
+        return {key: value for key, value in asdict(self).items() if key not in axes}
+
     def __post_init__(self) -> None:
         if min(self.samples, default=0) < 1 or min(self.depths, default=0) < 1 or self.depth_samples < 1:
             raise ValueError("sample counts and depths must be positive integers")
@@ -183,6 +188,11 @@ def run_sweep(
     for point in plan_points(settings):
         result_path = points_dir / f"{point.name}.json"
         if result_path.is_file():
+            recorded = json.loads(result_path.read_text()).get("settings", settings.measurement())
+            if recorded != settings.measurement():
+                raise ValueError(
+                    f"{result_path} was measured with other settings ({recorded}); use another output folder"
+                )
             log(f"{point.name}: done already, skipped")
             continue
         log(f"{point.name}: training depth {point.depth} on {point.samples} conversations")
@@ -203,6 +213,7 @@ def run_sweep(
             ),
             "train_seconds": train_seconds,
             **measured,
+            "settings": settings.measurement(),
         }
         save_json(result_path, record)
         log(f"{point.name}: tau {record['tau']:.3f}, lossless {record['lossless']}")
@@ -217,28 +228,36 @@ def _axis(records: list[dict], key: str, keep: Callable[[dict], bool]) -> tuple[
 
 def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None = None) -> dict:
     """Fit both axes from the finished points; write ``sweep.json``, ``sweep.md`` and the PNG plots."""
-    records = [json.loads(path.read_text()) for path in sorted((output_dir / "points").glob("*.json"))]
+    records = [json.loads(path.read_text()) for path in (output_dir / "points").glob("*.json")]
+    records.sort(key=lambda record: (record["depth"], record["samples"]))
+    # Points of earlier runs in the same folder count too: one tokens series at the tokens-axis depth,
+    # one depth series per conversation count (e.g. a second run with another --depth-samples).
     axes = {
         "tokens": (
             "training_tokens",
-            lambda r: r["depth"] == settings.tokens_depth and r["samples"] in settings.samples,
+            lambda r: r["depth"] == settings.tokens_depth,
             f"training tokens (depth D={settings.tokens_depth})",
-        ),
-        "depth": (
-            "depth",
-            lambda r: r["samples"] == settings.depth_samples and r["depth"] in settings.depths,
-            f"draft depth D ({settings.depth_samples} conversations)",
-        ),
+        )
     }
+    depth_samples = {settings.depth_samples} | {
+        n
+        for n in {r["samples"] for r in records}
+        if len({r["depth"] for r in records if r["samples"] == n}) > 1
+    }
+    for n in sorted(depth_samples):
+        axes[f"depth_n{n}"] = (
+            "depth",
+            lambda r, n=n: r["samples"] == n,
+            f"draft depth D ({n} conversations)",
+        )
     fits = {}
     for axis, (key, keep, label) in axes.items():
         xs, taus = _axis(records, key, keep)
         fit = fit_log_linear(xs, taus) if len(set(xs)) >= 2 else None
         fits[axis] = {"x": key, "points": list(zip(xs, taus, strict=True)), "fit": fit and fit.to_dict()}
         if xs:
-            plot_log_linear(
-                output_dir / f"tau_vs_{axis}.png", xs, taus, fit, f"Scylla drafts: τ vs {axis}", label
-            )
+            title = f"Scylla drafts: τ vs {label.split(' (')[0]}"
+            plot_log_linear(output_dir / f"tau_vs_{axis}.png", xs, taus, fit, title, label)
     summary = {
         **(metadata or {}),
         "settings": asdict(settings),

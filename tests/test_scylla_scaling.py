@@ -109,7 +109,8 @@ def test_sweep_cli_writes_fits_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     assert all(point["lossless"] and point["tau"] >= 1.0 for point in summary["points"])
     tokens = [point["training_tokens"] for point in sorted(summary["points"], key=lambda p: p["samples"])]
     assert tokens == sorted(tokens) and tokens[0] > 0
-    for axis, count in (("tokens", 3), ("depth", 2)):
+    assert set(summary["fits"]) == {"tokens", "depth_n4"}
+    for axis, count in (("tokens", 3), ("depth_n4", 2)):
         assert len(summary["fits"][axis]["points"]) == count
         assert (output / f"tau_vs_{axis}.png").is_file()
     assert "batch size 1" in summary["batch_size_axis"]
@@ -123,3 +124,6 @@ def test_sweep_cli_writes_fits_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     (output / "sweep.json").unlink()
     assert main(argv) == 0
     assert len(json.loads((output / "sweep.json").read_text())["points"]) == 4
+    # Points measured with other training settings are not mixed into one fit.
+    with pytest.raises(ValueError, match="measured with other settings"):
+        main([*argv, "--epochs", "2"])
