@@ -77,9 +77,11 @@ def plot_log_linear(
     ax.plot(x, tau, "o", color="C0", label="measured")
     if fit is not None:
         grid = np.geomspace(min(x), max(x), 50)
-        label = f"fit: {fit.a:.3f} + {fit.b:.3f} ln x (R² {fit.r2:.2f})"
+        label = f"fit: {fit.a:.3f} + {fit.b:.3f} ln x (R² {fit.r2:.3f})"
         ax.plot(grid, fit.predict(grid), "--", color="C1", label=label)
     ax.set_xscale("log")
+    ax.set_xticks(sorted(set(x)), [f"{value:g}" for value in sorted(set(x))])  # label the measured x
+    ax.minorticks_off()
     ax.set(title=title, xlabel=xlabel, ylabel="acceptance length τ")
     ax.grid(alpha=0.3)
     return save_figure(fig, path)
