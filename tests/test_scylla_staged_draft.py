@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import ModelCard
 
 from hf_common.default_model import DEFAULT_MODEL_ID
-from hf_common.demo import STAGED_DRAFT_NAME, find_staged_draft
+from hf_common.demo import STAGED_DRAFT_NAME, find_staged_draft, scylla_chat, timed_chat_generation
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, generate
 from hf_scylla.benchmark import encode_prompt
 from hf_scylla.hub import check_staged_folder
@@ -22,6 +22,7 @@ MAX_WEIGHT_BYTES = 25 * 1024 * 1024
 
 def test_demo_finds_the_staged_draft() -> None:
     assert find_staged_draft() == FOLDER
+    assert find_staged_draft("no-such-draft") is None  # the demo then skips its Scylla step
 
 
 def test_staged_folder_is_complete_and_small() -> None:
@@ -56,3 +57,13 @@ def test_staged_draft_loads_and_decodes_losslessly(default_model_and_tokenizer) 
         result = generate(target, draft, prompt, max_new_tokens=32, do_sample=False)
         assert torch.equal(result.output, plain)
         assert result.stats.tau >= 1.0 and result.stats.cycles > 0
+
+
+@pytest.mark.slow
+def test_demo_scylla_step_equals_greedy(default_model_and_tokenizer) -> None:
+    target, tokenizer = default_model_and_tokenizer
+    prompt = "Natalia sold 48 clips in April and half as many in May. How many clips did she sell?"
+    greedy = timed_chat_generation(target, tokenizer, prompt, 24, "greedy")
+    result = scylla_chat(target, tokenizer, prompt, 24, FOLDER, greedy)
+    assert result.lossless and result.token_ids == greedy.token_ids and result.text == greedy.text
+    assert result.tau >= 1.0 and result.tokens_per_second > 0
