@@ -108,8 +108,8 @@ def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_demo(args: argparse.Namespace) -> int:
     from hf_common.demo import run_demo
 
-    run_demo(args)
-    return 0
+    results = run_demo(args)
+    return 1 if any(result.lossless is False for result in results) else 0
 
 
 COMMON_COMMANDS: tuple[Command, ...] = (

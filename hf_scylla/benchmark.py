@@ -22,9 +22,23 @@ from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["PROMPTS_DIR", "MethodResult", "encode_prompt", "load_prompt_sets", "run_benchmark"]
+__all__ = [
+    "PROMPTS_DIR",
+    "MethodResult",
+    "encode_prompt",
+    "load_prompt_file",
+    "load_prompt_sets",
+    "run_benchmark",
+]
 
 PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+
+
+def load_prompt_file(path: Path, limit: int | None = None) -> list[str]:
+    """The first user turn of each line of one ``question.jsonl``-style file (the first ``limit``)."""
+    with path.open() as lines:
+        questions = [json.loads(line)["turns"][0] for line in lines if line.strip()]
+    return questions[:limit] if limit else questions
 
 
 def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, list[str]]:
@@ -32,12 +46,7 @@ def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, lis
     files = sorted(directory.glob("*.jsonl"))
     if not files:
         raise FileNotFoundError(f"no *.jsonl prompt files in {directory}")
-    sets = {}
-    for path in files:
-        with path.open() as lines:
-            questions = [json.loads(line)["turns"][0] for line in lines if line.strip()]
-        sets[path.stem] = questions[:limit] if limit else questions
-    return sets
+    return {path.stem: load_prompt_file(path, limit) for path in files}
 
 
 def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:

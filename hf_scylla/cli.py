@@ -1,4 +1,4 @@
-"""The ``hf-scylla`` command line: train, bench, stage, publish (plus demo and env)."""
+"""The ``hf-scylla`` command line: train, bench, sweep, stage, publish (plus demo and env)."""
 
 from __future__ import annotations
 
@@ -189,6 +189,119 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_scylla.benchmark import PROMPTS_DIR
+    from hf_scylla.sweep import SweepSettings
+
+    defaults = SweepSettings()
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
+    parser.add_argument("--max-length", type=int, default=192, help="Tokens per conversation (truncated).")
+    parser.add_argument(
+        "--samples",
+        type=int,
+        nargs="+",
+        default=list(defaults.samples),
+        help="Tokens axis: conversations per draft (nested subsets; use log-spaced values).",
+    )
+    parser.add_argument(
+        "--tokens-depth", type=int, default=defaults.tokens_depth, help="Depth on the tokens axis."
+    )
+    parser.add_argument(
+        "--depths", type=int, nargs="+", default=list(defaults.depths), help="Depth axis: draft depths D."
+    )
+    parser.add_argument(
+        "--depth-samples", type=int, default=defaults.depth_samples, help="Conversations on the depth axis."
+    )
+    parser.add_argument("--epochs", type=float, default=defaults.epochs, help="Passes over each subset.")
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="Conversations per step.")
+    parser.add_argument(
+        "--learning-rate", type=float, default=defaults.learning_rate, help="AdamW learning rate."
+    )
+    parser.add_argument(
+        "--unroll-steps", type=int, default=defaults.unroll_steps, help="Passes on the draft's own features."
+    )
+    parser.add_argument(
+        "--token-weight",
+        type=float,
+        default=defaults.token_weight,
+        help="Weight of the LM-head distillation term.",
+    )
+    parser.add_argument(
+        "--eval-prompts-file",
+        type=Path,
+        default=PROMPTS_DIR / "gsm8k.jsonl",
+        help="Held-out prompts (EAGLE question.jsonl format) decoded to measure tau.",
+    )
+    parser.add_argument(
+        "--eval-prompts", type=int, default=defaults.eval_prompts, help="Prompts decoded per point."
+    )
+    parser.add_argument(
+        "--max-new-tokens", type=int, default=defaults.max_new_tokens, help="New tokens per prompt."
+    )
+    parser.add_argument(
+        "--max-draft-tokens", type=int, default=defaults.max_draft_tokens, help="Draft chain length (fixed)."
+    )
+    parser.add_argument(
+        "--work-dir",
+        type=Path,
+        default=Path("runs/scylla/sweep"),
+        help="Cached features, drafts, checkpoints.",
+    )
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=Path("results/scylla/sweep"),
+        help="Per-point JSON, summary, plots.",
+    )
+
+
+def _run_sweep(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_scylla.benchmark import encode_prompt, load_prompt_file
+    from hf_scylla.sweep import SweepSettings, plan_points, run_sweep
+    from hf_scylla.training import FeatureDataset, cache_target_features
+
+    settings = SweepSettings(
+        samples=tuple(args.samples),
+        tokens_depth=args.tokens_depth,
+        depths=tuple(args.depths),
+        depth_samples=args.depth_samples,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        learning_rate=args.learning_rate,
+        unroll_steps=args.unroll_steps,
+        token_weight=args.token_weight,
+        eval_prompts=args.eval_prompts,
+        max_new_tokens=args.max_new_tokens,
+        max_draft_tokens=args.max_draft_tokens,
+    )
+    if not args.eval_prompts_file.is_file():
+        raise SystemExit(f"error: prompt file {args.eval_prompts_file} not found (pass --eval-prompts-file)")
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    needed = max(point.samples for point in plan_points(settings))
+    features_path = args.work_dir / f"features-{needed}x{args.max_length}.pt"
+    if features_path.is_file():
+        features = FeatureDataset.load(features_path)
+    else:
+        conversations = _read_conversations(args.data, needed)
+        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
+        args.work_dir.mkdir(parents=True, exist_ok=True)
+        features.save(features_path)
+    questions = load_prompt_file(args.eval_prompts_file, args.eval_prompts)
+    prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
+    metadata = {"command": "hf-scylla " + " ".join(getattr(args, "argv", [])), "machine": _machine()}
+    summary = run_sweep(
+        target, tokenizer, features, prompts, settings, args.work_dir, args.output_dir, metadata, print
+    )
+    for axis, entry in summary["fits"].items():
+        fit = entry["fit"]
+        text = f"a={fit['a']:.4f} b={fit['b']:.4f} R2={fit['r2']:.3f}" if fit else "not enough points"
+        print(f"tau vs {axis}: {text}")
+    print(f"Saved {args.output_dir}/sweep.json, .md and tau_vs_*.png")
+    return 0 if all(point["lossless"] for point in summary["points"]) else 1
+
+
 def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="Folder of a saved Scylla draft (save_pretrained).")
     parser.add_argument(
@@ -218,12 +331,23 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         "--training-notes",
         help="How the draft was trained (objective, steps, hyperparameters), for the card.",
     )
+    parser.add_argument(
+        "--max-draft-tokens",
+        type=int,
+        help="Store this chain length in the staged config (e.g. the benchmarked one).",
+    )
+    parser.add_argument(
+        "--confidence-threshold",
+        type=float,
+        help="Store this adaptive-length threshold in the staged config.",
+    )
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
 
 
 def _run_stage(args: argparse.Namespace) -> int:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
+    from hf_common.default_model import default_model_path, load_model_and_tokenizer
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.hub import stage_draft
     from hf_scylla.modeling import ScyllaDraftModel
@@ -231,12 +355,19 @@ def _run_stage(args: argparse.Namespace) -> int:
     target_name = args.target or ScyllaDraftConfig.from_pretrained(args.checkpoint).target_name_or_path
     if not target_name:
         raise SystemExit("error: the draft config names no target; pass --target")
-    tokenizer = AutoTokenizer.from_pretrained(target_name)
+    # The default model's tokenizer comes from the embedded copy, so staging works offline.
+    embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
     draft = ScyllaDraftModel.from_pretrained(args.checkpoint)
     if draft.config.save_embeddings and not draft.is_attached:
-        draft.attach_target(AutoModelForCausalLM.from_pretrained(target_name), tokenizer)
+        draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
+    if args.max_draft_tokens is not None:
+        draft.config.max_draft_tokens = args.max_draft_tokens
+    if args.confidence_threshold is not None:
+        draft.config.confidence_threshold = args.confidence_threshold
     eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
     try:
+        draft.config._check_draft_fields()
         folder = stage_draft(
             draft,
             tokenizer,
@@ -311,6 +442,12 @@ COMMANDS = (
         "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",
         _add_bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "sweep",
+        "Scaling sweep: train drafts over training tokens and depth, measure tau, fit tau = a + b ln x.",
+        _add_sweep_arguments,
+        _run_sweep,
     ),
     Command(
         "stage",

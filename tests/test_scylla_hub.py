@@ -422,3 +422,19 @@ def test_cli_stage_then_publish(
     assert "already exists" in capsys.readouterr().out
     assert hub.commit_count(REPO_ID) == 2
     assert_same_weights(ScyllaDraftModel.from_pretrained(REPO_ID, revision="v1"), draft)
+
+
+def test_cli_stage_stores_the_benchmarked_draft_settings(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    checkpoint, target_dir = tmp_path / "checkpoint", tmp_path / "target"
+    draft.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(target_dir)
+    stage_args = ["stage", str(checkpoint), "--target", str(target_dir), "--repo-name", REPO_ID]
+    stage_args += ["--base-model", TARGET_ID, "--max-draft-tokens", "3", "--confidence-threshold", "0.25"]
+    assert scylla_main([*stage_args, "--output-dir", str(tmp_path / "staged")]) == 0
+    config = ScyllaDraftConfig.from_pretrained(tmp_path / "staged")
+    assert (config.max_draft_tokens, config.confidence_threshold) == (3, 0.25)
+    bad = [*stage_args[:-1], "1.5", "--output-dir", str(tmp_path / "bad")]
+    assert scylla_main(bad) == 1
+    assert "confidence_threshold must be in [0, 1)" in capsys.readouterr().out
