@@ -18,13 +18,14 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_common.data import SHARED_DATA_DIR
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = ["PROMPTS_DIR", "MethodResult", "encode_prompt", "load_prompt_sets", "run_benchmark"]
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+PROMPTS_DIR = SHARED_DATA_DIR / "prompts"
 
 
 def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, list[str]]:
