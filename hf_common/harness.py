@@ -41,6 +41,7 @@ MODEL_TYPES = {
 }
 """lm-eval model type -> the `HFLM` subclass that implements it (imported on first use)."""
 
+LM_EVAL_URL = "https://github.com/EleutherAI/lm-evaluation-harness"
 CARD_BEGIN = "<!-- lm-eval results: begin -->"
 CARD_END = "<!-- lm-eval results: end -->"
 CARD_SECTION = "## Results"
@@ -195,6 +196,7 @@ def harness_eval_results(results: dict[str, Any]) -> list:
                 metric_name=name,
                 metric_value=record["value"],
                 source_name="lm-evaluation-harness",
+                source_url=LM_EVAL_URL,
             )
         )
     return entries
