@@ -216,8 +216,11 @@ def results_table(results: dict[str, Any]) -> str:
 def _results_block(results: dict[str, Any], source: str | None) -> str:
     config = results.get("config", {})
     model_args = config.get("model_args")
+    if isinstance(model_args, dict):
+        model_args = ",".join(f"{key}={value}" for key, value in model_args.items())
     setting = f"`--model {config.get('model')}`" + (f" `--model_args {model_args}`" if model_args else "")
-    limit = f", `--limit {config['limit']}`" if config.get("limit") is not None else ""
+    limit = config.get("limit")
+    limit = f", `--limit {limit:g}`" if isinstance(limit, int | float) else ""
     lines = [
         CARD_BEGIN,
         f"Measured with lm-evaluation-harness {results.get('lm_eval_version', '')} ({setting}{limit})"
