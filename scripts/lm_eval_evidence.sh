@@ -16,16 +16,19 @@ $PY -m hf_scylla.cli eval --model hf --model_args "$HF_ARGS" --device cpu --task
 $PY -m hf_scylla.cli eval --model hf-scylla --model_args "draft=$DRAFT,baseline=True" --device cpu \
     --tasks gsm8k_local --apply_chat_template --limit 5 --log_samples --output_path "$OUT/gsm8k_hf-scylla"
 
-# 2. Passkey retrieval at 2K/4K/8K tokens: dense sdpa vs Adamas at a budget of 64 keys
+# 2. Passkey retrieval at 2K/4K/8K tokens: dense sdpa vs Adamas at budgets of 64 and 256 keys
 $PY -m hf_adamas.cli eval --model hf --model_args "$HF_ARGS" --device cpu --tasks passkey_local \
     --limit 2 --output_path "$OUT/passkey_hf"
-$PY -m hf_adamas.cli eval --model hf-adamas --model_args token_budget=64 --device cpu --tasks passkey_local \
-    --limit 2 --output_path "$OUT/passkey_hf-adamas-64"
+for budget in 64 256; do
+    $PY -m hf_adamas.cli eval --model hf-adamas --model_args "token_budget=$budget" --device cpu \
+        --tasks passkey_local --limit 2 --output_path "$OUT/passkey_hf-adamas-$budget"
+done
 
 # 3. Rolling perplexity of one 8,000-character slice of tinyshakespeare: dense vs budgets 64/256/1024
+#    (8192 >= the slice's length: one forward, the same as dense)
 $PY -m hf_adamas.cli eval --model hf --model_args "$HF_ARGS" --device cpu --tasks tinyshakespeare_ppl \
     --limit 1 --output_path "$OUT/ppl_hf"
-for budget in 64 256 1024; do
+for budget in 64 256 1024 8192; do
     $PY -m hf_adamas.cli eval --model hf-adamas --model_args "token_budget=$budget" --device cpu \
         --tasks tinyshakespeare_ppl --limit 1 --output_path "$OUT/ppl_hf-adamas-$budget"
 done
