@@ -19,6 +19,7 @@ requests, the speedup and how many outputs equal greedy) go into the results JSO
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any
 
@@ -81,8 +82,10 @@ class ScyllaLM(OfflineHFLM):
     ) -> None:
         if not draft:
             raise ValueError("hf-scylla needs a draft: --model_args draft=<folder of a trained Scylla draft>")
-        if not os.path.isdir(draft):
-            raise ValueError(f"hf-scylla: draft={draft} is not a folder holding a saved Scylla draft")
+        if not os.path.isdir(draft) and not re.fullmatch(r"[\w.-]+/[\w.-]+", str(draft)):
+            raise ValueError(
+                f"hf-scylla: draft={draft} is neither a folder holding a saved Scylla draft nor a Hub repository id"
+            )
         batch_size = kwargs.get("batch_size", 1)
         if str(batch_size) != str(MAX_BATCH_SIZE):
             raise ValueError(

@@ -186,7 +186,7 @@ def test_scylla_needs_a_draft_folder_and_batch_size_one(
 ) -> None:
     with pytest.raises(ValueError, match="needs a draft"):
         ScyllaLM(pretrained=str(target_dir))
-    with pytest.raises(ValueError, match="not a folder"):
+    with pytest.raises(ValueError, match="neither a folder"):
         ScyllaLM(pretrained=str(target_dir), draft=str(tmp_path / "missing"))
     with pytest.raises(ValueError, match="batch_size=4"):
         ScyllaLM(pretrained=str(target_dir), draft=str(draft_dir), batch_size=4)
@@ -398,6 +398,11 @@ def lm_eval_results(value: float, tau: float | None = None) -> dict:
         "config": config,
         "lm_eval_version": "0.4.13",
     }
+
+
+def test_card_needs_an_output_path(tmp_path: Path) -> None:
+    with pytest.raises(SystemExit, match="--card needs --output_path"):
+        adamas_main(["eval", "--tasks", "tinyshakespeare_ppl", "--card", str(tmp_path)])
 
 
 def test_card_entries_are_replaced_not_duplicated(tmp_path: Path) -> None:
