@@ -175,23 +175,24 @@ def _metrics(results: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def harness_eval_results(results: dict[str, Any]) -> list:
-    """`EvalResult` entries (one per task, metric and filter) of an lm-eval results dict."""
+    """`EvalResult` entries (one per task, metric and filter) of an lm-eval results dict.
+
+    The number of documents scored (``--limit``) goes into the dataset's ``args`` as ``samples``.
+    """
     from huggingface_hub import EvalResult
 
     entries = []
     for record in _metrics(results):
         if not math.isfinite(record["value"]):
             continue
-        details = [] if record["filter"] == "none" else [record["filter"]]
-        if record["samples"] is not None:
-            details.append(f"{record['samples']} samples")
-        name = record["metric"] + (f" ({', '.join(details)})" if details else "")
+        name = record["metric"] + ("" if record["filter"] == "none" else f" ({record['filter']})")
         entries.append(
             EvalResult(
                 task_type="text-generation",
                 task_name=record["task"],
                 dataset_type=record["task"],
                 dataset_name=f"{record['task']} (lm-eval, local)",
+                dataset_args=None if record["samples"] is None else {"samples": record["samples"]},
                 metric_type=record["metric"],
                 metric_name=name,
                 metric_value=record["value"],
@@ -259,7 +260,8 @@ def write_card_results(
 ) -> Path:
     """Merge an lm-eval results dict into ``folder/README.md``: model-index entries and a results table.
 
-    Entries with the same task, dataset and metric are replaced; others are kept. The table goes
+    Entries with the same task, dataset, metric and filter are replaced (also when the sample count
+    differs); others are kept. The table goes
     between marker comments (replaced on the next call) at the top of the card's "## Results" section,
     whose "not evaluated yet" placeholder (`hf_scylla.hub`) it replaces; without such a section it is
     appended. A folder without a README gets a minimal card. Returns the README path.

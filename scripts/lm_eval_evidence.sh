@@ -12,9 +12,9 @@ HF_ARGS="pretrained=$BASE,dtype=float32,attn_implementation=sdpa"
 
 # 1. GSM8K: plain greedy (hf) vs Scylla speculative decoding (hf-scylla, also timing greedy itself)
 $PY -m hf_scylla.cli eval --model hf --model_args "$HF_ARGS" --device cpu --tasks gsm8k_local \
-    --apply_chat_template --limit 5 --log_samples --output_path "$OUT/gsm8k_hf"
+    --apply_chat_template --limit 10 --log_samples --output_path "$OUT/gsm8k_hf"
 $PY -m hf_scylla.cli eval --model hf-scylla --model_args "draft=$DRAFT,baseline=True" --device cpu \
-    --tasks gsm8k_local --apply_chat_template --limit 5 --log_samples --output_path "$OUT/gsm8k_hf-scylla"
+    --tasks gsm8k_local --apply_chat_template --limit 10 --log_samples --output_path "$OUT/gsm8k_hf-scylla"
 
 # 2. Passkey retrieval at 2K/4K/8K tokens: dense sdpa vs Adamas at budgets of 64 and 256 keys
 $PY -m hf_adamas.cli eval --model hf --model_args "$HF_ARGS" --device cpu --tasks passkey_local \

@@ -406,7 +406,9 @@ def test_card_needs_an_output_path(tmp_path: Path) -> None:
 
 
 def test_card_entries_are_replaced_not_duplicated(tmp_path: Path) -> None:
-    write_card_results(tmp_path, lm_eval_results(0.2, tau=1.4))
+    earlier = lm_eval_results(0.2, tau=1.4)
+    earlier["n-samples"]["gsm8k_local"]["effective"] = 3
+    write_card_results(tmp_path, earlier)
     results = lm_eval_results(0.4, tau=1.6)
     readme = write_card_results(tmp_path, results, extra_eval_results=speculative_eval_results(results))
     card = ModelCard.load(readme)
@@ -414,4 +416,5 @@ def test_card_entries_are_replaced_not_duplicated(tmp_path: Path) -> None:
     assert values == {("gsm8k_local", "exact_match"): 0.4, ("gsm8k_local", "mean_accepted_tokens"): 1.6}
     assert card.text.count("lm-eval results: begin") == 1
     assert "| gsm8k_local | exact_match | flexible-extract | 0.4 | 0.1 | 5 |" in card.text
-    assert len(harness_eval_results(results)) == 1
+    (entry,) = harness_eval_results(results)
+    assert (entry.metric_name, entry.dataset_args) == ("exact_match (flexible-extract)", {"samples": 5})
