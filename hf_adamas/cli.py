@@ -1,4 +1,4 @@
-"""The ``hf-adamas`` command line: calibrate, passkey, ppl, bench (plus demo and env)."""
+"""The ``hf-adamas`` command line: calibrate, passkey, ppl, bench, eval (plus demo and env)."""
 
 from __future__ import annotations
 
@@ -12,11 +12,13 @@ from pathlib import Path
 import torch
 
 from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
+from hf_common.harness import eval_command
 from hf_common.reporting import markdown_table, plot_series, save_json
 
 DESCRIPTION = "Adamas sparse attention (arXiv 2510.18413) for transformers models."
-SHAKESPEARE = Path(__file__).resolve().parents[2] / "shared" / "data" / "text" / "tinyshakespeare.txt"
+SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
 METHOD_NAMES = ("dense", "adamas", "adamas-calibrated", "streaming_llm", "quest")
 
 
@@ -239,6 +241,7 @@ COMMANDS = (
         _add_bench_arguments,
         _run_bench,
     ),
+    eval_command("hf-adamas"),
 )
 
 

@@ -18,6 +18,7 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_common.data import SHARED_DATA_DIR
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
@@ -31,7 +32,7 @@ __all__ = [
     "run_benchmark",
 ]
 
-PROMPTS_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "prompts"
+PROMPTS_DIR = SHARED_DATA_DIR / "prompts"
 
 
 def load_prompt_file(path: Path, limit: int | None = None) -> list[str]:

@@ -1,4 +1,4 @@
-"""The ``hf-scylla`` command line: train, bench, sweep, stage, publish (plus demo and env)."""
+"""The ``hf-scylla`` command line: train, bench, sweep, stage, publish, eval (plus demo and env)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,12 @@ from pathlib import Path
 import torch
 
 from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID
+from hf_common.harness import eval_command
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
-GSM8K_TRAIN = Path(__file__).resolve().parents[2] / "shared" / "data" / "gsm8k" / "train.jsonl"
+GSM8K_TRAIN = SHARED_DATA_DIR / "gsm8k" / "train.jsonl"
 
 
 def _machine() -> str:
@@ -429,6 +431,12 @@ def _run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _speculative_eval_results(results: dict) -> list:
+    from hf_scylla.harness import speculative_eval_results
+
+    return speculative_eval_results(results)
+
+
 COMMANDS = (
     *COMMON_COMMANDS,
     Command(
@@ -461,6 +469,7 @@ COMMANDS = (
         _add_publish_arguments,
         _run_publish,
     ),
+    eval_command("hf-scylla", card_extras=_speculative_eval_results),
 )
 
 

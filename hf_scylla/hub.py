@@ -34,6 +34,7 @@ __all__ = [
     "StagedFile",
     "StagedFolderError",
     "check_staged_folder",
+    "eval_result_entries",
     "publish",
     "stage_draft",
 ]
@@ -156,25 +157,29 @@ def _check_eval_results(eval_results: dict) -> None:
         raise ValueError(f"speedup must be positive, got {metrics['speedup']}")
 
 
+def eval_result_entries(eval_results: dict) -> list[EvalResult]:
+    """Model-index entries of measured ``tau`` / ``speedup`` (``eval_results`` as in `stage_draft`), checked."""
+    _check_eval_results(eval_results)
+    return [
+        EvalResult(
+            task_type="text-generation",
+            task_name="Speculative decoding",
+            dataset_type=eval_results["dataset_type"],
+            dataset_name=eval_results["dataset_name"],
+            dataset_split=eval_results.get("dataset_split"),
+            metric_type=metric_type,
+            metric_name=metric_name,
+            metric_value=float(eval_results[key]),
+        )
+        for key, (metric_type, metric_name) in EVAL_METRICS.items()
+        if key in eval_results
+    ]
+
+
 def _card_data(
     config: ScyllaDraftConfig, repo_name: str, eval_results: dict | None, datasets: list[str]
 ) -> ModelCardData:
-    model_index = None
-    if eval_results:
-        model_index = [
-            EvalResult(
-                task_type="text-generation",
-                task_name="Speculative decoding",
-                dataset_type=eval_results["dataset_type"],
-                dataset_name=eval_results["dataset_name"],
-                dataset_split=eval_results.get("dataset_split"),
-                metric_type=metric_type,
-                metric_name=metric_name,
-                metric_value=float(eval_results[key]),
-            )
-            for key, (metric_type, metric_name) in EVAL_METRICS.items()
-            if key in eval_results
-        ]
+    model_index = eval_result_entries(eval_results) if eval_results else None
     return ModelCardData(
         license="apache-2.0",
         base_model=config.target_name_or_path,
