@@ -111,27 +111,43 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from GSM8K-style ``question``/``answer`` or EAGLE-style ``turns``/``reference``."""
-    if not path.is_file():
-        raise SystemExit(f"error: training data {path} not found (pass another with --data)")
-    pairs = []
-    with path.open() as lines:
-        for line in lines:
-            record = json.loads(line)
-            if "question" in record:
-                pairs.append((record["question"], record["answer"]))
-            elif record.get("reference"):
-                pairs.append((record["turns"][0], record["reference"][0]))
-            if len(pairs) == limit:
-                break
-    return pairs
+    from hf_scylla.data import read_conversations
+
+    try:
+        return read_conversations(path, limit)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error} (pass another with --data)") from None
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--stage",
+        choices=("finetune", "pretrain"),
+        default="finetune",
+        help="finetune: chat pairs from --data; pretrain: windows of general text from --text.",
+    )
     parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
     parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
-    parser.add_argument("--max-length", type=int, default=256, help="Tokens per conversation (truncated).")
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="Replace the data's responses with the target's own greedy answers (cached in --output-dir).",
+    )
+    parser.add_argument(
+        "--regenerate-tokens", type=int, default=256, help="Most new tokens per regenerated response."
+    )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        action="append",
+        help="pretrain: a text file or folder (repeatable; default: ../shared/data/text and the Python "
+        "standard library source).",
+    )
+    parser.add_argument("--tokens", type=int, default=200_000, help="pretrain: tokens of general text.")
+    parser.add_argument(
+        "--max-length", type=int, default=256, help="Tokens per conversation (truncated) or text window."
+    )
     parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
     parser.add_argument("--init-draft", type=Path, help="Start from this trained draft instead of a new one.")
     parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
@@ -152,21 +168,50 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _features_name(args: argparse.Namespace) -> str:
+    """File name of the cached target features: what they were built from (delete it to rebuild)."""
+    if args.stage == "pretrain":
+        return f"features-text-{args.tokens}x{args.max_length}.pt"
+    regenerated = f"regen{args.regenerate_tokens}-" if args.regenerate else ""
+    return f"features-{regenerated}{args.samples}x{args.max_length}.pt"
+
+
+def _build_train_features(args: argparse.Namespace, target, tokenizer):
+    from hf_scylla.data import default_text_sources, regenerate_responses, text_token_chunks
+    from hf_scylla.training import cache_target_features, cache_text_features
+
+    if args.stage == "pretrain":
+        try:
+            chunks = text_token_chunks(
+                tokenizer, args.text or default_text_sources(), args.max_length, args.tokens
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        return cache_text_features(target, chunks)
+    conversations = _read_conversations(args.data, args.samples)
+    if args.regenerate:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        cache = args.output_dir / "regenerated.jsonl"
+        try:
+            prompts = [prompt for prompt, _ in conversations]
+            conversations = regenerate_responses(target, tokenizer, prompts, args.regenerate_tokens, cache)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    return cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
-    from hf_scylla.training import FeatureDataset, cache_target_features, train_draft
+    from hf_scylla.training import FeatureDataset, train_draft
 
+    if args.stage == "pretrain" and args.regenerate:
+        raise SystemExit("error: --regenerate answers chat prompts; it applies to --stage finetune only")
     target, tokenizer = load_model_and_tokenizer(args.model)
-    features_path = args.output_dir / f"features-{args.samples}x{args.max_length}.pt"
-    if features_path.is_file():
-        features = FeatureDataset.load(features_path)
-    else:
-        conversations = _read_conversations(args.data, args.samples)
-        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        features.save(features_path)
+    features = FeatureDataset.cached(
+        args.output_dir / _features_name(args), lambda: _build_train_features(args, target, tokenizer)
+    )
     if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
         draft = ScyllaDraftModel.from_pretrained(args.init_draft, target=target, target_tokenizer=tokenizer)
     else:
@@ -282,14 +327,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: prompt file {args.eval_prompts_file} not found (pass --eval-prompts-file)")
     target, tokenizer = load_model_and_tokenizer(args.model)
     needed = max(point.samples for point in plan_points(settings))
-    features_path = args.work_dir / f"features-{needed}x{args.max_length}.pt"
-    if features_path.is_file():
-        features = FeatureDataset.load(features_path)
-    else:
-        conversations = _read_conversations(args.data, needed)
-        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        features.save(features_path)
+    features = FeatureDataset.cached(
+        args.work_dir / f"features-{needed}x{args.max_length}.pt",
+        lambda: cache_target_features(
+            target, tokenizer, _read_conversations(args.data, needed), max_length=args.max_length
+        ),
+    )
     questions = load_prompt_file(args.eval_prompts_file, args.eval_prompts)
     prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
     metadata = {"command": "hf-scylla " + " ".join(getattr(args, "argv", [])), "machine": _machine()}

@@ -13,8 +13,9 @@ and step k is weighted ``step_decay**k``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,12 +23,14 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from hf_scylla.benchmark import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [
     "EagleLoss",
     "FeatureDataset",
     "cache_target_features",
+    "cache_text_features",
     "collate_features",
     "eagle_loss",
     "train_draft",
@@ -127,6 +130,24 @@ class FeatureDataset(Dataset):
     def load(cls, path: str | os.PathLike) -> FeatureDataset:
         return cls(torch.load(path, weights_only=True))
 
+    @classmethod
+    def cached(cls, path: str | os.PathLike, build: Callable[[], FeatureDataset]) -> FeatureDataset:
+        """Load ``path`` if it exists, else ``build()`` and save it there: target features are computed once."""
+        path = Path(path)
+        if path.is_file():
+            return cls.load(path)
+        features = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+        return features
+
+
+def _feature_record(
+    target: PreTrainedModel, ids: torch.LongTensor, loss_mask: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    hidden = target(ids[None].to(target.device), output_hidden_states=[-1]).hidden_states[-1][0]
+    return {"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask}
+
 
 @torch.no_grad()
 def cache_target_features(
@@ -142,18 +163,25 @@ def cache_target_features(
     """
     records = []
     for prompt, response in tqdm(list(conversations), desc="caching target features", unit="sample"):
-        user = [{"role": "user", "content": prompt}]
-        prompt_ids = tokenizer.apply_chat_template(
-            user, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        full = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=True, return_dict=True
-        )
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
         ids = torch.tensor(full["input_ids"][:max_length])
         loss_mask = torch.zeros_like(ids)
-        loss_mask[len(prompt_ids["input_ids"]) :] = 1
-        hidden = target(ids[None].to(target.device), output_hidden_states=[-1]).hidden_states[-1][0]
-        records.append({"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask})
+        loss_mask[encode_prompt(tokenizer, prompt).shape[1] :] = 1
+        records.append(_feature_record(target, ids, loss_mask, dtype))
+    return FeatureDataset(records)
+
+
+@torch.no_grad()
+def cache_text_features(
+    target: PreTrainedModel, chunks: Iterable[torch.LongTensor], dtype: torch.dtype = torch.bfloat16
+) -> FeatureDataset:
+    """The pretraining stage's features: the target's hidden states over general-text windows
+    (see `hf_scylla.data.text_token_chunks`); every token is learned."""
+    records = [
+        _feature_record(target, ids, torch.ones_like(ids), dtype)
+        for ids in tqdm(list(chunks), desc="caching target features", unit="window")
+    ]
     return FeatureDataset(records)
 
 
