@@ -40,6 +40,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
     )
     parser.add_argument(
+        "--assistant",
+        type=Path,
+        help="Folder of a standalone draft LM (hf-scylla train --standalone) to add transformers' "
+        "assisted generation as a baseline.",
+    )
+    parser.add_argument(
         "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
     )
     parser.add_argument("--limit", type=int, default=5, help="Prompts per set (0: all).")
@@ -85,6 +91,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         draft.config.max_draft_tokens = args.max_draft_tokens
     if args.confidence_threshold is not None:
         draft.config.confidence_threshold = args.confidence_threshold
+    assistant = None
+    if args.assistant is not None:
+        from transformers import AutoModelForCausalLM
+
+        assistant = AutoModelForCausalLM.from_pretrained(args.assistant, dtype=target.dtype)
+        assistant = assistant.to(target.device).eval()
     prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
     rows = run_benchmark(
         target,
@@ -94,6 +106,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         draft_name=draft_name,
         max_new_tokens=args.max_new_tokens,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
+        assistant=assistant,
+        assistant_name=f"assisted:{args.assistant.name}" if args.assistant is not None else "assisted",
     )
     command = "hf-scylla " + " ".join(getattr(args, "argv", []))
     save_json(args.output_dir / "bench.json", {"command": command, "machine": _machine(), "rows": rows})
@@ -149,6 +163,17 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         "--max-length", type=int, default=256, help="Tokens per conversation (truncated) or text window."
     )
     parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="Train the baseline instead: a standalone causal LM of the draft's shape (tokens only, for "
+        "assisted generation; see hf_scylla.standalone).",
+    )
+    parser.add_argument(
+        "--features",
+        type=Path,
+        help="Reuse this cached features file (features-*.pt of an earlier run on the same data).",
+    )
     parser.add_argument("--init-draft", type=Path, help="Start from this trained draft instead of a new one.")
     parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
     parser.add_argument("--batch-size", type=int, default=8, help="Conversations per step.")
@@ -208,32 +233,66 @@ def _run_train(args: argparse.Namespace) -> int:
 
     if args.stage == "pretrain" and args.regenerate:
         raise SystemExit("error: --regenerate answers chat prompts; it applies to --stage finetune only")
+    if args.features is not None and not args.features.is_file():
+        raise SystemExit(f"error: features file {args.features} not found")
     target, tokenizer = load_model_and_tokenizer(args.model)
     features = FeatureDataset.cached(
-        args.output_dir / _features_name(args), lambda: _build_train_features(args, target, tokenizer)
+        args.features or args.output_dir / _features_name(args),
+        lambda: _build_train_features(args, target, tokenizer),
     )
-    if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
-        draft = ScyllaDraftModel.from_pretrained(args.init_draft, target=target, target_tokenizer=tokenizer)
+    settings = {
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "resume": args.resume,
+    }
+    if args.standalone:
+        result = _train_standalone(args, target, tokenizer, features, settings)
     else:
-        torch.manual_seed(0)
-        draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
-        draft.attach_target(target, tokenizer)
-    draft.to(target.device)
-    result = train_draft(
-        draft,
-        features,
-        args.output_dir,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        unroll_steps=args.unroll_steps,
-        token_weight=args.token_weight,
-        resume=args.resume,
-    )
+        if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
+            draft = ScyllaDraftModel.from_pretrained(
+                args.init_draft, target=target, target_tokenizer=tokenizer
+            )
+        else:
+            torch.manual_seed(0)
+            draft = ScyllaDraftModel(
+                ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer)
+            )
+            draft.attach_target(target, tokenizer)
+        draft.to(target.device)
+        result = train_draft(
+            draft,
+            features,
+            args.output_dir,
+            unroll_steps=args.unroll_steps,
+            token_weight=args.token_weight,
+            **settings,
+        )
+    kind = "standalone draft LM" if args.standalone else "draft"
     print(
-        f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; draft saved to {args.output_dir}"
+        f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; {kind} saved to {args.output_dir}"
     )
     return 0
+
+
+def _train_standalone(args: argparse.Namespace, target, tokenizer, features, settings: dict):
+    from transformers import AutoModelForCausalLM
+
+    from hf_scylla.standalone import make_standalone_draft, train_standalone_draft
+
+    if args.init_draft is not None:
+        model = AutoModelForCausalLM.from_pretrained(args.init_draft, dtype=target.dtype).to(target.device)
+        if model.config.vocab_size != target.config.vocab_size:
+            raise SystemExit(
+                f"error: {args.init_draft} has a vocabulary of {model.config.vocab_size}, "
+                f"the target {target.config.vocab_size}"
+            )
+    else:
+        torch.manual_seed(0)
+        model = make_standalone_draft(target, args.depth)
+    result = train_standalone_draft(model, features, args.output_dir, **settings)
+    tokenizer.save_pretrained(args.output_dir)  # a complete model folder: usable as assistant_model
+    return result
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:

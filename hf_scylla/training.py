@@ -13,7 +13,7 @@ and step k is weighted ``step_decay**k``.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +33,9 @@ __all__ = [
     "cache_text_features",
     "collate_features",
     "eagle_loss",
+    "pad_records",
     "train_draft",
+    "trainer_defaults",
 ]
 
 
@@ -185,9 +187,9 @@ def cache_text_features(
     return FeatureDataset(records)
 
 
-def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of cached records (padding is masked out of the loss)."""
-    length = max(len(record["input_ids"]) for record in records)
+def pad_records(records: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Right-pad the ``names`` tensors of a batch of records along their first (time) dimension with zeros."""
+    length = max(len(record[names[0]]) for record in records)
 
     def pad(name: str) -> torch.Tensor:
         rows = []
@@ -197,10 +199,29 @@ def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.
             rows.append(F.pad(value, padding))
         return torch.stack(rows)
 
+    return {name: pad(name) for name in names}
+
+
+def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of cached records (padding is masked out of the loss)."""
+    return pad_records(records, ("input_ids", "hidden_states", "loss_mask"))
+
+
+def trainer_defaults(output_dir: str | os.PathLike) -> dict:
+    """`TrainingArguments` shared by the draft trainers: small-model AdamW settings, periodic checkpoints."""
     return {
-        "input_ids": pad("input_ids"),
-        "hidden_states": pad("hidden_states"),
-        "loss_mask": pad("loss_mask"),
+        "output_dir": str(output_dir),
+        "adam_beta2": 0.95,
+        "max_grad_norm": 0.5,
+        "warmup_steps": 10,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 10,
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "remove_unused_columns": False,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
     }
 
 
@@ -248,22 +269,10 @@ def train_draft(
         raise ValueError("attach the draft to its target before training (draft.attach_target(target))")
     for parameter in (*draft.embed_tokens.parameters(), *draft.lm_head.parameters()):
         parameter.requires_grad_(False)
-    arguments = {
-        "output_dir": str(output_dir),
+    arguments = trainer_defaults(output_dir) | {
         "num_train_epochs": num_train_epochs,
         "per_device_train_batch_size": per_device_train_batch_size,
         "learning_rate": learning_rate,
-        "adam_beta2": 0.95,
-        "max_grad_norm": 0.5,
-        "warmup_steps": 10,
-        "lr_scheduler_type": "cosine",
-        "logging_steps": 10,
-        "save_steps": 100,
-        "save_total_limit": 2,
-        "remove_unused_columns": False,
-        "report_to": [],
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": torch.cuda.is_available(),
     }
     arguments.update(training_arguments)
     trainer = _EagleTrainer(

@@ -42,11 +42,23 @@ def test_train_then_bench(tmp_path: Path) -> None:
     assert main([*train, "--init-draft", str(draft_dir), "--output-dir", str(tuned_dir)]) == 0
     assert (tuned_dir / "model.safetensors").is_file()
 
+    standalone_dir = tmp_path / "standalone"  # the baseline, on the draft's cached features
+    standalone = [*train, "--standalone", "--features", str(draft_dir / "features-8x16.pt")]
+    assert main([*standalone, "--output-dir", str(standalone_dir)]) == 0
+    assert not list(standalone_dir.glob("features-*.pt"))
+    assert (standalone_dir / "model.safetensors").is_file() and (standalone_dir / "tokenizer.json").is_file()
+
     results = tmp_path / "results"
     bench = ["bench", *common, "--draft", str(draft_dir), "--prompts-dir", str(prompts), "--limit", "1"]
+    bench += ["--assistant", str(standalone_dir)]
     assert main([*bench, "--max-new-tokens", "8", "--output-dir", str(results)]) == 0
     rows = json.loads((results / "bench.json").read_text())["rows"]
-    assert {row["method"] for row in rows} == {"greedy", "prompt_lookup_10", "scylla:draft"}
+    assert {row["method"] for row in rows} == {
+        "greedy",
+        "prompt_lookup_10",
+        "scylla:draft",
+        "assisted:standalone",
+    }
     assert all(row["lossless"] for row in rows)
     assert (results / "bench.md").is_file() and (results / "bench.png").is_file()
 
@@ -81,6 +93,10 @@ def test_pretrain_on_text_then_finetune_on_regenerated_answers(tmp_path: Path) -
         (["--stage", "pretrain", "--regenerate"], "applies to --stage finetune only"),
         (["--stage", "pretrain", "--text", "/nowhere/text"], "/nowhere/text not found"),
         (["--data", "/nowhere/train.jsonl"], "pass another with --data"),
+        (
+            ["--standalone", "--features", "/nowhere/features.pt"],
+            "features file /nowhere/features.pt not found",
+        ),
     ],
 )
 def test_train_rejects_bad_data_arguments(tmp_path: Path, arguments: list[str], message: str) -> None:
