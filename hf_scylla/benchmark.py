@@ -100,7 +100,12 @@ class _ForwardCounter:
 
 
 def _methods(
-    target: PreTrainedModel, draft: ScyllaDraftModel | None, draft_name: str, prompt_lookup_tokens: int
+    target: PreTrainedModel,
+    draft: ScyllaDraftModel | None,
+    draft_name: str,
+    prompt_lookup_tokens: int,
+    assistant: PreTrainedModel | None,
+    assistant_name: str,
 ) -> dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, ScyllaStats | None]]]:
     """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline)."""
     methods = {
@@ -119,6 +124,11 @@ def _methods(
             return result.output, result.stats
 
         methods[draft_name] = decode_with_draft
+    if assistant is not None:  # transformers' assisted generation with its default draft-length schedule
+        methods[assistant_name] = lambda ids, n: (
+            target.generate(ids, max_new_tokens=n, do_sample=False, assistant_model=assistant),
+            None,
+        )
     return methods
 
 
@@ -131,9 +141,15 @@ def run_benchmark(
     draft_name: str = "scylla",
     max_new_tokens: int = 128,
     prompt_lookup_tokens: int = 10,
+    assistant: PreTrainedModel | None = None,
+    assistant_name: str = "assisted",
 ) -> list[dict]:
-    """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts."""
-    methods = _methods(target, draft, draft_name, prompt_lookup_tokens)
+    """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts.
+
+    ``assistant``: a standalone draft LM (e.g. `hf_scylla.standalone`) run through transformers'
+    assisted generation, as a baseline next to the Scylla draft and prompt lookup.
+    """
+    methods = _methods(target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name)
     counter = _ForwardCounter(target)
     warmup = encode_prompt(tokenizer, "Hello")
     for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)

@@ -40,6 +40,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
     )
     parser.add_argument(
+        "--assistant",
+        type=Path,
+        help="Folder of a standalone draft LM (hf-scylla train --standalone) to add transformers' "
+        "assisted generation as a baseline.",
+    )
+    parser.add_argument(
         "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
     )
     parser.add_argument("--limit", type=int, default=5, help="Prompts per set (0: all).")
@@ -85,6 +91,12 @@ def _run_bench(args: argparse.Namespace) -> int:
         draft.config.max_draft_tokens = args.max_draft_tokens
     if args.confidence_threshold is not None:
         draft.config.confidence_threshold = args.confidence_threshold
+    assistant = None
+    if args.assistant is not None:
+        from transformers import AutoModelForCausalLM
+
+        assistant = AutoModelForCausalLM.from_pretrained(args.assistant, dtype=target.dtype)
+        assistant = assistant.to(target.device).eval()
     prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
     rows = run_benchmark(
         target,
@@ -94,6 +106,8 @@ def _run_bench(args: argparse.Namespace) -> int:
         draft_name=draft_name,
         max_new_tokens=args.max_new_tokens,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
+        assistant=assistant,
+        assistant_name=f"assisted:{args.assistant.name}" if args.assistant is not None else "assisted",
     )
     command = "hf-scylla " + " ".join(getattr(args, "argv", []))
     save_json(args.output_dir / "bench.json", {"command": command, "machine": _machine(), "rows": rows})
@@ -111,28 +125,55 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from GSM8K-style ``question``/``answer`` or EAGLE-style ``turns``/``reference``."""
-    if not path.is_file():
-        raise SystemExit(f"error: training data {path} not found (pass another with --data)")
-    pairs = []
-    with path.open() as lines:
-        for line in lines:
-            record = json.loads(line)
-            if "question" in record:
-                pairs.append((record["question"], record["answer"]))
-            elif record.get("reference"):
-                pairs.append((record["turns"][0], record["reference"][0]))
-            if len(pairs) == limit:
-                break
-    return pairs
+    from hf_scylla.data import read_conversations
+
+    try:
+        return read_conversations(path, limit)
+    except FileNotFoundError as error:
+        raise SystemExit(f"error: {error} (pass another with --data)") from None
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--stage",
+        choices=("finetune", "pretrain"),
+        default="finetune",
+        help="finetune: chat pairs from --data; pretrain: windows of general text from --text.",
+    )
     parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
     parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
-    parser.add_argument("--max-length", type=int, default=256, help="Tokens per conversation (truncated).")
+    parser.add_argument(
+        "--regenerate",
+        action="store_true",
+        help="Replace the data's responses with the target's own greedy answers (cached in --output-dir).",
+    )
+    parser.add_argument(
+        "--regenerate-tokens", type=int, default=256, help="Most new tokens per regenerated response."
+    )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        action="append",
+        help="pretrain: a text file or folder (repeatable; default: ../shared/data/text and the Python "
+        "standard library source).",
+    )
+    parser.add_argument("--tokens", type=int, default=200_000, help="pretrain: tokens of general text.")
+    parser.add_argument(
+        "--max-length", type=int, default=256, help="Tokens per conversation (truncated) or text window."
+    )
     parser.add_argument("--depth", type=int, default=1, help="Draft decoder layers D.")
+    parser.add_argument(
+        "--standalone",
+        action="store_true",
+        help="Train the baseline instead: a standalone causal LM of the draft's shape (tokens only, for "
+        "assisted generation; see hf_scylla.standalone).",
+    )
+    parser.add_argument(
+        "--features",
+        type=Path,
+        help="Reuse this cached features file (features-*.pt of an earlier run on the same data).",
+    )
     parser.add_argument("--init-draft", type=Path, help="Start from this trained draft instead of a new one.")
     parser.add_argument("--epochs", type=float, default=1.0, help="Passes over the cached features.")
     parser.add_argument("--batch-size", type=int, default=8, help="Conversations per step.")
@@ -152,43 +193,106 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _features_name(args: argparse.Namespace) -> str:
+    """File name of the cached target features: what they were built from (delete it to rebuild)."""
+    if args.stage == "pretrain":
+        return f"features-text-{args.tokens}x{args.max_length}.pt"
+    regenerated = f"regen{args.regenerate_tokens}-" if args.regenerate else ""
+    return f"features-{regenerated}{args.samples}x{args.max_length}.pt"
+
+
+def _build_train_features(args: argparse.Namespace, target, tokenizer):
+    from hf_scylla.data import default_text_sources, regenerate_responses, text_token_chunks
+    from hf_scylla.training import cache_target_features, cache_text_features
+
+    if args.stage == "pretrain":
+        try:
+            chunks = text_token_chunks(
+                tokenizer, args.text or default_text_sources(), args.max_length, args.tokens
+            )
+        except (FileNotFoundError, ValueError) as error:
+            raise SystemExit(f"error: {error}") from None
+        return cache_text_features(target, chunks)
+    conversations = _read_conversations(args.data, args.samples)
+    if args.regenerate:
+        args.output_dir.mkdir(parents=True, exist_ok=True)
+        cache = args.output_dir / "regenerated.jsonl"
+        try:
+            prompts = [prompt for prompt, _ in conversations]
+            conversations = regenerate_responses(target, tokenizer, prompts, args.regenerate_tokens, cache)
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from None
+    return cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
-    from hf_scylla.training import FeatureDataset, cache_target_features, train_draft
+    from hf_scylla.training import FeatureDataset, train_draft
 
+    if args.stage == "pretrain" and args.regenerate:
+        raise SystemExit("error: --regenerate answers chat prompts; it applies to --stage finetune only")
+    if args.features is not None and not args.features.is_file():
+        raise SystemExit(f"error: features file {args.features} not found")
     target, tokenizer = load_model_and_tokenizer(args.model)
-    features_path = args.output_dir / f"features-{args.samples}x{args.max_length}.pt"
-    if features_path.is_file():
-        features = FeatureDataset.load(features_path)
-    else:
-        conversations = _read_conversations(args.data, args.samples)
-        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        features.save(features_path)
-    if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
-        draft = ScyllaDraftModel.from_pretrained(args.init_draft, target=target, target_tokenizer=tokenizer)
-    else:
-        torch.manual_seed(0)
-        draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer))
-        draft.attach_target(target, tokenizer)
-    draft.to(target.device)
-    result = train_draft(
-        draft,
-        features,
-        args.output_dir,
-        num_train_epochs=args.epochs,
-        per_device_train_batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        unroll_steps=args.unroll_steps,
-        token_weight=args.token_weight,
-        resume=args.resume,
+    features = FeatureDataset.cached(
+        args.features or args.output_dir / _features_name(args),
+        lambda: _build_train_features(args, target, tokenizer),
     )
+    settings = {
+        "num_train_epochs": args.epochs,
+        "per_device_train_batch_size": args.batch_size,
+        "learning_rate": args.learning_rate,
+        "resume": args.resume,
+    }
+    if args.standalone:
+        result = _train_standalone(args, target, tokenizer, features, settings)
+    else:
+        if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
+            draft = ScyllaDraftModel.from_pretrained(
+                args.init_draft, target=target, target_tokenizer=tokenizer
+            )
+        else:
+            torch.manual_seed(0)
+            draft = ScyllaDraftModel(
+                ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer)
+            )
+            draft.attach_target(target, tokenizer)
+        draft.to(target.device)
+        result = train_draft(
+            draft,
+            features,
+            args.output_dir,
+            unroll_steps=args.unroll_steps,
+            token_weight=args.token_weight,
+            **settings,
+        )
+    kind = "standalone draft LM" if args.standalone else "draft"
     print(
-        f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; draft saved to {args.output_dir}"
+        f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; {kind} saved to {args.output_dir}"
     )
     return 0
+
+
+def _train_standalone(args: argparse.Namespace, target, tokenizer, features, settings: dict):
+    from transformers import AutoModelForCausalLM
+
+    from hf_scylla.standalone import make_standalone_draft, train_standalone_draft
+
+    if args.init_draft is not None:
+        model = AutoModelForCausalLM.from_pretrained(args.init_draft, dtype=target.dtype).to(target.device)
+        if model.config.vocab_size != target.config.vocab_size:
+            raise SystemExit(
+                f"error: {args.init_draft} has a vocabulary of {model.config.vocab_size}, "
+                f"the target {target.config.vocab_size}"
+            )
+    else:
+        torch.manual_seed(0)
+        model = make_standalone_draft(target, args.depth)
+    result = train_standalone_draft(model, features, args.output_dir, **settings)
+    tokenizer.save_pretrained(args.output_dir)  # a complete model folder: usable as assistant_model
+    return result
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
@@ -282,14 +386,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: prompt file {args.eval_prompts_file} not found (pass --eval-prompts-file)")
     target, tokenizer = load_model_and_tokenizer(args.model)
     needed = max(point.samples for point in plan_points(settings))
-    features_path = args.work_dir / f"features-{needed}x{args.max_length}.pt"
-    if features_path.is_file():
-        features = FeatureDataset.load(features_path)
-    else:
-        conversations = _read_conversations(args.data, needed)
-        features = cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
-        args.work_dir.mkdir(parents=True, exist_ok=True)
-        features.save(features_path)
+    features = FeatureDataset.cached(
+        args.work_dir / f"features-{needed}x{args.max_length}.pt",
+        lambda: cache_target_features(
+            target, tokenizer, _read_conversations(args.data, needed), max_length=args.max_length
+        ),
+    )
     questions = load_prompt_file(args.eval_prompts_file, args.eval_prompts)
     prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
     metadata = {"command": "hf-scylla " + " ".join(getattr(args, "argv", [])), "machine": _machine()}

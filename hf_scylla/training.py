@@ -13,8 +13,9 @@ and step k is weighted ``step_decay**k``.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -22,15 +23,19 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
+from hf_scylla.benchmark import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [
     "EagleLoss",
     "FeatureDataset",
     "cache_target_features",
+    "cache_text_features",
     "collate_features",
     "eagle_loss",
+    "pad_records",
     "train_draft",
+    "trainer_defaults",
 ]
 
 
@@ -127,6 +132,24 @@ class FeatureDataset(Dataset):
     def load(cls, path: str | os.PathLike) -> FeatureDataset:
         return cls(torch.load(path, weights_only=True))
 
+    @classmethod
+    def cached(cls, path: str | os.PathLike, build: Callable[[], FeatureDataset]) -> FeatureDataset:
+        """Load ``path`` if it exists, else ``build()`` and save it there: target features are computed once."""
+        path = Path(path)
+        if path.is_file():
+            return cls.load(path)
+        features = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        features.save(path)
+        return features
+
+
+def _feature_record(
+    target: PreTrainedModel, ids: torch.LongTensor, loss_mask: torch.Tensor, dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    hidden = target(ids[None].to(target.device), output_hidden_states=[-1]).hidden_states[-1][0]
+    return {"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask}
+
 
 @torch.no_grad()
 def cache_target_features(
@@ -142,24 +165,31 @@ def cache_target_features(
     """
     records = []
     for prompt, response in tqdm(list(conversations), desc="caching target features", unit="sample"):
-        user = [{"role": "user", "content": prompt}]
-        prompt_ids = tokenizer.apply_chat_template(
-            user, add_generation_prompt=True, tokenize=True, return_dict=True
-        )
-        full = tokenizer.apply_chat_template(
-            [*user, {"role": "assistant", "content": response}], tokenize=True, return_dict=True
-        )
+        messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        full = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)
         ids = torch.tensor(full["input_ids"][:max_length])
         loss_mask = torch.zeros_like(ids)
-        loss_mask[len(prompt_ids["input_ids"]) :] = 1
-        hidden = target(ids[None].to(target.device), output_hidden_states=[-1]).hidden_states[-1][0]
-        records.append({"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask})
+        loss_mask[encode_prompt(tokenizer, prompt).shape[1] :] = 1
+        records.append(_feature_record(target, ids, loss_mask, dtype))
     return FeatureDataset(records)
 
 
-def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
-    """Right-pad a batch of cached records (padding is masked out of the loss)."""
-    length = max(len(record["input_ids"]) for record in records)
+@torch.no_grad()
+def cache_text_features(
+    target: PreTrainedModel, chunks: Iterable[torch.LongTensor], dtype: torch.dtype = torch.bfloat16
+) -> FeatureDataset:
+    """The pretraining stage's features: the target's hidden states over general-text windows
+    (see `hf_scylla.data.text_token_chunks`); every token is learned."""
+    records = [
+        _feature_record(target, ids, torch.ones_like(ids), dtype)
+        for ids in tqdm(list(chunks), desc="caching target features", unit="window")
+    ]
+    return FeatureDataset(records)
+
+
+def pad_records(records: list[dict[str, torch.Tensor]], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """Right-pad the ``names`` tensors of a batch of records along their first (time) dimension with zeros."""
+    length = max(len(record[names[0]]) for record in records)
 
     def pad(name: str) -> torch.Tensor:
         rows = []
@@ -169,10 +199,29 @@ def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.
             rows.append(F.pad(value, padding))
         return torch.stack(rows)
 
+    return {name: pad(name) for name in names}
+
+
+def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """Right-pad a batch of cached records (padding is masked out of the loss)."""
+    return pad_records(records, ("input_ids", "hidden_states", "loss_mask"))
+
+
+def trainer_defaults(output_dir: str | os.PathLike) -> dict:
+    """`TrainingArguments` shared by the draft trainers: small-model AdamW settings, periodic checkpoints."""
     return {
-        "input_ids": pad("input_ids"),
-        "hidden_states": pad("hidden_states"),
-        "loss_mask": pad("loss_mask"),
+        "output_dir": str(output_dir),
+        "adam_beta2": 0.95,
+        "max_grad_norm": 0.5,
+        "warmup_steps": 10,
+        "lr_scheduler_type": "cosine",
+        "logging_steps": 10,
+        "save_steps": 100,
+        "save_total_limit": 2,
+        "remove_unused_columns": False,
+        "report_to": [],
+        "dataloader_num_workers": 0,
+        "dataloader_pin_memory": torch.cuda.is_available(),
     }
 
 
@@ -220,22 +269,10 @@ def train_draft(
         raise ValueError("attach the draft to its target before training (draft.attach_target(target))")
     for parameter in (*draft.embed_tokens.parameters(), *draft.lm_head.parameters()):
         parameter.requires_grad_(False)
-    arguments = {
-        "output_dir": str(output_dir),
+    arguments = trainer_defaults(output_dir) | {
         "num_train_epochs": num_train_epochs,
         "per_device_train_batch_size": per_device_train_batch_size,
         "learning_rate": learning_rate,
-        "adam_beta2": 0.95,
-        "max_grad_norm": 0.5,
-        "warmup_steps": 10,
-        "lr_scheduler_type": "cosine",
-        "logging_steps": 10,
-        "save_steps": 100,
-        "save_total_limit": 2,
-        "remove_unused_columns": False,
-        "report_to": [],
-        "dataloader_num_workers": 0,
-        "dataloader_pin_memory": torch.cuda.is_available(),
     }
     arguments.update(training_arguments)
     trainer = _EagleTrainer(
