@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import gc
+import time
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -18,6 +21,7 @@ from hf_vrgd import VRSGD, VRAdamW
 WORLD_SIZE = 2
 LEARNING_RATE = 0.5
 STEPS = 2
+JOIN_TIMEOUT_S = 300
 
 
 def group_batch(step: int, rank: int, micro: int) -> torch.Tensor:
@@ -71,18 +75,29 @@ def run_rank(rank: int, init_file: str, output_dir: str) -> None:
             dist.all_gather(gathered, flat)
             results["rank_difference"].append((gathered[0] - gathered[1]).abs().max().item())
     torch.save(results, Path(output_dir) / f"rank{rank}.pt")
+    # Free DDP's reducer while the peer is still connected: freeing it after destroy_process_group can
+    # leave gloo's destructor waiting for the peer that has already exited (a hang, seen in CI).
+    del ddp_model, model, optimizer
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
 def test_two_ranks_match_brute_force_and_each_other(tmp_path: Path) -> None:
     # fork: the workers inherit the imported modules instead of importing torch and transformers again
-    mp.start_processes(
+    context = mp.start_processes(
         run_rank,
         args=(str(tmp_path / "init"), str(tmp_path)),
         nprocs=WORLD_SIZE,
-        join=True,
+        join=False,
         start_method="fork",
     )
+    deadline = time.monotonic() + JOIN_TIMEOUT_S
+    while not context.join(timeout=5):  # raises if a rank failed
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"the DDP ranks did not finish within {JOIN_TIMEOUT_S} s (killed)")
     for rank in range(WORLD_SIZE):
         results = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
         assert len(results["brute_force_error"]) == 2 * STEPS
