@@ -32,14 +32,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--steps", type=int, default=4, help="Profiled decode steps per method (after 2 warm-up)."
     )
     parser.add_argument("--rows", type=int, default=10, help="Operators listed per method.")
+    parser.add_argument(
+        "--text", type=Path, default=SHAKESPEARE, help="Text whose first tokens are the context."
+    )
     parser.add_argument("--output-dir", type=Path, default=Path("results/adamas"))
     return parser.parse_args(argv)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if not args.text.is_file():
+        raise SystemExit(f"error: text file {args.text} not found (pass another with --text)")
     model, tokenizer = load_model_and_tokenizer()
-    text = SHAKESPEARE.read_text()
+    text = args.text.read_text()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.context]
     methods = [Method("dense")] + [
         Method(selector, AdamasConfig(token_budget=args.budget, selector=selector))

@@ -441,7 +441,11 @@ def test_bench_script_runs_on_small_sizes(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_profile_script_lists_operators_for_every_method(tmp_path: Path) -> None:
     profiler = _load_script("profile_adamas_decode")
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
     args = [
+        "--text",
+        str(text),
         "--context",
         "320",
         "--budget",
