@@ -11,6 +11,7 @@ Two stages, as in the Scylla and EAGLE recipes:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sysconfig
@@ -79,11 +80,9 @@ def regenerate_responses(
                     f"not {max_new_tokens}: pass the same --regenerate-tokens or another cache"
                 )
             cached[record["prompt"]] = record["response"]
-    sink = open(cache_path, "a") if cache_path is not None else None  # noqa: SIM115 (closed below)
-    try:
-        for prompt in tqdm(
-            [p for p in dict.fromkeys(prompts) if p not in cached], desc="regenerating", unit="prompt"
-        ):
+    pending = [prompt for prompt in dict.fromkeys(prompts) if prompt not in cached]
+    with open(cache_path, "a") if cache_path is not None else contextlib.nullcontext() as sink:
+        for prompt in tqdm(pending, desc="regenerating", unit="prompt"):
             ids = encode_prompt(tokenizer, prompt).to(target.device)
             output = target.generate(
                 ids,
@@ -99,9 +98,6 @@ def regenerate_responses(
                 record = {"prompt": prompt, "response": cached[prompt], "max_new_tokens": max_new_tokens}
                 sink.write(json.dumps(record) + "\n")
                 sink.flush()
-    finally:
-        if sink is not None:
-            sink.close()
     return [(prompt, cached[prompt]) for prompt in prompts]
 
 
