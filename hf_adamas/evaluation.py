@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas.config import AdamasConfig
 from hf_adamas.integration import apply_adamas
-from hf_common.compat import cache_kwargs
+from hf_common.compat import cache_kwargs, crop_cache
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
@@ -67,13 +67,6 @@ def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCac
 def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor) -> torch.Tensor:
     """One decode step (``token`` is ``[batch, 1]``); returns next-token logits ``[batch, vocab]``."""
     return model(input_ids=token, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
-
-
-def rewind(cache: DynamicCache, length: int) -> None:
-    """Crop the cache back to ``length`` tokens (undo a method's decoding)."""
-    excess = cache.get_seq_length() - length
-    if excess > 0:
-        cache.crop(-excess)
 
 
 # ---------------------------------------------------------------- passkey retrieval
@@ -136,7 +129,7 @@ def run_passkey(
                 for position in range(context.shape[1], input_ids.shape[1]):
                     logits = decode_step(model, cache, input_ids[:, position : position + 1])
                 answer = tokenizer.decode(greedy_continue(model, cache, logits, answer_tokens))
-            rewind(cache, context.shape[1])
+            crop_cache(cache, context.shape[1])
             records.append(
                 {
                     "method": method.name,
@@ -180,7 +173,7 @@ def run_perplexity(
                 nll -= float(torch.log_softmax(logits.float(), dim=-1)[0, target])
                 if position + 1 < input_ids.shape[1]:
                     logits = decode_step(model, cache, input_ids[:, position : position + 1])
-        rewind(cache, context_length)
+        crop_cache(cache, context_length)
         records.append(
             {
                 "method": method.name,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from hf_common import __version__
 from hf_common.harness import register_model_types
+from hf_scylla.batched import BatchedOutput, BatchedStats, batched_generate
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
@@ -20,12 +21,15 @@ CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
 
 __all__ = [
     "CUSTOM_GENERATE_DIR",
+    "BatchedOutput",
+    "BatchedStats",
     "ScyllaCandidateGenerator",
     "ScyllaDraftConfig",
     "ScyllaDraftModel",
     "ScyllaGenerateOutput",
     "ScyllaStats",
     "__version__",
+    "batched_generate",
     "generate",
     "reference_speculative_decode",
     "scylla_generate",

@@ -16,6 +16,7 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel
 from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.utils import ModelOutput
 
+from hf_common.compat import crop_cache
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = ["ScyllaCandidateGenerator", "ScyllaStats"]
@@ -187,4 +188,4 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         """Record the cycle and drop the draft's KV for positions built on its own (unverified) features."""
         if self.last_drafted:
             self.stats.record(self.last_drafted, int(num_matches))
-        self.cache.crop(self.synced_length - self.cache.get_seq_length())
+        crop_cache(self.cache, self.synced_length)

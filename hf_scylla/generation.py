@@ -26,13 +26,19 @@ MAX_BATCH_SIZE = 1
 
 
 def check_generation_inputs(
-    target: PreTrainedModel, input_ids: torch.Tensor, max_length: int | None = None
+    target: PreTrainedModel,
+    input_ids: torch.Tensor,
+    max_length: int | None = None,
+    max_batch_size: int | None = MAX_BATCH_SIZE,
 ) -> None:
     """Clear errors for inputs speculative decoding cannot serve: a batch, or a prompt past the context."""
-    if input_ids.shape[0] > MAX_BATCH_SIZE:
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, length), got shape {tuple(input_ids.shape)}")
+    if max_batch_size is not None and input_ids.shape[0] > max_batch_size:
         raise ValueError(
-            f"Scylla speculative decoding supports batch size {MAX_BATCH_SIZE} (transformers' assisted "
-            f"decoding verifies one chain at a time), got batch size {input_ids.shape[0]}; loop over prompts"
+            f"Scylla speculative decoding supports batch size {max_batch_size} (transformers' assisted "
+            f"decoding verifies one chain at a time), got batch size {input_ids.shape[0]}; loop over "
+            "prompts, or use hf_scylla.batched_generate (greedy, rows advance together)"
         )
     context = getattr(target.config.get_text_config(), "max_position_embeddings", None)
     if context is None:

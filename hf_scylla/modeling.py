@@ -136,6 +136,7 @@ class ScyllaDraftModel(PreTrainedModel):
         position_ids: torch.LongTensor | None = None,
         cache: DynamicCache | None = None,
         logits_to_keep: int = 0,
+        attention_mask: torch.Tensor | None = None,
     ) -> ScyllaDraftOutput:
         """Predict the next features and logits for pairs ``(h_t, x_{t+1})``.
 
@@ -146,6 +147,7 @@ class ScyllaDraftModel(PreTrainedModel):
             position_ids: ``(B, S)`` positions t; default continues from the cache length.
             cache: the draft's KV cache, extended in place.
             logits_to_keep: compute logits only for the last this many positions (0: all).
+            attention_mask: ``(B, past + S)`` 1 for real pairs, 0 for padding (left-padded batches).
         """
         embeds = self.embed_tokens(input_ids)
         hidden = self.fc(torch.cat([embeds, target_hidden_states.to(embeds.dtype)], dim=-1))
@@ -155,7 +157,7 @@ class ScyllaDraftModel(PreTrainedModel):
         mask = create_causal_mask(
             config=self.config,
             inputs_embeds=hidden,
-            attention_mask=None,
+            attention_mask=attention_mask,
             position_ids=position_ids,
             **cache_kwargs(cache),
         )

@@ -10,8 +10,8 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoConfig
 
 import hf_adamas
 from hf_adamas import AdamasCache, AdamasConfig, AdamasLayer, apply_adamas, ops
-from hf_adamas.evaluation import Method, attention_method, decode_step, prefill, rewind
-from hf_common.compat import cache_kwargs, output_cache
+from hf_adamas.evaluation import Method, attention_method, decode_step, prefill
+from hf_common.compat import cache_kwargs, crop_cache, output_cache
 
 
 def _prompt(batch: int = 2, length: int = 40, pad: int = 5) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +85,7 @@ def test_dense_layers_are_untouched(tiny_model) -> None:
     cache, _ = prefill(tiny_model, input_ids)
     token = input_ids[:, -1:]
     dense = tiny_model(input_ids=token, output_hidden_states=True, **cache_kwargs(cache)).hidden_states
-    rewind(cache, input_ids.shape[1])
+    crop_cache(cache, input_ids.shape[1])
     with attention_method(tiny_model, Method("adamas", AdamasConfig(token_budget=4, dense_layers=2))):
         sparse = tiny_model(input_ids=token, output_hidden_states=True, **cache_kwargs(cache)).hidden_states
     for layer in range(3):  # embeddings, then the outputs of layers 0 and 1
@@ -165,7 +165,7 @@ def test_training_mode_falls_back_to_dense(tiny_model, caplog) -> None:
     cache, _ = prefill(tiny_model, input_ids)
     token = input_ids[:, -1:]
     expected = decode_step(tiny_model, cache, token)
-    rewind(cache, input_ids.shape[1])
+    crop_cache(cache, input_ids.shape[1])
     apply_adamas(tiny_model, AdamasConfig(token_budget=4, dense_layers=0))
     tiny_model.train()
     with torch.no_grad():

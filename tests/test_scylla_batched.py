@@ -1,0 +1,125 @@
+"""The batched loop equals plain batched greedy (pads after EOS included) and matches per-row drafting."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from scylla_models import make_draft, make_target
+
+from hf_scylla import BatchedStats, batched_generate, reference_speculative_decode
+
+
+def left_padded(lengths: tuple[int, ...], vocab_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random prompts of the given lengths, left-padded with token 0 (the tiny target's pad)."""
+    width = max(lengths)
+    input_ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    attention_mask = torch.zeros_like(input_ids)
+    for row, length in enumerate(lengths):
+        generator = torch.Generator().manual_seed(row)
+        input_ids[row, width - length :] = torch.randint(3, vocab_size, (length,), generator=generator)
+        attention_mask[row, width - length :] = 1
+    return input_ids, attention_mask
+
+
+DRAFTS = [
+    pytest.param(1.0, False, 1.0, 1, id="random-draft-D1"),
+    pytest.param(0.3, True, 1.0, 2, id="oracle-draft-D2"),
+    pytest.param(0.5, True, 0.5, 3, id="oracle-draft-D3"),
+]
+
+
+@pytest.mark.parametrize(("context_scale", "oracle", "draft_context_scale", "depth"), DRAFTS)
+@pytest.mark.parametrize("draft_tokens", [1, 4])
+def test_batched_equals_plain_batched_greedy(context_scale, oracle, draft_context_scale, depth, draft_tokens):
+    target = make_target(context_scale=context_scale)
+    draft = make_draft(target, depth=depth, oracle=oracle, oracle_context_scale=draft_context_scale)
+    input_ids, attention_mask = left_padded((7, 3, 11))
+    plain = target.generate(input_ids, attention_mask=attention_mask, max_new_tokens=32, do_sample=False)
+    result = batched_generate(
+        target, draft, input_ids, attention_mask, max_new_tokens=32, draft_tokens=draft_tokens
+    )
+    assert torch.equal(result.sequences, plain)
+    assert result.stats.new_tokens == 3 * 32
+    # the prefill, one forward per cycle, and at most one with no room left to draft (not a cycle)
+    assert result.stats.cycles + 1 <= result.stats.target_forwards <= result.stats.cycles + 2
+    assert 1.0 <= result.stats.tau <= result.stats.row_tau <= draft_tokens + 1
+
+
+@pytest.mark.parametrize(("context_scale", "oracle", "draft_context_scale", "depth"), DRAFTS)
+def test_batch_of_one_has_the_reference_cycles(context_scale, oracle, draft_context_scale, depth):
+    """At batch 1 the uniform acceptance is the row's own: the cache-free reference's cycles exactly."""
+    target = make_target(context_scale=context_scale)
+    draft = make_draft(
+        target, depth=depth, oracle=oracle, oracle_context_scale=draft_context_scale, confidence_threshold=0.0
+    )
+    prompt, _ = left_padded((9,))
+    sequence, cycles = reference_speculative_decode(target, draft, prompt, max_new_tokens=32)
+    result = batched_generate(
+        target, draft, prompt, max_new_tokens=32, draft_tokens=draft.config.max_draft_tokens
+    )
+    assert torch.equal(result.sequences, sequence)
+    assert result.stats.accepted == [accepted for _, accepted in cycles]
+    assert result.stats.tau == result.stats.row_tau
+
+
+def test_padding_does_not_change_a_rows_draft() -> None:
+    """In the first cycle each padded row matches exactly as many tokens as it does decoded alone."""
+    target = make_target(context_scale=0.3)
+    draft = make_draft(target, depth=2, oracle=True, oracle_context_scale=1.0)
+    input_ids, attention_mask = left_padded((5, 12, 8, 2))
+    draft_tokens = 6
+    batch = batched_generate(
+        target, draft, input_ids, attention_mask, max_new_tokens=draft_tokens + 2, draft_tokens=draft_tokens
+    )
+    alone = []
+    for row in range(input_ids.shape[0]):
+        prompt = input_ids[row : row + 1, attention_mask[row].bool()]
+        single = batched_generate(
+            target, draft, prompt, max_new_tokens=draft_tokens + 2, draft_tokens=draft_tokens
+        )
+        alone.append(single.stats.row_matches[0])
+    assert batch.stats.row_matches[:4] == alone
+    assert len(set(alone)) > 1  # the rows disagree, so the batch advances at the slowest one
+    assert batch.stats.accepted[0] == min(alone)
+
+
+def test_rows_stop_at_eos_and_are_padded_like_generate() -> None:
+    target = make_target(context_scale=0.3)
+    draft = make_draft(target, oracle=True)
+    input_ids, attention_mask = left_padded((6, 9))
+    plain = target.generate(input_ids, attention_mask=attention_mask, max_new_tokens=40, do_sample=False)
+    eos = int(plain[0, input_ids.shape[1] + 4])  # row 0 emits it early; row 1 maybe later or never
+    kwargs = dict(max_new_tokens=40, eos_token_id=eos, pad_token_id=0)
+    expected = target.generate(input_ids, attention_mask=attention_mask, do_sample=False, **kwargs)
+    result = batched_generate(target, draft, input_ids, attention_mask, draft_tokens=4, **kwargs)
+    assert torch.equal(result.sequences, expected)
+    generated = expected[:, input_ids.shape[1] :]
+    real = sum(int((row == eos).nonzero()[0]) + 1 if (row == eos).any() else len(row) for row in generated)
+    assert result.stats.new_tokens == real
+
+
+def test_stats_merge_and_dict() -> None:
+    first = BatchedStats(2, 3, accepted=[3, 1], row_matches=[3, 3, 1, 2], new_tokens=12, seconds=1.0)
+    first.merge(BatchedStats(2, 3, accepted=[0], row_matches=[0, 3], new_tokens=2, seconds=1.0))
+    assert first.cycles == 3 and first.tau == pytest.approx(7 / 3) and first.row_tau == pytest.approx(3.0)
+    assert first.to_dict()["tokens_per_second"] == pytest.approx(7.0)
+
+
+def test_bad_inputs_are_clear_errors() -> None:
+    target = make_target(max_position_embeddings=32)
+    draft = make_draft(target)
+    input_ids, attention_mask = left_padded((5, 8))
+    with pytest.raises(ValueError, match="draft_tokens must be >= 1"):
+        batched_generate(target, draft, input_ids, attention_mask, max_new_tokens=4, draft_tokens=0)
+    with pytest.raises(ValueError, match="exceeds the target's context of 32"):
+        batched_generate(target, draft, input_ids, attention_mask, max_new_tokens=30)
+    with pytest.raises(ValueError, match="needs left padding"):
+        batched_generate(target, draft, input_ids, attention_mask.flip(1), max_new_tokens=4)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        batched_generate(target, draft, input_ids, attention_mask[:, 1:], max_new_tokens=4)
+    with pytest.raises(ValueError, match=r"must be \(batch, length\)"):
+        batched_generate(target, draft, input_ids[0], max_new_tokens=4)
+    unattached = make_draft(target)
+    unattached.is_attached = False
+    with pytest.raises(ValueError, match="attach_target"):
+        batched_generate(target, unattached, input_ids, attention_mask, max_new_tokens=4)
