@@ -1,12 +1,13 @@
-"""Batched greedy speculative decoding with a Scylla draft: the rows of a left-padded batch advance together.
+"""Batched greedy speculative decoding with a Scylla draft: every row of a left-padded batch keeps its own accepted tokens.
 
 transformers' assisted decoding verifies one sequence, but Scylla's third law concerns the decoding
 batch size (the throughput-optimal draft length shrinks as the batch grows, arXiv 2505.07858
-Thm 1.3). Each cycle here drafts a chain of ``draft_tokens`` for every row, verifies all rows in one
-target forward, and keeps the longest prefix that *every* unfinished row matched, plus the target's
-own token after it (each row's greedy token there). Rows stay aligned, so both KV caches stay
-rectangular and a rejection is one ``crop``; the price is that a batch advances at its slowest row.
-`BatchedStats` records both that uniform acceptance and each row's own match length.
+Thm 1.3). Each cycle here drafts a chain of ``draft_tokens`` for every row and verifies all rows in
+one target forward; row i keeps its own ``a_i`` matching tokens plus the target's token after them.
+Both KV caches stay rectangular: a cycle appends ``max_i a_i + 1`` columns and masks out, per row,
+the columns it rejected (holes), with per-row position ids, so attention sees exactly each row's
+accepted sequence. The draft's new pairs are right-aligned in their block so every row's last pair
+sits in the last column, where the next chain starts.
 
 Greedy only. The output is token for token that of ``target.generate(do_sample=False)`` on the same
 left-padded batch, pads after EOS included (the test oracle).
@@ -32,39 +33,36 @@ __all__ = ["BatchedOutput", "BatchedStats", "batched_generate"]
 class BatchedStats:
     """Acceptance of batched draft-verify cycles (the prefill forward is not a cycle).
 
-    ``tau`` is what the batch gained per cycle and row (uniform acceptance + the target's token);
-    ``row_tau`` is what the rows alone would have gained (their own match lengths + 1), so
-    ``row_tau - tau`` is the cost of advancing together.
+    ``accepted[i]`` lists, per cycle in which row i was still decoding, the draft tokens it kept (rows
+    of merged batches are appended); ``tau`` is the paper's acceptance length over all rows (kept drafts
+    + the target's token), and ``tokens_per_target_forward`` is what the whole batch gained per forward.
     """
 
     batch_size: int
     draft_tokens: int
-    accepted: list[int] = field(default_factory=list)
-    row_matches: list[int] = field(default_factory=list)
+    accepted: list[list[int]] = field(default_factory=list)
+    cycles: int = 0
     new_tokens: int = 0
     seconds: float = 0.0
     target_forwards: int = 0
 
     @property
-    def cycles(self) -> int:
-        return len(self.accepted)
-
-    @property
     def tau(self) -> float:
-        return (sum(self.accepted) + self.cycles) / self.cycles if self.cycles else float("nan")
-
-    @property
-    def row_tau(self) -> float:
-        return sum(self.row_matches) / len(self.row_matches) + 1 if self.row_matches else float("nan")
+        kept = [count for row in self.accepted for count in row]
+        return sum(kept) / len(kept) + 1 if kept else float("nan")
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else float("nan")
+
     def merge(self, other: BatchedStats) -> None:
         """Add another batch's cycles, tokens, forwards and time (for totals over many batches)."""
         self.accepted += other.accepted
-        self.row_matches += other.row_matches
+        self.cycles += other.cycles
         self.new_tokens += other.new_tokens
         self.seconds += other.seconds
         self.target_forwards += other.target_forwards
@@ -74,9 +72,9 @@ class BatchedStats:
             "batch_size": self.batch_size,
             "draft_tokens": self.draft_tokens,
             "tau": self.tau,
-            "row_tau": self.row_tau,
             "cycles": self.cycles,
             "target_forwards": self.target_forwards,
+            "tokens_per_target_forward": self.tokens_per_target_forward,
             "new_tokens": self.new_tokens,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
@@ -104,29 +102,28 @@ def _eos_ids(target: PreTrainedModel, eos_token_id: int | list[int] | None) -> t
 
 
 class _DraftState:
-    """The draft's KV cache, synced to the target's true features, and the pairs still to feed it."""
+    """The draft's KV cache, synced to the target's true features, and the block of pairs to feed it next.
 
-    def __init__(self, draft: ScyllaDraftModel, tokens, features, positions, mask):
+    A block holds pairs ``(x_{t+1}, h_t)`` at positions t, right-aligned per row (every row's newest
+    pair in the last column); ``block_mask`` marks the real pairs, ``mask`` covers the cache.
+    """
+
+    def __init__(self, draft: ScyllaDraftModel, tokens, features, positions, block_mask):
         self.draft, self.cache = draft, draft.new_cache()
-        self.pending = (tokens, features, positions)  # pairs (x_{t+1}, h_t, t) not yet in the cache
-        self.mask = mask  # over the cache plus the pending pairs
+        self.mask = block_mask[:, :0]
+        self.add_block(tokens, features, positions, block_mask)
 
-    def add_pairs(self, tokens, features, positions, mask) -> None:
-        self.pending = (tokens, features, positions)
-        self.mask = mask
+    def add_block(self, tokens, features, positions, block_mask) -> None:
+        self.block = (tokens, features, positions, block_mask)
 
     def draft_chain(self, length: int) -> torch.LongTensor:
-        """Sync the pending pairs, draft ``length`` greedy tokens per row, then forget the drafted KV."""
-        tokens, features, positions = self.pending
+        """Sync the pending block, draft ``length`` greedy tokens per row, then forget the drafted KV."""
+        tokens, features, positions, block_mask = self.block
+        self.mask = torch.cat([self.mask, block_mask], dim=1)
+        synced, mask, position = self.cache.get_seq_length() + tokens.shape[1], self.mask, positions[:, -1:]
         out = self.draft(
-            tokens,
-            features,
-            position_ids=positions,
-            cache=self.cache,
-            attention_mask=self.mask,
-            logits_to_keep=1,
+            tokens, features, position_ids=positions, cache=self.cache, attention_mask=mask, logits_to_keep=1
         )
-        synced, mask, position = self.cache.get_seq_length(), self.mask, positions[:, -1:]
         drafted = [out.logits[:, -1].argmax(-1, keepdim=True)]
         for _ in range(length - 1):
             mask, position = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1), position + 1
@@ -143,6 +140,13 @@ class _DraftState:
         return torch.cat(drafted, dim=1)
 
 
+def _right_aligned(kept: torch.LongTensor, width: int) -> tuple[torch.LongTensor, torch.Tensor]:
+    """Per row, the source column of each of ``width`` block columns when row i's ``kept[i] + 1``
+    entries end at the last column; and the mask of real (not hole) columns."""
+    source = torch.arange(width, device=kept.device) - (width - 1 - kept)[:, None]
+    return source.clamp(min=0), source >= 0
+
+
 @torch.no_grad()
 def batched_generate(
     target: PreTrainedModel,
@@ -154,7 +158,7 @@ def batched_generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
 ) -> BatchedOutput:
-    """Greedy speculative decoding of a left-padded batch; rows advance by their common accepted prefix.
+    """Greedy speculative decoding of a left-padded batch; each row keeps its own accepted drafts.
 
     Args:
         target, draft: the target and a Scylla draft attached to it.
@@ -184,7 +188,8 @@ def batched_generate(
     if pad_token_id is None:
         pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
     layer = draft.config.target_hidden_layer % (target.config.get_text_config().num_hidden_layers + 1)
-    stats = BatchedStats(batch_size=input_ids.shape[0], draft_tokens=draft_tokens)
+    batch_size = input_ids.shape[0]
+    stats = BatchedStats(batch_size, draft_tokens, accepted=[[] for _ in range(batch_size)])
     start = time.perf_counter()
 
     cache = DynamicCache(config=target.config)
@@ -197,20 +202,24 @@ def batched_generate(
         **cache_kwargs(cache),
     )
     stats.target_forwards += 1
-    next_tokens = out.logits[:, -1].argmax(-1, keepdim=True)
-    finished = torch.isin(next_tokens[:, 0], eos_ids)
-    lengths = torch.ones_like(finished, dtype=torch.long)  # new tokens per row, EOS included
-    sequences = torch.cat([input_ids, next_tokens], dim=1)
+    last_tokens = out.logits[:, -1:].argmax(-1)  # (B, 1): each row's newest token, not yet processed
+    last_positions = positions[:, -1]
+    # One spare column receives the writes of rows that keep fewer tokens than the block is wide.
+    generated = input_ids.new_full((batch_size, max_new_tokens + 1), pad_token_id)
+    generated[:, 0] = last_tokens[:, 0]
+    lengths = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
+    finished = torch.isin(last_tokens[:, 0], eos_ids) | (lengths == max_new_tokens)
     features = out.hidden_states[layer].masked_fill(mask[..., None] == 0, 0.0)  # pads' features are junk
-    state = _DraftState(draft, sequences[:, 1:], features, positions, mask)
+    state = _DraftState(draft, torch.cat([input_ids[:, 1:], last_tokens], dim=1), features, positions, mask)
 
-    while sequences.shape[1] - input_ids.shape[1] < max_new_tokens and not bool(finished.all()):
-        room = max_new_tokens - (sequences.shape[1] - input_ids.shape[1])
+    while not bool(finished.all()):
+        room = int((max_new_tokens - lengths)[~finished].max())
         length = min(draft_tokens, room - 1)
-        drafted = state.draft_chain(length) if length else sequences.new_empty(sequences.shape[0], 0)
-        candidates = torch.cat([sequences[:, -1:], drafted], dim=1)
+        drafted = state.draft_chain(length) if length else input_ids.new_empty(batch_size, 0)
+        candidates = torch.cat([last_tokens, drafted], dim=1)
+        offsets = torch.arange(1, length + 2, device=mask.device)
         verify_mask = torch.cat([mask, mask.new_ones(candidates.shape)], dim=1)
-        verify_positions = positions[:, -1:] + torch.arange(1, candidates.shape[1] + 1, device=mask.device)
+        verify_positions = last_positions[:, None] + offsets
         out = target(
             candidates,
             attention_mask=verify_mask,
@@ -219,30 +228,42 @@ def batched_generate(
             **cache_kwargs(cache),
         )
         stats.target_forwards += 1
-        greedy = out.logits.argmax(-1)
-        matches = (drafted == greedy[:, :length]).long().cumprod(dim=1).sum(dim=1)
-        accepted = int(matches[~finished].min())
+        greedy = out.logits.argmax(-1)  # (B, length + 1); equals the drafts wherever they were accepted
+        matched = (drafted == greedy[:, :length]).long().cumprod(dim=1).sum(dim=1)
+        is_eos = torch.isin(greedy, eos_ids)
+        first_eos = torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1), length + 1)
+        kept = torch.minimum(torch.minimum(matched, first_eos), max_new_tokens - lengths - 1)
+        kept = kept.masked_fill(finished, 0)
         if length:
-            stats.accepted.append(accepted)
-            stats.row_matches += matches[~finished].tolist()
-        new_tokens = torch.cat([drafted[:, :accepted], greedy[:, accepted : accepted + 1]], dim=1)
-        new_tokens = new_tokens.masked_fill(finished[:, None], pad_token_id)
-        is_eos = torch.isin(new_tokens, eos_ids) & ~finished[:, None]
-        after_eos = (is_eos.long().cumsum(dim=1) - is_eos.long()) > 0
-        new_tokens = new_tokens.masked_fill(after_eos, pad_token_id)
-        lengths += torch.where(
-            finished, 0, torch.where(is_eos.any(dim=1), is_eos.long().argmax(dim=1) + 1, accepted + 1)
+            stats.cycles += 1
+            drafting = ~finished & (lengths < max_new_tokens - 1)  # a row with one token left drafts nothing
+            for row in drafting.nonzero()[:, 0].tolist():
+                stats.accepted[row].append(int(kept[row]))
+
+        columns = lengths[:, None] + offsets - 1
+        writes = (offsets - 1 <= kept[:, None]) & ~finished[:, None]
+        generated.scatter_(1, columns.masked_fill(~writes, max_new_tokens), greedy)
+        new_last = greedy.gather(1, kept[:, None])
+        lengths += torch.where(finished, 0, kept + 1)
+        finished = (
+            finished | (torch.isin(new_last[:, 0], eos_ids) & writes[:, 0]) | (lengths == max_new_tokens)
         )
-        finished = finished | is_eos.any(dim=1)
-        sequences = torch.cat([sequences, new_tokens], dim=1)
 
-        kept = mask.shape[1] + accepted + 1  # the last accepted token and the drafts before it
-        crop_cache(cache, kept)
-        mask, positions = verify_mask[:, :kept], verify_positions[:, : accepted + 1]
-        state.add_pairs(new_tokens, out.hidden_states[layer][:, : accepted + 1], positions, mask)
+        width = int(kept.max()) + 1
+        crop_cache(cache, mask.shape[1] + width)
+        block_valid = offsets[:width] - 1 <= kept[:, None]
+        mask = torch.cat([mask, block_valid.to(mask.dtype)], dim=1)
+        source, block_mask = _right_aligned(kept, width)
+        pair_features = out.hidden_states[layer].gather(
+            1, source[..., None].expand(-1, -1, features.shape[-1])
+        )
+        state.add_block(
+            greedy.gather(1, source), pair_features, verify_positions.gather(1, source), block_mask
+        )
+        last_tokens = new_last.masked_fill(finished[:, None], pad_token_id)
+        last_positions = last_positions + kept + 1
 
-    if bool(finished.all()):  # like generate: stop at the step where the last row emitted EOS
-        sequences = sequences[:, : input_ids.shape[1] + int(lengths.max())]
+    sequences = torch.cat([input_ids, generated[:, : int(lengths.max())]], dim=1)
     stats.new_tokens = int(lengths.sum())
     stats.seconds = time.perf_counter() - start
     return BatchedOutput(sequences=sequences, stats=stats)

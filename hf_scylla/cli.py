@@ -406,6 +406,71 @@ def _run_sweep(args: argparse.Namespace) -> int:
     return 0 if all(point["lossless"] for point in summary["points"]) else 1
 
 
+def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_common.demo import STAGED_DRAFT_NAME
+    from hf_scylla.benchmark import PROMPTS_DIR
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--draft", type=Path, help=f"Trained Scylla draft folder (default: model_cards/{STAGED_DRAFT_NAME})."
+    )
+    parser.add_argument(
+        "--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8], help="Decoding batch sizes (log-spaced)."
+    )
+    parser.add_argument(
+        "--draft-tokens", type=int, nargs="+", default=[1, 2, 3, 4], help="Draft chain lengths k to try."
+    )
+    parser.add_argument(
+        "--prompts-dir", type=Path, default=PROMPTS_DIR, help="Folder of *.jsonl prompt sets."
+    )
+    parser.add_argument(
+        "--limit", type=int, default=4, help="Prompts per set; the same prompts are decoded at every B."
+    )
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="New tokens per prompt.")
+    parser.add_argument(
+        "--output-dir", type=Path, default=Path("results/scylla/batch"), help="Where results and plots go."
+    )
+
+
+def _run_batch_sweep(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_common.demo import find_staged_draft
+    from hf_scylla.batch_sweep import run_batch_sweep
+    from hf_scylla.benchmark import load_prompt_sets
+    from hf_scylla.modeling import ScyllaDraftModel
+
+    draft_dir = args.draft or find_staged_draft()
+    if draft_dir is None:
+        raise SystemExit("error: no staged draft found under model_cards/; pass --draft")
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    draft = ScyllaDraftModel.from_pretrained(draft_dir, target=target, target_tokenizer=tokenizer)
+    draft = draft.to(target.device).eval()
+    prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
+    # Interleave the sets so every batch mixes them (as a server's batch would).
+    questions = [q for group in zip(*prompt_sets.values(), strict=False) for q in group]
+    metadata = {
+        "command": "hf-scylla " + " ".join(getattr(args, "argv", [])),
+        "machine": _machine(),
+        "draft": Path(draft_dir).name,
+    }
+    summary = run_batch_sweep(
+        target,
+        tokenizer,
+        draft,
+        questions,
+        args.batch_sizes,
+        args.draft_tokens,
+        args.max_new_tokens,
+        args.output_dir,
+        metadata,
+        print,
+    )
+    for best in summary["best"]:
+        print(f"B={best['batch_size']}: best k={best['draft_tokens']} (speedup {best['speedup']:.2f})")
+    print(f"Saved {args.output_dir}/batch_sweep.json, .md and *_vs_batch.png")
+    return 0 if all(point["lossless"] for point in summary["points"]) else 1
+
+
 def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", type=Path, help="Folder of a saved Scylla draft (save_pretrained).")
     parser.add_argument(
@@ -558,6 +623,12 @@ COMMANDS = (
         "Scaling sweep: train drafts over training tokens and depth, measure tau, fit tau = a + b ln x.",
         _add_sweep_arguments,
         _run_sweep,
+    ),
+    Command(
+        "batch-sweep",
+        "Batch-size axis: batched speculative decoding over batch sizes and draft lengths, fits vs ln B.",
+        _add_batch_sweep_arguments,
+        _run_batch_sweep,
     ),
     Command(
         "stage",
