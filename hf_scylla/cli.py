@@ -133,14 +133,35 @@ def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
         raise SystemExit(f"error: {error} (pass another with --data)") from None
 
 
-def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+def _text_windows(sources: list[Path] | None, tokenizer, window: int, tokens: int) -> list[torch.Tensor]:
+    """General-text windows for the pretraining stage (default sources: shared text + Python stdlib)."""
+    from hf_scylla.data import default_text_sources, text_token_chunks
+
+    try:
+        return text_token_chunks(tokenizer, sources or default_text_sources(), window, tokens)
+    except (FileNotFoundError, ValueError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+def _add_stage_option(parser: argparse.ArgumentParser, finetune: str) -> None:
     parser.add_argument(
         "--stage",
         choices=("finetune", "pretrain"),
         default="finetune",
-        help="finetune: chat pairs from --data; pretrain: windows of general text from --text.",
+        help=f"finetune: {finetune}; pretrain: windows of general text from --text.",
     )
+    parser.add_argument(
+        "--text",
+        type=Path,
+        action="append",
+        help="pretrain: a text file or folder (repeatable; default: ../shared/data/text and the Python "
+        "standard library source).",
+    )
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    _add_stage_option(parser, "chat pairs from --data")
     parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
     parser.add_argument("--samples", type=int, default=400, help="Conversations to train on.")
     parser.add_argument(
@@ -150,13 +171,6 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--regenerate-tokens", type=int, default=256, help="Most new tokens per regenerated response."
-    )
-    parser.add_argument(
-        "--text",
-        type=Path,
-        action="append",
-        help="pretrain: a text file or folder (repeatable; default: ../shared/data/text and the Python "
-        "standard library source).",
     )
     parser.add_argument("--tokens", type=int, default=200_000, help="pretrain: tokens of general text.")
     parser.add_argument(
@@ -202,17 +216,11 @@ def _features_name(args: argparse.Namespace) -> str:
 
 
 def _build_train_features(args: argparse.Namespace, target, tokenizer):
-    from hf_scylla.data import default_text_sources, regenerate_responses, text_token_chunks
+    from hf_scylla.data import regenerate_responses
     from hf_scylla.training import cache_target_features, cache_text_features
 
     if args.stage == "pretrain":
-        try:
-            chunks = text_token_chunks(
-                tokenizer, args.text or default_text_sources(), args.max_length, args.tokens
-            )
-        except (FileNotFoundError, ValueError) as error:
-            raise SystemExit(f"error: {error}") from None
-        return cache_text_features(target, chunks)
+        return cache_text_features(target, _text_windows(args.text, tokenizer, args.max_length, args.tokens))
     conversations = _read_conversations(args.data, args.samples)
     if args.regenerate:
         args.output_dir.mkdir(parents=True, exist_ok=True)
@@ -301,14 +309,18 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
     defaults = SweepSettings()
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    _add_stage_option(parser, "chat pairs from --data (the fine-tuning stage's data)")
     parser.add_argument("--data", type=Path, default=GSM8K_TRAIN, help="JSONL of prompt/response pairs.")
-    parser.add_argument("--max-length", type=int, default=192, help="Tokens per conversation (truncated).")
+    parser.add_argument(
+        "--max-length", type=int, default=192, help="Tokens per conversation (truncated) or text window."
+    )
     parser.add_argument(
         "--samples",
         type=int,
         nargs="+",
         default=list(defaults.samples),
-        help="Tokens axis: conversations per draft (nested subsets; use log-spaced values).",
+        help="Tokens axis: conversations (pretrain: text windows) per draft (nested subsets; use "
+        "log-spaced values).",
     )
     parser.add_argument(
         "--tokens-depth", type=int, default=defaults.tokens_depth, help="Depth on the tokens axis."
@@ -366,7 +378,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
     from hf_scylla.benchmark import encode_prompt, load_prompt_file
     from hf_scylla.sweep import SweepSettings, plan_points, run_sweep
-    from hf_scylla.training import FeatureDataset, cache_target_features
+    from hf_scylla.training import FeatureDataset, cache_target_features, cache_text_features
 
     settings = SweepSettings(
         samples=tuple(args.samples),
@@ -386,15 +398,27 @@ def _run_sweep(args: argparse.Namespace) -> int:
         raise SystemExit(f"error: prompt file {args.eval_prompts_file} not found (pass --eval-prompts-file)")
     target, tokenizer = load_model_and_tokenizer(args.model)
     needed = max(point.samples for point in plan_points(settings))
-    features = FeatureDataset.cached(
-        args.work_dir / f"features-{needed}x{args.max_length}.pt",
-        lambda: cache_target_features(
-            target, tokenizer, _read_conversations(args.data, needed), max_length=args.max_length
-        ),
-    )
+    if args.stage == "pretrain":
+        features = FeatureDataset.cached(
+            args.work_dir / f"features-text-{needed}x{args.max_length}.pt",
+            lambda: cache_text_features(
+                target, _text_windows(args.text, tokenizer, args.max_length, needed * args.max_length)
+            ),
+        )
+    else:
+        features = FeatureDataset.cached(
+            args.work_dir / f"features-{needed}x{args.max_length}.pt",
+            lambda: cache_target_features(
+                target, tokenizer, _read_conversations(args.data, needed), max_length=args.max_length
+            ),
+        )
     questions = load_prompt_file(args.eval_prompts_file, args.eval_prompts)
     prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
-    metadata = {"command": "hf-scylla " + " ".join(getattr(args, "argv", [])), "machine": _machine()}
+    metadata = {
+        "command": "hf-scylla " + " ".join(getattr(args, "argv", [])),
+        "machine": _machine(),
+        "stage": args.stage,
+    }
     summary = run_sweep(
         target, tokenizer, features, prompts, settings, args.work_dir, args.output_dir, metadata, print
     )

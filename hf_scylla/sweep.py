@@ -1,7 +1,8 @@
 """Scaling sweep: drafts trained over training tokens and depth, each measured by speculative decoding.
 
 Two axes of Scylla's log-linear laws (arXiv 2505.07858): (a) training tokens at a fixed depth, from
-nested subsets of one cached feature set, and (b) depth D at fixed data. Every point trains a fresh
+nested subsets of one cached feature set, and (b) depth D at fixed data (the third, decoding batch
+size, needs no training: `hf_scylla.batch_sweep`). Every point trains a fresh
 draft with `train_draft`, then decodes the same held-out prompts with `hf_scylla.generate`; its tau is
 the acceptance length of those real decodes (checked against plain greedy). Each finished point is
 written to ``<output_dir>/points/<name>.json`` at once and skipped on a rerun, so an interrupted
@@ -23,7 +24,6 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_common.reporting import markdown_table, save_json
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig
-from hf_scylla.generation import MAX_BATCH_SIZE
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.scaling import fit_log_linear, plot_log_linear
@@ -263,7 +263,8 @@ def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None =
         "settings": asdict(settings),
         "tau_measurement": "speculative decoding (greedy, batch 1, fixed chains of max_draft_tokens) of the "
         "first eval_prompts held-out prompts, max_new_tokens each; tau = tokens per draft-verify cycle",
-        "batch_size_axis": f"skipped: the Scylla generator decodes batch size {MAX_BATCH_SIZE} only",
+        "batch_size_axis": "measured with one trained draft by `hf-scylla batch-sweep` (batched decoding, "
+        "results/scylla/batch/); training does not depend on it",
         "fits": fits,
         "points": records,
     }

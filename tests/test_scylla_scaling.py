@@ -113,7 +113,7 @@ def test_sweep_cli_writes_fits_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     for axis, count in (("tokens", 3), ("depth_n4", 2)):
         assert len(summary["fits"][axis]["points"]) == count
         assert (output / f"tau_vs_{axis}.png").is_file()
-    assert "batch size 1" in summary["batch_size_axis"]
+    assert "batch-sweep" in summary["batch_size_axis"]
     assert "| tokens | training_tokens | 3 |" in (output / "sweep.md").read_text()
 
     # A rerun trains nothing: every point is already measured.
@@ -127,3 +127,30 @@ def test_sweep_cli_writes_fits_and_resumes(tmp_path: Path, monkeypatch: pytest.M
     # Points measured with other training settings are not mixed into one fit.
     with pytest.raises(ValueError, match="measured with other settings"):
         main([*argv, "--epochs", "2"])
+
+
+def test_sweep_cli_pretraining_stage_sweeps_text_windows(tmp_path: Path) -> None:
+    """``--stage pretrain``: the tokens axis counts general-text windows, every token of them learned."""
+    model_dir, text, prompts = tmp_path / "target", tmp_path / "corpus.txt", tmp_path / "prompts.jsonl"
+    make_target(context_scale=0.3).save_pretrained(model_dir)
+    chat_word_tokenizer().save_pretrained(model_dir)
+    text.write_text(" ".join(f"w{5 + i % 40}" for i in range(200)))
+    prompts.write_text("".join(json.dumps({"turns": [f"w{i} w{i + 1}"]}) + "\n" for i in (7, 20)))
+    output = tmp_path / "results"
+    argv = [
+        "sweep",
+        *("--model", str(model_dir), "--stage", "pretrain", "--text", str(text), "--max-length", "8"),
+        *("--samples", "2", "4", "--depths", "1", "--depth-samples", "4"),
+        *("--epochs", "1", "--batch-size", "2", "--eval-prompts-file", str(prompts)),
+        *("--eval-prompts", "2", "--max-new-tokens", "6", "--max-draft-tokens", "3"),
+        *("--work-dir", str(tmp_path / "work"), "--output-dir", str(output)),
+    ]
+    assert main(argv) == 0
+    assert (tmp_path / "work" / "features-text-4x8.pt").is_file()
+    summary = json.loads((output / "sweep.json").read_text())
+    assert summary["stage"] == "pretrain"
+    by_windows = {point["samples"]: point for point in summary["points"]}
+    assert {n: point["training_tokens"] for n, point in by_windows.items()} == {2: 2 * 7, 4: 4 * 7}
+    assert all(point["lossless"] for point in summary["points"])
+    with pytest.raises(SystemExit, match="not found|No such file"):
+        main([*argv[:6], str(tmp_path / "missing.txt"), *argv[7:], "--work-dir", str(tmp_path / "w2")])
