@@ -193,15 +193,19 @@ def batched_generate(
     start = time.perf_counter()
 
     cache = DynamicCache(config=target.config)
+
+    def target_forward(tokens: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor):
+        stats.target_forwards += 1
+        return target(
+            tokens,
+            attention_mask=mask,
+            position_ids=positions,
+            output_hidden_states=True,
+            **cache_kwargs(cache),
+        )
+
     mask, positions = attention_mask, _positions(attention_mask)
-    out = target(
-        input_ids,
-        attention_mask=mask,
-        position_ids=positions,
-        output_hidden_states=True,
-        **cache_kwargs(cache),
-    )
-    stats.target_forwards += 1
+    out = target_forward(input_ids, mask, positions)
     last_tokens = out.logits[:, -1:].argmax(-1)  # (B, 1): each row's newest token, not yet processed
     last_positions = positions[:, -1]
     # One spare column receives the writes of rows that keep fewer tokens than the block is wide.
@@ -220,14 +224,7 @@ def batched_generate(
         offsets = torch.arange(1, length + 2, device=mask.device)
         verify_mask = torch.cat([mask, mask.new_ones(candidates.shape)], dim=1)
         verify_positions = last_positions[:, None] + offsets
-        out = target(
-            candidates,
-            attention_mask=verify_mask,
-            position_ids=verify_positions,
-            output_hidden_states=True,
-            **cache_kwargs(cache),
-        )
-        stats.target_forwards += 1
+        out = target_forward(candidates, verify_mask, verify_positions)
         greedy = out.logits.argmax(-1)  # (B, length + 1); equals the drafts wherever they were accepted
         matched = (drafted == greedy[:, :length]).long().cumprod(dim=1).sum(dim=1)
         is_eos = torch.isin(greedy, eos_ids)
