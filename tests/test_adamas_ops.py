@@ -5,7 +5,6 @@ Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set in conftest.py), 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import load_script
 
 from hf_adamas import ops
 from hf_adamas.reference import (
@@ -420,17 +420,9 @@ def test_ops_use_kernels_on_cuda() -> None:
     assert_close("o (cuda)", sparse_decode_attention(q, x, x, indices, 128**-0.5), out, 1e-2)
 
 
-def _load_script(name: str):
-    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="CPU smoke run; the CUDA benchmark is run by hand")
 def test_bench_script_runs_on_small_sizes(tmp_path: Path) -> None:
-    bench = _load_script("bench_adamas_kernels")
+    bench = load_script("bench_adamas_kernels")
     args = ["--contexts", "128", "--budgets", "16", "64", "--repeats", "1", "--out", str(tmp_path)]
     assert bench.main(args) == 0
     rows = json.loads((tmp_path / "bench_kernels.json").read_text())["rows"]
@@ -440,7 +432,7 @@ def test_bench_script_runs_on_small_sizes(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_profile_script_lists_operators_for_every_method(tmp_path: Path) -> None:
-    profiler = _load_script("profile_adamas_decode")
+    profiler = load_script("profile_adamas_decode")
     text = tmp_path / "text.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 100)
     args = [

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
+import json
 
 import pytest
 import torch
+from conftest import load_script
 from scylla_models import make_draft, make_target
 
 from hf_scylla import (
@@ -15,6 +16,7 @@ from hf_scylla import (
     reference_speculative_decode,
     scylla_generate,
 )
+from hf_scylla.distribution import chi_square_p_value, draft_chain_logits, exact_sequence_law, sequence_cell
 
 PROMPT_SEEDS = (0, 1, 2)
 
@@ -160,60 +162,14 @@ def sampling_pair():
     return target, draft
 
 
-@torch.no_grad()
-def exact_joint(model, prompt: torch.Tensor, length: int, next_logits) -> torch.Tensor:
-    """P(x_1..x_length | prompt) over all ``V**length`` continuations, in lexicographic order."""
-    probs = torch.ones(1)
-    for step in range(length):
-        continuations = torch.tensor(
-            list(itertools.product(range(SAMPLING_VOCAB), repeat=step)), dtype=torch.long
-        ).view(SAMPLING_VOCAB**step, step)
-        inputs = torch.cat([prompt.expand(len(continuations), -1), continuations], dim=1)
-        step_probs = next_logits(model, inputs).softmax(dim=-1)
-        probs = (probs[:, None] * step_probs).reshape(-1)
-    return probs
-
-
-def target_next_logits(target, inputs: torch.Tensor) -> torch.Tensor:
-    return target(inputs).logits[:, -1].float()
-
-
-def draft_only_next_logits(draft_and_target, inputs: torch.Tensor) -> torch.Tensor:
-    """Logits of a broken sampler that keeps every draft token: the draft's chain law after the first token."""
-    target, draft = draft_and_target
-    prompt_length = SAMPLING_PROMPT.shape[1]
-    if inputs.shape[1] == prompt_length:
-        return target_next_logits(target, inputs)
-    features = target(inputs[:, :prompt_length], output_hidden_states=True).hidden_states[-1]
-    tokens = inputs[:, 1 : prompt_length + 1]
-    for position in range(prompt_length + 1, inputs.shape[1]):
-        out = draft(tokens, features)
-        features = torch.cat([features, out.features[:, -1:]], dim=1)
-        tokens = torch.cat([tokens, inputs[:, position : position + 1]], dim=1)
-    return draft(tokens, features).logits[:, -1].float()
-
-
-def chi_square_p_value(samples: torch.Tensor, probs: torch.Tensor) -> float:
-    """Pearson chi-square p-value, pooling cells expected below 5 counts into one."""
-    counts = torch.bincount(samples, minlength=len(probs)).double()
-    expected = probs.double() * len(samples)
-    small = expected < 5
-    observed = torch.cat([counts[~small], counts[small].sum().view(1)])
-    expected = torch.cat([expected[~small], expected[small].sum().view(1)])
-    statistic = ((observed - expected) ** 2 / expected.clamp(min=1e-12)).sum()
-    dof = len(observed) - 1
-    return float(torch.special.gammaincc(torch.tensor(dof / 2), statistic / 2))
-
-
-def joint_index(sequence: torch.Tensor) -> int:
-    new_tokens = sequence[0, SAMPLING_PROMPT.shape[1] : SAMPLING_PROMPT.shape[1] + 3].tolist()
-    return new_tokens[0] * SAMPLING_VOCAB**2 + new_tokens[1] * SAMPLING_VOCAB + new_tokens[2]
+def target_next_logits(target):
+    return lambda inputs: target(inputs).logits[:, -1]
 
 
 @pytest.mark.parametrize("path", ["fast", "reference"])
 def test_speculative_sampling_keeps_the_target_distribution(path: str) -> None:
     target, draft = sampling_pair()
-    probs = exact_joint(target, SAMPLING_PROMPT, 3, target_next_logits)
+    probs = exact_sequence_law(target_next_logits(target), SAMPLING_PROMPT, 3, SAMPLING_VOCAB)
     torch.manual_seed(1234)
     rng = torch.Generator().manual_seed(1234)
     samples, stats = [], ScyllaStats()
@@ -228,10 +184,26 @@ def test_speculative_sampling_keeps_the_target_distribution(path: str) -> None:
             )
             for drafted, accepted in cycles:
                 stats.record(drafted, accepted)
-        samples.append(joint_index(sequence))
+        samples.append(sequence_cell(sequence, SAMPLING_PROMPT.shape[1], 3, SAMPLING_VOCAB))
     samples = torch.tensor(samples)
     assert 0.0 < sum(stats.accepted) / sum(stats.drafted) < 0.9, "the test needs both accepts and rejects"
     assert chi_square_p_value(samples, probs) > 1e-3
     # The same test rejects the law of a sampler that keeps every draft token: it has power.
-    broken = exact_joint((target, draft), SAMPLING_PROMPT, 3, draft_only_next_logits)
+    broken_sampler = draft_chain_logits(target, draft, SAMPLING_PROMPT.shape[1])
+    broken = exact_sequence_law(broken_sampler, SAMPLING_PROMPT, 3, SAMPLING_VOCAB)
     assert chi_square_p_value(samples, broken) < 1e-6
+
+
+def test_sampling_check_script_accepts_scylla_and_rejects_the_broken_law(tmp_path) -> None:
+    """``scripts/scylla_sampling_check.py`` (the committed evidence) on fewer samples."""
+    check = load_script("scylla_sampling_check")
+    assert check.main(["--samples", "300", "--output-dir", str(tmp_path)]) == 0
+    rows = {row["sampler"]: row for row in json.loads((tmp_path / "sampling.json").read_text())["rows"]}
+    for sampler in ("plain", "scylla", "reference"):
+        assert rows[sampler]["p_value_target_law"] > 1e-3
+    for sampler in ("scylla", "reference"):
+        assert rows[sampler]["p_value_keep_every_draft_law"] < 1e-6
+        assert 0.0 < rows[sampler]["draft_acceptance"] < 0.9
+    assert (tmp_path / "sampling.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        check.main(["--samples", "50"])
