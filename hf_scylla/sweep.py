@@ -255,7 +255,7 @@ def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None =
         xs, taus = _axis(records, key, keep)
         fit = fit_log_linear(xs, taus) if len(set(xs)) >= 2 else None
         fits[axis] = {"x": key, "points": list(zip(xs, taus, strict=True)), "fit": fit and fit.to_dict()}
-        if xs:
+        if len(set(xs)) >= 2:  # a single point has no trend to plot
             title = f"Scylla drafts: τ vs {label.split(' (')[0]}"
             plot_log_linear(output_dir / f"tau_vs_{axis}.png", xs, taus, fit, title, label)
     summary = {
