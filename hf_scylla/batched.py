@@ -111,10 +111,7 @@ class _DraftState:
     def __init__(self, draft: ScyllaDraftModel, tokens, features, positions, block_mask):
         self.draft, self.cache = draft, draft.new_cache()
         self.mask = block_mask[:, :0]
-        self.add_block(tokens, features, positions, block_mask)
-
-    def add_block(self, tokens, features, positions, block_mask) -> None:
-        self.block = (tokens, features, positions, block_mask)
+        self.block = (tokens, features, positions, block_mask)  # replaced after every verification
 
     def draft_chain(self, length: int) -> torch.LongTensor:
         """Sync the pending block, draft ``length`` greedy tokens per row, then forget the drafted KV."""
@@ -251,11 +248,13 @@ def batched_generate(
         block_valid = offsets[:width] - 1 <= kept[:, None]
         mask = torch.cat([mask, block_valid.to(mask.dtype)], dim=1)
         source, block_mask = _right_aligned(kept, width)
-        pair_features = out.hidden_states[layer].gather(
-            1, source[..., None].expand(-1, -1, features.shape[-1])
-        )
-        state.add_block(
-            greedy.gather(1, source), pair_features, verify_positions.gather(1, source), block_mask
+        hidden = out.hidden_states[layer]
+        pair_features = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
+        state.block = (
+            greedy.gather(1, source),
+            pair_features,
+            verify_positions.gather(1, source),
+            block_mask,
         )
         last_tokens = new_last.masked_fill(finished[:, None], pad_token_id)
         last_positions = last_positions + kept + 1
