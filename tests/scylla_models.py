@@ -50,3 +50,19 @@ def make_draft(
                 layer.self_attn.o_proj.weight.mul_(oracle_context_scale)
                 layer.mlp.down_proj.weight.mul_(oracle_context_scale)
     return draft
+
+
+@torch.no_grad()
+def continuation_record(
+    target: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: int, with_features: bool = True
+) -> dict[str, torch.Tensor]:
+    """A sampled continuation of ``(1, P)`` ``prompt`` as a training record, the prompt masked out of the
+    loss; ``with_features=False`` stores placeholder features (the standalone baseline reads tokens only)."""
+    ids = target.generate(prompt, max_new_tokens=max_new_tokens, do_sample=True)[0]
+    if with_features:
+        hidden = target(ids[None], output_hidden_states=[-1]).hidden_states[-1][0]
+    else:
+        hidden = torch.zeros(len(ids), 1)
+    loss_mask = torch.ones_like(ids)
+    loss_mask[: prompt.shape[1]] = 0
+    return {"input_ids": ids, "hidden_states": hidden, "loss_mask": loss_mask}

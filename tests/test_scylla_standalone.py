@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from scylla_models import make_draft, make_target
+from scylla_models import continuation_record, make_draft, make_target
 from test_scylla_benchmark import chat_word_tokenizer
 
 from hf_scylla.benchmark import run_benchmark
@@ -25,14 +25,10 @@ def target():
 def records(target) -> FeatureDataset:
     """Twelve sampled continuations of the target (its hidden states are not needed by the baseline)."""
     torch.manual_seed(0)
-    rows = []
-    for length in range(6, 18):
-        ids = target.generate(
-            torch.randint(3, 128, (1, PROMPT_LENGTH)), max_new_tokens=length, do_sample=True
-        )[0]
-        loss_mask = torch.ones_like(ids)
-        loss_mask[:PROMPT_LENGTH] = 0
-        rows.append({"input_ids": ids, "hidden_states": torch.zeros(len(ids), 1), "loss_mask": loss_mask})
+    rows = [
+        continuation_record(target, torch.randint(3, 128, (1, PROMPT_LENGTH)), length, with_features=False)
+        for length in range(6, 18)
+    ]
     return FeatureDataset(rows)
 
 

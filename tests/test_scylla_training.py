@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from scylla_models import make_draft, make_target
+from scylla_models import continuation_record, make_draft, make_target
 
 from hf_scylla import ScyllaDraftModel
 from hf_scylla.modeling import SHARED_WITH_TARGET
@@ -29,14 +29,8 @@ def features(target) -> FeatureDataset:
     torch.manual_seed(0)
     for _ in range(16):
         prompt = torch.randint(3, 128, (1, PROMPT_LENGTH), generator=generator)
-        ids = target.generate(
-            prompt, max_new_tokens=int(torch.randint(8, 20, (), generator=generator)), do_sample=True
-        )[0]
-        with torch.no_grad():
-            hidden = target(ids[None], output_hidden_states=[-1]).hidden_states[-1][0]
-        loss_mask = torch.ones_like(ids)
-        loss_mask[:PROMPT_LENGTH] = 0
-        records.append({"input_ids": ids, "hidden_states": hidden, "loss_mask": loss_mask})
+        new_tokens = int(torch.randint(8, 20, (), generator=generator))
+        records.append(continuation_record(target, prompt, new_tokens))
     return FeatureDataset(records)
 
 
