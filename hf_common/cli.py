@@ -9,7 +9,13 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-__all__ = ["COMMON_COMMANDS", "Command", "build_parser", "run_cli"]
+from hf_common.outputs import OutputPathError
+
+__all__ = ["COMMON_COMMANDS", "Command", "CommandError", "build_parser", "run_cli"]
+
+
+class CommandError(Exception):
+    """Bad input a command found; ``run_cli`` prints it as ``prog: error: ...`` and exits with 2."""
 
 
 @dataclass(frozen=True)
@@ -47,7 +53,11 @@ def run_cli(
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(prog, description, commands).parse_args(argv)
     args.argv = argv  # recorded in saved results, so each one says which command made it
-    return int(args._run(args) or 0)
+    try:
+        return int(args._run(args) or 0)
+    except (CommandError, OutputPathError) as error:
+        print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
+        return 2
 
 
 _STACK = (

@@ -1,18 +1,43 @@
-"""Saving benchmark results: JSON records, a Markdown table, and line plots (matplotlib, no display)."""
+"""Saving results: JSON records, a Markdown report, line plots (matplotlib, no display), machine info."""
 
 from __future__ import annotations
 
 import json
+import platform
+import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
 import matplotlib
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 
 
+def machine() -> str:
+    """The accelerator (or CPU), torch's CPU thread count and torch version, for every saved result."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
+    return f"{device}, {torch.get_num_threads()} torch CPU threads, torch {torch.__version__}"
+
+
+def command_line(prog: str, argv: Sequence[str]) -> str:
+    """The shell command that reproduces a run, e.g. ``hf-adamas passkey --budgets 64``."""
+    return shlex.join([prog, *argv])
+
+
+def write_report(
+    output_dir: Path, stem: str, command: str, payload: dict, title: str, body: str
+) -> tuple[Path, Path]:
+    """``stem.json`` (command, machine and ``payload``) and ``stem.md`` (title, command, machine, body)."""
+    json_path = save_json(output_dir / f"{stem}.json", {"command": command, "machine": machine(), **payload})
+    md_path = output_dir / f"{stem}.md"
+    md_path.write_text(f"# {title}\n\nCommand: `{command}`\n\nMachine: {machine()}\n\n{body}")
+    return json_path, md_path
+
+
 def save_json(path: Path, payload: object) -> Path:
+    """Writes ``payload`` as indented JSON, creating the folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2) + "\n")
     return path
