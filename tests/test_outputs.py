@@ -14,7 +14,7 @@ def test_claim_creates_the_folder_and_refuses_existing_files(tmp_path):
     assert claim_outputs([target], overwrite=False) == [target]
     assert target.parent.is_dir() and not target.exists()
     target.write_text("committed")
-    with pytest.raises(OutputPathError, match="result.json already exists; pass --overwrite"):
+    with pytest.raises(OutputPathError, match=r"result\.json already exists; pass --overwrite"):
         claim_outputs([target, tmp_path / "other.md"], overwrite=False)
     assert target.read_text() == "committed"
     claim_outputs([target], overwrite=True)
