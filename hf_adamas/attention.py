@@ -17,7 +17,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging
 
 from hf_adamas import ops
-from hf_adamas.cache import AdamasLayer
+from hf_adamas.cache import CAPACITY_ATTRIBUTE, AdamasLayer
 from hf_adamas.config import AdamasConfig, check_model_config
 from hf_adamas.selection import SELECTORS
 from hf_common.compat import CACHE_ARGUMENT
@@ -56,9 +56,12 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         plain = type(layer) is DynamicLayer
         stale = isinstance(layer, AdamasLayer) and not layer.encodes_with(thresholds, settings.bits)
         sparse_layer = module.layer_idx >= settings.dense_layers
+        capacity = getattr(cache, CAPACITY_ATTRIBUTE, None)
         if sparse_layer and (plain or stale) and module.config._attn_implementation == ATTENTION_NAME:
-            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits)
+            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits, capacity)
             cache.layers[module.layer_idx] = layer
+        elif isinstance(layer, AdamasLayer) and capacity is not None:
+            layer.capacity = capacity
     setattr(module, _LAYER_ATTRIBUTE, layer)
 
 
