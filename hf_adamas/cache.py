@@ -30,7 +30,7 @@ from transformers import Cache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from hf_adamas import ops
-from hf_adamas.config import AdamasConfig
+from hf_adamas.config import AdamasConfig, check_model_config
 
 _MIN_CAPACITY = 256
 GROWTH = 1.25
@@ -176,6 +176,7 @@ class AdamasCache(Cache):
     def __init__(self, config: PretrainedConfig, adamas_config: AdamasConfig | None = None) -> None:
         text_config = config.get_text_config(decoder=True)
         settings = adamas_config or AdamasConfig.from_model_config(text_config)
+        check_model_config(config, settings, type(config).__name__)
         layers = [
             DynamicLayer()
             if index < settings.dense_layers

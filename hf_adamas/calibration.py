@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_adamas._validation import check_bits
 from hf_adamas.reference import hadamard_matrix
 from hf_common.compat import cache_kwargs
 
@@ -37,8 +38,7 @@ def calibrate_thresholds(
     Returns:
         One increasing list of ``2**bits - 1`` edges per layer, ready for ``AdamasConfig(thresholds=...)``.
     """
-    if bits not in (1, 2):
-        raise ValueError(f"bits must be 1 or 2, got {bits!r}.")
+    check_bits(bits)
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
     if input_ids.shape[1] < 16:
         raise ValueError(f"Calibration text too short: {input_ids.shape[1]} tokens (need at least 16).")

@@ -3,8 +3,17 @@
 Each method runs in a fresh child process (so one method's freed memory cannot hide another's peak):
 load the default model, reset the kernel's peak-RSS counter (``/proc/self/clear_refs``), run
 ``generate()`` on ``--prompt-tokens`` tokens of ``tinyshakespeare.txt`` plus ``--new-tokens`` greedy
-tokens, and report the rise of the peak resident set size (``VmHWM`` minus the ``VmRSS`` before the
-call, after a short warm-up generation that pages the weights in) and the bytes the cache tensors hold at the end (allocated capacity and filled part). Methods:
+tokens under ``torch.profiler`` with ``profile_memory=True``, and report:
+
+- the peak of torch's CPU allocations during the call: the running sum, in start order, of each
+  operator's net allocation (``self_cpu_memory_usage``) as the profiler records it (the primary
+  figure: it counts every tensor byte, reserved or not, and nothing else);
+- the rise of the peak resident set size (``VmHWM`` minus the ``VmRSS`` before the call, after a
+  short warm-up generation that pages the weights in): what the OS sees, including allocator
+  caching and untouched reserved pages, so noisier;
+- the bytes the cache tensors hold at the end (allocated capacity and filled part).
+
+Methods:
 
 - ``sdpa``: dense attention, the ``DynamicCache`` generate builds (``torch.cat`` per step);
 - ``adamas``: `apply_adamas`, so generate announces prompt + ``max_new_tokens`` and each code-cache
@@ -27,6 +36,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from torch.profiler import ProfilerActivity, profile
 
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
@@ -97,7 +107,7 @@ def _run_child(args: argparse.Namespace) -> dict:
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current RSS
     before = _status_kib("VmRSS")
-    with torch.inference_mode():
+    with torch.inference_mode(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
         output = model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -107,6 +117,10 @@ def _run_child(args: argparse.Namespace) -> dict:
             return_dict_in_generate=True,
         )
     peak = _status_kib("VmHWM")
+    allocated = peak_allocated = 0
+    for event in sorted(profiler.events(), key=lambda event: event.time_range.start):
+        allocated += event.self_cpu_memory_usage
+        peak_allocated = max(peak_allocated, allocated)
     cache = output_cache(output)
     positions = cache.get_seq_length()
     return {
@@ -114,6 +128,7 @@ def _run_child(args: argparse.Namespace) -> dict:
         "prompt_tokens": int(input_ids.shape[1]),
         "new_tokens": int(output.sequences.shape[1] - input_ids.shape[1]),
         "cache_positions": positions,
+        "peak_torch_allocated_mib": peak_allocated / 2**20,
         "rss_before_mib": before / 1024,
         "peak_rss_increase_mib": (peak - before) / 1024,
         **_cache_bytes(cache),
@@ -122,7 +137,7 @@ def _run_child(args: argparse.Namespace) -> dict:
 
 def _settings_key(args: argparse.Namespace) -> dict:
     return {"prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "budget": args.budget,
-            "text": str(args.text), "threads": args.threads}  # fmt: skip
+            "text": str(args.text), "threads": args.threads, "metrics": 2}  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -153,13 +168,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             record["cache_allocated_bytes"] / record["cache_positions"]
         )
         record["code_bytes_per_position"] = record["code_bytes"] / record["cache_positions"]
-    columns = ["method", "peak_rss_increase_mib", "cache_allocated_bytes", "cache_filled_bytes",
+    columns = ["method", "peak_torch_allocated_mib", "peak_rss_increase_mib", "cache_allocated_bytes", "cache_filled_bytes",
                "cache_allocated_bytes_per_position", "code_bytes_per_position"]  # fmt: skip
     table = markdown_table(records, columns)
     body = (
         f"Prompt of {args.prompt_tokens} tokens plus {args.new_tokens} generated, default model, budget "
-        f"{args.budget}; one fresh process per method, {args.threads} torch thread(s). Peak: rise of the "
-        "peak resident set size (VmHWM after clear_refs) over generate(); cache bytes: storage of the "
+        f"{args.budget}; one fresh process per method, {args.threads} torch thread(s). Peak torch allocated: "
+        "running sum of per-operator net CPU allocations recorded by torch.profiler(profile_memory=True) "
+        "over generate(), its maximum. Peak RSS increase: rise of the peak resident set size (VmHWM after "
+        "clear_refs) over generate(), noisier (allocator caching). Cache bytes: storage of the "
         "cache tensors at the end (all layers, K/V and key codes).\n\n" + table
     )
     title = "Peak memory of a long-prompt generation: sdpa vs Adamas"
