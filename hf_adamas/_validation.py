@@ -33,7 +33,9 @@ def codes_per_byte(bits: int) -> int:
 def check_head_dim(dim: int, owner: str = "") -> None:
     """``owner`` (e.g. a model class name) prefixes the message when the head size comes from a model."""
     if dim < 16 or dim & (dim - 1):
-        where = f"{owner} has head_dim={dim}, which is not a power of two >= 16" if owner else f"head_dim {dim}"
+        where = (
+            f"{owner} has head_dim={dim}, which is not a power of two >= 16" if owner else f"head_dim {dim}"
+        )
         raise ValueError(
             f"{where} is not supported: Adamas needs a power of two >= 16 (e.g. 64 or 128) for the "
             "Sylvester Hadamard transform and the Triton kernels"

@@ -85,7 +85,9 @@ def _key_codes(
 ) -> torch.Tensor:
     """Cached codes when the layer's cache holds exactly these keys, else codes computed now.
 
-    The second case covers forwards without a cache, sliding-window and static caches.
+    The second case covers caches that store no codes (static, sliding-window, quantized, or a
+    user's own layer type): every sparse layer then re-encodes its whole cache at every step, which
+    is correct but costs about as much as the estimate itself, so it is said once.
     """
     layer = getattr(module, _LAYER_ATTRIBUTE, None)
     if (
@@ -95,6 +97,11 @@ def _key_codes(
         and layer.keys.data_ptr() == key.data_ptr()
     ):
         return layer.key_codes
+    logger.warning_once(
+        f"Adamas: the cache layer ({type(layer).__name__}) stores no key codes, so every sparse layer "
+        f"re-encodes all {key.shape[2]} cached keys at every decode step (correct, but slower). Use the "
+        "DynamicCache that generate() builds by default or hf_adamas.AdamasCache."
+    )
     return ops.hadamard_codes(key, thresholds, bits)
 
 
