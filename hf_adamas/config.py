@@ -2,7 +2,9 @@
 
 The settings live in ``model.config.adamas_config`` as a plain dict, so ``save_pretrained`` writes
 them into ``config.json`` and ``from_pretrained`` restores them; the attention function reads them
-from ``module.config`` on every call.
+from ``module.config`` on every call (an in-place edit of the dict takes effect at the next forward).
+As in transformers, the attention implementation itself is not saved: reload with
+``attn_implementation="adamas"`` (or call `apply_adamas`), else the model runs dense sdpa attention.
 """
 
 from __future__ import annotations
