@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cache tensors at the end (all layers, K/V and key codes).\n\n" + table
     )
     title = "Peak memory of a long-prompt generation: sdpa vs Adamas"
-    command = command_line("python scripts/measure_adamas_memory.py", argv)
+    command = command_line("python", ["scripts/measure_adamas_memory.py", *argv])
     write_report(
         args.output_dir,
         "memory",
