@@ -1,8 +1,11 @@
-"""Input checks shared by the reference ops and the Triton kernels, so both raise the same actionable errors."""
+"""Every input rule of hf_adamas, written once: the config, calibration, the reference ops and the Triton
+kernels all call these, so each rule raises the same actionable error wherever it is broken."""
 
 from __future__ import annotations
 
 import itertools
+import math
+from collections.abc import Sequence
 
 import torch
 
@@ -11,13 +14,14 @@ __all__ = [
     "check_bits",
     "check_code_distance_inputs",
     "check_head_dim",
+    "check_threshold_values",
     "check_thresholds",
     "codes_per_byte",
 ]
 
 
 def check_bits(bits: int) -> None:
-    if bits not in (1, 2):
+    if isinstance(bits, bool) or bits not in (1, 2):
         raise ValueError(f"bits must be 1 or 2 (codes of 1 or 2 bits per dimension), got {bits}")
 
 
@@ -26,27 +30,35 @@ def codes_per_byte(bits: int) -> int:
     return 8 // bits
 
 
-def check_head_dim(dim: int) -> None:
+def check_head_dim(dim: int, owner: str = "") -> None:
+    """``owner`` (e.g. a model class name) prefixes the message when the head size comes from a model."""
     if dim < 16 or dim & (dim - 1):
+        where = (
+            f"{owner} has head_dim={dim}, which is not a power of two >= 16" if owner else f"head_dim {dim}"
+        )
         raise ValueError(
-            f"head_dim {dim} is not supported: Adamas needs a power of two >= 16 (e.g. 64 or 128) for the "
+            f"{where} is not supported: Adamas needs a power of two >= 16 (e.g. 64 or 128) for the "
             "Sylvester Hadamard transform and the Triton kernels"
         )
 
 
-def check_thresholds(thresholds: torch.Tensor, bits: int) -> list[float]:
-    """Validate the bucket thresholds and return them as Python floats (free for a CPU tensor)."""
+def check_threshold_values(values: Sequence[float], bits: int) -> list[float]:
+    """Validate one layer's bucket edges (``2**bits - 1`` finite, strictly increasing) as Python floats."""
     check_bits(bits)
     expected = 2**bits - 1
-    if thresholds.dim() != 1 or thresholds.numel() != expected:
-        raise ValueError(
-            f"thresholds must be a 1-D tensor of {expected} values for bits={bits}, got shape "
-            f"{tuple(thresholds.shape)}"
-        )
-    values = [float(t) for t in thresholds.float().tolist()]
-    if any(b <= a for a, b in itertools.pairwise(values)):
-        raise ValueError(f"thresholds must be strictly increasing, got {values}")
+    values = [float(t) for t in values]
+    if len(values) != expected:
+        raise ValueError(f"{bits}-bit codes need {expected} thresholds, got {len(values)}: {values}")
+    if any(not math.isfinite(t) for t in values) or any(b <= a for a, b in itertools.pairwise(values)):
+        raise ValueError(f"thresholds must be finite and strictly increasing, got {values}")
     return values
+
+
+def check_thresholds(thresholds: torch.Tensor, bits: int) -> list[float]:
+    """Validate a 1-D thresholds tensor and return its values as Python floats (free for a CPU tensor)."""
+    if thresholds.dim() != 1:
+        raise ValueError(f"thresholds must be a 1-D tensor, got shape {tuple(thresholds.shape)}")
+    return check_threshold_values(thresholds.float().tolist(), bits)
 
 
 def check_code_distance_inputs(q_codes: torch.Tensor, k_codes: torch.Tensor) -> int:

@@ -11,14 +11,16 @@ selection is not differentiable and there are no dense weights to return.
 
 from __future__ import annotations
 
+import copy
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging
 
 from hf_adamas import ops
-from hf_adamas.cache import AdamasLayer
-from hf_adamas.config import AdamasConfig, check_model_config
+from hf_adamas.cache import CAPACITY_ATTRIBUTE, AdamasLayer
+from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
 from hf_adamas.selection import SELECTORS
 from hf_common.compat import CACHE_ARGUMENT
 
@@ -31,13 +33,19 @@ _LAYER_ATTRIBUTE = "_adamas_cache_layer"
 
 
 def settings_for(module: torch.nn.Module) -> AdamasConfig:
-    """The module's `AdamasConfig`, parsed once per distinct stored dict and kept on the module."""
-    stored = getattr(module.config, "adamas_config", None)
+    """The module's `AdamasConfig`, validated against the model, re-read whenever the stored settings change.
+
+    ``model.config.adamas_config`` is a plain dict that users may edit in place; the parsed settings
+    are kept with a copy of the dict they came from and rebuilt when it no longer equals the stored
+    one (a comparison of a few small values per call), so an edit takes effect on the next forward.
+    """
+    stored = getattr(module.config, CONFIG_ATTRIBUTE, None)
     cached = getattr(module, "_adamas_settings", None)
-    if cached is not None and cached[0] is stored:
+    if cached is not None and cached[0] == stored:
         return cached[1]
     settings = AdamasConfig.from_model_config(module.config)
-    module._adamas_settings = (stored, settings)
+    check_model_config(module.config, settings, type(module).__name__)
+    module._adamas_settings = (copy.deepcopy(stored), settings)
     return settings
 
 
@@ -56,16 +64,18 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         plain = type(layer) is DynamicLayer
         stale = isinstance(layer, AdamasLayer) and not layer.encodes_with(thresholds, settings.bits)
         sparse_layer = module.layer_idx >= settings.dense_layers
+        capacity = getattr(cache, CAPACITY_ATTRIBUTE, None)
         if sparse_layer and (plain or stale) and module.config._attn_implementation == ATTENTION_NAME:
-            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits)
+            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits, capacity)
             cache.layers[module.layer_idx] = layer
+        elif isinstance(layer, AdamasLayer) and capacity is not None:
+            layer.capacity = capacity
     setattr(module, _LAYER_ATTRIBUTE, layer)
 
 
-def _prepare_module(module: torch.nn.Module, settings: AdamasConfig) -> None:
-    """On a module's first Adamas call: validate the model, install the cache hook."""
+def _prepare_module(module: torch.nn.Module) -> None:
+    """On a module's first Adamas call: install the cache hook."""
     if not getattr(module, _HOOK_FLAG, False):
-        check_model_config(module.config, settings, type(module).__name__)
         module.register_forward_pre_hook(_stash_cache_layer, with_kwargs=True)
         setattr(module, _HOOK_FLAG, True)
 
@@ -75,7 +85,9 @@ def _key_codes(
 ) -> torch.Tensor:
     """Cached codes when the layer's cache holds exactly these keys, else codes computed now.
 
-    The second case covers forwards without a cache, sliding-window and static caches.
+    The second case covers caches that store no codes (static, sliding-window, quantized, or a
+    user's own layer type): every sparse layer then re-encodes its whole cache at every step, which
+    is correct but costs about as much as the estimate itself, so it is said once.
     """
     layer = getattr(module, _LAYER_ATTRIBUTE, None)
     if (
@@ -85,6 +97,11 @@ def _key_codes(
         and layer.keys.data_ptr() == key.data_ptr()
     ):
         return layer.key_codes
+    logger.warning_once(
+        f"Adamas: the cache layer ({type(layer).__name__}) stores no key codes, so every sparse layer "
+        f"re-encodes all {key.shape[2]} cached keys at every decode step (correct, but slower). Use the "
+        "DynamicCache that generate() builds by default or hf_adamas.AdamasCache."
+    )
     return ops.hadamard_codes(key, thresholds, bits)
 
 
@@ -127,7 +144,7 @@ def adamas_attention_forward(
             "e.g. Gemma 2); use attn_implementation='eager' for this model."
         )
     settings = settings_for(module)
-    _prepare_module(module, settings)
+    _prepare_module(module)
     query_length, kv_length = query.shape[2], key.shape[2]
     sparse = (
         query_length == 1 and module.layer_idx >= settings.dense_layers and kv_length > settings.token_budget

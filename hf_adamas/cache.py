@@ -6,9 +6,14 @@ Layout. `AdamasLayer` keeps, per layer, keys and values ``[batch, kv_heads, seq,
 ``2*(i % 4) + 1`` (8 one-bit codes per byte with ``bits=1``). At 2 bits a key's codes take 1/8 of
 its bf16 key, i.e. 1/16 of its bf16 key and value (1/32 of an fp32 K+V cache).
 
-Storage grows in chunks (capacity doubles) instead of the ``torch.cat`` that `DynamicLayer` does
-on every step, which copies the whole cache each decoded token; `keys`/`values`/`key_codes` are
-views of the filled part. Cropping (assisted decoding), reordering (beam search) and batch
+Memory. Storage is preallocated instead of the ``torch.cat`` that `DynamicLayer` does on every
+step, which copies the whole cache each decoded token; `keys`/`values`/`key_codes` are views of the
+filled part. When ``generate()`` says how long the sequence will get (prompt + ``max_new_tokens``,
+recorded on the cache by `apply_adamas`), the first update reserves exactly that; otherwise the
+capacity grows by a quarter (``GROWTH``) when full, so at most 25% of the cache is reserved but
+unused, and a regrowth briefly holds the old and the new buffer of one layer. Per token and layer
+the cache holds ``kv_heads * head_dim * (2 * element_size + bits / 8)`` bytes: at head_dim 64,
+3 KV heads, fp32 K/V and 2-bit codes, 1536 B of K/V plus 48 B of codes (3.1%). Cropping (assisted decoding), reordering (beam search) and batch
 selection keep the codes row- and position-aligned with the keys.
 
 Two ways to get it:
@@ -25,16 +30,22 @@ from transformers import Cache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from hf_adamas import ops
-from hf_adamas.config import AdamasConfig
+from hf_adamas.config import AdamasConfig, check_model_config
 
 _MIN_CAPACITY = 256
+GROWTH = 1.25
+"""Factor by which a full `AdamasLayer` grows when no final length is known."""
+
+CAPACITY_ATTRIBUTE = "adamas_capacity"
+"""Attribute of a `Cache` holding the final sequence length ``generate()`` announced (see `apply_adamas`)."""
 
 
 class AdamasLayer(DynamicLayer):
     """A `DynamicLayer` that also stores the packed Hadamard codes of its keys."""
 
-    def __init__(self, thresholds: list[float], bits: int, **kwargs) -> None:
+    def __init__(self, thresholds: list[float], bits: int, capacity: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
+        self.capacity = capacity  # the final length if known: reserved at once instead of grown
         self.threshold_values = list(thresholds)
         # Stays on the CPU: the kernels take thresholds as scalars, a device tensor would sync.
         self.thresholds = torch.tensor(thresholds, dtype=torch.float32)
@@ -47,9 +58,11 @@ class AdamasLayer(DynamicLayer):
         return bits == self.bits and list(thresholds) == self.threshold_values
 
     @classmethod
-    def from_layer(cls, layer: DynamicLayer, thresholds: list[float], bits: int) -> AdamasLayer:
+    def from_layer(
+        cls, layer: DynamicLayer, thresholds: list[float], bits: int, capacity: int | None = None
+    ) -> AdamasLayer:
         """An `AdamasLayer` holding ``layer``'s keys and values, with codes computed for them once."""
-        new = cls(thresholds, bits)
+        new = cls(thresholds, bits, capacity)
         if layer.is_initialized and layer.get_seq_length() > 0:  # also re-encodes a stale AdamasLayer
             new.update(layer.keys, layer.values)
         elif layer.is_initialized:
@@ -89,11 +102,14 @@ class AdamasLayer(DynamicLayer):
         self.is_initialized = True
 
     def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        """Make room for ``needed`` positions, doubling the capacity so appends are amortised O(1)."""
+        """Make room for ``needed`` positions: the announced final length, else 1.25x (amortised O(1) appends)."""
         capacity = 0 if self._buffers is None else self._buffers[0].shape[2]
         if needed <= capacity:
             return
-        capacity = max(_MIN_CAPACITY, needed, 2 * capacity)
+        if self.capacity is not None and needed <= self.capacity:
+            capacity = self.capacity
+        else:
+            capacity = max(_MIN_CAPACITY, needed, int(capacity * GROWTH))
         batch, heads, _, head_dim = key_states.shape
         packed = head_dim * self.bits // 8
         new = (
@@ -160,6 +176,7 @@ class AdamasCache(Cache):
     def __init__(self, config: PretrainedConfig, adamas_config: AdamasConfig | None = None) -> None:
         text_config = config.get_text_config(decoder=True)
         settings = adamas_config or AdamasConfig.from_model_config(text_config)
+        check_model_config(config, settings, type(config).__name__)
         layers = [
             DynamicLayer()
             if index < settings.dense_layers

@@ -13,8 +13,27 @@ from __future__ import annotations
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_adamas._validation import check_bits
 from hf_adamas.reference import hadamard_matrix
 from hf_common.compat import cache_kwargs
+
+MIN_CALIBRATION_TOKENS = 16
+"""Fewest text tokens `calibrate_thresholds` accepts."""
+
+
+QUANTILE_INPUT_LIMIT = 1_000_000
+"""Most values handed to ``torch.quantile`` per layer (it refuses much larger inputs)."""
+
+
+def subsample_rows(transformed: torch.Tensor, limit: int = QUANTILE_INPUT_LIMIT) -> torch.Tensor:
+    """Whole rows ``[N, D]`` of ``transformed [..., D]``, at most ``limit`` values, every coordinate alike.
+
+    Keeping whole key vectors (a stride over rows, not over the flattened tensor, whose stride could
+    share a factor with D and keep only some Hadamard coordinates) makes every coordinate contribute
+    the same number of values to the quantiles.
+    """
+    rows = transformed.reshape(-1, transformed.shape[-1])
+    return rows[:: max(1, -(-rows.numel() // limit))]
 
 
 @torch.inference_mode()
@@ -37,11 +56,13 @@ def calibrate_thresholds(
     Returns:
         One increasing list of ``2**bits - 1`` edges per layer, ready for ``AdamasConfig(thresholds=...)``.
     """
-    if bits not in (1, 2):
-        raise ValueError(f"bits must be 1 or 2, got {bits!r}.")
+    check_bits(bits)
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
-    if input_ids.shape[1] < 16:
-        raise ValueError(f"Calibration text too short: {input_ids.shape[1]} tokens (need at least 16).")
+    if num_tokens < MIN_CALIBRATION_TOKENS or input_ids.shape[1] < MIN_CALIBRATION_TOKENS:
+        raise ValueError(
+            f"Calibration needs at least {MIN_CALIBRATION_TOKENS} tokens: num_tokens={num_tokens}, and the "
+            f"text has {input_ids.shape[1]} of them."
+        )
     cache = DynamicCache(config=model.config)
     model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True)
     levels = 2**bits
@@ -50,8 +71,6 @@ def calibrate_thresholds(
     for layer in cache.layers:
         keys = layer.keys.float()
         transformed = keys @ hadamard_matrix(keys.shape[-1], keys.device)
-        values = transformed.flatten()
-        values = values[:: max(1, values.numel() // 1_000_000)]  # torch.quantile caps its input size
-        edges = torch.quantile(values.cpu(), quantiles)
+        edges = torch.quantile(subsample_rows(transformed).flatten().cpu(), quantiles)
         thresholds.append([round(float(edge), 4) for edge in edges])
     return thresholds

@@ -2,18 +2,20 @@
 
 The settings live in ``model.config.adamas_config`` as a plain dict, so ``save_pretrained`` writes
 them into ``config.json`` and ``from_pretrained`` restores them; the attention function reads them
-from ``module.config`` on every call.
+from ``module.config`` on every call (an in-place edit of the dict takes effect at the next forward).
+As in transformers, the attention implementation itself is not saved: reload with
+``attn_implementation="adamas"`` (or call `apply_adamas`), else the model runs dense sdpa attention.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import PretrainedConfig
+
+from hf_adamas._validation import check_bits, check_head_dim, check_threshold_values
 
 CONFIG_ATTRIBUTE = "adamas_config"
 """Name of the attribute of a transformers config that holds the Adamas settings."""
@@ -80,32 +82,32 @@ class AdamasConfig:
         _check_int("sink_tokens", self.sink_tokens, minimum=0)
         _check_int("recent_tokens", self.recent_tokens, minimum=0)
         _check_int("quest_page_size", self.quest_page_size, minimum=1)
-        if self.bits not in (1, 2) or isinstance(self.bits, bool):
-            raise ValueError(f"AdamasConfig.bits must be 1 or 2, got {self.bits!r}.")
+        check_bits(self.bits)
         _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
         _check_choice("selector", self.selector, Selector)
         if self.thresholds is None:
             self.thresholds = list(PAPER_THRESHOLDS[self.bits])
         per_layer = self.thresholds and isinstance(self.thresholds[0], list | tuple)
         rows = self.thresholds if per_layer else [self.thresholds]
-        self.thresholds = [_check_thresholds(row, self.bits) for row in rows]
+        self.thresholds = [check_threshold_values(row, self.bits) for row in rows]
         if not per_layer:
             self.thresholds = self.thresholds[0]
         forced = self.sink_tokens + self.recent_tokens + 1
-        if self.selector == "adamas" and forced > self.token_budget:
+        if forced > self.token_budget:
             raise ValueError(
                 f"sink_tokens + recent_tokens + 1 (the current token) = {forced} exceeds "
                 f"token_budget={self.token_budget}; raise the budget or keep fewer forced tokens."
             )
+        if self.selector == "quest" and self.sink_tokens + self.quest_page_size > self.token_budget:
+            raise ValueError(
+                f"selector='quest' always keeps the current page: sink_tokens + quest_page_size = "
+                f"{self.sink_tokens + self.quest_page_size} exceeds token_budget={self.token_budget}; "
+                "raise the budget or use a smaller quest_page_size."
+            )
 
     def thresholds_for_layer(self, layer_idx: int) -> list[float]:
-        """The bucket edges that layer ``layer_idx`` uses."""
+        """The bucket edges that layer ``layer_idx`` uses (`check_model_config` checks the layer count)."""
         if self.thresholds and isinstance(self.thresholds[0], list):
-            if layer_idx >= len(self.thresholds):
-                raise ValueError(
-                    f"AdamasConfig has per-layer thresholds for {len(self.thresholds)} layers, "
-                    f"but layer {layer_idx} asked for its own; recalibrate for this model."
-                )
             return self.thresholds[layer_idx]
         return self.thresholds
 
@@ -143,32 +145,25 @@ def _check_choice(name: str, value: Any, choices: Any) -> None:
         raise ValueError(f"AdamasConfig.{name} must be one of {list(allowed)}, got {value!r}.")
 
 
-def _check_thresholds(row: Any, bits: int) -> list[float]:
-    row = [float(t) for t in row]
-    if len(row) != 2**bits - 1:
-        raise ValueError(f"{bits}-bit codes need {2**bits - 1} thresholds, got {len(row)}: {row}.")
-    if any(not math.isfinite(t) for t in row) or any(b <= a for a, b in itertools.pairwise(row)):
-        raise ValueError(f"Adamas thresholds must be finite and strictly increasing, got {row}.")
-    return row
-
-
 def check_model_config(config: PretrainedConfig, adamas_config: AdamasConfig, model_name: str) -> None:
     """Raise a `ValueError` naming the model when Adamas cannot run on it."""
     text_config = config.get_text_config(decoder=True)
     head_dim = (
         getattr(text_config, "head_dim", None) or text_config.hidden_size // text_config.num_attention_heads
     )
-    if head_dim & (head_dim - 1):
-        raise ValueError(
-            f"{model_name} has head_dim={head_dim}, which is not a power of two; the Walsh-Hadamard "
-            "transform of Adamas needs one (64, 128, ...)."
-        )
+    check_head_dim(head_dim, model_name)
     if getattr(text_config, "attn_logit_softcapping", None):
         raise ValueError(
             f"{model_name} uses attention-logit soft-capping, which Adamas does not support; "
             "use attn_implementation='eager' for it."
         )
     layers = text_config.num_hidden_layers
+    if adamas_config.dense_layers >= layers:
+        raise ValueError(
+            f"AdamasConfig.dense_layers={adamas_config.dense_layers} makes every layer of {model_name} "
+            f"({layers} layers) dense, so nothing would run sparse; use dense_layers < {layers} "
+            "(or attn_implementation='sdpa' for dense attention)."
+        )
     if isinstance(adamas_config.thresholds[0], list) and len(adamas_config.thresholds) != layers:
         raise ValueError(
             f"AdamasConfig has per-layer thresholds for {len(adamas_config.thresholds)} layers, "

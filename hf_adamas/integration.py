@@ -9,13 +9,17 @@ both work; `apply_adamas` also validates the model and stores an `AdamasConfig` 
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 from transformers import AttentionInterface, PreTrainedModel
+from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from hf_adamas.attention import ATTENTION_NAME, adamas_attention_forward
+from hf_adamas.cache import CAPACITY_ATTRIBUTE
 from hf_adamas.config import AdamasConfig, check_model_config
+from hf_common.compat import CACHE_ARGUMENT
 
 
 def register() -> None:
@@ -47,5 +51,35 @@ def apply_adamas(model: PreTrainedModel, adamas_config: AdamasConfig | None = No
     check_model_config(model.config, adamas_config, name)
     adamas_config.save_to_model_config(model.config.get_text_config(decoder=True))
     register()
+    _announce_generation_length(model)
     model.set_attn_implementation(ATTENTION_NAME)
     return model
+
+
+def _announce_generation_length(model: PreTrainedModel) -> None:
+    """Make ``generate()`` record the final sequence length on its cache, so code caches reserve it once.
+
+    ``generate`` knows the length (prompt + ``max_new_tokens``) when it builds the cache, but the
+    attention function only sees keys and values; this wraps the model's (not the class's)
+    ``_prepare_cache_for_generation`` to store that length on the cache under `CAPACITY_ATTRIBUTE`.
+    Without it (a transformers that renames the method, or a hand-written decode loop) the code
+    cache grows by `hf_adamas.cache.GROWTH` instead.
+    """
+    original = getattr(model, "_prepare_cache_for_generation", None)
+    if original is None or getattr(original, "_adamas_wrapped", False):
+        return
+    signature = inspect.signature(original)
+    if not {"model_kwargs", "max_cache_length"} <= set(signature.parameters):
+        return
+
+    @functools.wraps(original)
+    def prepare_cache(*args, **kwargs):
+        result = original(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs).arguments
+        cache = bound["model_kwargs"].get(CACHE_ARGUMENT)
+        if isinstance(cache, Cache):
+            setattr(cache, CAPACITY_ATTRIBUTE, int(bound["max_cache_length"]))
+        return result
+
+    prepare_cache._adamas_wrapped = True
+    model._prepare_cache_for_generation = prepare_cache

@@ -13,6 +13,7 @@ import os
 from types import ModuleType
 
 import torch
+from transformers.utils import logging
 
 from hf_adamas import reference
 from hf_adamas.reference import select_topk
@@ -25,6 +26,8 @@ __all__ = [
     "sparse_decode_attention",
     "triton_available",
 ]
+
+logger = logging.get_logger(__name__)
 
 _force_reference = os.environ.get("HF_ADAMAS_FORCE_REFERENCE", "0").lower() not in ("", "0", "false", "no")
 
@@ -50,7 +53,15 @@ def triton_available() -> bool:
 
 
 def _use_triton(tensor: torch.Tensor) -> bool:
-    return tensor.is_cuda and not _force_reference and triton_available()
+    if not tensor.is_cuda or _force_reference:
+        return False
+    if not triton_available():
+        logger.warning_once(
+            "Adamas: Triton cannot be imported, so CUDA tensors go through the PyTorch reference ops "
+            "(correct, slower). Install triton for the fused kernels."
+        )
+        return False
+    return True
 
 
 def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""Time the Adamas decode ops against dense SDPA decode and save JSON + a plot to results/adamas/.
+"""Time the Adamas decode ops against dense SDPA decode and save JSON + a plot to runs/adamas/ (or --out).
 
 On CUDA it runs the Triton kernels at Llama-3-8B decode shapes (32 query heads, 8 KV heads, head_dim 128,
 bf16) over contexts 4K-128K and budgets 64-4096, and reports the achieved memory bandwidth of the distance
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from hf_adamas import ops
+from hf_common.outputs import RUNS_DIR, claim_outputs
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -45,7 +46,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--repeats", type=int, help="timed repetitions per measurement (default: 50 CUDA, 3 CPU)"
     )
-    parser.add_argument("--out", type=Path, default=Path("results/adamas"), help="output folder")
+    parser.add_argument("--out", type=Path, default=RUNS_DIR / "adamas", help="output folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace this script's files in --out")
     args = parser.parse_args(argv)
     cuda = torch.cuda.is_available()
     defaults = {
@@ -182,8 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(
         f"device: {name}; Hq={args.q_heads} Hkv={args.kv_heads} D={args.head_dim} {args.dtype} bits={args.bits}"
     )
+    claim_outputs([args.out / "bench_kernels.json", args.out / "bench_kernels.png"], args.overwrite)
     rows = [row for context in args.contexts for row in bench_context(args, context, device)]
-    args.out.mkdir(parents=True, exist_ok=True)
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     report = {"device": name, "torch": torch.__version__, "config": config, "rows": rows}
     (args.out / "bench_kernels.json").write_text(json.dumps(report, indent=2))

@@ -20,6 +20,7 @@ from hf_adamas import AdamasConfig
 from hf_adamas.cli import SHAKESPEARE
 from hf_adamas.evaluation import Method, attention_method, greedy_continue, prefill
 from hf_common import load_model_and_tokenizer
+from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -35,7 +36,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--text", type=Path, default=SHAKESPEARE, help="Text whose first tokens are the context."
     )
-    parser.add_argument("--output-dir", type=Path, default=Path("results/adamas"))
+    add_output_arguments(parser, RUNS_DIR / "adamas", "profile")
     return parser.parse_args(argv)
 
 
@@ -43,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if not args.text.is_file():
         raise SystemExit(f"error: text file {args.text} not found (pass another with --text)")
+    path = claim_outputs([args.output_dir / f"decode_profile_{args.context}.md"], args.overwrite)[0]
     model, tokenizer = load_model_and_tokenizer()
     text = args.text.read_text()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.context]
@@ -79,8 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             ms = event.self_cpu_time_total / 1000
             lines.append(f"| `{event.key}` | {ms:.1f} | {ms / total_ms:.0%} | {event.count} |")
         print(f"{method.name}: {1000 * per_step:.0f} ms per step", flush=True)
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    path = args.output_dir / f"decode_profile_{input_ids.shape[1]}.md"
     path.write_text("\n".join(lines) + "\n")
     print(f"Saved {path}")
     return 0

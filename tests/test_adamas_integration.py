@@ -51,7 +51,9 @@ def test_sparse_step_matches_masked_dense_attention(tiny_config, gqa_selection, 
     """A sparse decode step equals dense attention with every unselected key masked out."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config).eval()
-    settings = AdamasConfig(token_budget=8, dense_layers=1, gqa_selection=gqa_selection, selector=selector)
+    settings = AdamasConfig(
+        token_budget=8, dense_layers=1, gqa_selection=gqa_selection, selector=selector, quest_page_size=4
+    )
     apply_adamas(model, settings)
     attention = model.model.layers[2].self_attn
     captured = {}

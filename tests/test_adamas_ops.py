@@ -264,7 +264,7 @@ def test_bad_code_inputs_raise(codes_fn) -> None:
         codes_fn(torch.randn(2, 48), THRESHOLDS[2], 2)
     with pytest.raises(ValueError, match="strictly increasing"):
         codes_fn(x, torch.tensor([0.0, -1.0, 1.0]), 2)
-    with pytest.raises(ValueError, match="3 values"):
+    with pytest.raises(ValueError, match="need 3 thresholds"):
         codes_fn(x, torch.tensor([0.0]), 2)
     with pytest.raises(ValueError, match="bits must be 1 or 2"):
         codes_fn(x, THRESHOLDS[2], 3)

@@ -126,7 +126,7 @@ def test_adamas_model_args_become_the_adamas_config(target_dir: Path) -> None:
 
 def test_adamas_keeps_the_settings_saved_with_the_model(tmp_path: Path, target_dir: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(target_dir)
-    hf_adamas.apply_adamas(model, hf_adamas.AdamasConfig(token_budget=48, sink_tokens=2))
+    hf_adamas.apply_adamas(model, hf_adamas.AdamasConfig(token_budget=48, sink_tokens=2, dense_layers=1))
     folder = save_model(model, tmp_path / "adamas")
     lm = AdamasLM(pretrained=str(folder), recent_tokens=3)
     assert (lm.adamas_config.token_budget, lm.adamas_config.sink_tokens) == (48, 2)
@@ -362,7 +362,7 @@ def test_adamas_eval_command_on_a_local_task(tmp_path: Path, target_dir: Path, w
         [
             "eval",
             "--model_args",
-            f"pretrained={target_dir},token_budget=16",
+            f"pretrained={target_dir},token_budget=16,dense_layers=1",
             "--tasks",
             "tiny_words",
             "--include_path",

@@ -62,7 +62,7 @@ def code_distance_kernel(
     pid_s = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_kv_heads).to(tl.int64)
-    kv_head = pid_bh % num_kv_heads
+    kv_head = (pid_bh % num_kv_heads).to(tl.int64)  # 64-bit: kv_head * stride_kh can pass 2^31
     offs_s = pid_s * BLOCK_S + tl.arange(0, BLOCK_S)
     offs_w = tl.arange(0, W)
     s_mask = offs_s < seq_len

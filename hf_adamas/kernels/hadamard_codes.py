@@ -35,7 +35,8 @@ def hadamard_codes_kernel(
     BLOCK_P: tl.constexpr = BLOCK_D // PER_BYTE
     pid_n = tl.program_id(0)
     pid_d = tl.program_id(1)
-    rows = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    # 64-bit rows: rows * D passes 2^31 elements in a long batched prefill (e.g. 540K tokens x 32 heads x 128).
+    rows = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, D)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     row_mask = rows < n_rows

@@ -57,7 +57,9 @@ def sparse_decode_attention_split_kernel(
     pid_split = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // num_sel_heads).to(tl.int64)
-    sel_head = pid_bh % num_sel_heads
+    # 64-bit head offsets: kv_head * stride_kh passes 2^31 elements at about 540K tokens of cache
+    # (32 KV heads, head_dim 128), where 32-bit arithmetic would wrap to another head's rows.
+    sel_head = (pid_bh % num_sel_heads).to(tl.int64)
     kv_head = sel_head * HEADS // G
     heads = sel_head * HEADS + tl.arange(0, HEADS_PAD)
     head_mask = tl.arange(0, HEADS_PAD) < HEADS
