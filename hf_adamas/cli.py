@@ -14,6 +14,7 @@ import torch
 from hf_common.cli import COMMON_COMMANDS, Command, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
+from hf_common.demo import demo_command
 from hf_common.harness import eval_command
 from hf_common.reporting import markdown_table, plot_series, save_json
 
@@ -220,6 +221,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = (
     *COMMON_COMMANDS,
+    demo_command("Adamas demo: a pass key in a long context, dense vs Adamas attention.", "hf_adamas.demo"),
     Command(
         "calibrate",
         "Compute per-layer thresholds from a model's key statistics.",
