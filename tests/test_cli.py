@@ -133,6 +133,7 @@ def test_demo_json_that_cannot_be_written_is_refused_before_the_model_loads(
         (["--groups", "1"], "--groups must be >= 2"),
         (["--lr", "nan"], "--lr must be a positive number"),
         (["--steps", "0"], "--steps and --rows must be at least 1"),
+        (["--train-layers", "-1"], "--train-layers must be >= 0"),
     ],
 )
 def test_vrgd_demo_checks_its_options_before_loading(
@@ -146,18 +147,21 @@ def test_vrgd_demo_checks_its_options_before_loading(
 
 def test_vrgd_demo_part_fine_tunes_and_restores_the_weights(tiny_target_dir: Path) -> None:
     """The VRGD part on a tiny Llama: both optimizers take their steps, VR-AdamW reports its GSNR."""
-    from hf_vrgd.demo import FineTuneResult, run_demo_part
+    from hf_vrgd.demo import FineTuneResult, run_demo_part, trained_parameters
 
     model, tokenizer = hf_common.default_model.load_model_and_tokenizer(tiny_target_dir, device="cpu")
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
-    args = argparse.Namespace(steps=2, groups=2, rows=1, train_length=16, lr=1e-2)
+    args = argparse.Namespace(steps=2, groups=2, rows=1, train_length=16, lr=1e-2, train_layers=1)
     adamw, vr = run_demo_part(model, tokenizer, args)
     assert isinstance(adamw, FineTuneResult) and (adamw.label, vr.label) == ("AdamW", "VR-AdamW")
     assert len(adamw.losses) == len(vr.losses) == 2
     assert adamw.losses[0] == pytest.approx(vr.losses[0])  # same weights, same first batch
     assert adamw.mean_gsnr_multiplier is None and 0.0 < vr.mean_gsnr_multiplier <= 1.0
     assert all(torch.equal(before[name], tensor) for name, tensor in model.state_dict().items())
-    assert not model.training
+    assert not model.training and all(parameter.requires_grad for parameter in model.parameters())
+    top = trained_parameters(model, 1)
+    assert top and len(top) < len(list(model.parameters()))
+    assert len(trained_parameters(model, 0)) == len(list(model.parameters()))
 
 
 # ---------------------------------------------------------------- scripts/bootstrap.py
