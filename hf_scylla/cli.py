@@ -13,6 +13,7 @@ import torch
 from hf_common.cli import COMMON_COMMANDS, Command, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID
+from hf_common.demo import demo_command
 from hf_common.harness import eval_command
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
@@ -431,8 +432,8 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_common.demo import STAGED_DRAFT_NAME
     from hf_scylla.benchmark import PROMPTS_DIR
+    from hf_scylla.demo import STAGED_DRAFT_NAME
 
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
     parser.add_argument(
@@ -458,9 +459,9 @@ def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_batch_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_common.demo import find_staged_draft
     from hf_scylla.batch_sweep import run_batch_sweep
     from hf_scylla.benchmark import load_prompt_sets
+    from hf_scylla.demo import find_staged_draft
     from hf_scylla.modeling import ScyllaDraftModel
 
     draft_dir = args.draft or find_staged_draft()
@@ -622,14 +623,9 @@ def _run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
-def _speculative_eval_results(results: dict) -> list:
-    from hf_scylla.harness import speculative_eval_results
-
-    return speculative_eval_results(results)
-
-
 COMMANDS = (
     *COMMON_COMMANDS,
+    demo_command("Scylla demo: a chat answer, greedy vs the staged draft, checked equal.", "hf_scylla.demo"),
     Command(
         "train",
         "Train a Scylla draft for a target on cached target features (EAGLE loss, Trainer, resumable).",
@@ -666,7 +662,7 @@ COMMANDS = (
         _add_publish_arguments,
         _run_publish,
     ),
-    eval_command("hf-scylla", card_extras=_speculative_eval_results),
+    eval_command("hf-scylla"),
 )
 
 

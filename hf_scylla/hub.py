@@ -192,9 +192,13 @@ def _card_data(
     )
 
 
+RESULTS_PLACEHOLDER = "Not evaluated yet: no acceptance length or speedup has been measured for this draft."
+"""The card's "## Results" line until results exist; ``hf-scylla eval --card`` replaces it."""
+
+
 def _results_section(eval_results: dict | None) -> str:
     if not eval_results:
-        return "Not evaluated yet: no acceptance length or speedup has been measured for this draft.\n"
+        return f"{RESULTS_PLACEHOLDER}\n"
     rows = [
         f"| {metric_name} | {float(eval_results[key]):.3g} |"
         for key, (_, metric_name) in EVAL_METRICS.items()

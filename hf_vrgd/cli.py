@@ -6,6 +6,7 @@ import argparse
 from collections.abc import Sequence
 
 from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.demo import demo_command
 
 DESCRIPTION = "VRGD variance-reduced optimizers (arXiv 2309.13681) for the Hugging Face Trainer."
 
@@ -36,6 +37,7 @@ def _run_train(args: argparse.Namespace) -> int:
 
 COMMANDS = (
     *COMMON_COMMANDS,
+    demo_command("VRGD demo: a few steps of VR-AdamW vs AdamW fine-tuning on GSM8K.", "hf_vrgd.demo"),
     Command(
         "bench",
         "Step time and memory of each VR optimizer against its base on a ~100M-parameter Llama.",

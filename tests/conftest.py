@@ -1,8 +1,9 @@
-"""Shared fixtures: tiny random Llama/Qwen2/Mistral configs and the real default model (loaded once)."""
+"""Shared fixtures: tiny random configs, a saved tiny target and draft, a user lm-eval task, the real default model."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 from types import ModuleType
@@ -77,6 +78,55 @@ def tiny_config(request: pytest.FixtureRequest) -> PretrainedConfig:
 def tiny_model(tiny_config: PretrainedConfig) -> torch.nn.Module:
     torch.manual_seed(0)
     return AutoModelForCausalLM.from_config(tiny_config).eval()
+
+
+@pytest.fixture
+def tiny_target_dir(tmp_path: Path) -> Path:
+    """A tiny Llama (head_dim 16) that the oracle draft mostly predicts, saved with its word tokenizer."""
+    from helpers import save_with_tokenizer
+    from scylla_models import make_target
+
+    return save_with_tokenizer(make_target(context_scale=0.3), tmp_path / "target")
+
+
+@pytest.fixture
+def tiny_draft_dir(tmp_path: Path, tiny_target_dir: Path) -> Path:
+    """An oracle Scylla draft of ``tiny_target_dir``, saved."""
+    from scylla_models import make_draft
+
+    folder = tmp_path / "draft"
+    make_draft(AutoModelForCausalLM.from_pretrained(tiny_target_dir), oracle=True).save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
+def word_task_dir(tmp_path: Path) -> Path:
+    """A user lm-eval task (via --include_path, next to ours): continue a word sequence until w9."""
+    from helpers import random_words
+
+    folder = tmp_path / "tasks"
+    folder.mkdir()
+    lines = [json.dumps({"context": random_words(seed, 10), "target": "w9"}) for seed in range(3)]
+    (folder / "words.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "tiny_words.yaml").write_text(
+        f"""task: tiny_words
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {folder / "words.jsonl"}
+output_type: generate_until
+test_split: test
+doc_to_text: "{{{{context}}}}"
+doc_to_target: "{{{{target}}}}"
+generation_kwargs:
+  until: ["w9"]
+  max_gen_toks: 16
+  do_sample: false
+metric_list:
+  - metric: exact_match
+"""
+    )
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import load_script
+from helpers import assert_close
 
 from hf_adamas import ops
 from hf_adamas.reference import (
@@ -41,21 +42,6 @@ requires_triton = pytest.mark.skipif(
 THRESHOLDS = {1: torch.tensor([0.0]), 2: torch.tensor([-1.0, 0.0, 1.0])}
 # Transformed values closer than this to a threshold may round to either side between matmul orders.
 NEAR_THRESHOLD = 1e-4
-
-
-def get_err_ratio(ref: torch.Tensor, tri: torch.Tensor) -> float:
-    return ((ref - tri).pow(2).mean().sqrt() / ref.pow(2).mean().sqrt().clamp_min(1e-12)).item()
-
-
-def assert_close(name: str, ref: torch.Tensor, tri: torch.Tensor, ratio: float) -> None:
-    """Relative-RMS comparison (flash-linear-attention style), reporting max-abs error and the ratio."""
-    ref, tri = ref.detach().float(), tri.detach().float()
-    assert ref.shape == tri.shape, f"{name}: shape {tuple(tri.shape)} != {tuple(ref.shape)}"
-    assert not torch.isnan(tri).any(), f"{name}: NaN in output"
-    abs_err = (ref - tri).abs().max().item() if ref.numel() else 0.0
-    err = get_err_ratio(ref, tri)
-    msg = f"{name}: max abs err {abs_err:.3e}, rms ratio {err:.3e} (allowed {ratio})"
-    assert abs_err <= 1e-6 or err <= ratio, msg
 
 
 def brute_force_codes(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,8 +6,8 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import chat_word_tokenizer
 from scylla_models import make_draft, make_target
-from test_scylla_benchmark import chat_word_tokenizer
 
 from hf_scylla.batch_sweep import left_padded_batches, run_batch_sweep
 

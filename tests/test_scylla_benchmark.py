@@ -6,22 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import chat_word_tokenizer
 from scylla_models import make_draft, make_target
-from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
 from hf_scylla.benchmark import encode_prompt, load_prompt_sets, run_benchmark
-
-WORDS = [f"w{index}" for index in range(128)]
-
-
-def chat_word_tokenizer() -> TokenizersBackend:
-    """Word-level tokenizer over ``w0..w127`` whose chat template joins the message contents."""
-    tokenizer = Tokenizer(models.WordLevel({word: i for i, word in enumerate(WORDS)}, unk_token="w0"))
-    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    backend = TokenizersBackend(tokenizer_object=tokenizer)
-    backend.chat_template = "{% for message in messages %}{{ message['content'] }} {% endfor %}w3"
-    return backend
 
 
 @pytest.fixture

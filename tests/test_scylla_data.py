@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import chat_word_tokenizer
 from scylla_models import make_target
-from test_scylla_benchmark import chat_word_tokenizer
 
 from hf_scylla.benchmark import encode_prompt
 from hf_scylla.data import read_conversations, regenerate_responses, text_token_chunks

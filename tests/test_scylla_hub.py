@@ -10,12 +10,12 @@ import pytest
 import torch
 import transformers.dynamic_module_utils
 import transformers.utils.hub
+from helpers import word_tokenizer
 from hub_server import LoopbackHub
 from huggingface_hub import HfApi, ModelCard, constants, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError
 from safetensors.torch import load_file
 from scylla_models import make_draft, make_target
-from test_scylla_model import word_tokenizer
 from transformers import AutoTokenizer
 
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, ScyllaStats, tokenizer_fingerprint

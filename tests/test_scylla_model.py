@@ -7,20 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import word_tokenizer
 from safetensors.torch import load_file, save_file
 from scylla_models import make_draft, make_target
-from transformers import AutoConfig, AutoModel, PreTrainedTokenizerFast
-from transformers.tokenization_utils_tokenizers import TokenizersBackend
+from transformers import AutoConfig, AutoModel
 
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, tokenizer_fingerprint
 from hf_scylla.modeling import SHARED_WITH_TARGET
-
-
-def word_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
-    from tokenizers import Tokenizer, models
-
-    vocab = {word: index for index, word in enumerate(words)}
-    return TokenizersBackend(tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token=words[0])))
 
 
 @pytest.mark.parametrize(

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import chat_word_tokenizer
 from scylla_models import make_target
-from test_scylla_benchmark import chat_word_tokenizer
 
 import hf_scylla.sweep
 from hf_scylla.cli import main

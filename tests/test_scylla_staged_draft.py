@@ -10,9 +10,10 @@ import torch
 from huggingface_hub import ModelCard
 
 from hf_common.default_model import DEFAULT_MODEL_ID
-from hf_common.demo import STAGED_DRAFT_NAME, find_staged_draft, scylla_chat, timed_chat_generation
+from hf_common.demo import timed_chat_generation
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, generate
 from hf_scylla.benchmark import encode_prompt
+from hf_scylla.demo import STAGED_DRAFT_NAME, find_staged_draft, scylla_chat
 from hf_scylla.hub import check_staged_folder
 
 FOLDER = Path(__file__).resolve().parents[1] / "model_cards" / STAGED_DRAFT_NAME

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import chat_word_tokenizer
 from scylla_models import continuation_record, make_draft, make_target
-from test_scylla_benchmark import chat_word_tokenizer
 
 from hf_scylla.benchmark import run_benchmark
 from hf_scylla.standalone import collate_for_causal_lm, make_standalone_draft, train_standalone_draft

@@ -1,10 +1,10 @@
-"""lm-eval task YAMLs shipped with the package (``TASKS_DIR``), registered by ``hf-adamas eval`` / ``hf-scylla eval``.
+"""lm-eval task YAMLs that need no method code (``TASKS_DIR``), on the include path of every ``eval`` command.
 
-``gsm8k_local`` (GSM8K test, exact match on the final number), ``passkey_2k`` / ``passkey_4k`` /
-``passkey_8k`` (group ``passkey``: retrieval of a number hidden in filler text, built by
-`hf_adamas.evaluation.passkey_prompt`) and ``tinyshakespeare_ppl`` (rolling-loglikelihood perplexity
-of a fixed slice of ``tinyshakespeare.txt``). Their data comes from the shared data folder
-(`hf_common.data`); the dataset builders are in `hf_common.tasks.local_tasks`.
+``gsm8k_local`` (GSM8K test, exact match on the final number) and ``tinyshakespeare_ppl``
+(rolling-loglikelihood perplexity of a fixed slice of ``tinyshakespeare.txt``). Their data comes from the
+shared data folder (`hf_common.data`); the dataset builders are in `hf_common.tasks.local_tasks`. A method
+package adds its own task folder with `hf_common.harness.register_lm_eval_tasks` (the passkey tasks live
+in `hf_adamas.tasks`).
 """
 
 from pathlib import Path

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import random
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +17,6 @@ from hf_common.data import shared_data_file
 
 __all__ = [
     "gsm8k_dataset",
-    "passkey_dataset",
-    "passkey_process_results",
     "resolve_tokenizer",
     "tinyshakespeare_dataset",
 ]
@@ -60,7 +57,7 @@ def tinyshakespeare_dataset(
 
 
 def resolve_tokenizer(metadata: dict[str, Any]):
-    """The tokenizer a passkey prompt is measured in: ``tokenizer``, else ``pretrained``, else the default model.
+    """The tokenizer a task measures its prompts in: ``tokenizer``, else ``pretrained``, else the default model.
 
     Names are resolved like `hf_common.load_model_and_tokenizer` does, so the default model's ID
     loads its embedded tokenizer offline.
@@ -75,35 +72,3 @@ def resolve_tokenizer(metadata: dict[str, Any]):
     if str(name) == DEFAULT_MODEL_ID and not Path(name).is_dir():
         name = default_model_path()
     return AutoTokenizer.from_pretrained(str(name))
-
-
-def passkey_dataset(length: int, samples: int = 10, seed: int = 0, **metadata: Any) -> DatasetDict:
-    """``samples`` passkey prompts of about ``length`` tokens, the key at evenly spaced depths.
-
-    Built by `hf_adamas.evaluation.passkey_prompt` (the ``hf-adamas passkey`` protocol) in the
-    tokenizer of the evaluated model (see `resolve_tokenizer`), and decoded back to text for lm-eval.
-    """
-    from hf_adamas.evaluation import passkey_prompt
-
-    tokenizer = resolve_tokenizer(metadata)
-    rng = random.Random(seed * 1_000_003 + length)
-    docs = []
-    for index in range(samples):
-        depth = (index + 0.5) / samples
-        passkey = f"{rng.randrange(10000, 100000)}"
-        input_ids, _ = passkey_prompt(tokenizer, length, depth, passkey)
-        docs.append(
-            {
-                "prompt": tokenizer.decode(input_ids[0]),
-                "passkey": passkey,
-                "depth": depth,
-                "tokens": int(input_ids.shape[1]),
-            }
-        )
-    return DatasetDict({"test": Dataset.from_list(docs)})
-
-
-def passkey_process_results(doc: dict[str, Any], results: list[str]) -> dict[str, float]:
-    """Accuracy 1 when the generated answer contains the pass key (as ``hf-adamas passkey`` scores it)."""
-    (answer,) = results
-    return {"acc": float(doc["passkey"] in answer)}

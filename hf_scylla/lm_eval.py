@@ -34,7 +34,7 @@ from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.generation import MAX_BATCH_SIZE, generate
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["ScyllaLM", "StopStrings", "speculative_eval_results"]
+__all__ = ["ScyllaLM", "StopStrings", "card_notes", "speculative_eval_results"]
 
 
 class StopStrings(StoppingCriteria):
@@ -189,3 +189,14 @@ def speculative_eval_results(results: dict[str, Any]) -> list:
     return eval_result_entries(
         {**measured, "dataset_name": f"{tasks} (lm-eval, local)", "dataset_type": tasks.replace(", ", "+")}
     )
+
+
+def card_notes(results: dict[str, Any]) -> list[str]:
+    """The line under a card's results table: tau, tokens/s and speedup measured during the tasks."""
+    scylla = results.get("config", {}).get("scylla") or {}
+    stats = ", ".join(
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in scylla.items()
+        if key in ("tau", "tokens_per_second", "baseline_tokens_per_second", "speedup") and value is not None
+    )
+    return [f"Speculative decoding during these tasks: {stats}."] if stats else []

@@ -1,0 +1,3 @@
+from hf_demo.cli import main
+
+raise SystemExit(main())
