@@ -121,7 +121,7 @@ def test_adamas_eval_command_on_a_local_task(
         [
             "eval",
             "--model_args",
-            f"pretrained={tiny_target_dir},token_budget=16",
+            f"pretrained={tiny_target_dir},token_budget=16,dense_layers=1",
             "--tasks",
             "tiny_words",
             "--include_path",
