@@ -58,7 +58,7 @@ def test_env_reports_versions(capsys: pytest.CaptureFixture[str]) -> None:
     assert "default model cache:" in out
 
 
-@pytest.mark.parametrize("prog", sorted(CLIS))
+@pytest.mark.parametrize("prog", [*sorted(CLIS), "hf-demo"])
 def test_console_script_is_installed(prog: str) -> None:
     script = Path(sysconfig.get_path("scripts")) / prog
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True)
