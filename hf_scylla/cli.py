@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID
 from hf_common.harness import eval_command
@@ -534,7 +534,35 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="Store this adaptive-length threshold in the staged config.",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the files an earlier `hf-scylla stage` wrote into --output-dir (only those; a folder "
+        "it did not write is never touched).",
+    )
+
+
+def _read_eval_results(path: Path | None) -> dict | None:
+    """The ``--eval-results`` JSON, checked as the card will use it (before anything is loaded)."""
+    from hf_scylla.hub import eval_result_entries
+
+    if path is None:
+        return None
+    try:
+        eval_results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CommandError(f"--eval-results file {path} not found") from None
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--eval-results {path} is not a JSON file: {error}") from None
+    if not isinstance(eval_results, dict):
+        raise CommandError(
+            f"--eval-results {path} must hold a JSON object, got {type(eval_results).__name__}"
+        )
+    try:
+        eval_result_entries(eval_results)
+    except ValueError as error:
+        raise CommandError(f"--eval-results {path}: {error}") from None
+    return eval_results
 
 
 def _run_stage(args: argparse.Namespace) -> int:
@@ -542,25 +570,32 @@ def _run_stage(args: argparse.Namespace) -> int:
 
     from hf_common.default_model import default_model_path, load_model_and_tokenizer
     from hf_scylla.config import ScyllaDraftConfig
-    from hf_scylla.hub import stage_draft
+    from hf_scylla.hub import check_repo_id, stage_draft
     from hf_scylla.modeling import ScyllaDraftModel
 
-    target_name = args.target or ScyllaDraftConfig.from_pretrained(args.checkpoint).target_name_or_path
+    if not (args.checkpoint / "config.json").is_file():
+        raise CommandError(f"{args.checkpoint} is not a saved Scylla draft (no config.json)")
+    try:
+        check_repo_id(args.repo_name)
+        config = ScyllaDraftConfig.from_pretrained(args.checkpoint)
+        if args.max_draft_tokens is not None:
+            config.max_draft_tokens = args.max_draft_tokens
+        if args.confidence_threshold is not None:
+            config.confidence_threshold = args.confidence_threshold
+        config._check_draft_fields()
+    except (ValueError, TypeError, OSError) as error:
+        raise CommandError(str(error)) from None
+    eval_results = _read_eval_results(args.eval_results)
+    target_name = args.target or config.target_name_or_path
     if not target_name:
-        raise SystemExit("error: the draft config names no target; pass --target")
+        raise CommandError("the draft config names no target; pass --target")
     # The default model's tokenizer comes from the embedded copy, so staging works offline.
     embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
-    draft = ScyllaDraftModel.from_pretrained(args.checkpoint)
-    if draft.config.save_embeddings and not draft.is_attached:
-        draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
-    if args.max_draft_tokens is not None:
-        draft.config.max_draft_tokens = args.max_draft_tokens
-    if args.confidence_threshold is not None:
-        draft.config.confidence_threshold = args.confidence_threshold
-    eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
     try:
-        draft.config._check_draft_fields()
+        draft = ScyllaDraftModel.from_pretrained(args.checkpoint, config=config)
+        if draft.config.save_embeddings and not draft.is_attached:
+            draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
         folder = stage_draft(
             draft,
             tokenizer,
@@ -573,8 +608,7 @@ def _run_stage(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError) as error:
-        print(f"error: {error}")
-        return 1
+        raise CommandError(str(error)) from None
     print(
         f"Staged {args.repo_name} in {folder}; check it with: hf-scylla publish {folder} --repo-id "
         f"{args.repo_name} --dry-run"
@@ -597,7 +631,7 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from hf_scylla.hub import PublishError, StagedFolderError, publish
+    from hf_scylla.hub import PublishError, publish
 
     try:
         result = publish(
@@ -609,9 +643,8 @@ def _run_publish(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             dry_run=args.dry_run,
         )
-    except (PublishError, StagedFolderError) as error:
-        print(f"error: {error}")
-        return 1
+    except (PublishError, ValueError) as error:  # StagedFolderError and a bad repo id or tag are ValueErrors
+        raise CommandError(str(error)) from None
     for file in result.files:
         print(f"{file.sha256}  {file.size:>12}  {file.path}")
     if result.dry_run:
