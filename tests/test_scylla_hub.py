@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -533,3 +534,86 @@ def test_cli_stage_stores_the_benchmarked_draft_settings(
     assert scylla_main(bad) == 2
     assert "confidence_threshold must be in [0, 1)" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
+
+
+def poison_weights(folder: Path) -> None:
+    """A valid safetensors file whose fc weight holds a NaN (a diverged training run)."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["fc.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_draft_with_nan_weights_is_refused_on_load_stage_and_dry_run(
+    target, draft, tokenizer, tmp_path: Path
+) -> None:
+    """Issue 16 item 10: such a draft used to load, stage and pass ``publish --dry-run``."""
+    checkpoint = tmp_path / "checkpoint"
+    draft.save_pretrained(checkpoint)
+    poison_weights(checkpoint)
+    with pytest.raises(ValueError, match=r"NaN or inf weights in 1 tensors, e.g. \['fc.weight'\]"):
+        ScyllaDraftModel.from_pretrained(checkpoint, target=target)
+    with torch.no_grad():
+        draft.layers[0].mlp.up_proj.weight[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight"):
+        stage(draft, tokenizer, tmp_path / "staged")
+    assert not (tmp_path / "staged").exists()
+    folder = stage(make_draft(target), tokenizer, tmp_path / "staged")
+    poison_weights(folder)
+    with pytest.raises(StagedFolderError, match="NaN or inf weights"):
+        publish(folder, REPO_ID, dry_run=True)
+
+
+def test_cli_publish_to_an_unreachable_endpoint_says_so(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    arguments = ["publish", str(folder), "--repo-id", REPO_ID, "--endpoint", "http://127.0.0.1:9"]
+    assert scylla_main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:9" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--repo-id", "no-namespace"], "Expected a Hub repository id"),
+        (["--repo-id", "org/-bad-"], "Expected a Hub repository id"),
+        (["--repo-id", "org/a--b"], "Expected a Hub repository id"),
+        (["--repo-id", REPO_ID, "--tag", "v 1"], "not a valid git tag name"),
+        (["--repo-id", REPO_ID, "--tag", "v1..2"], "not a valid git tag name"),
+        (["--repo-id", REPO_ID, "--tag=-v1"], "not a valid git tag name"),
+    ],
+)
+def test_cli_publish_dry_run_refuses_a_bad_repo_id_or_tag(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments, message
+) -> None:
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    assert scylla_main(["publish", str(folder), *arguments, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ('{"tau": 3.0,', "is not a JSON file"),
+        ("[3.0]", "must hold a JSON object"),
+        ('{"tau": 3.0}', "missing \\['dataset_name', 'dataset_type'\\]"),
+    ],
+)
+def test_cli_stage_refuses_malformed_eval_results(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str], content, message
+) -> None:
+    checkpoint, target_dir, results = tmp_path / "checkpoint", tmp_path / "target", tmp_path / "eval.json"
+    draft.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(target_dir)
+    if content is not None:
+        results.write_text(content)
+    arguments = ["stage", str(checkpoint), "--target", str(target_dir), "--repo-name", REPO_ID]
+    arguments += ["--output-dir", str(tmp_path / "staged"), "--eval-results", str(results)]
+    assert scylla_main(arguments) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "staged").exists()
