@@ -121,12 +121,13 @@ def test_sweep_cli_writes_fits_and_resumes(tmp_path: Path, monkeypatch: pytest.M
         raise AssertionError("a finished point was trained again")
 
     monkeypatch.setattr(hf_scylla.sweep, "_train_point", no_training)
+    assert main(argv) == 2, "a plain rerun may not replace the summary: it needs --resume or --overwrite"
     (output / "sweep.json").unlink()
-    assert main(argv) == 0
+    assert main([*argv, "--resume"]) == 0
     assert len(json.loads((output / "sweep.json").read_text())["points"]) == 4
     # Points measured with other training settings are not mixed into one fit.
     with pytest.raises(ValueError, match="measured with other settings"):
-        main([*argv, "--epochs", "2"])
+        main([*argv, "--epochs", "2", "--resume"])
 
 
 def test_sweep_cli_pretraining_stage_sweeps_text_windows(tmp_path: Path) -> None:
