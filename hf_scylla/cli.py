@@ -520,9 +520,12 @@ def _run_sweep(args: argparse.Namespace) -> int:
         "machine": machine(),
         "stage": args.stage,
     }
-    summary = run_sweep(
-        target, tokenizer, features, prompts, settings, args.work_dir, args.output_dir, metadata, print
-    )
+    try:
+        summary = run_sweep(
+            target, tokenizer, features, prompts, settings, args.work_dir, args.output_dir, metadata, print
+        )
+    except ValueError as error:  # too few cached conversations, points measured with other settings
+        raise CommandError(str(error)) from None
     for axis, entry in summary["fits"].items():
         fit = entry["fit"]
         text = f"a={fit['a']:.4f} b={fit['b']:.4f} R2={fit['r2']:.3f}" if fit else "not enough points"
