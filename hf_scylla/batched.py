@@ -137,6 +137,27 @@ class _DraftState:
         return torch.cat(drafted, dim=1)
 
 
+def _check_sliding_window(target: PreTrainedModel, columns: int) -> None:
+    """Refuse a sliding-window target whose cache would outgrow its window.
+
+    The loop crops the target's cache by column after every verification; a sliding-window layer keeps
+    only its last ``window`` columns, so past the window that crop (and the rows' holes) no longer
+    line up. Within the window a sliding layer is a full one, so shorter runs are served as usual.
+    """
+    text_config = target.config.get_text_config()
+    window = getattr(text_config, "sliding_window", None)
+    layer_types = getattr(text_config, "layer_types", None)
+    if window is None or (layer_types is not None and "sliding_attention" not in layer_types):
+        return
+    if columns > window:
+        raise ValueError(
+            f"batched_generate does not support a sliding-window target past its window: the cache would "
+            f"reach {columns} columns (padded prompt + max_new_tokens + draft_tokens) but the target's "
+            f"sliding_window is {window}; lower max_new_tokens, or decode row by row with "
+            "hf_scylla.generate (transformers' assisted decoding handles sliding windows)"
+        )
+
+
 def _right_aligned(kept: torch.LongTensor, width: int) -> tuple[torch.LongTensor, torch.Tensor]:
     """Per row, the source column of each of ``width`` block columns when row i's ``kept[i] + 1``
     entries end at the last column; and the mask of real (not hole) columns."""
@@ -173,6 +194,7 @@ def batched_generate(
     if max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
     check_generation_inputs(target, input_ids, input_ids.shape[-1] + max_new_tokens, max_batch_size=None)
+    _check_sliding_window(target, input_ids.shape[-1] + max_new_tokens + draft_tokens)
     attention_mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
     if attention_mask.shape != input_ids.shape:
         raise ValueError(

@@ -4,25 +4,22 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID
 from hf_common.demo import demo_command
 from hf_common.harness import eval_command
+from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
+from hf_common.reporting import command_line, machine
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
 GSM8K_TRAIN = SHARED_DATA_DIR / "gsm8k" / "train.jsonl"
-
-
-def _machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return f"{device}, {torch.get_num_threads()} CPU threads, torch {torch.__version__}"
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -52,7 +49,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=5, help="Prompts per set (0: all).")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt.")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="Prompt lookup candidates.")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
+    add_output_arguments(parser, RUNS_DIR / "scylla" / "bench")
 
 
 def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
@@ -72,11 +69,26 @@ def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
 
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_common.reporting import markdown_table, save_json
+    from hf_common.reporting import markdown_table, write_report
     from hf_scylla.benchmark import load_prompt_sets, run_benchmark
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
 
+    if args.draft is not None and not (args.draft / "config.json").is_file():
+        raise CommandError(f"--draft {args.draft} is not a saved Scylla draft (no config.json)")
+    if args.assistant is not None and not (args.assistant / "config.json").is_file():
+        raise CommandError(f"--assistant {args.assistant} is not a saved model folder (no config.json)")
+    if not args.prompts_dir.is_dir():
+        raise CommandError(f"--prompts-dir {args.prompts_dir} is not a folder")
+    for flag, value in {
+        "--max-new-tokens": args.max_new_tokens,
+        "--untrained-depth": args.untrained_depth,
+    }.items():
+        if value < 1:
+            raise CommandError(f"{flag} must be >= 1, got {value}")
+    if args.limit < 0:
+        raise CommandError(f"--limit must be >= 0 (0: all prompts), got {args.limit}")
+    claim_outputs([args.output_dir / f"bench.{suffix}" for suffix in ("json", "md", "png")], args.overwrite)
     target, tokenizer = load_model_and_tokenizer(args.model)
     if args.draft is not None:
         draft = ScyllaDraftModel.from_pretrained(args.draft, target=target, target_tokenizer=tokenizer)
@@ -110,14 +122,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         assistant=assistant,
         assistant_name=f"assisted:{args.assistant.name}" if args.assistant is not None else "assisted",
     )
-    command = "hf-scylla " + " ".join(getattr(args, "argv", []))
-    save_json(args.output_dir / "bench.json", {"command": command, "machine": _machine(), "rows": rows})
+    command = command_line("hf-scylla", getattr(args, "argv", []))
     columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
     table = markdown_table(rows, [*columns, "lossless"])
     title = f"Speculative decoding on {args.model}, greedy, {args.max_new_tokens} new tokens"
-    (args.output_dir / "bench.md").write_text(
-        f"# {title}\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n{table}"
-    )
+    write_report(args.output_dir, "bench", command, {"rows": rows}, title, table)
     plot_title = f"{args.model.split('/')[-1]}, greedy, {args.max_new_tokens} new tokens"
     plot_speedups(args.output_dir / "bench.png", rows, plot_title)
     print(table)
@@ -131,7 +140,9 @@ def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
     try:
         return read_conversations(path, limit)
     except FileNotFoundError as error:
-        raise SystemExit(f"error: {error} (pass another with --data)") from None
+        raise CommandError(f"{error} (pass another with --data)") from None
+    except (ValueError, KeyError) as error:
+        raise CommandError(f"--data {path} is not JSONL of prompt/response records: {error}") from None
 
 
 def _text_windows(sources: list[Path] | None, tokenizer, window: int, tokens: int) -> list[torch.Tensor]:
@@ -141,7 +152,7 @@ def _text_windows(sources: list[Path] | None, tokenizer, window: int, tokens: in
     try:
         return text_token_chunks(tokenizer, sources or default_text_sources(), window, tokens)
     except (FileNotFoundError, ValueError) as error:
-        raise SystemExit(f"error: {error}") from None
+        raise CommandError(str(error)) from None
 
 
 def _add_stage_option(parser: argparse.ArgumentParser, finetune: str) -> None:
@@ -200,54 +211,135 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="Weight of the LM-head distillation term (0: feature loss only).",
     )
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("runs/scylla/draft"), help="Draft and checkpoints."
-    )
+    add_output_arguments(parser, RUNS_DIR / "scylla" / "draft", "draft, checkpoints and cached features")
     parser.add_argument(
         "--resume", action="store_true", help="Continue from the last checkpoint in --output-dir."
     )
 
 
-def _features_name(args: argparse.Namespace) -> str:
-    """File name of the cached target features: what they were built from (delete it to rebuild)."""
-    if args.stage == "pretrain":
-        return f"features-text-{args.tokens}x{args.max_length}.pt"
-    regenerated = f"regen{args.regenerate_tokens}-" if args.regenerate else ""
-    return f"features-{regenerated}{args.samples}x{args.max_length}.pt"
+def _features_path(
+    args: argparse.Namespace, folder: Path, target, tokenizer, samples: int, tokens: int
+) -> Path:
+    """Where the target features of this run are cached, keyed by everything they depend on."""
+    from hf_scylla.config import tokenizer_fingerprint
+    from hf_scylla.data import default_text_sources, sources_fingerprint
+    from hf_scylla.training import feature_cache_path, weights_fingerprint
+
+    description = {
+        "stage": args.stage,
+        "target": args.model,
+        "target_weights": weights_fingerprint(target),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template": tokenizer.chat_template,
+        "max_length": args.max_length,
+        "feature_layer": -1,  # hidden_states[-1], the final normed state
+        "feature_dtype": "bfloat16",
+    }
+    try:
+        if args.stage == "pretrain":
+            sources = args.text or default_text_sources()
+            description |= {"text": [str(Path(p).resolve()) for p in sources], "tokens": tokens}
+            description["text_sha256"] = sources_fingerprint(sources)
+            stem = f"features-text-{tokens}x{args.max_length}"
+        else:
+            regenerate = getattr(args, "regenerate", False)
+            description |= {"data": str(args.data.resolve()), "samples": samples}
+            description["data_sha256"] = sources_fingerprint([args.data])
+            description["regenerate_tokens"] = args.regenerate_tokens if regenerate else None
+            stem = f"features-{f'regen{args.regenerate_tokens}-' if regenerate else ''}{samples}x{args.max_length}"
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
+    return feature_cache_path(folder, stem, description), description
+
+
+def _cached_features(path: Path, build, description: dict):
+    from hf_scylla.training import FeatureDataset, trained_positions
+
+    try:
+        features = FeatureDataset.cached(path, build, description)
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if not trained_positions(features):
+        raise CommandError(
+            f"no position is trained: --max-length {description['max_length']} cuts every conversation "
+            "before its response begins (the chat template's system prompt and the question fill it); "
+            "raise --max-length"
+        )
+    return features
 
 
 def _build_train_features(args: argparse.Namespace, target, tokenizer):
     from hf_scylla.data import regenerate_responses
-    from hf_scylla.training import cache_target_features, cache_text_features
+    from hf_scylla.training import cache_target_features, cache_text_features, weights_fingerprint
 
     if args.stage == "pretrain":
         return cache_text_features(target, _text_windows(args.text, tokenizer, args.max_length, args.tokens))
     conversations = _read_conversations(args.data, args.samples)
     if args.regenerate:
         args.output_dir.mkdir(parents=True, exist_ok=True)
-        cache = args.output_dir / "regenerated.jsonl"
+        cache = args.output_dir / f"regenerated-{weights_fingerprint(target)}.jsonl"  # per target
         try:
             prompts = [prompt for prompt, _ in conversations]
             conversations = regenerate_responses(target, tokenizer, prompts, args.regenerate_tokens, cache)
         except ValueError as error:
-            raise SystemExit(f"error: {error}") from None
+            raise CommandError(str(error)) from None
     return cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
+
+
+def _check_train_arguments(args: argparse.Namespace) -> None:
+    """Every check that needs no model, so a bad flag fails at once rather than after loading."""
+    if args.stage == "pretrain" and args.regenerate:
+        raise CommandError("--regenerate answers chat prompts; it applies to --stage finetune only")
+    if args.features is not None and not args.features.is_file():
+        raise CommandError(f"features file {args.features} not found")
+    if args.init_draft is not None and not (args.init_draft / "config.json").is_file():
+        raise CommandError(f"--init-draft {args.init_draft} is not a saved model folder (no config.json)")
+    positive = {"--samples": args.samples, "--tokens": args.tokens, "--depth": args.depth}
+    positive |= {"--batch-size": args.batch_size, "--unroll-steps": args.unroll_steps}
+    positive |= {"--regenerate-tokens": args.regenerate_tokens}
+    for flag, value in positive.items():
+        if value < 1:
+            raise CommandError(f"{flag} must be >= 1, got {value}")
+    if args.max_length < 2:
+        raise CommandError(f"--max-length must be >= 2 (a draft learns from pairs), got {args.max_length}")
+    for flag, value in {"--epochs": args.epochs, "--learning-rate": args.learning_rate}.items():
+        if not math.isfinite(value) or value <= 0:
+            raise CommandError(f"{flag} must be a positive number, got {value}")
+    if not math.isfinite(args.token_weight) or args.token_weight < 0:
+        raise CommandError(f"--token-weight must be >= 0, got {args.token_weight}")
+    if args.features is None:
+        _check_data_sources(args)
+
+
+def _check_data_sources(args: argparse.Namespace) -> None:
+    """``--data`` (finetune) or the given ``--text`` sources (pretrain) exist and read."""
+    from hf_scylla.data import sources_fingerprint
+
+    if args.stage == "finetune":
+        _read_conversations(args.data, 1)
+        return
+    try:
+        sources_fingerprint(args.text or [])
+    except FileNotFoundError as error:
+        raise CommandError(str(error)) from None
 
 
 def _run_train(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
+    from hf_common.outputs import claim_outputs
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
-    from hf_scylla.training import FeatureDataset, train_draft
+    from hf_scylla.training import train_draft
 
-    if args.stage == "pretrain" and args.regenerate:
-        raise SystemExit("error: --regenerate answers chat prompts; it applies to --stage finetune only")
-    if args.features is not None and not args.features.is_file():
-        raise SystemExit(f"error: features file {args.features} not found")
+    _check_train_arguments(args)
+    claim_outputs(
+        [args.output_dir / "config.json", args.output_dir / "model.safetensors"],
+        args.overwrite or args.resume,
+    )
     target, tokenizer = load_model_and_tokenizer(args.model)
-    features = FeatureDataset.cached(
-        args.features or args.output_dir / _features_name(args),
-        lambda: _build_train_features(args, target, tokenizer),
+    path, description = _features_path(args, args.output_dir, target, tokenizer, args.samples, args.tokens)
+    features = _cached_features(
+        args.features or path, lambda: _build_train_features(args, target, tokenizer), description
     )
     settings = {
         "num_train_epochs": args.epochs,
@@ -292,8 +384,8 @@ def _train_standalone(args: argparse.Namespace, target, tokenizer, features, set
     if args.init_draft is not None:
         model = AutoModelForCausalLM.from_pretrained(args.init_draft, dtype=target.dtype).to(target.device)
         if model.config.vocab_size != target.config.vocab_size:
-            raise SystemExit(
-                f"error: {args.init_draft} has a vocabulary of {model.config.vocab_size}, "
+            raise CommandError(
+                f"{args.init_draft} has a vocabulary of {model.config.vocab_size}, "
                 f"the target {target.config.vocab_size}"
             )
     else:
@@ -364,14 +456,14 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--work-dir",
         type=Path,
-        default=Path("runs/scylla/sweep"),
+        default=RUNS_DIR / "scylla" / "sweep-work",
         help="Cached features, drafts, checkpoints.",
     )
+    add_output_arguments(parser, RUNS_DIR / "scylla" / "sweep", "per-point JSON, summary and plots")
     parser.add_argument(
-        "--output-dir",
-        type=Path,
-        default=Path("results/scylla/sweep"),
-        help="Per-point JSON, summary, plots.",
+        "--resume",
+        action="store_true",
+        help="Continue an interrupted sweep in --output-dir: its finished points are kept, the summary rewritten.",
     )
 
 
@@ -379,50 +471,62 @@ def _run_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
     from hf_scylla.benchmark import encode_prompt, load_prompt_file
     from hf_scylla.sweep import SweepSettings, plan_points, run_sweep
-    from hf_scylla.training import FeatureDataset, cache_target_features, cache_text_features
+    from hf_scylla.training import cache_target_features, cache_text_features
 
-    settings = SweepSettings(
-        samples=tuple(args.samples),
-        tokens_depth=args.tokens_depth,
-        depths=tuple(args.depths),
-        depth_samples=args.depth_samples,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        learning_rate=args.learning_rate,
-        unroll_steps=args.unroll_steps,
-        token_weight=args.token_weight,
-        eval_prompts=args.eval_prompts,
-        max_new_tokens=args.max_new_tokens,
-        max_draft_tokens=args.max_draft_tokens,
-    )
+    try:
+        settings = SweepSettings(
+            samples=tuple(args.samples),
+            tokens_depth=args.tokens_depth,
+            depths=tuple(args.depths),
+            depth_samples=args.depth_samples,
+            epochs=args.epochs,
+            batch_size=args.batch_size,
+            learning_rate=args.learning_rate,
+            unroll_steps=args.unroll_steps,
+            token_weight=args.token_weight,
+            eval_prompts=args.eval_prompts,
+            max_new_tokens=args.max_new_tokens,
+            max_draft_tokens=args.max_draft_tokens,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
     if not args.eval_prompts_file.is_file():
-        raise SystemExit(f"error: prompt file {args.eval_prompts_file} not found (pass --eval-prompts-file)")
-    target, tokenizer = load_model_and_tokenizer(args.model)
+        raise CommandError(f"prompt file {args.eval_prompts_file} not found (pass --eval-prompts-file)")
     needed = max(point.samples for point in plan_points(settings))
+    _check_data_sources(args)
+    claim_outputs(
+        [args.output_dir / "sweep.json", args.output_dir / "sweep.md"], args.overwrite or args.resume
+    )
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    tokens = needed * args.max_length
+    path, description = _features_path(args, args.work_dir, target, tokenizer, needed, tokens)
     if args.stage == "pretrain":
-        features = FeatureDataset.cached(
-            args.work_dir / f"features-text-{needed}x{args.max_length}.pt",
-            lambda: cache_text_features(
-                target, _text_windows(args.text, tokenizer, args.max_length, needed * args.max_length)
-            ),
+        features = _cached_features(
+            path,
+            lambda: cache_text_features(target, _text_windows(args.text, tokenizer, args.max_length, tokens)),
+            description,
         )
     else:
-        features = FeatureDataset.cached(
-            args.work_dir / f"features-{needed}x{args.max_length}.pt",
+        features = _cached_features(
+            path,
             lambda: cache_target_features(
                 target, tokenizer, _read_conversations(args.data, needed), max_length=args.max_length
             ),
+            description,
         )
     questions = load_prompt_file(args.eval_prompts_file, args.eval_prompts)
     prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
     metadata = {
-        "command": "hf-scylla " + " ".join(getattr(args, "argv", [])),
-        "machine": _machine(),
+        "command": command_line("hf-scylla", getattr(args, "argv", [])),
+        "machine": machine(),
         "stage": args.stage,
     }
-    summary = run_sweep(
-        target, tokenizer, features, prompts, settings, args.work_dir, args.output_dir, metadata, print
-    )
+    try:
+        summary = run_sweep(
+            target, tokenizer, features, prompts, settings, args.work_dir, args.output_dir, metadata, print
+        )
+    except ValueError as error:  # too few cached conversations, points measured with other settings
+        raise CommandError(str(error)) from None
     for axis, entry in summary["fits"].items():
         fit = entry["fit"]
         text = f"a={fit['a']:.4f} b={fit['b']:.4f} R2={fit['r2']:.3f}" if fit else "not enough points"
@@ -452,9 +556,7 @@ def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
         "--limit", type=int, default=4, help="Prompts per set; the same prompts are decoded at every B."
     )
     parser.add_argument("--max-new-tokens", type=int, default=64, help="New tokens per prompt.")
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("results/scylla/batch"), help="Where results and plots go."
-    )
+    add_output_arguments(parser, RUNS_DIR / "scylla" / "batch")
 
 
 def _run_batch_sweep(args: argparse.Namespace) -> int:
@@ -466,7 +568,13 @@ def _run_batch_sweep(args: argparse.Namespace) -> int:
 
     draft_dir = args.draft or find_staged_draft()
     if draft_dir is None:
-        raise SystemExit("error: no staged draft found under model_cards/; pass --draft")
+        raise CommandError("no staged draft found under model_cards/; pass --draft")
+    if not (Path(draft_dir) / "config.json").is_file():
+        raise CommandError(f"--draft {draft_dir} is not a saved Scylla draft (no config.json)")
+    if min(args.batch_sizes) < 1 or min(args.draft_tokens) < 1 or args.max_new_tokens < 1:
+        raise CommandError("--batch-sizes, --draft-tokens and --max-new-tokens must be >= 1")
+    names = ["batch_sweep.json", "batch_sweep.md", "speedup_vs_batch.png", "tau_vs_batch.png"]
+    claim_outputs([args.output_dir / name for name in names], args.overwrite)
     target, tokenizer = load_model_and_tokenizer(args.model)
     draft = ScyllaDraftModel.from_pretrained(draft_dir, target=target, target_tokenizer=tokenizer)
     draft = draft.to(target.device).eval()
@@ -474,8 +582,8 @@ def _run_batch_sweep(args: argparse.Namespace) -> int:
     # Interleave the sets so every batch mixes them (as a server's batch would).
     questions = [q for group in zip(*prompt_sets.values(), strict=False) for q in group]
     metadata = {
-        "command": "hf-scylla " + " ".join(getattr(args, "argv", [])),
-        "machine": _machine(),
+        "command": command_line("hf-scylla", getattr(args, "argv", [])),
+        "machine": machine(),
         "draft": Path(draft_dir).name,
     }
     summary = run_batch_sweep(
@@ -535,7 +643,35 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         help="Store this adaptive-length threshold in the staged config.",
     )
-    parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output-dir.")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace the files an earlier `hf-scylla stage` wrote into --output-dir (only those; a folder "
+        "it did not write is never touched).",
+    )
+
+
+def _read_eval_results(path: Path | None) -> dict | None:
+    """The ``--eval-results`` JSON, checked as the card will use it (before anything is loaded)."""
+    from hf_scylla.hub import eval_result_entries
+
+    if path is None:
+        return None
+    try:
+        eval_results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CommandError(f"--eval-results file {path} not found") from None
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--eval-results {path} is not a JSON file: {error}") from None
+    if not isinstance(eval_results, dict):
+        raise CommandError(
+            f"--eval-results {path} must hold a JSON object, got {type(eval_results).__name__}"
+        )
+    try:
+        eval_result_entries(eval_results)
+    except ValueError as error:
+        raise CommandError(f"--eval-results {path}: {error}") from None
+    return eval_results
 
 
 def _run_stage(args: argparse.Namespace) -> int:
@@ -543,25 +679,32 @@ def _run_stage(args: argparse.Namespace) -> int:
 
     from hf_common.default_model import default_model_path, load_model_and_tokenizer
     from hf_scylla.config import ScyllaDraftConfig
-    from hf_scylla.hub import stage_draft
+    from hf_scylla.hub import check_repo_id, stage_draft
     from hf_scylla.modeling import ScyllaDraftModel
 
-    target_name = args.target or ScyllaDraftConfig.from_pretrained(args.checkpoint).target_name_or_path
+    if not (args.checkpoint / "config.json").is_file():
+        raise CommandError(f"{args.checkpoint} is not a saved Scylla draft (no config.json)")
+    try:
+        check_repo_id(args.repo_name)
+        config = ScyllaDraftConfig.from_pretrained(args.checkpoint)
+        if args.max_draft_tokens is not None:
+            config.max_draft_tokens = args.max_draft_tokens
+        if args.confidence_threshold is not None:
+            config.confidence_threshold = args.confidence_threshold
+        config._check_draft_fields()
+    except (ValueError, TypeError, OSError) as error:
+        raise CommandError(str(error)) from None
+    eval_results = _read_eval_results(args.eval_results)
+    target_name = args.target or config.target_name_or_path
     if not target_name:
-        raise SystemExit("error: the draft config names no target; pass --target")
+        raise CommandError("the draft config names no target; pass --target")
     # The default model's tokenizer comes from the embedded copy, so staging works offline.
     embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
     tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
-    draft = ScyllaDraftModel.from_pretrained(args.checkpoint)
-    if draft.config.save_embeddings and not draft.is_attached:
-        draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
-    if args.max_draft_tokens is not None:
-        draft.config.max_draft_tokens = args.max_draft_tokens
-    if args.confidence_threshold is not None:
-        draft.config.confidence_threshold = args.confidence_threshold
-    eval_results = json.loads(args.eval_results.read_text()) if args.eval_results else None
     try:
-        draft.config._check_draft_fields()
+        draft = ScyllaDraftModel.from_pretrained(args.checkpoint, config=config)
+        if draft.config.save_embeddings and not draft.is_attached:
+            draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
         folder = stage_draft(
             draft,
             tokenizer,
@@ -574,8 +717,7 @@ def _run_stage(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
         )
     except (ValueError, FileExistsError) as error:
-        print(f"error: {error}")
-        return 1
+        raise CommandError(str(error)) from None
     print(
         f"Staged {args.repo_name} in {folder}; check it with: hf-scylla publish {folder} --repo-id "
         f"{args.repo_name} --dry-run"
@@ -598,7 +740,7 @@ def _add_publish_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_publish(args: argparse.Namespace) -> int:
-    from hf_scylla.hub import PublishError, StagedFolderError, publish
+    from hf_scylla.hub import PublishError, publish
 
     try:
         result = publish(
@@ -610,9 +752,8 @@ def _run_publish(args: argparse.Namespace) -> int:
             overwrite=args.overwrite,
             dry_run=args.dry_run,
         )
-    except (PublishError, StagedFolderError) as error:
-        print(f"error: {error}")
-        return 1
+    except (PublishError, ValueError) as error:  # StagedFolderError and a bad repo id or tag are ValueErrors
+        raise CommandError(str(error)) from None
     for file in result.files:
         print(f"{file.sha256}  {file.size:>12}  {file.path}")
     if result.dry_run:

@@ -12,6 +12,7 @@ Two stages, as in the Scylla and EAGLE recipes:
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import sysconfig
@@ -30,6 +31,7 @@ __all__ = [
     "default_text_sources",
     "read_conversations",
     "regenerate_responses",
+    "sources_fingerprint",
     "text_token_chunks",
 ]
 
@@ -119,6 +121,17 @@ def _files_of(source: Path) -> list[Path]:
     if not files:
         raise FileNotFoundError(f"text source {source} holds no {'/'.join(TEXT_SUFFIXES)} files")
     return files
+
+
+def sources_fingerprint(sources: Sequence[str | os.PathLike]) -> str:
+    """A hash of the files that text or chat ``sources`` (files or folders) contribute, names and contents:
+    part of a feature cache's key, so edited data never reuses stale features."""
+    digest = hashlib.sha256()
+    for source in sources:
+        for path in _files_of(Path(source)):
+            digest.update(str(path.resolve()).encode())
+            digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()[:16]
 
 
 def _source_chunks(

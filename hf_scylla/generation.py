@@ -16,6 +16,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
+from hf_common.compat import CACHE_ARGUMENT
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.modeling import ScyllaDraftModel
 
@@ -74,6 +75,14 @@ def scylla_generate(
     ``max_draft_tokens`` / ``confidence_threshold`` override the draft config's for this call.
     """
     check_generation_inputs(model, input_ids, generation_config.max_length)
+    cache = model_kwargs.get(CACHE_ARGUMENT)
+    cached = cache.get_seq_length() if cache is not None else 0
+    if cached:
+        raise ValueError(
+            f"The target's cache (past_key_values) already holds {cached} tokens: Scylla drafting needs the "
+            "target's hidden states of the whole prompt, which a prefilled cache skips. Pass an empty cache "
+            "(or none)."
+        )
     if "_get_candidate_generator" in vars(model):
         raise RuntimeError("scylla_generate is already running on this model instance (re-entrant call)")
     generator = ScyllaCandidateGenerator(

@@ -16,9 +16,11 @@ import math
 import os
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
+import httpx2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
 from transformers import PreTrainedTokenizerBase
@@ -26,13 +28,16 @@ from transformers.utils import logging as transformers_logging
 
 from hf_common import __version__
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
-from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.modeling import ScyllaDraftModel, check_finite_weights
 
 __all__ = [
+    "STAGE_MANIFEST",
     "PublishError",
     "PublishResult",
     "StagedFile",
     "StagedFolderError",
+    "check_repo_id",
+    "check_revision_tag",
     "check_staged_folder",
     "eval_result_entries",
     "publish",
@@ -58,6 +63,9 @@ REQUIRED_FILES = (
     "custom_generate/requirements.txt",
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
+STAGE_MANIFEST = ".hf-scylla-stage.json"
+"""Written by `stage_draft` into the folder it stages: the files it wrote, the only ones a re-stage replaces.
+Never uploaded."""
 _DRAFT_REPO_LINE = re.compile(r'^DRAFT_REPO_ID = "([^"]+)"$', re.MULTILINE)
 
 _GENERATE_PY = '''"""Scylla speculative decoding (arXiv 2505.07858) as a transformers ``custom_generate`` recipe.
@@ -127,9 +135,33 @@ class PublishResult:
     tag: str | None = None
 
 
-def _check_repo_id(repo_id: str) -> None:
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", repo_id):
-        raise ValueError(f"Expected a Hub repository id '<org>/<name>', got {repo_id!r}")
+def check_repo_id(repo_id: str) -> None:
+    """The Hub's rules for ``<org>/<name>``: letters, digits, ``-_.``; no ``--``/``..``; no ``-``/``.`` at the ends."""
+    parts = repo_id.split("/")
+    valid = len(parts) == 2 and all(
+        re.fullmatch(r"[A-Za-z0-9](?:[\w.-]{0,94}[A-Za-z0-9_])?", part) for part in parts
+    )
+    if not valid or "--" in repo_id or ".." in repo_id:
+        raise ValueError(
+            f"Expected a Hub repository id '<org>/<name>' (letters, digits, '-', '_', '.'; no '--' or '..'; "
+            f"not starting or ending with '-' or '.'), got {repo_id!r}"
+        )
+
+
+def check_revision_tag(tag: str) -> None:
+    """Refuse a tag git cannot name (spaces, ``..``, ``~^:?*[\\``, a leading ``-``...) before any upload."""
+    invalid = (
+        not tag
+        or re.search(r"[\s~^:?*\[\\]|\.\.|@\{|//", tag)
+        or tag.startswith(("-", "/", "."))
+        or tag.endswith(("/", ".", ".lock"))
+        or tag == "@"
+    )
+    if invalid:
+        raise ValueError(
+            f"Tag {tag!r} is not a valid git tag name (no spaces, '..', '~^:?*[\\', '@{{' or '//'; not "
+            "starting with '-', '/' or '.'; not ending with '/', '.' or '.lock'), e.g. 'v1'"
+        )
 
 
 def _check_eval_results(eval_results: dict) -> None:
@@ -304,9 +336,15 @@ def stage_draft(
     says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
     ``config.target_name_or_path``; it and the tokenizer fingerprint are recorded in ``draft.config``,
     so the saved config pins the target. ``training_notes`` (objective, steps, hyperparameters) goes
-    into the card's Training section as given. A non-empty ``output_dir`` is refused unless ``overwrite``.
+    into the card's Training section as given.
+
+    Nothing but staged files is ever replaced, and nothing is deleted wholesale: the files are written
+    into a scratch folder first, then moved in, and a manifest (`STAGE_MANIFEST`) records them. A
+    non-empty ``output_dir`` is accepted only when an earlier stage wrote it (it has the manifest) and
+    ``overwrite`` is set, and then only the files that manifest lists are replaced. A folder that is or
+    holds the checkpoint or tokenizer being staged is always refused (`FileExistsError`).
     """
-    _check_repo_id(repo_name)
+    check_repo_id(repo_name)
     base_model = base_model or draft.config.target_name_or_path
     if not base_model:
         raise ValueError("The draft's config names no target model: pass base_model='<org>/<target>'")
@@ -323,30 +361,114 @@ def stage_draft(
         raise ValueError(
             "config.save_embeddings is set but the draft has no target attached: call attach_target"
         )
+    check_finite_weights(draft)
     output_dir = Path(output_dir)
-    if output_dir.exists() and any(output_dir.iterdir()):
-        if not overwrite:
-            raise FileExistsError(
-                f"{output_dir} is not empty; pass overwrite=True (--overwrite) to replace its contents"
-            )
-        shutil.rmtree(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-
+    replaceable = _replaceable_files(output_dir, overwrite, _sources_of(draft, target_tokenizer))
     config.target_name_or_path = base_model
     config.target_tokenizer_hash = fingerprint
-    draft.save_pretrained(output_dir)
-    target_tokenizer.save_pretrained(output_dir)
-    recipe_dir = output_dir / "custom_generate"
+    output_dir.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=".staging-", dir=output_dir))  # ours: removed below
+    try:
+        _write_staged_files(
+            draft, target_tokenizer, scratch, repo_name, eval_results, list(datasets), training_notes
+        )
+        written = sorted(
+            path.relative_to(scratch).as_posix() for path in scratch.rglob("*") if path.is_file()
+        )
+        foreign = [name for name in written if (output_dir / name).exists() and name not in replaceable]
+        if foreign:
+            raise FileExistsError(
+                f"{output_dir} holds {foreign}, which hf-scylla stage did not write there; move them away "
+                "or choose another output folder"
+            )
+        for name in replaceable:  # only what an earlier stage wrote; anything else in the folder stays
+            (output_dir / name).unlink(missing_ok=True)
+        for name in written:
+            destination = output_dir / name
+            destination.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(scratch / name, destination)
+        manifest = {"written_by": "hf-scylla stage", "repo_name": repo_name, "files": written}
+        (output_dir / STAGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for name in replaceable:  # folders an earlier stage created and that are now empty (e.g. old shards')
+        parent = (output_dir / name).parent
+        if parent != output_dir and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
+    return output_dir
+
+
+def _sources_of(draft: ScyllaDraftModel, tokenizer: PreTrainedTokenizerBase) -> list[Path]:
+    """Local folders the draft and tokenizer were loaded from: a staging folder may never cover them."""
+    names = (getattr(draft, "name_or_path", ""), getattr(tokenizer, "name_or_path", ""))
+    return [Path(name).resolve() for name in names if name and Path(name).is_dir()]
+
+
+def _replaceable_files(output_dir: Path, overwrite: bool, sources: list[Path]) -> list[str]:
+    """The files of ``output_dir`` a new stage may replace: those an earlier stage listed in its manifest.
+
+    Refuses a folder that is or contains a ``source``, a non-empty folder without the manifest (the
+    current folder, a home folder, a repository: no stage wrote them), and an earlier stage's folder
+    without ``overwrite``.
+    """
+    resolved = output_dir.resolve()
+    for source in sources:
+        if source == resolved or resolved in source.parents:
+            raise FileExistsError(
+                f"{output_dir} is or contains {source}, which is being staged: choose another output folder"
+            )
+    if not output_dir.exists():
+        return []
+    if not output_dir.is_dir():
+        raise FileExistsError(f"{output_dir} is a file, not a folder")
+    if not any(output_dir.iterdir()):
+        return []
+    manifest_path = output_dir / STAGE_MANIFEST
+    if not manifest_path.is_file():
+        raise FileExistsError(
+            f"{output_dir} is not empty and was not written by hf-scylla stage (no {STAGE_MANIFEST}); "
+            "nothing in it is replaced, even with overwrite: choose a new or empty folder"
+        )
+    if not overwrite:
+        raise FileExistsError(
+            f"{output_dir} holds an earlier staged draft; pass overwrite=True (--overwrite) to replace "
+            "the files that stage wrote (only those)"
+        )
+    try:
+        names = json.loads(manifest_path.read_text(encoding="utf-8"))["files"]
+    except (ValueError, KeyError, TypeError) as error:
+        raise FileExistsError(f"{manifest_path} does not parse ({error}); nothing was replaced") from error
+    for name in names:
+        if (
+            not isinstance(name, str)
+            or PurePosixPath(name).is_absolute()
+            or ".." in PurePosixPath(name).parts
+        ):
+            raise FileExistsError(
+                f"{manifest_path} lists {name!r}, a path outside {output_dir}; nothing was replaced"
+            )
+    return names
+
+
+def _write_staged_files(
+    draft: ScyllaDraftModel,
+    target_tokenizer: PreTrainedTokenizerBase,
+    folder: Path,
+    repo_name: str,
+    eval_results: dict | None,
+    datasets: list[str],
+    training_notes: str | None,
+) -> None:
+    """Everything a staged repository holds (but the manifest), written into the empty ``folder``."""
+    draft.save_pretrained(folder)
+    target_tokenizer.save_pretrained(folder)
+    recipe_dir = folder / "custom_generate"
     recipe_dir.mkdir()
     (recipe_dir / "generate.py").write_text(_GENERATE_PY.format(repo_id=repo_name), encoding="utf-8")
     (recipe_dir / "requirements.txt").write_text(PACKAGE_REQUIREMENT + "\n", encoding="utf-8")
-    datasets = list(datasets)
-    card_data = _card_data(config, repo_name, eval_results, datasets)
-    card = ModelCard(
-        f"---\n{card_data.to_yaml()}\n---\n{_card_body(config, repo_name, eval_results, datasets, training_notes)}"
-    )
-    card.save(output_dir / "README.md")
-    return output_dir
+    card_data = _card_data(draft.config, repo_name, eval_results, datasets)
+    body = _card_body(draft.config, repo_name, eval_results, datasets, training_notes)
+    ModelCard(f"---\n{card_data.to_yaml()}\n---\n{body}").save(folder / "README.md")
 
 
 def _sha256(path: Path) -> str:
@@ -409,7 +531,7 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
     return [
         StagedFile(path.relative_to(folder).as_posix(), path.stat().st_size, _sha256(path))
         for path in sorted(folder.rglob("*"))
-        if path.is_file()
+        if path.is_file() and path.name != STAGE_MANIFEST
     ]
 
 
@@ -431,7 +553,9 @@ def publish(
     is refused unless ``overwrite`` (then files absent from the folder are deleted in the same commit);
     an existing ``revision_tag`` is always refused. Both refusals happen before any upload.
     """
-    _check_repo_id(repo_id)
+    check_repo_id(repo_id)
+    if revision_tag is not None:
+        check_revision_tag(revision_tag)
     files = check_staged_folder(folder, repo_id)
     if dry_run:
         return PublishResult(repo_id=repo_id, files=files, dry_run=True, tag=revision_tag)
@@ -439,6 +563,34 @@ def publish(
     if not token:
         raise PublishError("No Hub token: pass token=..., set HF_TOKEN, or run `hf auth login`")
     api = HfApi(endpoint=endpoint or os.environ.get("HF_ENDPOINT"), token=token)
+    try:
+        repo_url, commit = _upload(api, folder, repo_id, files, revision_tag, private, overwrite)
+    except httpx2.TransportError as error:  # no route, refused connection, DNS failure, timeout
+        raise PublishError(
+            f"cannot reach {api.endpoint} ({type(error).__name__}: {error}); check --endpoint / HF_ENDPOINT "
+            "and the network. Nothing was uploaded unless the Hub reports a commit."
+        ) from error
+    return PublishResult(
+        repo_id=repo_id,
+        files=files,
+        dry_run=False,
+        repo_url=str(repo_url),
+        commit_oid=commit.oid,
+        commit_url=commit.commit_url,
+        tag=revision_tag,
+    )
+
+
+def _upload(
+    api: HfApi,
+    folder: str | os.PathLike,
+    repo_id: str,
+    files: list[StagedFile],
+    revision_tag: str | None,
+    private: bool,
+    overwrite: bool,
+):
+    """Create the repository (or, with ``overwrite``, reuse it), upload in one commit, tag it."""
     try:
         repo_url = api.create_repo(repo_id, private=private, exist_ok=False)
     except HfHubHTTPError as error:
@@ -464,15 +616,8 @@ def publish(
         folder_path=folder,
         commit_message=f"Upload Scylla draft ({len(files)} files)",
         delete_patterns="*" if overwrite else None,
+        ignore_patterns=[STAGE_MANIFEST],
     )
     if revision_tag is not None:
         api.create_tag(repo_id, tag=revision_tag, revision=commit.oid)
-    return PublishResult(
-        repo_id=repo_id,
-        files=files,
-        dry_run=False,
-        repo_url=str(repo_url),
-        commit_oid=commit.oid,
-        commit_url=commit.commit_url,
-        tag=revision_tag,
-    )
+    return repo_url, commit

@@ -24,7 +24,7 @@ from transformers.utils import ModelOutput
 from hf_common.compat import cache_kwargs
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 
-__all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target"]
+__all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target", "check_finite_weights"]
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 """State-dict keys that belong to the target and are saved only with ``config.save_embeddings``."""
@@ -69,6 +69,23 @@ def check_draft_matches_target(
                 f"Draft was trained with tokenizer fingerprint {config.target_tokenizer_hash}, but the given "
                 f"tokenizer has fingerprint {fingerprint} (different vocabulary)"
             )
+
+
+def check_finite_weights(draft: ScyllaDraftModel) -> None:
+    """Raise a `ValueError` naming the tensors with NaN or inf values (the target's shared ones excluded
+    unless the draft stores them): such a draft drafts garbage, so it is refused on load and on staging."""
+    shared = () if draft.config.save_embeddings else SHARED_WITH_TARGET
+    broken = [
+        name
+        for name, tensor in draft.state_dict().items()
+        if name not in shared and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all())
+    ]
+    if broken:
+        source = f" from {draft.name_or_path}" if draft.name_or_path else ""
+        raise ValueError(
+            f"The Scylla draft{source} has NaN or inf weights in {len(broken)} tensors, e.g. {broken[:3]} "
+            "(a diverged training run?): retrain it or use an earlier checkpoint"
+        )
 
 
 class ScyllaDraftModel(PreTrainedModel):
@@ -196,7 +213,7 @@ class ScyllaDraftModel(PreTrainedModel):
     ) -> ScyllaDraftModel:
         """Load a draft and, with ``target``, attach it (checking hidden size, vocab and tokenizer).
 
-        A checkpoint that is unreadable, or that lacks any draft weight, raises a `ValueError`; a
+        A checkpoint that is unreadable, lacks any draft weight or holds NaN/inf weights raises a `ValueError`; a
         checkpoint without embedding/LM head needs ``target`` (or a later `attach_target`).
         """
         if os.path.isdir(pretrained_model_name_or_path) and not os.path.isfile(
@@ -224,6 +241,7 @@ class ScyllaDraftModel(PreTrainedModel):
                 f"The Scylla draft checkpoint at {pretrained_model_name_or_path} is partial: it lacks "
                 f"{len(missing_draft_weights)} draft weights, e.g. {missing_draft_weights[:3]}"
             )
+        check_finite_weights(model)
         if target is not None:
             model.attach_target(target, target_tokenizer)
         else:

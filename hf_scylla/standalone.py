@@ -15,7 +15,7 @@ import os
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Trainer, TrainingArguments
 
-from hf_scylla.training import FeatureDataset, pad_records, trainer_defaults
+from hf_scylla.training import FeatureDataset, pad_records, trained_positions, trainer_defaults
 
 __all__ = ["collate_for_causal_lm", "make_standalone_draft", "train_standalone_draft"]
 
@@ -69,6 +69,8 @@ def train_standalone_draft(
     so both learn the same kind of parameters: decoder layers (plus, for the draft, its input
     projection). Returns the ``TrainOutput``; the final model is saved to ``output_dir``.
     """
+    if not trained_positions(features):
+        raise ValueError("no position is trained: every loss mask is 0 (use a longer max_length)")
     for parameter in (model.get_input_embeddings().weight, model.get_output_embeddings().weight):
         parameter.requires_grad_(False)
     trainer = Trainer(

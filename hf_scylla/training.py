@@ -12,6 +12,8 @@ and step k is weighted ``step_decay**k``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -33,9 +35,12 @@ __all__ = [
     "cache_text_features",
     "collate_features",
     "eagle_loss",
+    "feature_cache_path",
     "pad_records",
     "train_draft",
+    "trained_positions",
     "trainer_defaults",
+    "weights_fingerprint",
 ]
 
 
@@ -133,15 +138,61 @@ class FeatureDataset(Dataset):
         return cls(torch.load(path, weights_only=True))
 
     @classmethod
-    def cached(cls, path: str | os.PathLike, build: Callable[[], FeatureDataset]) -> FeatureDataset:
-        """Load ``path`` if it exists, else ``build()`` and save it there: target features are computed once."""
+    def cached(
+        cls, path: str | os.PathLike, build: Callable[[], FeatureDataset], description: dict | None = None
+    ) -> FeatureDataset:
+        """Load ``path`` if it exists, else ``build()`` and save it there: target features are computed once.
+
+        ``description`` (what the features were built from, see `feature_cache_path`) is saved next to
+        them as ``<path>.json``; a file whose saved description differs is refused, never reused.
+        """
         path = Path(path)
+        sidecar = path.with_suffix(".json")
         if path.is_file():
+            if description is not None and sidecar.is_file():
+                recorded = json.loads(sidecar.read_text())
+                changed = sorted(
+                    key
+                    for key in description.keys() | recorded.keys()
+                    if description.get(key) != recorded.get(key)
+                )
+                if changed:
+                    raise ValueError(
+                        f"{path} was built from other inputs (differing: {', '.join(changed)}; see {sidecar}): "
+                        "it is not reused for this run"
+                    )
             return cls.load(path)
         features = build()
         path.parent.mkdir(parents=True, exist_ok=True)
         features.save(path)
+        if description is not None:
+            sidecar.write_text(json.dumps(description, indent=2, sort_keys=True) + "\n")
         return features
+
+
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's tensors (names, shapes and ~4K evenly spaced values of each): another
+    checkpoint or a fine-tuned copy of the same architecture gets another fingerprint."""
+    digest = hashlib.sha256()
+    for name, tensor in model.state_dict().items():
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(1, flat.numel() // 4096)].float().cpu()
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(sample.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def feature_cache_path(folder: str | os.PathLike, stem: str, description: dict) -> Path:
+    """``<folder>/<stem>-<hash>.pt``: the hash covers the whole ``description`` (target identity and
+    weights, tokenizer and chat template, data and its content hash, lengths, counts, feature layer...),
+    so a change in any input names a new cache file instead of reusing the old one."""
+    key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
+    return Path(folder) / f"{stem}-{key}.pt"
+
+
+def trained_positions(features: FeatureDataset) -> int:
+    """How many (pair, target) positions the EAGLE loss learns from (masked-in tokens after the first)."""
+    return sum(int(record["loss_mask"][1:].sum()) for record in features.records)
 
 
 def _feature_record(
@@ -267,6 +318,11 @@ def train_draft(
     """
     if not draft.is_attached:
         raise ValueError("attach the draft to its target before training (draft.attach_target(target))")
+    if not trained_positions(features):
+        raise ValueError(
+            "no position is trained: every loss mask is 0 (the conversations were cut before their "
+            "responses began; use a longer max_length)"
+        )
     for parameter in (*draft.embed_tokens.parameters(), *draft.lm_head.parameters()):
         parameter.requires_grad_(False)
     arguments = trainer_defaults(output_dir) | {

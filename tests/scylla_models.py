@@ -10,11 +10,17 @@ from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel
 
 
 def make_target(
-    vocab_size: int = 128, context_scale: float = 1.0, seed: int = 0, head_dim: int = 16, **overrides
+    vocab_size: int = 128,
+    context_scale: float = 1.0,
+    seed: int = 0,
+    head_dim: int = 16,
+    family: str = "llama",
+    **overrides,
 ) -> PreTrainedModel:
-    """A tiny random Llama; ``context_scale < 1`` shrinks attention/MLP outputs towards a bigram model."""
+    """A tiny random Llama (or another ``family`` of conftest's); ``context_scale < 1`` shrinks
+    attention/MLP outputs towards a bigram model."""
     torch.manual_seed(seed)
-    config = make_tiny_config("llama", head_dim, vocab_size=vocab_size, num_hidden_layers=2, **overrides)
+    config = make_tiny_config(family, head_dim, vocab_size=vocab_size, num_hidden_layers=2, **overrides)
     target = AutoModelForCausalLM.from_config(config).eval()
     with torch.no_grad():
         for layer in target.model.layers:

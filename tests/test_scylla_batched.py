@@ -123,3 +123,29 @@ def test_bad_inputs_are_clear_errors() -> None:
     unattached.is_attached = False
     with pytest.raises(ValueError, match="attach_target"):
         batched_generate(target, unattached, input_ids, attention_mask, max_new_tokens=4)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_target_within_its_window_equals_plain_greedy(family: str) -> None:
+    """Issue 16 item 19: a sliding-window target is served while the cache stays inside the window..."""
+    overrides = {"use_sliding_window": True, "max_window_layers": 0} if family == "qwen2" else {}
+    target = make_target(context_scale=0.3, family=family, sliding_window=64, **overrides)
+    draft = make_draft(target, oracle=True)
+    input_ids, attention_mask = left_padded((7, 3, 11))
+    plain = target.generate(input_ids, attention_mask=attention_mask, max_new_tokens=24, do_sample=False)
+    result = batched_generate(target, draft, input_ids, attention_mask, max_new_tokens=24, draft_tokens=4)
+    assert torch.equal(result.sequences, plain)
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_sliding_window_target_past_its_window_is_refused_up_front(family: str) -> None:
+    """...and refused before any forward when it would outgrow it (it used to fail mid-decode)."""
+    overrides = {"use_sliding_window": True, "max_window_layers": 0} if family == "qwen2" else {}
+    target = make_target(family=family, sliding_window=16, **overrides)
+    draft = make_draft(target)
+    input_ids, attention_mask = left_padded((7, 3, 11))
+    calls = []
+    target.register_forward_pre_hook(lambda *_: calls.append(1))
+    with pytest.raises(ValueError, match="sliding_window is 16"):
+        batched_generate(target, draft, input_ids, attention_mask, max_new_tokens=32, draft_tokens=4)
+    assert calls == []

@@ -207,3 +207,32 @@ def test_sampling_check_script_accepts_scylla_and_rejects_the_broken_law(tmp_pat
     assert (tmp_path / "sampling.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         check.main(["--samples", "50"])
+
+
+def test_a_user_cache_holding_a_prefix_is_refused_before_decoding() -> None:
+    """Issue 16 item 20: the draft needs the target's features of the whole prompt; a cache that already
+    holds a prefix used to fail deep inside the candidate generator."""
+    from transformers import DynamicCache
+
+    from hf_common.compat import cache_kwargs
+
+    target = make_target(context_scale=0.3)
+    draft = make_draft(target, oracle=True)
+    prompt = random_prompt(0, length=9)
+    cache = DynamicCache(config=target.config)
+    with torch.no_grad():
+        target(prompt[:, :5], **cache_kwargs(cache))
+    with pytest.raises(ValueError, match="already holds 5 tokens"):
+        target.generate(
+            prompt,
+            **cache_kwargs(cache),
+            custom_generate=scylla_generate,
+            draft_model=draft,
+            max_new_tokens=8,
+        )
+    assert cache.get_seq_length() == 5, "the user's cache is left as it was"
+    empty = DynamicCache(config=target.config)  # an empty user cache is fine
+    output = target.generate(
+        prompt, **cache_kwargs(empty), custom_generate=scylla_generate, draft_model=draft, max_new_tokens=8
+    )
+    assert torch.equal(output, target.generate(prompt, max_new_tokens=8, do_sample=False))

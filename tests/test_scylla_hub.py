@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,14 @@ from transformers import AutoTokenizer
 
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, ScyllaStats, tokenizer_fingerprint
 from hf_scylla.cli import main as scylla_main
-from hf_scylla.hub import PublishError, StagedFolderError, check_staged_folder, publish, stage_draft
+from hf_scylla.hub import (
+    STAGE_MANIFEST,
+    PublishError,
+    StagedFolderError,
+    check_staged_folder,
+    publish,
+    stage_draft,
+)
 from hf_scylla.modeling import SHARED_WITH_TARGET
 
 TOKEN = "hf_loopback_token"
@@ -185,15 +193,100 @@ def test_stage_rejects_bad_eval_results(draft, tokenizer, tmp_path: Path, eval_r
     assert not (tmp_path / "staged").exists()
 
 
-def test_stage_refuses_non_empty_folder_without_overwrite(draft, tokenizer, tmp_path: Path) -> None:
+def test_stage_never_replaces_a_folder_it_did_not_write(draft, tokenizer, tmp_path: Path) -> None:
     folder = tmp_path / "staged"
     folder.mkdir()
     (folder / "notes.txt").write_text("keep me")
-    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
-        stage(draft, tokenizer, folder)
+    for overwrite in (False, True):
+        with pytest.raises(FileExistsError, match="was not written by hf-scylla stage"):
+            stage(draft, tokenizer, folder, overwrite=overwrite)
+    assert [path.name for path in folder.iterdir()] == ["notes.txt"]
     assert (folder / "notes.txt").read_text() == "keep me"
-    stage(draft, tokenizer, folder, overwrite=True)
-    assert not (folder / "notes.txt").exists() and (folder / "model.safetensors").is_file()
+
+
+def test_restage_replaces_only_the_files_the_earlier_stage_wrote(
+    target, draft, tokenizer, tmp_path: Path
+) -> None:
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    manifest = json.loads((folder / STAGE_MANIFEST).read_text())
+    assert "model.safetensors" in manifest["files"] and "custom_generate/generate.py" in manifest["files"]
+    with pytest.raises(FileExistsError, match="earlier staged draft; pass overwrite=True"):
+        stage(draft, tokenizer, folder)
+    (folder / "NOTES.md").write_text("the user's own file")
+    retrained = make_draft(target, seed=7)
+    stage(retrained, tokenizer, folder, overwrite=True)
+    assert (folder / "NOTES.md").read_text() == "the user's own file"
+    assert_same_weights(ScyllaDraftModel.from_pretrained(folder), retrained)
+    assert not list(folder.glob(".staging-*")), "the scratch folder is removed"
+
+
+def test_restage_refuses_to_replace_a_file_it_did_not_write(draft, tokenizer, tmp_path: Path) -> None:
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    manifest = json.loads((folder / STAGE_MANIFEST).read_text())
+    manifest["files"].remove("README.md")  # as if the user had put their own README there
+    (folder / STAGE_MANIFEST).write_text(json.dumps(manifest))
+    (folder / "README.md").write_text("# my own notes\n")
+    with pytest.raises(FileExistsError, match=r"holds \['README.md'\], which hf-scylla stage did not write"):
+        stage(draft, tokenizer, folder, overwrite=True)
+    assert (folder / "README.md").read_text() == "# my own notes\n"
+    assert (folder / "model.safetensors").is_file()
+
+
+def test_restage_refuses_a_manifest_pointing_outside_the_folder(draft, tokenizer, tmp_path: Path) -> None:
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    (tmp_path / "precious.txt").write_text("outside")
+    (folder / STAGE_MANIFEST).write_text(json.dumps({"files": ["../precious.txt"]}))
+    with pytest.raises(FileExistsError, match="outside"):
+        stage(draft, tokenizer, folder, overwrite=True)
+    assert (tmp_path / "precious.txt").read_text() == "outside"
+
+
+def test_cli_stage_into_the_current_folder_deletes_nothing(
+    draft, tokenizer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 item 1: ``--output-dir . --overwrite`` used to rmtree the working directory."""
+    work = tmp_path / "work"
+    draft.save_pretrained(work / "checkpoint")
+    tokenizer.save_pretrained(work / "target")
+    (work / "results.md").write_text("a user's results")
+    monkeypatch.chdir(work)
+    before = sorted(path.relative_to(work) for path in work.rglob("*"))
+    arguments = [
+        "stage",
+        "checkpoint",
+        "--target",
+        "target",
+        "--repo-name",
+        REPO_ID,
+        "--base-model",
+        TARGET_ID,
+    ]
+    assert scylla_main([*arguments, "--output-dir", ".", "--overwrite"]) == 2
+    assert "is or contains" in capsys.readouterr().err
+    (work / "checkpoint").rename(tmp_path / "checkpoint")  # '.' no longer holds a source: still refused
+    (work / "target").rename(tmp_path / "target")
+    elsewhere = ["stage", str(tmp_path / "checkpoint"), "--target", str(tmp_path / "target")]
+    assert scylla_main([*elsewhere, *arguments[4:], "--output-dir", ".", "--overwrite"]) == 2
+    assert "was not written by hf-scylla stage" in capsys.readouterr().err
+    assert [path.name for path in work.iterdir()] == ["results.md"]
+    assert len(before) > 1
+
+
+def test_cli_stage_into_the_checkpoints_parent_keeps_the_checkpoint(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Issue 16 item 2: ``stage p/ckpt --output-dir p --overwrite`` used to delete the checkpoint."""
+    parent = tmp_path / "p"
+    draft.save_pretrained(parent / "ckpt")
+    (parent / "sibling.txt").write_text("another run")
+    tokenizer.save_pretrained(tmp_path / "target")
+    arguments = ["stage", str(parent / "ckpt"), "--target", str(tmp_path / "target"), "--repo-name", REPO_ID]
+    arguments += ["--base-model", TARGET_ID, "--overwrite"]
+    for output_dir in (parent, parent / "ckpt"):
+        assert scylla_main([*arguments, "--output-dir", str(output_dir)]) == 2
+        assert f"is or contains {parent / 'ckpt'}" in capsys.readouterr().err
+    assert (parent / "sibling.txt").read_text() == "another run"
+    assert_same_weights(ScyllaDraftModel.from_pretrained(parent / "ckpt"), draft)
 
 
 def test_stage_refuses_another_targets_tokenizer(draft, tokenizer, tmp_path: Path) -> None:
@@ -236,6 +329,7 @@ def test_publish_round_trip_with_tags(hub: LoopbackHub, target, draft, tokenizer
     # A second release with other weights: the v1 tag still resolves to the first one.
     retrained = make_draft(target, seed=7)
     stage(retrained, tokenizer, folder, overwrite=True)
+    (folder / "NOTES.md").unlink()  # restaging keeps the user's own files; this one leaves the release
     second = publish(folder, REPO_ID, revision_tag="v2", overwrite=True)
     assert hub.commit_count(REPO_ID) == 3 and second.commit_oid != result.commit_oid
     head_files = set(hub.repos[REPO_ID].head.files)
@@ -390,6 +484,7 @@ def test_dry_run_lists_files_and_sends_nothing(
     result = publish(folder, REPO_ID, dry_run=True)
     assert result.dry_run and result.commit_oid is None
     on_disk = {path.relative_to(folder).as_posix(): path for path in folder.rglob("*") if path.is_file()}
+    assert on_disk.pop(STAGE_MANIFEST), "the manifest stays local: it is never uploaded"
     assert {file.path for file in result.files} == set(on_disk)
     for file in result.files:
         content = on_disk[file.path].read_bytes()
@@ -408,8 +503,8 @@ def test_cli_stage_then_publish(
     stage_args = ["stage", str(checkpoint), "--target", str(target_dir), "--output-dir", str(staged)]
     stage_args += ["--repo-name", REPO_ID, "--base-model", TARGET_ID, "--eval-results", str(results)]
     assert scylla_main(stage_args) == 0
-    assert scylla_main(stage_args) == 1
-    assert "not empty; pass overwrite=True" in capsys.readouterr().out
+    assert scylla_main(stage_args) == 2
+    assert "earlier staged draft; pass overwrite=True (--overwrite)" in capsys.readouterr().err
     card = ModelCard.load(staged / "README.md")
     assert card.data.base_model == TARGET_ID
     assert {result.metric_value for result in card.data.eval_results} == {3.25, 1.75}
@@ -418,8 +513,8 @@ def test_cli_stage_then_publish(
     assert "nothing was sent" in capsys.readouterr().out and hub.requests == []
     assert scylla_main(["publish", str(staged), "--repo-id", REPO_ID, "--tag", "v1"]) == 0
     assert "tagged v1" in capsys.readouterr().out
-    assert scylla_main(["publish", str(staged), "--repo-id", REPO_ID]) == 1
-    assert "already exists" in capsys.readouterr().out
+    assert scylla_main(["publish", str(staged), "--repo-id", REPO_ID]) == 2
+    assert "already exists" in capsys.readouterr().err
     assert hub.commit_count(REPO_ID) == 2
     assert_same_weights(ScyllaDraftModel.from_pretrained(REPO_ID, revision="v1"), draft)
 
@@ -436,5 +531,89 @@ def test_cli_stage_stores_the_benchmarked_draft_settings(
     config = ScyllaDraftConfig.from_pretrained(tmp_path / "staged")
     assert (config.max_draft_tokens, config.confidence_threshold) == (3, 0.25)
     bad = [*stage_args[:-1], "1.5", "--output-dir", str(tmp_path / "bad")]
-    assert scylla_main(bad) == 1
-    assert "confidence_threshold must be in [0, 1)" in capsys.readouterr().out
+    assert scylla_main(bad) == 2
+    assert "confidence_threshold must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+
+
+def poison_weights(folder: Path) -> None:
+    """A valid safetensors file whose fc weight holds a NaN (a diverged training run)."""
+    from safetensors.torch import save_file
+
+    tensors = load_file(folder / "model.safetensors")
+    tensors["fc.weight"][0, 0] = float("nan")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_draft_with_nan_weights_is_refused_on_load_stage_and_dry_run(
+    target, draft, tokenizer, tmp_path: Path
+) -> None:
+    """Issue 16 item 10: such a draft used to load, stage and pass ``publish --dry-run``."""
+    checkpoint = tmp_path / "checkpoint"
+    draft.save_pretrained(checkpoint)
+    poison_weights(checkpoint)
+    with pytest.raises(ValueError, match=r"NaN or inf weights in 1 tensors, e.g. \['fc.weight'\]"):
+        ScyllaDraftModel.from_pretrained(checkpoint, target=target)
+    with torch.no_grad():
+        draft.layers[0].mlp.up_proj.weight[1, 2] = float("inf")
+    with pytest.raises(ValueError, match=r"layers\.0\.mlp\.up_proj\.weight"):
+        stage(draft, tokenizer, tmp_path / "staged")
+    assert not (tmp_path / "staged").exists()
+    folder = stage(make_draft(target), tokenizer, tmp_path / "staged")
+    poison_weights(folder)
+    with pytest.raises(StagedFolderError, match="NaN or inf weights"):
+        publish(folder, REPO_ID, dry_run=True)
+
+
+def test_cli_publish_to_an_unreachable_endpoint_says_so(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HF_TOKEN", TOKEN)
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    arguments = ["publish", str(folder), "--repo-id", REPO_ID, "--endpoint", "http://127.0.0.1:9"]
+    assert scylla_main(arguments) == 2
+    error = capsys.readouterr().err
+    assert "cannot reach http://127.0.0.1:9" in error and "Traceback" not in error
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (["--repo-id", "no-namespace"], "Expected a Hub repository id"),
+        (["--repo-id", "org/-bad-"], "Expected a Hub repository id"),
+        (["--repo-id", "org/a--b"], "Expected a Hub repository id"),
+        (["--repo-id", REPO_ID, "--tag", "v 1"], "not a valid git tag name"),
+        (["--repo-id", REPO_ID, "--tag", "v1..2"], "not a valid git tag name"),
+        (["--repo-id", REPO_ID, "--tag=-v1"], "not a valid git tag name"),
+    ],
+)
+def test_cli_publish_dry_run_refuses_a_bad_repo_id_or_tag(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str], arguments, message
+) -> None:
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    assert scylla_main(["publish", str(folder), *arguments, "--dry-run"]) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (None, "not found"),
+        ('{"tau": 3.0,', "is not a JSON file"),
+        ("[3.0]", "must hold a JSON object"),
+        ('{"tau": 3.0}', "missing \\['dataset_name', 'dataset_type'\\]"),
+    ],
+)
+def test_cli_stage_refuses_malformed_eval_results(
+    draft, tokenizer, tmp_path: Path, capsys: pytest.CaptureFixture[str], content, message
+) -> None:
+    checkpoint, target_dir, results = tmp_path / "checkpoint", tmp_path / "target", tmp_path / "eval.json"
+    draft.save_pretrained(checkpoint)
+    tokenizer.save_pretrained(target_dir)
+    if content is not None:
+        results.write_text(content)
+    arguments = ["stage", str(checkpoint), "--target", str(target_dir), "--repo-name", REPO_ID]
+    arguments += ["--output-dir", str(tmp_path / "staged"), "--eval-results", str(results)]
+    assert scylla_main(arguments) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert not (tmp_path / "staged").exists()
