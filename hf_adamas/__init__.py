@@ -17,9 +17,11 @@ from hf_adamas.config import AdamasConfig
 from hf_adamas.integration import apply_adamas, register
 from hf_adamas.tasks import TASKS_DIR
 from hf_common import __version__
+from hf_common.default_model import register_saved_attention
 from hf_common.harness import register_lm_eval_model, register_lm_eval_tasks
 
 register()
+register_saved_attention("adamas_config", "adamas")
 register_lm_eval_model("hf-adamas", "hf_adamas.lm_eval:AdamasLM")
 register_lm_eval_tasks(TASKS_DIR)
 

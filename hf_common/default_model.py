@@ -25,6 +25,9 @@ from pathlib import Path
 import torch
 from huggingface_hub import constants as hub_constants
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 DEFAULT_MODEL_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 """Hub ID of the default model; loading this ID uses the embedded GGUF, never the network."""
@@ -41,6 +44,7 @@ __all__ = [
     "default_model_path",
     "embedded_gguf_path",
     "load_model_and_tokenizer",
+    "register_saved_attention",
 ]
 
 
@@ -176,6 +180,32 @@ def resolve_model_source(model_id: str) -> tuple[str, bool]:
     return model_id, False
 
 
+_SAVED_ATTENTION: dict[str, str] = {}
+
+
+def register_saved_attention(config_key: str, attn_implementation: str) -> None:
+    """Declare that a config carrying ``config_key`` was saved for ``attn_implementation``.
+
+    transformers reloads such a model with its default attention (it does not read method settings
+    from the config); `load_model_and_tokenizer` then says so once, naming the argument to pass.
+    """
+    _SAVED_ATTENTION[config_key] = attn_implementation
+
+
+def _warn_saved_attention_unused(model: PreTrainedModel) -> None:
+    loaded = getattr(model.config, "_attn_implementation", None)
+    for key, implementation in _SAVED_ATTENTION.items():
+        if getattr(model.config, key, None) is not None and loaded != implementation:
+            logger.warning(
+                "%s was saved with `%s` but is loaded with attn_implementation=%r, so those settings are "
+                "not used; pass attn_implementation=%r to use them.",
+                model.config._name_or_path,
+                key,
+                loaded,
+                implementation,
+            )
+
+
 def load_model_and_tokenizer(
     model_id: str | os.PathLike | None = None,
     *,
@@ -222,4 +252,5 @@ def load_model_and_tokenizer(
     )
     if embedded:  # report the Hub ID, not the cache folder, e.g. for drafts that record their target
         model.config._name_or_path = tokenizer.name_or_path = DEFAULT_MODEL_ID
+    _warn_saved_attention_unused(model)
     return model.to(device).eval(), tokenizer

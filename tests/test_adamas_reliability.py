@@ -111,6 +111,26 @@ def test_cache_without_codes_warns_once(kind: str, caplog: pytest.LogCaptureFixt
     assert len(warnings) == 1 and layer_type in warnings[0].getMessage()
 
 
+def test_reload_without_adamas_says_the_saved_settings_are_unused(
+    tiny_target_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """transformers reloads a model saved with adamas_config as sdpa; the package loader says so."""
+    from transformers import AutoTokenizer
+
+    from hf_common import load_model_and_tokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_target_dir)
+    apply_adamas(model, AdamasConfig(token_budget=16, dense_layers=1))
+    model.save_pretrained(tmp_path / "saved")
+    AutoTokenizer.from_pretrained(tiny_target_dir).save_pretrained(tmp_path / "saved")
+    with caplog.at_level(logging.WARNING):
+        loaded, _ = load_model_and_tokenizer(tmp_path / "saved")
+        assert loaded.config._attn_implementation != "adamas"
+        load_model_and_tokenizer(tmp_path / "saved", attn_implementation="adamas")
+    messages = [r.getMessage() for r in caplog.records if "adamas_config" in r.getMessage()]
+    assert len(messages) == 1 and "pass attn_implementation='adamas'" in messages[0]
+
+
 def test_triton_missing_on_cuda_warns_once(monkeypatch, caplog: pytest.LogCaptureFixture) -> None:
     monkeypatch.setattr(ops, "_kernels", lambda: None)
     monkeypatch.setattr(ops, "_force_reference", False)
