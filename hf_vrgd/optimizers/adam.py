@@ -8,13 +8,18 @@ from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.base import GSNRScaledOptimizer, ParamsT, fp32_copies, write_back
+from hf_vrgd.optimizers.base import (
+    GSNRScaledOptimizer,
+    ParamsT,
+    fp32_copies,
+    require_finite_non_negative,
+    write_back,
+)
 
 
 def adam_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict[str, Any]:
     """The validated hyperparameters of an Adam-family optimizer (``ValueError`` outside their ranges)."""
-    if lr < 0 or eps < 0 or weight_decay < 0:
-        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+    require_finite_non_negative(lr=lr, eps=eps, weight_decay=weight_decay)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
     return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
