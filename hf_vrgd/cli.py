@@ -11,15 +11,27 @@ DESCRIPTION = "VRGD variance-reduced optimizers (arXiv 2309.13681) for the Huggi
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_vrgd.bench import add_bench_arguments
+    from hf_vrgd.bench.micro import add_bench_arguments
 
     add_bench_arguments(parser)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from hf_vrgd.bench import run_bench
+    from hf_vrgd.bench.micro import run_bench
 
     return run_bench(args)
+
+
+def _add_small_k_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_vrgd.bench.small_k import add_small_k_arguments
+
+    add_small_k_arguments(parser)
+
+
+def _run_small_k(args: argparse.Namespace) -> int:
+    from hf_vrgd.bench.small_k import run_small_k
+
+    return run_small_k(args)
 
 
 def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -41,6 +53,12 @@ COMMANDS = (
         "Step time and memory of each VR optimizer against its base on a ~100M-parameter Llama.",
         _add_bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "small-k",
+        "How many multipliers clip to gamma with few gradient groups K (Gaussian group gradients).",
+        _add_small_k_arguments,
+        _run_small_k,
     ),
     Command(
         "train",

@@ -179,7 +179,8 @@ class GSNRLoggingCallback(TrainerCallback):
     Keys (see `GSNRScaledOptimizer.gsnr_summary`): ``gsnr/mean_multiplier``, ``gsnr/fraction_at_gamma``,
     ``gsnr/fraction_at_one``, ``gsnr/fraction_without_gradient``, ``gsnr/groups`` and, with
     ``per_layer``, ``gsnr/<parameter name>/mean_multiplier`` and ``.../fraction_at_gamma``. The values
-    describe the step just before the log, not an average over ``logging_steps``.
+    describe the step just before the log, not an average over ``logging_steps``; with
+    ``logging_strategy="steps"`` the optimizer computes them only for the steps that are logged.
 
     The values go into the ``logs`` dict of ``Trainer.log`` and into ``state.log_history``. Callbacks
     run in list order, and ``Trainer`` puts ``report_to`` integrations first, so this callback must
@@ -211,6 +212,24 @@ class GSNRLoggingCallback(TrainerCallback):
     ) -> None:
         if model is not None:
             self._names = {param: name for name, param in model.named_parameters()}
+
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Collects the summary (a few more passes in ``step()``) only for steps the Trainer will log."""
+        gsnr_optimizer = find_gsnr_optimizer(optimizer)
+        if gsnr_optimizer is None:
+            return
+        step = state.global_step + 1
+        logs_by_steps = args.logging_strategy == "steps" and state.logging_steps
+        gsnr_optimizer.gsnr_scaler.collect_summary = (
+            not logs_by_steps or step % state.logging_steps == 0 or (args.logging_first_step and step == 1)
+        )
 
     def on_log(
         self,

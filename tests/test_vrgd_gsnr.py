@@ -7,6 +7,7 @@ all-reduce of the same statistics is checked in ``test_vrgd_ddp.py``.
 from __future__ import annotations
 
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -392,3 +393,16 @@ def test_single_group_after_full_windows_steps_unscaled_once_warned() -> None:
     torch.optim.SGD(base_model.parameters(), lr=0.1).step()
     for p, q in zip(model.parameters(), base_model.parameters(), strict=True):
         torch.testing.assert_close(p, q)
+
+
+def test_few_groups_warn_once() -> None:
+    """K = 2 or 3 (results/vrgd/small_k.md: 94% / 60% clip to gamma) warns once; K = 4 does not."""
+    model = tiny_model()
+    optimizer = VRSGD(model.parameters(), lr=0.1)
+    for groups, warns in ((4, False), (2, True), (3, False)):
+        for _ in range(groups):
+            model(torch.randn(4, 5)).sum().backward()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            optimizer.step()
+        assert any("mostly noise" in str(w.message) for w in caught) == warns

@@ -21,6 +21,10 @@ from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 OPTIMIZER_CLASS_KEY = "optimizer_class"
+FEW_GROUPS = 4
+"""Below this many gradient groups the GSNR estimate is mostly noise: on Gaussian group gradients 94%
+(K=2) and 60% (K=3) of the elements clip to gamma, against 37% at K=4, 28% at K=8 and 25% in the
+large-K limit (``hf-vrgd small-k``, results/vrgd/small_k.md). Steps with fewer groups warn once."""
 """Top-level key of our state dicts naming the optimizer class that saved them."""
 
 
@@ -179,6 +183,7 @@ class GSNRGradientScaler:
     * no gradient at all: nothing happens (as torch optimizers), ``False``;
     * a non-finite gradient or multiplier: warning, nothing touched, ``False``;
     * one gradient group (``K = 1``) before any step with ``K >= 2``: ``ValueError`` with the fix;
+    * ``2 <= K < FEW_GROUPS``: a normal step, with a warning the first time (the estimate is noisy);
     * ``K = 1`` after steps with ``K >= 2`` (the partial last accumulation window of an epoch): no
       variance exists, so this step uses the unscaled gradient (the base optimizer's step; the ``beta3``
       EMA is not updated), with a warning the first time.
@@ -194,6 +199,7 @@ class GSNRGradientScaler:
         self.last_groups = 0
         self.largest_groups = 0
         self._warned_single_group = False
+        self._warned_few_groups = False
         self._last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
     def scale_gradients(self, param_groups: list[dict[str, Any]], state: Mapping[torch.Tensor, dict]) -> bool:
@@ -208,6 +214,14 @@ class GSNRGradientScaler:
         if groups < 2:
             self.statistics.reset()
             return self._single_group(groups)
+        if groups < FEW_GROUPS and not self._warned_few_groups:
+            warnings.warn(
+                f"GSNR from {groups} gradient groups is mostly noise ({'94' if groups == 2 else '60'}% of the "
+                f"elements clip to gamma on Gaussian gradients, against 25% with many groups); use at least "
+                f"{FEW_GROUPS} groups (gradient_accumulation_steps x ranks, or VRGDTrainer(gradient_groups=k))",
+                stacklevel=4,
+            )
+            self._warned_few_groups = True
         computed = []
         for group, params in params_with_gradients(param_groups):
             buffers = [self.statistics.sums(p) for p in params]
