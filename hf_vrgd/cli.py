@@ -1,4 +1,4 @@
-"""The ``hf-vrgd`` command line: bench, train (plus demo and env)."""
+"""The ``hf-vrgd`` command line: bench, bench-model, small-k, train (plus demo and env)."""
 
 from __future__ import annotations
 
@@ -20,6 +20,18 @@ def _run_bench(args: argparse.Namespace) -> int:
     from hf_vrgd.bench.micro import run_bench
 
     return run_bench(args)
+
+
+def _add_real_model_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_vrgd.bench.real_model import add_real_model_arguments
+
+    add_real_model_arguments(parser)
+
+
+def _run_real_model(args: argparse.Namespace) -> int:
+    from hf_vrgd.bench.real_model import run_real_model_bench
+
+    return run_real_model_bench(args)
 
 
 def _add_small_k_arguments(parser: argparse.ArgumentParser) -> None:
@@ -50,9 +62,15 @@ COMMANDS = (
     *COMMON_COMMANDS,
     Command(
         "bench",
-        "Step time and memory of each VR optimizer against its base on a ~100M-parameter Llama.",
+        "Micro-benchmark: step time and memory of each VR optimizer against its base (synthetic loss).",
         _add_bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "bench-model",
+        "Real fine-tuning step (SmolLM2-135M, chat GSM8K, 4 micro-batches): base vs VR time and memory.",
+        _add_real_model_arguments,
+        _run_real_model,
     ),
     Command(
         "small-k",
