@@ -375,3 +375,15 @@ def test_wrapper_state_dict_for_another_layout_leaves_the_base_untouched() -> No
     with pytest.raises(ValueError, match="gsnr_state"):
         wrapper.load_state_dict(state_dict)
     torch.testing.assert_close(wrapper.base_optimizer.state_dict(), before, rtol=0, atol=0)
+
+
+def test_one_name_table_pairs_every_vr_optimizer_with_its_base() -> None:
+    from hf_vrgd.optimizers import BASE_OPTIMIZERS, optimizer_pair
+
+    assert BASE_OPTIMIZERS[VRAdamW] is torch.optim.AdamW and BASE_OPTIMIZERS[VRLAMB] is LAMB
+    base_factory, vr_factory = optimizer_pair("vr-adamw", lr=0.02)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    base, vr = base_factory(params), vr_factory(params)
+    assert type(base) is torch.optim.AdamW and base.defaults["foreach"] is True
+    assert type(vr) is VRAdamW and vr.defaults["lr"] == 0.02 == base.defaults["lr"]
+    assert vr.defaults["weight_decay"] == base.defaults["weight_decay"] == 0.01

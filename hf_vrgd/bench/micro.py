@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from hf_common.cli import CommandError
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 from hf_common.reporting import command_line, machine, markdown_table, write_report
+from hf_vrgd.optimizers import optimizer_pair
 
 STEP_TIME_TARGET = 1.25
 """Reported against, not asserted: a VR step should cost at most 1.25x its base."""
@@ -32,33 +33,15 @@ MEMORY_TARGET_BUFFERS = 2.0
 """Reported against, not asserted: at most two extra float32 buffers per parameter."""
 
 
-def _optimizer_pairs() -> dict[str, tuple[Callable, Callable]]:
-    """VR optimizer name -> (base factory, VR factory); each factory takes the parameter list."""
-    import hf_vrgd
-
-    adam_kwargs = {"lr": 1e-3, "weight_decay": 0.01}
-    return {
-        "vr-sgd": (
-            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
-            lambda p: hf_vrgd.VRSGD(p, lr=0.1, momentum=0.9),
-        ),
-        "vr-adam": (
-            lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
-            lambda p: hf_vrgd.VRAdam(p, lr=1e-3),
-        ),
-        "vr-adamw": (
-            lambda p: torch.optim.AdamW(p, foreach=True, **adam_kwargs),
-            lambda p: hf_vrgd.VRAdamW(p, **adam_kwargs),
-        ),
-        "vr-lamb": (lambda p: hf_vrgd.LAMB(p, **adam_kwargs), lambda p: hf_vrgd.VRLAMB(p, **adam_kwargs)),
-        "vr-lars": (
-            lambda p: hf_vrgd.LARS(p, lr=0.1, momentum=0.9),
-            lambda p: hf_vrgd.VRLARS(p, lr=0.1, momentum=0.9),
-        ),
-    }
-
-
-BENCH_OPTIMIZERS = ("vr-sgd", "vr-adam", "vr-adamw", "vr-lamb", "vr-lars")
+BENCH_SETTINGS: dict[str, dict[str, float]] = {
+    "vr-sgd": {"lr": 0.1, "momentum": 0.9},
+    "vr-adam": {"lr": 1e-3},
+    "vr-adamw": {"lr": 1e-3, "weight_decay": 0.01},
+    "vr-lamb": {"lr": 1e-3, "weight_decay": 0.01},
+    "vr-lars": {"lr": 0.1, "momentum": 0.9},
+}
+"""The VR optimizers benchmarked and their settings, shared by the base (`hf_vrgd.optimizers.optimizer_pair`)."""
+BENCH_OPTIMIZERS = tuple(BENCH_SETTINGS)
 
 
 def llama_parameters(target: int, device: torch.device) -> tuple[list[torch.nn.Parameter], str]:
@@ -208,10 +191,9 @@ def run_bench(args: argparse.Namespace) -> int:
     params, shape = llama_parameters(args.params, device)
     n_params = sum(p.numel() for p in params)
     coefficients = [torch.randn_like(p) for p in params]
-    pairs = _optimizer_pairs()
     rows = []
     for name in tqdm(args.optimizers, desc=f"bench ({device.type})", unit="pair"):
-        base_factory, vr_factory = pairs[name]
+        base_factory, vr_factory = optimizer_pair(name, **BENCH_SETTINGS[name])
         base = time_optimizer(base_factory, params, coefficients, args.groups, args.repeats)
         vr = time_optimizer(vr_factory, params, coefficients, args.groups, args.repeats)
         if _leftover_hooks(params):

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import partial, partialmethod
 from typing import Any
 
 import torch
@@ -102,20 +102,10 @@ class VRAdam(GSNRScaledOptimizer):
 class VRAdamW(VRAdam):
     """VR-AdamW: `VRAdam` with decoupled weight decay (``torch.optim.AdamW``; default 0.01).
 
-    ``gamma=1`` gives ``torch.optim.AdamW``. Same state and reconstruction notes as `VRAdam`.
+    ``gamma=1`` gives ``torch.optim.AdamW``. Same arguments (``weight_decay`` and those after it are
+    keyword-only), state and reconstruction notes as `VRAdam`.
     """
 
     update_rule = staticmethod(partial(adam_update, decoupled=True))
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        gamma: float = 0.1,
-        beta3: float = 0.9,
-        gsnr_eps: float = 1e-6,
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, gamma, beta3, gsnr_eps)
+    __init__ = partialmethod(VRAdam.__init__, weight_decay=0.01)
