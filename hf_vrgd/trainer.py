@@ -33,12 +33,18 @@ class VRGDTrainer(Trainer):
         gradient_groups (`int`, *optional*):
             Split each micro-batch into this many groups (rows of the batch, as even as possible) and run
             one backward pass per group, so a single device without gradient accumulation still gives
-            the optimizer ``K >= 2`` gradient groups. Each group's loss is weighted so that the
+            the optimizer ``K >= 2`` gradient groups. A last batch with fewer rows gives fewer groups
+            (one per row). Each group's loss is weighted so that the
             accumulated gradient equals the one of a single full-batch backward: by the group's share of
             rows for mean losses, unweighted when the loss is already normalized by
             ``num_items_in_batch`` (token-count normalized LM losses, exact). With mean losses over
             padded tokens the row weighting matches the full batch only when every row has the same
             number of label tokens. Costs ``gradient_groups`` smaller forward/backward passes.
+
+    Every micro-batch (and every group) tells the optimizer's statistics its size, so that its gradient
+    counts as a per-group mean: micro-batches with different numbers of label tokens (variable-length
+    batches under ``num_items_in_batch`` normalization) do not pose as gradient noise. A plain ``Trainer``
+    does not, so prefer `VRGDTrainer` with variable-length batches.
         *args, **kwargs: passed to ``transformers.Trainer``.
 
     Raises ``ValueError`` under FSDP or DeepSpeed, and with reentrant activation checkpointing. Moves any
@@ -60,24 +66,27 @@ class VRGDTrainer(Trainer):
         for callback in [c for c in callbacks if isinstance(c, GSNRLoggingCallback)]:
             callbacks.remove(callback)
             callbacks.insert(0, callback)
-        checkpointing_kwargs = self.args.gradient_checkpointing_kwargs or {}
-        if self.args.gradient_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
+        checkpointing_kwargs = self.args.activation_checkpointing_kwargs or {}
+        if self.args.activation_checkpointing and checkpointing_kwargs.get("use_reentrant", False):
             raise ValueError(
                 "reentrant activation checkpointing runs nested backward passes that corrupt the GSNR "
-                "statistics; use activation_checkpointing_kwargs={'use_reentrant': False}"
+                "statistics; pass TrainingArguments(activation_checkpointing_kwargs={'use_reentrant': False}) "
+                "(its deprecated alias is gradient_checkpointing_kwargs), the transformers default"
             )
 
     def training_step(
         self, model: nn.Module, inputs: dict[str, Any], num_items_in_batch: torch.Tensor | int | None = None
     ) -> torch.Tensor:
-        if self.gradient_groups is None:
-            return super().training_step(model, inputs, num_items_in_batch)
-        groups = split_batch(inputs, self.gradient_groups)
-        rows = sum(group_rows for _, group_rows in groups)
         normalized = self._loss_is_normalized(num_items_in_batch)
+        if self.gradient_groups is None:
+            groups = [(inputs, None)]
+        else:
+            groups = split_batch(inputs, self.gradient_groups)
+        rows = sum(group_rows or 0 for _, group_rows in groups)
         total_loss = None
         for index, (group, group_rows) in enumerate(groups):
-            self._group_loss_weight = 1.0 if normalized else group_rows / rows
+            self._group_loss_weight = 1.0 if normalized or group_rows is None else group_rows / rows
+            self._set_group_size(group, normalized)
             # Under DDP only the last group's backward may all-reduce; the others only accumulate.
             sync = contextlib.nullcontext() if index == len(groups) - 1 else self.accelerator.no_sync(model)
             try:
@@ -87,6 +96,24 @@ class VRGDTrainer(Trainer):
                 self._group_loss_weight = 1.0
             total_loss = loss if total_loss is None else total_loss + loss
         return total_loss
+
+    def _set_group_size(self, group: Mapping[str, Any], normalized: bool) -> None:
+        """Tells the GSNR statistics how to turn the next backward's gradient into a per-group mean.
+
+        A loss normalized by ``num_items_in_batch`` (a sum over the window) gives a group gradient in
+        proportion to the group's label tokens, counted as the Trainer counts them; a mean loss weighted
+        by the group's share of rows gives one in proportion to that share.
+        """
+        gsnr_optimizer = find_gsnr_optimizer(self.optimizer)
+        if gsnr_optimizer is None:
+            return
+        items = self._group_loss_weight
+        labels = group.get("shift_labels", group.get("labels"))
+        if normalized and torch.is_tensor(labels):
+            if "shift_labels" not in group and self._loss_shifts_labels:
+                labels = labels[..., 1:]
+            items = max(int(labels.ne(-100).sum()), 1)  # a group without label tokens has no gradient
+        gsnr_optimizer.gsnr_scaler.statistics.set_group_size(items)
 
     def _loss_is_normalized(self, num_items_in_batch: torch.Tensor | int | None) -> bool:
         """Whether the loss is a sum over the window divided by ``num_items_in_batch`` (Trainer's rule)."""
@@ -116,13 +143,17 @@ class VRGDTrainer(Trainer):
 def split_batch(inputs: Mapping[str, Any], groups: int) -> list[tuple[dict[str, Any], int]]:
     """Splits every tensor whose first dimension is the batch into ``groups`` parts; ``(part, rows)`` each.
 
-    Other values (scalars, tensors of another leading size) are shared by all parts.
+    Other values (scalars, tensors of another leading size) are shared by all parts. A batch of fewer
+    rows (the last, partial batch of an epoch) gives one part per row; a single row gives one group,
+    and the optimizer then steps on the unscaled gradient (see `GSNRGradientScaler`) unless gradient
+    accumulation adds groups. ``dataloader_drop_last=True`` avoids partial batches.
     """
     batch_size = next((v.shape[0] for v in inputs.values() if torch.is_tensor(v) and v.dim() > 0), None)
-    if batch_size is None or batch_size < groups:
+    if batch_size is None:
         raise ValueError(
-            f"gradient_groups={groups} needs a batch of at least {groups} rows, got {batch_size}"
+            "gradient_groups needs a batch with a batch dimension (tensors of shape [rows, ...])"
         )
+    groups = min(groups, batch_size)
     parts: list[dict[str, Any]] = [{} for _ in range(groups)]
     for key, value in inputs.items():
         if torch.is_tensor(value) and value.dim() > 0 and value.shape[0] == batch_size:
@@ -148,7 +179,8 @@ class GSNRLoggingCallback(TrainerCallback):
     Keys (see `GSNRScaledOptimizer.gsnr_summary`): ``gsnr/mean_multiplier``, ``gsnr/fraction_at_gamma``,
     ``gsnr/fraction_at_one``, ``gsnr/fraction_without_gradient``, ``gsnr/groups`` and, with
     ``per_layer``, ``gsnr/<parameter name>/mean_multiplier`` and ``.../fraction_at_gamma``. The values
-    describe the step just before the log, not an average over ``logging_steps``.
+    describe the step just before the log, not an average over ``logging_steps``; with
+    ``logging_strategy="steps"`` the optimizer computes them only for the steps that are logged.
 
     The values go into the ``logs`` dict of ``Trainer.log`` and into ``state.log_history``. Callbacks
     run in list order, and ``Trainer`` puts ``report_to`` integrations first, so this callback must
@@ -180,6 +212,24 @@ class GSNRLoggingCallback(TrainerCallback):
     ) -> None:
         if model is not None:
             self._names = {param: name for name, param in model.named_parameters()}
+
+    def on_step_begin(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        optimizer: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Collects the summary (a few more passes in ``step()``) only for steps the Trainer will log."""
+        gsnr_optimizer = find_gsnr_optimizer(optimizer)
+        if gsnr_optimizer is None:
+            return
+        step = state.global_step + 1
+        logs_by_steps = args.logging_strategy == "steps" and state.logging_steps
+        gsnr_optimizer.gsnr_scaler.collect_summary = (
+            not logs_by_steps or step % state.logging_steps == 0 or (args.logging_first_step and step == 1)
+        )
 
     def on_log(
         self,

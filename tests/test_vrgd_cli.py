@@ -1,4 +1,4 @@
-"""``hf-vrgd bench`` and ``hf-vrgd train`` end to end on tiny sizes, resume, and argument errors."""
+"""``hf-vrgd bench``, ``small-k`` and ``train`` end to end on tiny sizes, resume, and argument errors."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_vrgd import experiment
-from hf_vrgd.bench import optimizer_bytes
+from hf_vrgd.bench.micro import optimizer_bytes
 from hf_vrgd.cli import main
 
 TINY_TRAIN = [
@@ -126,7 +126,6 @@ def test_plan_runs_sweeps_only_sweep_seeds() -> None:
         (["train", "--batch-ratio", "0"], "--batch-ratio must be >= 1"),
         (["train", "--small-batch", "12", "--micro-batch", "8"], "must be a multiple of --micro-batch"),
         (["train", "--small-batch", "8", "--micro-batch", "8"], "need >= 2 gradient groups"),
-        (["bench", "--groups", "1"], "--groups must be >= 2"),
         (["bench", "--optimizers", "vr-rmsprop"], "invalid choice"),
     ],
 )
@@ -138,3 +137,55 @@ def test_bad_arguments_fail_clearly(
     assert raised.value.code != 0
     assert message in str(raised.value.code) + capsys.readouterr().err
     assert not any(tmp_path.iterdir()), "nothing is written when the arguments are wrong"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--groups", "1"], "--groups must be >= 2"),
+        (["bench", "--repeats", "0"], "--repeats must be >= 1"),
+        (["bench-model", "--micro-batches", "1"], "--micro-batches must be >= 2"),
+        (["bench-model", "--data", "missing.jsonl"], "is not a file"),
+        (["small-k", "--elements", "10"], "--elements must be >= 100"),
+    ],
+)
+def test_bad_bench_arguments_exit_2_before_any_work(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 2
+    assert message in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("argv", "written"),
+    [
+        (["bench", "--cpu"], "bench_cpu.json"),
+        (["bench-model"], "real_model.json"),
+        (["small-k"], "small_k.json"),
+    ],
+)
+def test_existing_results_are_refused_without_overwrite(
+    argv: list[str], written: str, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """Issue 16 item 3: the claim comes first, so nothing is measured (or loaded) before the refusal."""
+    (tmp_path / written).write_text("earlier results")
+    assert main([*argv, "--output-dir", str(tmp_path)]) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (tmp_path / written).read_text() == "earlier results"
+
+
+def test_default_outputs_are_under_runs() -> None:
+    from hf_common.cli import build_parser
+    from hf_vrgd.cli import COMMANDS
+
+    parser = build_parser("hf-vrgd", "", COMMANDS)
+    for command in ("bench", "bench-model", "small-k"):
+        assert parser.parse_args([command]).output_dir.parts[:2] == ("runs", "vrgd")
+
+
+def test_small_k_writes_the_clipped_fraction(tmp_path: Path) -> None:
+    assert main(["small-k", "--elements", "2000", "--seeds", "1", "--output-dir", str(tmp_path)]) == 0
+    rows = json.loads((tmp_path / "small_k.json").read_text())["rows"]
+    at_gamma = {(row["snr"], row["K"]): row["fraction_at_gamma"] for row in rows}
+    assert at_gamma[(0.0, 2)] > 0.8 > 0.4 > at_gamma[(0.0, 32)]

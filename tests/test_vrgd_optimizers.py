@@ -320,3 +320,70 @@ def test_gsnr_summary_reports_the_last_step() -> None:
     assert set(names.values()) == {
         key.split("/")[1] for key in summary if key.endswith("/fraction_at_gamma")
     } - {"fraction_at_gamma"}
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf"), -0.1], ids=["nan", "inf", "negative"])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda p, lr: VRSGD(p, lr=lr),
+        lambda p, lr: VRAdamW(p, lr=lr),
+        lambda p, lr: VRLAMB(p, lr=lr),
+        lambda p, lr: VRLARS(p, lr=lr),
+        lambda p, lr: LAMB(p, lr=lr),
+        lambda p, lr: LARS(p, lr=lr),
+        lambda p, lr: VRSGD([{"params": list(p), "lr": lr}], lr=0.1),
+    ],
+    ids=["vrsgd", "vradamw", "vrlamb", "vrlars", "lamb", "lars", "vrsgd-group"],
+)
+def test_non_finite_or_negative_learning_rate_is_refused(make: Callable, lr: float) -> None:
+    model, _ = make_problem()
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        make(model.parameters(), lr)
+
+
+@pytest.mark.parametrize("lr", [float("nan"), float("inf")], ids=["nan", "inf"])
+def test_wrapper_refuses_a_non_finite_base_learning_rate(lr: float) -> None:
+    """torch.optim.SGD accepts lr=nan; the wrapper does not (negative lr torch refuses itself)."""
+    model, _ = make_problem()
+    with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+        VRGD(torch.optim.SGD(model.parameters(), lr=lr))
+
+
+@pytest.mark.parametrize("gamma", [5.0, 0.0, -1.0, float("nan")])
+def test_per_group_gamma_is_validated(gamma: float) -> None:
+    model, batches = make_problem()
+    layers = list(model.parameters())
+    with pytest.raises(ValueError, match="gamma"):
+        VRSGD([{"params": layers[:2]}, {"params": layers[2:], "gamma": gamma}], lr=0.1)
+    optimizer = VRAdamW(model.parameters())
+    run_steps(model, optimizer, batches, steps=1)
+    before = flat_parameters(model)
+    optimizer.param_groups[0]["gamma"] = gamma  # changed after construction: refused at the step
+    with pytest.raises(ValueError, match="gamma"):
+        run_steps(model, optimizer, batches, steps=1)
+    assert torch.equal(flat_parameters(model), before)
+
+
+def test_wrapper_state_dict_for_another_layout_leaves_the_base_untouched() -> None:
+    state_dict = saved_state(lambda p: VRGD(torch.optim.AdamW(p), beta3=0.9))
+    state_dict["gsnr_state"][0]["gsnr_ema"] = torch.zeros(3, 3)
+    model, batches = make_problem()
+    wrapper = VRGD(torch.optim.AdamW(model.parameters()), beta3=0.9)
+    run_steps(model, wrapper, batches, steps=1)
+    before = copy.deepcopy(wrapper.base_optimizer.state_dict())
+    with pytest.raises(ValueError, match="gsnr_state"):
+        wrapper.load_state_dict(state_dict)
+    torch.testing.assert_close(wrapper.base_optimizer.state_dict(), before, rtol=0, atol=0)
+
+
+def test_one_name_table_pairs_every_vr_optimizer_with_its_base() -> None:
+    from hf_vrgd.optimizers import BASE_OPTIMIZERS, optimizer_pair
+
+    assert BASE_OPTIMIZERS[VRAdamW] is torch.optim.AdamW and BASE_OPTIMIZERS[VRLAMB] is LAMB
+    base_factory, vr_factory = optimizer_pair("vr-adamw", lr=0.02)
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    base, vr = base_factory(params), vr_factory(params)
+    assert type(base) is torch.optim.AdamW and base.defaults["foreach"] is True
+    assert type(vr) is VRAdamW and vr.defaults["lr"] == 0.02 == base.defaults["lr"]
+    assert vr.defaults["weight_decay"] == base.defaults["weight_decay"] == 0.01

@@ -226,3 +226,110 @@ def test_sharded_setups_are_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPa
 def test_bad_gradient_groups(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="gradient_groups"):
         VRGDTrainer(model=tiny_model(), args=training_args(tmp_path), gradient_groups=1)
+
+
+def padded_batch(lengths: list[int], generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Rows of the given lengths, right-padded to SEQUENCE_LENGTH with labels -100."""
+    input_ids = torch.randint(3, 128, (len(lengths), SEQUENCE_LENGTH), generator=generator)
+    mask = torch.arange(SEQUENCE_LENGTH) < torch.tensor(lengths)[:, None]
+    labels = torch.where(mask, input_ids, -100)
+    return {"input_ids": input_ids, "attention_mask": mask.long(), "labels": labels}
+
+
+def test_unequal_micro_batches_give_per_group_mean_gsnr(tmp_path: Path) -> None:
+    """Variable-length micro-batches under num_items_in_batch: the hook statistics equal a brute-force GSNR
+    over the per-micro-batch mean gradients (token-mean loss of each micro-batch)."""
+    from test_vrgd_gsnr import brute_force_multiplier
+
+    from hf_vrgd import gsnr_multiplier
+
+    generator = torch.Generator().manual_seed(3)
+    micro_batches = [padded_batch(lengths, generator) for lengths in ([8, 8], [2, 3], [8, 2], [4, 2])]
+    items = sum(int(b["labels"][:, 1:].ne(-100).sum()) for b in micro_batches)
+
+    model = tiny_model()
+    per_group = []
+    for batch in micro_batches:
+        model.zero_grad()
+        model(**batch).loss.backward()  # the mean over this micro-batch's label tokens
+        per_group.append([p.grad.clone() for p in model.parameters()])
+    model.zero_grad()
+    expected = [brute_force_multiplier(torch.stack(g), 0.1) for g in zip(*per_group, strict=True)]
+
+    optimizer = VRSGD(model.parameters(), lr=0.1)
+    trainer = VRGDTrainer(
+        model=model,
+        args=training_args(tmp_path, gradient_accumulation_steps=len(micro_batches)),
+        train_dataset=token_dataset(),
+        optimizers=(optimizer, None),
+    )
+    trainer.current_gradient_accumulation_steps = len(micro_batches)
+    assert trainer._loss_is_normalized(torch.tensor(items))
+    for batch in micro_batches:
+        trainer.training_step(model, dict(batch), torch.tensor(items))
+    statistics = optimizer.gsnr_scaler.statistics
+    groups = statistics.all_reduce()
+    assert groups == len(micro_batches)
+    unweighted = []
+    for param, reference in zip(model.parameters(), expected, strict=True):
+        multiplier = gsnr_multiplier(*statistics.moments(param, groups), gamma=0.1, eps=1e-6)
+        torch.testing.assert_close(multiplier.double(), reference, rtol=1e-3, atol=1e-4)
+        unweighted.append(multiplier)
+    # Not vacuous: weighting every group alike (a plain Trainer) gives another GSNR.
+    size_weighted = [
+        brute_force_multiplier(torch.stack([g * n for g, n in zip(grads, sizes, strict=True)]), 0.1)
+        for grads, sizes in zip(
+            zip(*per_group, strict=True),
+            [[int(b["labels"][:, 1:].ne(-100).sum()) for b in micro_batches]] * len(expected),
+            strict=True,
+        )
+    ]
+    assert not all(
+        torch.allclose(a, b.float(), atol=1e-3) for a, b in zip(unweighted, size_weighted, strict=True)
+    )
+
+
+def test_partial_last_accumulation_window_is_handled(tmp_path: Path) -> None:
+    """Issue 16 item 12: gradient_accumulation_steps=3 over 7 rows (windows 3, 3, 1): the last step is
+    unscaled with a warning, training finishes."""
+    model = tiny_model()
+    trainer = Trainer(
+        model=model,
+        args=training_args(
+            tmp_path,
+            per_device_train_batch_size=1,
+            gradient_accumulation_steps=3,
+            max_steps=-1,
+            num_train_epochs=1,
+        ),
+        train_dataset=token_dataset(7),
+        optimizers=(VRSGD(model.parameters(), lr=0.1), None),
+    )
+    with pytest.warns(UserWarning, match="partial last gradient-accumulation window"):
+        trainer.train()
+    assert trainer.state.global_step == 3
+    assert all(p.isfinite().all() for p in model.parameters())
+
+
+def test_gradient_groups_with_a_one_row_last_batch(tmp_path: Path) -> None:
+    """VRGDTrainer(gradient_groups=4) over 9 rows in batches of 4: a final 1-row batch trains (one group)."""
+    model = tiny_model()
+    trainer = VRGDTrainer(
+        model=model,
+        args=training_args(tmp_path, gradient_accumulation_steps=1, max_steps=-1, num_train_epochs=1),
+        train_dataset=token_dataset(9),
+        optimizers=(VRSGD(model.parameters(), lr=0.1), None),
+        gradient_groups=4,
+        callbacks=[GSNRLoggingCallback(per_layer=False)],
+    )
+    with pytest.warns(UserWarning, match="partial last gradient-accumulation window"):
+        trainer.train()
+    assert [log["gsnr/groups"] for log in trainer.state.log_history if "gsnr/groups" in log] == [4.0, 4.0]
+    assert trainer.state.global_step == 3
+
+
+@pytest.mark.parametrize("argument", ["activation_checkpointing", "gradient_checkpointing"])
+def test_reentrant_refusal_names_the_argument(tmp_path: Path, argument: str) -> None:
+    args = training_args(tmp_path, **{argument: True, f"{argument}_kwargs": {"use_reentrant": True}})
+    with pytest.raises(ValueError, match=r"activation_checkpointing_kwargs=\{'use_reentrant': False\}"):
+        VRGDTrainer(model=tiny_model(), args=args, train_dataset=token_dataset())

@@ -1,6 +1,10 @@
-"""VRGD optimizers and the base optimizers torch lacks (LAMB, LARS), with a name registry."""
+"""VRGD optimizers and the base optimizers torch lacks (LAMB, LARS), with the one name table."""
 
 from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim import Optimizer
@@ -12,13 +16,19 @@ from hf_vrgd.optimizers.lars import LARS, VRLARS
 from hf_vrgd.optimizers.sgd import VRSGD
 from hf_vrgd.optimizers.wrapper import VRGD
 
+BASE_OPTIMIZERS: dict[type[Optimizer], type[Optimizer]] = {
+    VRSGD: torch.optim.SGD,
+    VRAdam: torch.optim.Adam,
+    VRAdamW: torch.optim.AdamW,
+    VRLAMB: LAMB,
+    VRLARS: LARS,
+}
+"""Each VR optimizer's base: it takes the same arguments, minus the GSNR ones, and ``gamma=1`` equals it."""
+
 OPTIMIZERS: dict[str, type[Optimizer]] = {
-    **{cls.__name__.lower(): cls for cls in (VRSGD, VRAdam, VRAdamW, VRLAMB, VRLARS, LAMB, LARS)},
+    **{cls.__name__.lower(): cls for pair in BASE_OPTIMIZERS.items() for cls in pair},
     "vrmomentum": VRSGD,
-    "sgd": torch.optim.SGD,
     "momentum": torch.optim.SGD,
-    "adam": torch.optim.Adam,
-    "adamw": torch.optim.AdamW,
 }
 """Name -> optimizer class: each VR optimizer and its base (``"vradamw"`` -> `VRAdamW`, ``"adamw"`` ->
 ``torch.optim.AdamW``, ``"lamb"`` -> `LAMB`)."""
@@ -35,7 +45,21 @@ def load_optimizer(name: str) -> type[Optimizer]:
     return OPTIMIZERS[key]
 
 
+def optimizer_pair(name: str, **kwargs: Any) -> tuple[Callable, Callable]:
+    """``(base factory, VR factory)`` for a VR optimizer ``name`` (``"vr-adamw"``), both with ``kwargs``.
+
+    Each factory takes the parameters; torch bases get ``foreach=True`` (their fastest CPU/GPU path).
+    """
+    vr_class = load_optimizer(name)
+    base_class = BASE_OPTIMIZERS[vr_class]
+    base_kwargs = dict(kwargs)
+    if "foreach" in inspect.signature(base_class).parameters:
+        base_kwargs["foreach"] = True
+    return (lambda params: base_class(params, **base_kwargs)), (lambda params: vr_class(params, **kwargs))
+
+
 __all__ = [
+    "BASE_OPTIMIZERS",
     "LAMB",
     "LARS",
     "OPTIMIZERS",
@@ -47,4 +71,5 @@ __all__ = [
     "VRAdam",
     "VRAdamW",
     "load_optimizer",
+    "optimizer_pair",
 ]

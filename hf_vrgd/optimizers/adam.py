@@ -3,18 +3,23 @@
 from __future__ import annotations
 
 import math
-from functools import partial
+from functools import partial, partialmethod
 from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.base import GSNRScaledOptimizer, ParamsT, fp32_copies, write_back
+from hf_vrgd.optimizers.base import (
+    GSNRScaledOptimizer,
+    ParamsT,
+    fp32_copies,
+    require_finite_non_negative,
+    write_back,
+)
 
 
 def adam_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict[str, Any]:
     """The validated hyperparameters of an Adam-family optimizer (``ValueError`` outside their ranges)."""
-    if lr < 0 or eps < 0 or weight_decay < 0:
-        raise ValueError(f"lr, eps and weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
+    require_finite_non_negative(lr=lr, eps=eps, weight_decay=weight_decay)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
     return dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
@@ -97,20 +102,10 @@ class VRAdam(GSNRScaledOptimizer):
 class VRAdamW(VRAdam):
     """VR-AdamW: `VRAdam` with decoupled weight decay (``torch.optim.AdamW``; default 0.01).
 
-    ``gamma=1`` gives ``torch.optim.AdamW``. Same state and reconstruction notes as `VRAdam`.
+    ``gamma=1`` gives ``torch.optim.AdamW``. Same arguments (``weight_decay`` and those after it are
+    keyword-only), state and reconstruction notes as `VRAdam`.
     """
 
     update_rule = staticmethod(partial(adam_update, decoupled=True))
 
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.01,
-        gamma: float = 0.1,
-        beta3: float = 0.9,
-        gsnr_eps: float = 1e-6,
-    ) -> None:
-        super().__init__(params, lr, betas, eps, weight_decay, gamma, beta3, gsnr_eps)
+    __init__ = partialmethod(VRAdam.__init__, weight_decay=0.01)

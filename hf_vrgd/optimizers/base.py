@@ -8,6 +8,7 @@ The update rules themselves are plain functions in the optimizer files (``sgd_up
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, ClassVar
@@ -20,6 +21,10 @@ from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
 
 ParamsT = Iterable[torch.Tensor] | Iterable[dict[str, Any]]
 OPTIMIZER_CLASS_KEY = "optimizer_class"
+FEW_GROUPS = 4
+"""Below this many gradient groups the GSNR estimate is mostly noise: on Gaussian group gradients 94%
+(K=2) and 60% (K=3) of the elements clip to gamma, against 37% at K=4, 28% at K=8 and 25% in the
+large-K limit (``hf-vrgd small-k``, results/vrgd/small_k.md). Steps with fewer groups warn once."""
 """Top-level key of our state dicts naming the optimizer class that saved them."""
 
 
@@ -167,50 +172,108 @@ def apply_momentum(
 class GSNRGradientScaler:
     """Turns one window's `GradientStatistics` into GSNR multipliers and applies them to ``p.grad``.
 
-    Per step: all-reduce the statistics, check ``K >= 2`` and finite gradients, compute
-    ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per tensor (foreach: `gsnr_multipliers`), optionally replace it by its
-    bias-corrected EMA (``beta3``; state keys ``gsnr_ema`` and ``gsnr_step``), multiply ``p.grad`` by it,
-    and reset the statistics. ``gamma`` and ``beta3`` are read from each parameter group.
+    Per step: all-reduce the statistics, compute ``r = gsnr_multiplier(E[g], E[g²], gamma, eps)`` per
+    tensor (foreach, in place in the statistics buffers: `gsnr_multipliers`), check that every gradient
+    and every multiplier is finite (one host sync), then multiply ``p.grad`` by ``r`` or, with ``beta3``,
+    by its bias-corrected EMA (state keys ``gsnr_ema`` and ``gsnr_step``). ``gamma``, ``beta3`` and ``lr``
+    are read, and validated, from each parameter group. The statistics restart at every step.
+
+    Cases that are not a normal step:
+
+    * no gradient at all: nothing happens (as torch optimizers), ``False``;
+    * a non-finite gradient or multiplier: warning, nothing touched, ``False``;
+    * one gradient group (``K = 1``) before any step with ``K >= 2``: ``ValueError`` with the fix;
+    * ``2 <= K < FEW_GROUPS``: a normal step, with a warning the first time (the estimate is noisy);
+    * ``K = 1`` after steps with ``K >= 2`` (the partial last accumulation window of an epoch): no
+      variance exists, so this step uses the unscaled gradient (the base optimizer's step; the ``beta3``
+      EMA is not updated), with a warning the first time.
+
+    ``collect_summary`` (default True) also computes the counts behind `summary` (a few more passes);
+    `GSNRLoggingCallback` turns it on only for the steps the Trainer logs.
     """
 
     def __init__(self, params: Iterable[torch.Tensor], eps: float) -> None:
         self.statistics = GradientStatistics(params)
         self.eps = eps
+        self.collect_summary = True
         self.last_groups = 0
+        self.largest_groups = 0
+        self._warned_single_group = False
+        self._warned_few_groups = False
         self._last_tables: list[tuple[list[torch.Tensor], torch.Tensor]] = []
 
     def scale_gradients(self, param_groups: list[dict[str, Any]], state: Mapping[torch.Tensor, dict]) -> bool:
-        """Scales every ``p.grad`` by its multiplier; False (nothing touched) when a gradient is not finite."""
-        try:
-            groups = self.statistics.all_reduce()
-            if groups < 2:
-                raise ValueError(
-                    f"GSNR needs at least 2 gradient groups per optimizer step, got {groups}. A group is one "
-                    "backward pass on one rank: use gradient accumulation (gradient_accumulation_steps >= 2), "
-                    "several DDP processes, or VRGDTrainer(gradient_groups=k) to split each batch."
-                )
-            grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
-            if not all_finite_or_warn(grads):
-                return False
-            tables = []
-            for group, params in params_with_gradients(param_groups):
-                moments = [self.statistics.moments(p, groups) for p in params]
-                if any(m is None for m in moments):
-                    raise ValueError(
-                        "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned directly?)"
-                    )
-                means, mean_sqs = (list(column) for column in zip(*moments, strict=True))
-                multipliers, table = gsnr_multipliers(means, mean_sqs, gamma=group["gamma"], eps=self.eps)
-                tables.append((params, table))
-                if group.get("beta3") is not None:
-                    multipliers = _bias_corrected_emas(
-                        [state[p] for p in params], multipliers, group["beta3"]
-                    )
-                torch._foreach_mul_([p.grad for p in params], multipliers)
-            self.last_groups, self._last_tables = groups, tables
-            return True
-        finally:
+        """Scales every ``p.grad`` by its multiplier; whether the base update should run (see the class)."""
+        for group in param_groups:
+            validate_group(group)
+        grads = [p.grad for group in param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
             self.statistics.reset()
+            return False
+        groups = self.statistics.all_reduce()
+        if groups < 2:
+            self.statistics.reset()
+            return self._single_group(groups)
+        if groups < FEW_GROUPS and not self._warned_few_groups:
+            warnings.warn(
+                f"GSNR from {groups} gradient groups is mostly noise ({'94' if groups == 2 else '60'}% of the "
+                f"elements clip to gamma on Gaussian gradients, against 25% with many groups); use at least "
+                f"{FEW_GROUPS} groups (gradient_accumulation_steps x ranks, or VRGDTrainer(gradient_groups=k))",
+                stacklevel=4,
+            )
+            self._warned_few_groups = True
+        computed = []
+        for group, params in params_with_gradients(param_groups):
+            buffers = [self.statistics.sums(p) for p in params]
+            if any(b is None for b in buffers):
+                self.statistics.reset()
+                raise ValueError(
+                    "a parameter has a gradient that the GSNR hooks never saw (was .grad assigned directly?)"
+                )
+            sums, squares = (list(column) for column in zip(*buffers, strict=True))
+            multipliers, totals, table = gsnr_multipliers(
+                sums, squares, groups, gamma=group["gamma"], eps=self.eps, with_table=self.collect_summary
+            )
+            computed.append((group, params, multipliers, totals, table))
+        self.statistics.reset()  # the multipliers stay in the buffers until the next backward
+        totals = torch.cat([c[3].to(grads[0].device) for c in computed])
+        finite_grads, finite_multipliers = torch.stack([_all_finite(grads), totals.isfinite().all()]).tolist()
+        if not finite_grads:
+            _warn_skipped("non-finite gradients")
+            return False
+        if not finite_multipliers:
+            _warn_skipped("non-finite GSNR statistics (a squared gradient overflowed float32?)")
+            return False
+        for group, params, multipliers, _, _ in computed:
+            grads = [p.grad for p in params]
+            if group.get("beta3") is None:
+                torch._foreach_mul_(grads, multipliers)
+            else:
+                _scale_by_bias_corrected_emas([state[p] for p in params], multipliers, grads, group["beta3"])
+        self.last_groups, self.largest_groups = groups, max(groups, self.largest_groups)
+        self._last_tables = [(c[1], c[4]) for c in computed if c[4] is not None]
+        return True
+
+    def _single_group(self, groups: int) -> bool:
+        """``K < 2``: an error before any real step, the unscaled gradient (warned once) afterwards."""
+        if self.largest_groups < 2:
+            raise ValueError(
+                f"GSNR needs at least 2 gradient groups per optimizer step, got {groups}. A group is one "
+                "backward pass on one rank: use gradient accumulation (gradient_accumulation_steps >= 2), "
+                "several DDP processes, or VRGDTrainer(gradient_groups=k) to split each batch."
+            )
+        if not self._warned_single_group:
+            warnings.warn(
+                f"this optimizer step has {groups} gradient group (earlier steps had up to "
+                f"{self.largest_groups}), e.g. the partial last gradient-accumulation window of an epoch: "
+                "without a variance it uses the unscaled gradient. To avoid short windows make the number "
+                "of batches per epoch a multiple of gradient_accumulation_steps (and use "
+                "dataloader_drop_last=True).",
+                stacklevel=4,
+            )
+            self._warned_single_group = True
+        self.last_groups, self._last_tables = groups, []
+        return True
 
     def summary(
         self, names: Mapping[torch.Tensor, str] | None = None, per_layer: bool = True
@@ -237,24 +300,32 @@ class GSNRGradientScaler:
         return summary
 
 
+def _all_finite(grads: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-dim bool tensor: every element of every gradient is finite (no host sync)."""
+    # The largest magnitude is inf/NaN exactly when an element is, and cannot overflow (unlike a 2-norm).
+    return (
+        torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, float("inf"))])
+        .isfinite()
+        .all()
+    )
+
+
+def _warn_skipped(reason: str) -> None:
+    warnings.warn(f"{reason}: this optimizer step is skipped (parameters and state untouched)", stacklevel=5)
+
+
 def all_finite_or_warn(grads: list[torch.Tensor]) -> bool:
     """Whether every gradient element is finite (one host sync); warns that the step is skipped if not."""
-    # The largest magnitude is inf/NaN exactly when an element is, and cannot overflow (unlike a 2-norm).
-    if not grads:
+    if not grads or bool(_all_finite(grads)):
         return True
-    largest = torch.stack([n.to(grads[0].device) for n in torch._foreach_norm(grads, float("inf"))])
-    if bool(largest.isfinite().all()):
-        return True
-    warnings.warn(
-        "non-finite gradients: this optimizer step is skipped (parameters and state untouched)", stacklevel=4
-    )
+    _warn_skipped("non-finite gradients")
     return False
 
 
-def _bias_corrected_emas(
-    states: list[dict], multipliers: list[torch.Tensor], beta3: float
-) -> list[torch.Tensor]:
-    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``; returns ``p_t / (1 - beta3^t)`` in ``multipliers``' memory.
+def _scale_by_bias_corrected_emas(
+    states: list[dict], multipliers: list[torch.Tensor], grads: list[torch.Tensor], beta3: float
+) -> None:
+    """``p_t = beta3 p_{t-1} + (1 - beta3) r_t``, then ``grad *= p_t / (1 - beta3^t)``.
 
     Reconstructed VR-Adam (see `VRAdam`).
     """
@@ -265,9 +336,28 @@ def _bias_corrected_emas(
         state["gsnr_step"] += 1
     emas = [state["gsnr_ema"] for state in states]
     torch._foreach_lerp_(emas, multipliers, 1.0 - beta3)
-    torch._foreach_copy_(multipliers, emas)
-    torch._foreach_div_(multipliers, [1.0 - beta3 ** state["gsnr_step"] for state in states])
-    return multipliers
+    torch._foreach_mul_(grads, emas)
+    torch._foreach_div_(grads, [1.0 - beta3 ** state["gsnr_step"] for state in states])
+
+
+def require_finite_non_negative(**values: float) -> None:
+    """Raises ``ValueError`` naming every value that is not a finite number >= 0 (NaN and inf included)."""
+    bad = {}
+    for name, value in values.items():
+        number = float(value) if torch.is_tensor(value) and value.numel() == 1 else value
+        if not (isinstance(number, (int, float)) and math.isfinite(number) and number >= 0):
+            bad[name] = value
+    if bad:
+        raise ValueError(
+            ", ".join(f"{name} must be a finite number >= 0, got {value!r}" for name, value in bad.items())
+        )
+
+
+def validate_group(group: Mapping[str, Any]) -> None:
+    """Validates the learning rate and GSNR settings of one parameter group (``ValueError``)."""
+    require_finite_non_negative(lr=group["lr"])
+    if "gamma" in group:
+        VRGDConfig(gamma=group["gamma"], beta3=group.get("beta3"))
 
 
 class GSNRScaledOptimizer(StrictStateOptimizer):
@@ -301,6 +391,7 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
                 "registered then); build a new optimizer, e.g. with frozen parameters in a group of lr=0"
             )
         super().add_param_group(param_group)
+        validate_group(self.param_groups[-1])
 
     def _prepare_gradients(self) -> bool:
         return self.gsnr_scaler.scale_gradients(self.param_groups, self.state)

@@ -12,6 +12,7 @@ from hf_vrgd.optimizers.base import (
     StrictStateOptimizer,
     apply_momentum,
     fp32_copies,
+    require_finite_non_negative,
     write_back,
 )
 
@@ -20,11 +21,9 @@ def lars_defaults(
     lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float
 ) -> dict[str, Any]:
     """The validated LARS hyperparameters (``ValueError`` outside their ranges)."""
-    if min(lr, momentum, weight_decay, eps) < 0 or trust_coefficient <= 0:
-        raise ValueError(
-            f"lr, momentum, weight_decay, eps must be >= 0 and trust_coefficient > 0, got "
-            f"{lr}, {momentum}, {weight_decay}, {eps}, {trust_coefficient}"
-        )
+    require_finite_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps)
+    if not trust_coefficient > 0:
+        raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}")
     return dict(
         lr=lr, momentum=momentum, weight_decay=weight_decay, trust_coefficient=trust_coefficient, eps=eps
     )

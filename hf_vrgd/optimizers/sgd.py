@@ -6,7 +6,14 @@ from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.base import GSNRScaledOptimizer, ParamsT, apply_momentum, fp32_copies, write_back
+from hf_vrgd.optimizers.base import (
+    GSNRScaledOptimizer,
+    ParamsT,
+    apply_momentum,
+    fp32_copies,
+    require_finite_non_negative,
+    write_back,
+)
 
 
 def sgd_update(group: dict[str, Any], params: list[torch.Tensor], states: list[dict]) -> None:
@@ -53,10 +60,7 @@ class VRSGD(GSNRScaledOptimizer):
         gamma: float = 0.1,
         gsnr_eps: float = 1e-6,
     ) -> None:
-        if lr < 0 or momentum < 0 or weight_decay < 0:
-            raise ValueError(
-                f"lr, momentum and weight_decay must be >= 0, got {lr}, {momentum}, {weight_decay}"
-            )
+        require_finite_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay)
         if nesterov and (momentum <= 0 or dampening != 0):
             raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
         defaults = dict(

@@ -10,7 +10,7 @@ import torch
 from torch.optim import Optimizer
 
 from hf_vrgd.config import VRGDConfig
-from hf_vrgd.optimizers.base import OPTIMIZER_CLASS_KEY, GSNRGradientScaler, evaluate_closure
+from hf_vrgd.optimizers.base import OPTIMIZER_CLASS_KEY, GSNRGradientScaler, evaluate_closure, validate_group
 
 
 class VRGD(Optimizer):
@@ -42,6 +42,8 @@ class VRGD(Optimizer):
                 f"base_optimizer must be a torch.optim.Optimizer, got {type(base_optimizer).__name__}"
             )
         VRGDConfig(gamma=gamma, beta3=beta3, eps=gsnr_eps)
+        for group in base_optimizer.param_groups:
+            validate_group(group)
         self.base_optimizer = base_optimizer
         self.gamma, self.beta3 = gamma, beta3
         super().__init__(base_optimizer.param_groups, base_optimizer.defaults)
@@ -87,14 +89,15 @@ class VRGD(Optimizer):
             raise ValueError(
                 f"this state dict was not saved by VRGD (optimizer_class={state_dict.get(OPTIMIZER_CLASS_KEY)!r})"
             )
-        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
         params = self._params()
-        self.gsnr_state.clear()
-        for index, saved in state_dict["gsnr_state"].items():
+        for index, saved in state_dict["gsnr_state"].items():  # checked before anything is loaded
             if index >= len(params) or saved["gsnr_ema"].shape != params[index].shape:
                 raise ValueError(
                     f"gsnr_state of parameter {index} does not match this optimizer's parameters"
                 )
+        self.base_optimizer.load_state_dict(state_dict["base_optimizer"])
+        self.gsnr_state.clear()
+        for index, saved in state_dict["gsnr_state"].items():
             self.gsnr_state[params[index]] = {
                 "gsnr_ema": saved["gsnr_ema"].to(device=params[index].device, dtype=torch.float32),
                 "gsnr_step": saved["gsnr_step"],

@@ -1,4 +1,4 @@
-"""Step time and memory of each VR optimizer against its base optimizer on a ~100M-parameter Llama.
+"""Micro-benchmark: step time and memory of each VR optimizer against its base on a ~100M-parameter Llama.
 
 What VR adds to a training step is (a) a hook per parameter on every backward pass that accumulates the
 float32 sums Σg and Σg², and (b) the GSNR computation inside ``step()``. So one timed iteration is
@@ -6,7 +6,8 @@ float32 sums Σg and Σg², and (b) the GSNR computation inside ``step()``. So o
 tensor ``c_p`` times a per-group scale ``s_j``, so groups differ and the GSNR is finite), then one
 ``step()``. Base and VR pay the same backward; VR additionally pays its hooks. The step is also timed
 alone. Memory is the optimizer's own tensors (state plus anything else it holds, parameters and
-gradients excluded), counted before and after ``step()``.
+gradients excluded), counted before and after ``step()``. The synthetic backward is the worst case for
+the hooks; `hf_vrgd.bench.real_model` measures a real fine-tuning step.
 """
 
 from __future__ import annotations
@@ -14,16 +15,17 @@ from __future__ import annotations
 import argparse
 import gc
 import math
-import platform
 import statistics
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
-from hf_common.reporting import markdown_table, save_json
+from hf_common.cli import CommandError
+from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
+from hf_common.reporting import command_line, machine, markdown_table, write_report
+from hf_vrgd.optimizers import optimizer_pair
 
 STEP_TIME_TARGET = 1.25
 """Reported against, not asserted: a VR step should cost at most 1.25x its base."""
@@ -31,33 +33,15 @@ MEMORY_TARGET_BUFFERS = 2.0
 """Reported against, not asserted: at most two extra float32 buffers per parameter."""
 
 
-def _optimizer_pairs() -> dict[str, tuple[Callable, Callable]]:
-    """VR optimizer name -> (base factory, VR factory); each factory takes the parameter list."""
-    import hf_vrgd
-
-    adam_kwargs = {"lr": 1e-3, "weight_decay": 0.01}
-    return {
-        "vr-sgd": (
-            lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, foreach=True),
-            lambda p: hf_vrgd.VRSGD(p, lr=0.1, momentum=0.9),
-        ),
-        "vr-adam": (
-            lambda p: torch.optim.Adam(p, lr=1e-3, foreach=True),
-            lambda p: hf_vrgd.VRAdam(p, lr=1e-3),
-        ),
-        "vr-adamw": (
-            lambda p: torch.optim.AdamW(p, foreach=True, **adam_kwargs),
-            lambda p: hf_vrgd.VRAdamW(p, **adam_kwargs),
-        ),
-        "vr-lamb": (lambda p: hf_vrgd.LAMB(p, **adam_kwargs), lambda p: hf_vrgd.VRLAMB(p, **adam_kwargs)),
-        "vr-lars": (
-            lambda p: hf_vrgd.LARS(p, lr=0.1, momentum=0.9),
-            lambda p: hf_vrgd.VRLARS(p, lr=0.1, momentum=0.9),
-        ),
-    }
-
-
-BENCH_OPTIMIZERS = ("vr-sgd", "vr-adam", "vr-adamw", "vr-lamb", "vr-lars")
+BENCH_SETTINGS: dict[str, dict[str, float]] = {
+    "vr-sgd": {"lr": 0.1, "momentum": 0.9},
+    "vr-adam": {"lr": 1e-3},
+    "vr-adamw": {"lr": 1e-3, "weight_decay": 0.01},
+    "vr-lamb": {"lr": 1e-3, "weight_decay": 0.01},
+    "vr-lars": {"lr": 0.1, "momentum": 0.9},
+}
+"""The VR optimizers benchmarked and their settings, shared by the base (`hf_vrgd.optimizers.optimizer_pair`)."""
+BENCH_OPTIMIZERS = tuple(BENCH_SETTINGS)
 
 
 def llama_parameters(target: int, device: torch.device) -> tuple[list[torch.nn.Parameter], str]:
@@ -198,17 +182,18 @@ def _leftover_hooks(params: list[torch.Tensor]) -> bool:
 def run_bench(args: argparse.Namespace) -> int:
     """Benchmark every requested VR optimizer against its base; write ``bench.{json,md,png}``."""
     if args.groups < 2:
-        raise SystemExit(f"error: --groups must be >= 2 (GSNR needs two gradient groups), got {args.groups}")
+        raise CommandError(f"--groups must be >= 2 (GSNR needs two gradient groups), got {args.groups}")
     if args.repeats < 1 or args.params < 1000:
-        raise SystemExit("error: --repeats must be >= 1 and --params >= 1000")
+        raise CommandError("--repeats must be >= 1 and --params >= 1000")
     device = torch.device("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
+    stem = f"bench_{device.type}"
+    claim_outputs([args.output_dir / f"{stem}.{suffix}" for suffix in ("json", "md", "png")], args.overwrite)
     params, shape = llama_parameters(args.params, device)
     n_params = sum(p.numel() for p in params)
     coefficients = [torch.randn_like(p) for p in params]
-    pairs = _optimizer_pairs()
     rows = []
     for name in tqdm(args.optimizers, desc=f"bench ({device.type})", unit="pair"):
-        base_factory, vr_factory = pairs[name]
+        base_factory, vr_factory = optimizer_pair(name, **BENCH_SETTINGS[name])
         base = time_optimizer(base_factory, params, coefficients, args.groups, args.repeats)
         vr = time_optimizer(vr_factory, params, coefficients, args.groups, args.repeats)
         if _leftover_hooks(params):
@@ -245,24 +230,16 @@ def _compare(name: str, base: dict, vr: dict, n_params: int) -> dict:
     return row
 
 
-def _machine(device: torch.device) -> str:
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    return f"{name}, {torch.get_num_threads()} torch CPU threads, torch {torch.__version__}"
-
-
 def _write_report(args: argparse.Namespace, device: torch.device, shape: str, rows: list[dict]) -> None:
     from hf_vrgd.plots import plot_grouped_bars
 
-    command = "hf-vrgd " + " ".join(getattr(args, "argv", []))
+    command = command_line("hf-vrgd", args.argv)
     stem = f"bench_{device.type}"
-    out: Path = args.output_dir
     clock = "wall time (CUDA synchronized)" if device.type == "cuda" else "process CPU time (single thread)"
     how = (
         f"{args.groups} backward passes of a synthetic loss + one step per iteration, median of "
         f"{args.repeats} iterations after one untimed warm-up; *_ms columns are {clock}"
     )
-    payload = {"command": command, "machine": _machine(device), "model": shape, "measured": how, "rows": rows}
-    save_json(out / f"{stem}.json", payload)
     columns = [
         "optimizer",
         "base_total_ms",
@@ -277,21 +254,22 @@ def _write_report(args: argparse.Namespace, device: torch.device, shape: str, ro
         "extra_fp32_buffers",
     ]
     table = markdown_table(rows, columns)
-    (out / f"{stem}.md").write_text(
-        f"# VR optimizer overhead ({device.type})\n\nCommand: `{command}`\n\nMachine: {_machine(device)}\n\n"
+    body = (
         f"Model: {shape}\n\nMeasured: {how}. Targets (reported, not asserted): step-time ratio <= "
-        f"{STEP_TIME_TARGET}, extra memory <= {MEMORY_TARGET_BUFFERS:g} fp32 buffers per parameter.\n\n"
-        f"{table}"
+        f"{STEP_TIME_TARGET}, extra memory <= {MEMORY_TARGET_BUFFERS:g} fp32 buffers per parameter.\n\n{table}"
     )
+    payload = {"model": shape, "measured": how, "rows": rows}
+    write_report(args.output_dir, stem, command, payload, f"VR optimizer overhead ({device.type})", body)
     names = [row["optimizer"] for row in rows]
     bars = {
         "backward x k + step": [row["total_ratio"] for row in rows],
         "step alone": [row["step_ratio"] for row in rows],
     }
     title = f"VR / base time ({device.type}, k={args.groups})"
+    out = args.output_dir
     plot_grouped_bars(out / f"{stem}.png", names, bars, title, "time ratio", reference=STEP_TIME_TARGET)
     print(table)
-    print(f"Saved {out}/{stem}.json, .md and .png")
+    print(f"Saved {out}/{stem}.json, .md and .png ({machine()})")
 
 
 def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
@@ -307,4 +285,4 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         help="VR optimizers.",
     )
     parser.add_argument("--cpu", action="store_true", help="Benchmark on the CPU even when CUDA is present.")
-    parser.add_argument("--output-dir", type=Path, default=Path("results/vrgd"), help="Where results go.")
+    add_output_arguments(parser, RUNS_DIR / "vrgd" / "bench")
