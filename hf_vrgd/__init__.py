@@ -14,7 +14,7 @@ Each gradient element is scaled by its gradient signal-to-noise ratio, measured 
 
 from hf_common import __version__
 from hf_vrgd.config import VRGDConfig
-from hf_vrgd.gsnr import gsnr_multiplier
+from hf_vrgd.naive import gsnr_multiplier
 from hf_vrgd.optimizers import LAMB, LARS, VRGD, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW, load_optimizer
 from hf_vrgd.trainer import GSNRLoggingCallback, VRGDTrainer
 

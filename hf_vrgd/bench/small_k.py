@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from hf_common.cli import CommandError
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 from hf_common.reporting import command_line, markdown_table, write_report
-from hf_vrgd.gsnr import gsnr_multiplier
+from hf_vrgd.naive import gsnr_multiplier
 
 GROUP_COUNTS = (2, 3, 4, 8, 16, 32)
 SIGNAL_TO_NOISE = (0.0, 0.1, 1.0)
