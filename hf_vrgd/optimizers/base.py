@@ -406,20 +406,13 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
 
     gsnr_ema: ClassVar[bool] = False
 
-    def __init__(
-        self,
-        params: ParamsT,
-        *args: Any,
-        gamma: float = VRGDConfig.gamma,
-        gsnr_eps: float = VRGDConfig.eps,
-        **kwargs: Any,
-    ) -> None:
-        beta3 = kwargs.pop("beta3", VRGDConfig.beta3) if self.gsnr_ema else None
-        VRGDConfig(gamma=gamma, beta3=beta3, eps=gsnr_eps)
-        self._gsnr_defaults = {"gamma": gamma} if beta3 is None else {"gamma": gamma, "beta3": beta3}
+    def __init__(self, params: ParamsT, *args: Any, **kwargs: Any) -> None:
+        gsnr = {name: kwargs.pop(name, default) for name, default in self.gsnr_arguments().items()}
+        VRGDConfig(gamma=gsnr["gamma"], beta3=gsnr.get("beta3"), eps=gsnr["gsnr_eps"])
+        self._gsnr_defaults = {name: gsnr[name] for name in ("gamma", "beta3") if gsnr.get(name) is not None}
         super().__init__(params, *args, **kwargs)
         self.gsnr_scaler = GSNRGradientScaler(
-            [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
+            [p for group in self.param_groups for p in group["params"]], eps=gsnr["gsnr_eps"]
         )
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
@@ -428,12 +421,20 @@ class GSNRScaledOptimizer(StrictStateOptimizer):
         super().__init_subclass__(**kwargs)
 
     @classmethod
+    def gsnr_arguments(cls) -> dict[str, float]:
+        """The keyword-only GSNR arguments and their defaults (`VRGDConfig`'s): ``beta3`` only with an EMA."""
+        config = VRGDConfig()
+        arguments = {"gamma": config.gamma, "beta3": config.beta3, "gsnr_eps": config.eps}
+        if not cls.gsnr_ema:
+            del arguments["beta3"]
+        return arguments
+
+    @classmethod
     def signature_parameters(cls) -> list[inspect.Parameter]:
-        keyword = inspect.Parameter.KEYWORD_ONLY
-        gsnr = [inspect.Parameter("gamma", keyword, default=VRGDConfig.gamma, annotation="float")]
-        if cls.gsnr_ema:
-            gsnr.append(inspect.Parameter("beta3", keyword, default=VRGDConfig.beta3, annotation="float"))
-        gsnr.append(inspect.Parameter("gsnr_eps", keyword, default=VRGDConfig.eps, annotation="float"))
+        gsnr = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation="float")
+            for name, default in cls.gsnr_arguments().items()
+        ]
         return [*super().signature_parameters(), *gsnr]
 
     def build_defaults(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
