@@ -1,7 +1,7 @@
-"""GSNR math and the gradient-group statistics it is computed from.
+"""The fast GSNR path and the gradient-group statistics it is computed from.
 
-`gsnr_multiplier` is the plain-PyTorch reference of the paper's equations 7-9; `gsnr_multipliers` is
-the in-place foreach version the optimizers run, tested against it. `GradientStatistics` collects what
+`gsnr_multipliers` is the in-place foreach version of the spec `hf_vrgd.naive.gsnr_multiplier` (the
+paper's equations 7-9) that the optimizers run, tested against it. `GradientStatistics` collects what
 they need: for every trainable parameter, ``S1 = Σ w_k g_k`` and ``S2 = Σ (w_k g_k)²`` over the gradient
 groups ``k`` of one optimizer step, where a group is one backward pass (micro-batch) on one rank and
 ``w_k`` turns the group's gradient into a per-group mean (see `GradientStatistics.set_group_size`).
@@ -22,51 +22,9 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-__all__ = ["GradientStatistics", "gsnr_multiplier", "gsnr_multipliers"]
+from hf_vrgd.naive import FLOAT32_MAX, SMALLEST_SUBNORMAL
 
-SMALLEST_SUBNORMAL = 2.0**-149
-"""The smallest positive float32: added to ``E[g²]`` so that ``0 / (0 + SMALLEST_SUBNORMAL) = 0`` exactly
-where no group had a gradient, while every positive ``E[g²]`` (at least this) stays distinguishable."""
-FLOAT32_MAX = torch.finfo(torch.float32).max
-
-
-def gsnr_multiplier(mean: torch.Tensor, mean_sq: torch.Tensor, gamma: float, eps: float) -> torch.Tensor:
-    """The VRGD multiplier of one tensor: GSNR, divided by its per-tensor mean, clipped to ``[gamma, 1]``.
-
-    .. math::
-        q = \\frac{\\tilde g^2}{E[g^2]}, \\quad
-        r = \\frac{q}{1 + \\epsilon - q} = \\frac{\\tilde g^2}{\\sigma^2 + \\epsilon E[g^2]}, \\quad
-        r \\leftarrow \\mathrm{clip}\\Big(\\frac{r}{\\mathrm{mean}_j\\, r_j}, \\gamma, 1\\Big)
-
-    ``mean`` and ``mean_sq`` are the mean of the K group gradients and of their squares, so
-    ``sigma² = E[g²] - E[g]²`` is the paper's biased (1/K) estimator across groups. The variance floor
-    ``eps * E[g²]`` is relative, which keeps ``r`` invariant to any common scale of the gradients (loss
-    scaling, ``1/accumulation``) and caps it at about ``1/eps`` where every group agrees.
-
-    Elements whose every group gradient is zero (``E[g²] = 0``: embedding rows not in the batch, unused
-    branches) carry no information: they count as ``r = 0`` but are left out of the element count of the
-    per-tensor mean, and get multiplier 1 (their gradient is zero anyway). If every element has zero
-    mean gradient (``Σ r = 0``: pure noise, e.g. two groups ``+g`` and ``-g``) every informative element
-    gets ``gamma``. The result is NaN only when an input is (or ``E[g²]`` overflowed to inf).
-
-    Args:
-        mean: mean of the group gradients, any shape and floating dtype.
-        mean_sq: mean of the squared group gradients, same shape.
-        gamma: lower clip, in ``(0, 1]``.
-        eps: relative variance floor (> 0).
-
-    Returns:
-        The float32 multiplier, same shape as ``mean``, in ``[gamma, 1]``.
-    """
-    mean = mean.float()
-    mean_sq = mean_sq.float()
-    informative = mean_sq > 0
-    agreement = (mean.square() / (mean_sq + SMALLEST_SUBNORMAL)).clamp_max(1.0)  # q, 0 without gradient
-    # q / (1 + eps - q), written as 1 / ((1 + eps) / q - 1): 0 where q = 0 (1/0 = inf), never 0/0.
-    ratio = (agreement.reciprocal() * (1.0 + eps) - 1.0).reciprocal()
-    inverse_mean = _inverse_means(ratio.sum(), informative.sum().float())
-    multiplier = (ratio * inverse_mean).clamp(gamma, 1.0)
-    return torch.where(informative, multiplier, 1.0)
+__all__ = ["GradientStatistics", "gsnr_multipliers"]
 
 
 def _inverse_means(totals: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``hf-vrgd bench``, ``small-k`` and ``train`` end to end on tiny sizes, resume, and argument errors."""
+"""``hf-vrgd bench``, ``small-k`` and ``train`` end to end on tiny sizes, resume, refusals and argument errors."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hf_vrgd import experiment
+from hf_vrgd.bench import byte_experiment
 from hf_vrgd.bench.micro import optimizer_bytes
 from hf_vrgd.cli import main
 
@@ -104,13 +104,14 @@ def test_train_writes_results_and_resumes(tmp_path: Path, monkeypatch: pytest.Mo
     def no_training(*args, **kwargs):
         raise AssertionError("a finished run was trained again")
 
-    monkeypatch.setattr(experiment, "train_one", no_training)
-    assert main(argv) == 0
+    monkeypatch.setattr(byte_experiment, "train_one", no_training)
+    assert main(argv) == 2, "a finished report is not replaced without --overwrite"
+    assert main([*argv, "--overwrite"]) == 0
     assert len(json.loads((tmp_path / "large_batch.json").read_text())["records"]) == 2
 
 
 def test_plan_runs_sweeps_only_sweep_seeds() -> None:
-    runs = experiment.plan_runs(
+    runs = byte_experiment.plan_runs(
         ["adamw", "vr-lamb"], 8, 16, {"adamw": 1e-3, "lamb": 1e-2}, [0.5, 1, 2], [0, 1], [0]
     )
     # Per optimizer: seed 0 has small + 3 large runs, seed 1 has small + 1 large.
@@ -123,9 +124,6 @@ def test_plan_runs_sweeps_only_sweep_seeds() -> None:
     ("argv", "message"),
     [
         (["train", "--optimizers", "sgdx"], "invalid choice"),
-        (["train", "--batch-ratio", "0"], "--batch-ratio must be >= 1"),
-        (["train", "--small-batch", "12", "--micro-batch", "8"], "must be a multiple of --micro-batch"),
-        (["train", "--small-batch", "8", "--micro-batch", "8"], "need >= 2 gradient groups"),
         (["bench", "--optimizers", "vr-rmsprop"], "invalid choice"),
     ],
 )
@@ -147,6 +145,9 @@ def test_bad_arguments_fail_clearly(
         (["bench-model", "--micro-batches", "1"], "--micro-batches must be >= 2"),
         (["bench-model", "--data", "missing.jsonl"], "is not a file"),
         (["small-k", "--elements", "10"], "--elements must be >= 100"),
+        (["train", "--batch-ratio", "0"], "--batch-ratio must be >= 1"),
+        (["train", "--small-batch", "12", "--micro-batch", "8"], "must be a multiple of --micro-batch"),
+        (["train", "--small-batch", "8", "--micro-batch", "8"], "need >= 2 gradient groups"),
     ],
 )
 def test_bad_bench_arguments_exit_2_before_any_work(
@@ -163,6 +164,7 @@ def test_bad_bench_arguments_exit_2_before_any_work(
         (["bench", "--cpu"], "bench_cpu.json"),
         (["bench-model"], "real_model.json"),
         (["small-k"], "small_k.json"),
+        (["train"], "large_batch.md"),
     ],
 )
 def test_existing_results_are_refused_without_overwrite(
@@ -180,7 +182,7 @@ def test_default_outputs_are_under_runs() -> None:
     from hf_vrgd.cli import COMMANDS
 
     parser = build_parser("hf-vrgd", "", COMMANDS)
-    for command in ("bench", "bench-model", "small-k"):
+    for command in ("bench", "bench-model", "small-k", "train"):
         assert parser.parse_args([command]).output_dir.parts[:2] == ("runs", "vrgd")
 
 

@@ -13,10 +13,10 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from test_vrgd_gsnr import brute_force_multiplier
 from torch.nn.parallel import DistributedDataParallel
 
 from hf_vrgd import VRSGD, VRAdamW
+from hf_vrgd.naive import naive_gsnr_multiplier
 
 WORLD_SIZE = 2
 LEARNING_RATE = 0.5
@@ -42,7 +42,7 @@ def expected_vr_sgd_parameters(model: torch.nn.Module, step: int, accumulation: 
     for param, grads in zip(reference.parameters(), zip(*per_group, strict=True), strict=True):
         stacked = torch.stack(grads)
         expected.append(
-            param.detach() - LEARNING_RATE * brute_force_multiplier(stacked, 0.1) * stacked.mean(0)
+            param.detach() - LEARNING_RATE * naive_gsnr_multiplier(stacked, 0.1, eps=1e-6) * stacked.mean(0)
         )
     return expected
 

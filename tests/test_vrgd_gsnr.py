@@ -1,4 +1,4 @@
-"""GSNR reference math and hook statistics against brute force over explicit group gradients.
+"""The GSNR spec (`hf_vrgd.naive`) and the hook statistics against each other over explicit group gradients.
 
 The groups of several ranks are emulated in one process here (one backward per group); the cross-rank
 all-reduce of the same statistics is checked in ``test_vrgd_ddp.py``.
@@ -15,22 +15,11 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from hf_vrgd import VRSGD, gsnr_multiplier
+from hf_vrgd import VRSGD
 from hf_vrgd.gsnr import GradientStatistics, gsnr_multipliers
+from hf_vrgd.naive import gsnr_multiplier, naive_gsnr_multiplier
 
 EPS = 1e-6
-
-
-def brute_force_multiplier(group_grads: torch.Tensor, gamma: float, eps: float = EPS) -> torch.Tensor:
-    """The paper's eq. 7-9 from a stack of K group gradients ``[K, *shape]``, in float64."""
-    grads = group_grads.double()
-    mean = grads.mean(0)
-    variance = grads.var(0, unbiased=False)
-    mean_sq = grads.square().mean(0)
-    informative = mean_sq > 0
-    ratio = torch.where(informative, mean.square() / (variance + eps * mean_sq), 0.0)
-    normalized = ratio / ratio[informative].mean()
-    return torch.where(informative, normalized.clamp(gamma, 1.0), 1.0)
 
 
 def tiny_model() -> torch.nn.Module:
@@ -52,7 +41,7 @@ def test_hook_statistics_match_brute_force(ranks: int, accumulation: int, gamma:
     model = tiny_model()
     torch.manual_seed(1)
     batches = [torch.randn(4, 5) for _ in range(ranks * accumulation)]
-    expected = [brute_force_multiplier(g, gamma) for g in group_gradients(model, batches)]
+    expected = [naive_gsnr_multiplier(g, gamma, eps=EPS) for g in group_gradients(model, batches)]
 
     statistics = GradientStatistics(model.parameters())
     for x in batches:  # the Trainer divides each micro-batch loss by the accumulation steps
@@ -110,7 +99,7 @@ def test_degenerate_elements() -> None:
     """All-zero elements get 1 and stay out of the tensor mean; agreeing groups get 1; pure noise gets gamma."""
     zero_and_noisy = torch.tensor([[0.0, 1.0, 2.0], [0.0, 1.5, -1.0]])
     multiplier = gsnr_multiplier(zero_and_noisy.mean(0), zero_and_noisy.square().mean(0), 0.1, EPS)
-    expected = brute_force_multiplier(zero_and_noisy, 0.1)
+    expected = naive_gsnr_multiplier(zero_and_noisy, 0.1, eps=EPS)
     torch.testing.assert_close(multiplier.double(), expected)
     assert multiplier[0] == 1.0
 
@@ -121,9 +110,11 @@ def test_degenerate_elements() -> None:
     opposite = torch.tensor([[0.5, -2.0], [-0.5, 2.0]])
     noise = gsnr_multiplier(opposite.mean(0), opposite.square().mean(0), 0.1, EPS)
     torch.testing.assert_close(noise, torch.full((2,), 0.1))
+    torch.testing.assert_close(naive_gsnr_multiplier(opposite, 0.1, eps=EPS), torch.full((2,), 0.1).double())
 
     everything_zero = torch.zeros(2, 4)
     assert bool((gsnr_multiplier(everything_zero[0], everything_zero[0], 0.1, EPS) == 1.0).all())
+    assert bool((naive_gsnr_multiplier(everything_zero, 0.1, eps=EPS) == 1.0).all())
 
 
 @pytest.mark.parametrize("gamma", [0.1, 1.0])

@@ -4,6 +4,7 @@ state_dict round trips, and the refusals (bad hyperparameters, foreign state, no
 from __future__ import annotations
 
 import copy
+import inspect
 import io
 from collections.abc import Callable
 
@@ -12,6 +13,8 @@ import torch
 from torch.optim import Optimizer
 
 from hf_vrgd import LAMB, LARS, VRGD, VRLAMB, VRLARS, VRSGD, VRAdam, VRAdamW, VRGDConfig, load_optimizer
+from hf_vrgd.optimizers import BASE_OPTIMIZERS
+from hf_vrgd.optimizers.base import StrictStateOptimizer
 
 Factory = Callable[..., Optimizer]
 
@@ -378,7 +381,7 @@ def test_wrapper_state_dict_for_another_layout_leaves_the_base_untouched() -> No
 
 
 def test_one_name_table_pairs_every_vr_optimizer_with_its_base() -> None:
-    from hf_vrgd.optimizers import BASE_OPTIMIZERS, optimizer_pair
+    from hf_vrgd.optimizers import optimizer_pair
 
     assert BASE_OPTIMIZERS[VRAdamW] is torch.optim.AdamW and BASE_OPTIMIZERS[VRLAMB] is LAMB
     base_factory, vr_factory = optimizer_pair("vr-adamw", lr=0.02)
@@ -387,3 +390,39 @@ def test_one_name_table_pairs_every_vr_optimizer_with_its_base() -> None:
     assert type(base) is torch.optim.AdamW and base.defaults["foreach"] is True
     assert type(vr) is VRAdamW and vr.defaults["lr"] == 0.02 == base.defaults["lr"]
     assert vr.defaults["weight_decay"] == base.defaults["weight_decay"] == 0.01
+
+
+@pytest.mark.parametrize("vr_class", list(BASE_OPTIMIZERS), ids=lambda cls: cls.__name__)
+def test_signature_is_the_base_rule_plus_the_gsnr_arguments(vr_class: type[Optimizer]) -> None:
+    """Each VR optimizer is a declaration over its base: the base's arguments and defaults (torch's
+    SGD/Adam/AdamW, or this package's LAMB/LARS), then the keyword-only GSNR arguments of `VRGDConfig`."""
+    base_class = BASE_OPTIMIZERS[vr_class]
+    parameters = dict(inspect.signature(vr_class).parameters)
+    config = VRGDConfig()
+    gsnr = {"gamma": config.gamma, "gsnr_eps": config.eps}
+    if "beta3" in parameters:
+        gsnr["beta3"] = config.beta3
+    assert ("beta3" in parameters) == vr_class.gsnr_ema == ("gsnr_ema" in vr_class.fp32_state_keys)
+    for name, default in gsnr.items():
+        assert parameters.pop(name).kind is inspect.Parameter.KEYWORD_ONLY
+        assert inspect.signature(vr_class).parameters[name].default == default
+    base_parameters = inspect.signature(base_class).parameters
+    for name, parameter in parameters.items():
+        assert name in base_parameters, f"{vr_class.__name__}({name}=...) is not an argument of its base"
+        if parameter.default is not inspect.Parameter.empty and name != "params":
+            assert parameter.default == base_parameters[name].default, name
+    if issubclass(base_class, StrictStateOptimizer):  # this package's bases: the very same declaration
+        assert list(parameters) == list(base_parameters)
+        assert vr_class.update_rule is base_class.update_rule and issubclass(vr_class, base_class)
+
+
+@pytest.mark.parametrize("vr_class", list(BASE_OPTIMIZERS), ids=lambda cls: cls.__name__)
+def test_constructor_errors_name_the_class(vr_class: type[Optimizer]) -> None:
+    params = [torch.nn.Parameter(torch.zeros(2))]
+    with pytest.raises(TypeError, match=rf"^{vr_class.__name__}\(\): .*unexpected keyword argument 'gama'"):
+        vr_class(params, lr=0.1, gama=0.5)
+    with pytest.raises(ValueError, match="gamma"):
+        vr_class(params, lr=0.1, gamma=0.0)
+    optimizer = vr_class(params, lr=0.1)
+    assert optimizer.defaults["gamma"] == VRGDConfig().gamma
+    assert ("beta3" in optimizer.defaults) == vr_class.gsnr_ema

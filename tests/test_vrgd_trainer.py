@@ -12,6 +12,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from hf_vrgd import VRGD, VRSGD, GSNRLoggingCallback, VRAdamW, VRGDTrainer
+from hf_vrgd.naive import gsnr_multiplier, naive_gsnr_multiplier
 
 SEQUENCE_LENGTH = 8
 
@@ -239,9 +240,6 @@ def padded_batch(lengths: list[int], generator: torch.Generator) -> dict[str, to
 def test_unequal_micro_batches_give_per_group_mean_gsnr(tmp_path: Path) -> None:
     """Variable-length micro-batches under num_items_in_batch: the hook statistics equal a brute-force GSNR
     over the per-micro-batch mean gradients (token-mean loss of each micro-batch)."""
-    from test_vrgd_gsnr import brute_force_multiplier
-
-    from hf_vrgd import gsnr_multiplier
 
     generator = torch.Generator().manual_seed(3)
     micro_batches = [padded_batch(lengths, generator) for lengths in ([8, 8], [2, 3], [8, 2], [4, 2])]
@@ -254,7 +252,7 @@ def test_unequal_micro_batches_give_per_group_mean_gsnr(tmp_path: Path) -> None:
         model(**batch).loss.backward()  # the mean over this micro-batch's label tokens
         per_group.append([p.grad.clone() for p in model.parameters()])
     model.zero_grad()
-    expected = [brute_force_multiplier(torch.stack(g), 0.1) for g in zip(*per_group, strict=True)]
+    expected = [naive_gsnr_multiplier(torch.stack(g), 0.1, eps=1e-6) for g in zip(*per_group, strict=True)]
 
     optimizer = VRSGD(model.parameters(), lr=0.1)
     trainer = VRGDTrainer(
@@ -277,7 +275,7 @@ def test_unequal_micro_batches_give_per_group_mean_gsnr(tmp_path: Path) -> None:
         unweighted.append(multiplier)
     # Not vacuous: weighting every group alike (a plain Trainer) gives another GSNR.
     size_weighted = [
-        brute_force_multiplier(torch.stack([g * n for g, n in zip(grads, sizes, strict=True)]), 0.1)
+        naive_gsnr_multiplier(torch.stack([g * n for g, n in zip(grads, sizes, strict=True)]), 0.1, eps=1e-6)
         for grads, sizes in zip(
             zip(*per_group, strict=True),
             [[int(b["labels"][:, 1:].ne(-100).sum()) for b in micro_batches]] * len(expected),

@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_common.cli import CommandError
-from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
+from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, machine, markdown_table, write_report
 from hf_vrgd.optimizers import optimizer_pair
 
@@ -270,19 +270,3 @@ def _write_report(args: argparse.Namespace, device: torch.device, shape: str, ro
     plot_grouped_bars(out / f"{stem}.png", names, bars, title, "time ratio", reference=STEP_TIME_TARGET)
     print(table)
     print(f"Saved {out}/{stem}.json, .md and .png ({machine()})")
-
-
-def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hf-vrgd bench``."""
-    parser.add_argument("--params", type=int, default=100_000_000, help="Target model size (parameters).")
-    parser.add_argument("--groups", type=int, default=4, help="Gradient groups (backward passes) per step.")
-    parser.add_argument("--repeats", type=int, default=5, help="Timed iterations per optimizer.")
-    parser.add_argument(
-        "--optimizers",
-        nargs="+",
-        choices=BENCH_OPTIMIZERS,
-        default=list(BENCH_OPTIMIZERS),
-        help="VR optimizers.",
-    )
-    parser.add_argument("--cpu", action="store_true", help="Benchmark on the CPU even when CUDA is present.")
-    add_output_arguments(parser, RUNS_DIR / "vrgd" / "bench")

@@ -25,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_common.cli import CommandError
-from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
+from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, markdown_table, write_report
 
 STEM = "real_model"
@@ -255,23 +255,3 @@ def _check_arguments(args: argparse.Namespace) -> None:
         raise CommandError("--micro-batches must be >= 2 (GSNR needs two gradient groups)")
     if args.max_length < 16 or args.warmup < 0:
         raise CommandError("--max-length must be >= 16 and --warmup >= 0")
-
-
-def add_real_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hf-vrgd bench-model``."""
-    parser.add_argument(
-        "--model", default=None, help="Model id or folder (default: the embedded SmolLM2-135M)."
-    )
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="GSM8K train.jsonl.")
-    parser.add_argument(
-        "--optimizers", nargs="+", choices=tuple(PAIR_SETTINGS), default=["adamw"], help="Base/VR pairs."
-    )
-    parser.add_argument(
-        "--micro-batches", type=int, default=4, help="Micro-batches (gradient groups) per step."
-    )
-    parser.add_argument("--rows", type=int, default=2, help="Rows per micro-batch.")
-    parser.add_argument("--max-length", type=int, default=256, help="Tokens per row at most.")
-    parser.add_argument("--warmup", type=int, default=1, help="Untimed iterations per configuration.")
-    parser.add_argument("--repeats", type=int, default=3, help="Timed iterations per configuration.")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads.")
-    add_output_arguments(parser, RUNS_DIR / "vrgd" / "real_model")

@@ -16,9 +16,9 @@ import torch
 from tqdm.auto import tqdm
 
 from hf_common.cli import CommandError
-from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
+from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, markdown_table, write_report
-from hf_vrgd.gsnr import gsnr_multiplier
+from hf_vrgd.naive import gsnr_multiplier
 
 GROUP_COUNTS = (2, 3, 4, 8, 16, 32)
 SIGNAL_TO_NOISE = (0.0, 0.1, 1.0)
@@ -78,11 +78,3 @@ def run_small_k(args: argparse.Namespace) -> int:
     )
     print(table)
     return 0
-
-
-def add_small_k_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hf-vrgd small-k``."""
-    parser.add_argument("--elements", type=int, default=200_000, help="Elements of the synthetic tensor.")
-    parser.add_argument("--seeds", type=int, default=3, help="Seeds averaged per point.")
-    parser.add_argument("--gamma", type=float, default=0.1, help="Lower clip of the multiplier.")
-    add_output_arguments(parser, RUNS_DIR / "vrgd" / "small_k")

@@ -3,22 +3,23 @@
 from __future__ import annotations
 
 import math
-from functools import partial, partialmethod
+from functools import partial
 from typing import Any
 
 import torch
 
 from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
-    ParamsT,
     fp32_copies,
     require_finite_non_negative,
     write_back,
 )
 
 
-def adam_defaults(lr: float, betas: tuple[float, float], eps: float, weight_decay: float) -> dict[str, Any]:
-    """The validated hyperparameters of an Adam-family optimizer (``ValueError`` outside their ranges)."""
+def adam_hyperparameters(
+    lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0
+) -> dict[str, Any]:
+    """The validated arguments of ``torch.optim.Adam`` that `adam_update` implements."""
     require_finite_non_negative(lr=lr, eps=eps, weight_decay=weight_decay)
     if len(betas) != 2 or not all(0.0 <= beta < 1.0 for beta in betas):
         raise ValueError(f"betas must be two numbers in [0, 1), got {betas}")
@@ -81,22 +82,10 @@ class VRAdam(GSNRScaledOptimizer):
     plus the two float32 statistics buffers. Needs ``K >= 2`` gradient groups per step.
     """
 
-    fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
+    hyperparameters = staticmethod(adam_hyperparameters)
     update_rule = staticmethod(adam_update)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0.0,
-        gamma: float = 0.1,
-        beta3: float = 0.9,
-        gsnr_eps: float = 1e-6,
-    ) -> None:
-        defaults = adam_defaults(lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
+    fp32_state_keys = ("exp_avg", "exp_avg_sq")
+    gsnr_ema = True
 
 
 class VRAdamW(VRAdam):
@@ -106,6 +95,5 @@ class VRAdamW(VRAdam):
     keyword-only), state and reconstruction notes as `VRAdam`.
     """
 
+    hyperparameters = staticmethod(partial(adam_hyperparameters, weight_decay=0.01))
     update_rule = staticmethod(partial(adam_update, decoupled=True))
-
-    __init__ = partialmethod(VRAdam.__init__, weight_decay=0.01)

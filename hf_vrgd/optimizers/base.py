@@ -8,6 +8,7 @@ The update rules themselves are plain functions in the optimizer files (``sgd_up
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -37,11 +38,39 @@ class StrictStateOptimizer(Optimizer):
       a gradient is NaN or infinite (parameters and state untouched; ``.grad`` is left for the caller).
     * ``load_state_dict`` raises ``ValueError`` on a state dict saved by another optimizer class or for
       another parameter layout (group count, group sizes, tensor shapes), which torch accepts silently.
+
+    A subclass is a declaration: ``hyperparameters`` (its arguments after ``params``, with their
+    defaults, validated into the ``defaults`` dict; its signature becomes the class's), ``update_rule``
+    and ``fp32_state_keys``.
     """
 
     fp32_state_keys: ClassVar[tuple[str, ...]] = ()
+    hyperparameters: ClassVar[Callable[..., dict[str, Any]]]
+    """``hyperparameters(lr, ...)``: the validated ``defaults`` (``ValueError`` outside their ranges)."""
     update_rule: ClassVar[Callable[[dict[str, Any], list[torch.Tensor], list[dict]], None]]
     """``rule(group, params, states)``: the update of the parameters with a gradient in one group."""
+
+    def __init__(self, params: ParamsT, *args: Any, **kwargs: Any) -> None:
+        try:  # the error names the class, not the hyperparameters function
+            inspect.signature(type(self)).bind(params, *args, **kwargs)
+        except TypeError as error:
+            raise TypeError(f"{type(self).__name__}(): {error}") from None
+        super().__init__(params, self.build_defaults(*args, **kwargs))
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if hasattr(cls, "hyperparameters"):
+            cls.__signature__ = inspect.Signature(cls.signature_parameters())
+
+    @classmethod
+    def signature_parameters(cls) -> list[inspect.Parameter]:
+        """``params`` followed by the parameters of ``hyperparameters``: the constructor's signature."""
+        params = inspect.Parameter("params", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation="ParamsT")
+        return [params, *inspect.signature(cls.hyperparameters).parameters.values()]
+
+    def build_defaults(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The ``defaults`` dict from the constructor's arguments after ``params``."""
+        return self.hyperparameters(*args, **kwargs)
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
@@ -363,25 +392,53 @@ def validate_group(group: Mapping[str, Any]) -> None:
 class GSNRScaledOptimizer(StrictStateOptimizer):
     """Base of the VR optimizers: ``step()`` scales ``p.grad`` by the GSNR multiplier, then runs ``update_rule``.
 
-    Adds ``gamma`` (and ``beta3`` when given) to the defaults, so both can be set per parameter group.
+    A VR optimizer is its base rule's declaration plus this class: ``class VRLAMB(GSNRScaledOptimizer,
+    LAMB)`` inherits LAMB's ``hyperparameters``, ``update_rule`` and ``fp32_state_keys``; ``gsnr_ema``
+    says whether it takes ``beta3`` (the multiplier EMA, state ``gsnr_ema``). The GSNR arguments are
+    keyword-only and declared here once: ``gamma``, ``beta3`` (only with ``gsnr_ema``) and ``gsnr_eps``,
+    with `VRGDConfig`'s defaults; everything else goes to ``hyperparameters``.
+
+    Adds ``gamma`` (and ``beta3``) to the defaults, so both can be set per parameter group.
     Statistics memory: two float32 buffers (S1, S2) per trainable parameter, outside the state dict
     (they are reset at every step, so checkpoints never need them). ``step()`` computes the multiplier
     in place in them, with one temporary float32 tensor per parameter of the group being scaled.
     """
 
-    fp32_state_keys: ClassVar[tuple[str, ...]] = ("gsnr_ema",)
+    gsnr_ema: ClassVar[bool] = False
 
-    def __init__(
-        self, params: ParamsT, defaults: dict[str, Any], gamma: float, beta3: float | None, gsnr_eps: float
-    ) -> None:
-        VRGDConfig(gamma=gamma, beta3=beta3, eps=gsnr_eps)
-        defaults = {**defaults, "gamma": gamma}
-        if beta3 is not None:
-            defaults["beta3"] = beta3
-        super().__init__(params, defaults)
+    def __init__(self, params: ParamsT, *args: Any, **kwargs: Any) -> None:
+        gsnr = {name: kwargs.pop(name, default) for name, default in self.gsnr_arguments().items()}
+        VRGDConfig(gamma=gsnr["gamma"], beta3=gsnr.get("beta3"), eps=gsnr["gsnr_eps"])
+        self._gsnr_defaults = {name: gsnr[name] for name in ("gamma", "beta3") if gsnr.get(name) is not None}
+        super().__init__(params, *args, **kwargs)
         self.gsnr_scaler = GSNRGradientScaler(
-            [p for group in self.param_groups for p in group["params"]], eps=gsnr_eps
+            [p for group in self.param_groups for p in group["params"]], eps=gsnr["gsnr_eps"]
         )
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        if cls.gsnr_ema and "gsnr_ema" not in cls.fp32_state_keys:
+            cls.fp32_state_keys = (*cls.fp32_state_keys, "gsnr_ema")
+        super().__init_subclass__(**kwargs)
+
+    @classmethod
+    def gsnr_arguments(cls) -> dict[str, float]:
+        """The keyword-only GSNR arguments and their defaults (`VRGDConfig`'s): ``beta3`` only with an EMA."""
+        config = VRGDConfig()
+        arguments = {"gamma": config.gamma, "beta3": config.beta3, "gsnr_eps": config.eps}
+        if not cls.gsnr_ema:
+            del arguments["beta3"]
+        return arguments
+
+    @classmethod
+    def signature_parameters(cls) -> list[inspect.Parameter]:
+        gsnr = [
+            inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation="float")
+            for name, default in cls.gsnr_arguments().items()
+        ]
+        return [*super().signature_parameters(), *gsnr]
+
+    def build_defaults(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return {**super().build_defaults(*args, **kwargs), **self._gsnr_defaults}
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # The statistics hooks are registered once, over the parameters given at construction.

@@ -6,14 +6,8 @@ from typing import Any
 
 import torch
 
-from hf_vrgd.optimizers.adam import adam_defaults, adam_moments
-from hf_vrgd.optimizers.base import (
-    GSNRScaledOptimizer,
-    ParamsT,
-    StrictStateOptimizer,
-    fp32_copies,
-    write_back,
-)
+from hf_vrgd.optimizers.adam import adam_hyperparameters, adam_moments
+from hf_vrgd.optimizers.base import GSNRScaledOptimizer, StrictStateOptimizer, fp32_copies, write_back
 
 
 def trust_ratios(numerators: list[torch.Tensor], denominators: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -22,6 +16,13 @@ def trust_ratios(numerators: list[torch.Tensor], denominators: list[torch.Tensor
     denominator = torch.stack(denominators)
     ratio = torch.where((numerator > 0) & (denominator > 0), numerator / denominator, 1.0)
     return list(ratio.unbind())
+
+
+def lamb_hyperparameters(
+    lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.01
+) -> dict[str, Any]:
+    """The validated arguments of `LAMB`: Adam's, with a larger ``eps`` and weight decay on by default."""
+    return adam_hyperparameters(lr, betas, eps, weight_decay)
 
 
 def lamb_update(group: dict[str, Any], params: list[torch.Tensor], states: list[dict]) -> None:
@@ -56,21 +57,12 @@ class LAMB(StrictStateOptimizer):
     ``exp_avg``, ``exp_avg_sq``, ``step``.
     """
 
-    fp32_state_keys = ("exp_avg", "exp_avg_sq")
+    hyperparameters = staticmethod(lamb_hyperparameters)
     update_rule = staticmethod(lamb_update)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-    ) -> None:
-        super().__init__(params, adam_defaults(lr, betas, eps, weight_decay))
+    fp32_state_keys = ("exp_avg", "exp_avg_sq")
 
 
-class VRLAMB(GSNRScaledOptimizer):
+class VRLAMB(GSNRScaledOptimizer, LAMB):
     """VR-LAMB ([arXiv 2309.13681](https://arxiv.org/abs/2309.13681), §4.2): `LAMB` on the GSNR-scaled gradient.
 
     "VR-Adam plus LAMB's trust ratio": ``g' = p̂_t ⊙ g̃`` with ``p̂`` the bias-corrected ``beta3`` EMA of the
@@ -81,19 +73,4 @@ class VRLAMB(GSNRScaledOptimizer):
     the two float32 statistics buffers. Needs ``K >= 2`` gradient groups per step.
     """
 
-    fp32_state_keys = ("exp_avg", "exp_avg_sq", "gsnr_ema")
-    update_rule = staticmethod(lamb_update)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-6,
-        weight_decay: float = 0.01,
-        gamma: float = 0.1,
-        beta3: float = 0.9,
-        gsnr_eps: float = 1e-6,
-    ) -> None:
-        defaults = adam_defaults(lr, betas, eps, weight_decay)
-        super().__init__(params, defaults, gamma=gamma, beta3=beta3, gsnr_eps=gsnr_eps)
+    gsnr_ema = True

@@ -8,7 +8,6 @@ import torch
 
 from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
-    ParamsT,
     StrictStateOptimizer,
     apply_momentum,
     fp32_copies,
@@ -17,10 +16,14 @@ from hf_vrgd.optimizers.base import (
 )
 
 
-def lars_defaults(
-    lr: float, momentum: float, weight_decay: float, trust_coefficient: float, eps: float
+def lars_hyperparameters(
+    lr: float,
+    momentum: float = 0.9,
+    weight_decay: float = 0.0,
+    trust_coefficient: float = 0.001,
+    eps: float = 1e-8,
 ) -> dict[str, Any]:
-    """The validated LARS hyperparameters (``ValueError`` outside their ranges)."""
+    """The validated arguments of `LARS` (``ValueError`` outside their ranges)."""
     require_finite_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay, eps=eps)
     if not trust_coefficient > 0:
         raise ValueError(f"trust_coefficient must be > 0, got {trust_coefficient!r}")
@@ -65,22 +68,12 @@ class LARS(StrictStateOptimizer):
     also for low-precision parameters; only with momentum).
     """
 
-    fp32_state_keys = ("momentum_buffer",)
+    hyperparameters = staticmethod(lars_hyperparameters)
     update_rule = staticmethod(lars_update)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
-        eps: float = 1e-8,
-    ) -> None:
-        super().__init__(params, lars_defaults(lr, momentum, weight_decay, trust_coefficient, eps))
+    fp32_state_keys = ("momentum_buffer",)
 
 
-class VRLARS(GSNRScaledOptimizer):
+class VRLARS(GSNRScaledOptimizer, LARS):
     """VR-LARS ([arXiv 2309.13681](https://arxiv.org/abs/2309.13681)): `LARS` on the GSNR-scaled gradient.
 
     ``g' = r ⊙ g̃`` (no EMA), then the `LARS` rule; the paper omits the pseudo-code ("scale g̃ by r and
@@ -88,20 +81,3 @@ class VRLARS(GSNRScaledOptimizer):
     inside a tensor. ``gamma=1`` gives `LARS`. State per parameter: ``momentum_buffer`` (float32); plus
     the two float32 statistics buffers. Needs ``K >= 2`` gradient groups per step.
     """
-
-    fp32_state_keys = ("momentum_buffer",)
-    update_rule = staticmethod(lars_update)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float,
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        trust_coefficient: float = 0.001,
-        eps: float = 1e-8,
-        gamma: float = 0.1,
-        gsnr_eps: float = 1e-6,
-    ) -> None:
-        defaults = lars_defaults(lr, momentum, weight_decay, trust_coefficient, eps)
-        super().__init__(params, defaults, gamma=gamma, beta3=None, gsnr_eps=gsnr_eps)

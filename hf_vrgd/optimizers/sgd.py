@@ -8,12 +8,25 @@ import torch
 
 from hf_vrgd.optimizers.base import (
     GSNRScaledOptimizer,
-    ParamsT,
     apply_momentum,
     fp32_copies,
     require_finite_non_negative,
     write_back,
 )
+
+
+def sgd_hyperparameters(
+    lr: float,
+    momentum: float = 0.0,
+    dampening: float = 0.0,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+) -> dict[str, Any]:
+    """The validated arguments of ``torch.optim.SGD`` that `sgd_update` implements."""
+    require_finite_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if nesterov and (momentum <= 0 or dampening != 0):
+        raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
+    return dict(lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay)
 
 
 def sgd_update(group: dict[str, Any], params: list[torch.Tensor], states: list[dict]) -> None:
@@ -46,24 +59,6 @@ class VRSGD(GSNRScaledOptimizer):
     statistics buffers of `GradientStatistics`. Needs ``K >= 2`` gradient groups per step.
     """
 
-    fp32_state_keys = ("momentum_buffer",)
+    hyperparameters = staticmethod(sgd_hyperparameters)
     update_rule = staticmethod(sgd_update)
-
-    def __init__(
-        self,
-        params: ParamsT,
-        lr: float,
-        momentum: float = 0.0,
-        dampening: float = 0.0,
-        nesterov: bool = False,
-        weight_decay: float = 0.0,
-        gamma: float = 0.1,
-        gsnr_eps: float = 1e-6,
-    ) -> None:
-        require_finite_non_negative(lr=lr, momentum=momentum, weight_decay=weight_decay)
-        if nesterov and (momentum <= 0 or dampening != 0):
-            raise ValueError("Nesterov momentum requires a momentum > 0 and zero dampening")
-        defaults = dict(
-            lr=lr, momentum=momentum, dampening=dampening, nesterov=nesterov, weight_decay=weight_decay
-        )
-        super().__init__(params, defaults, gamma=gamma, beta3=None, gsnr_eps=gsnr_eps)
+    fp32_state_keys = ("momentum_buffer",)

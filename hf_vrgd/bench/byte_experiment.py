@@ -1,4 +1,4 @@
-"""The large-batch experiment: a byte-level Llama trained from scratch on Python standard-library source.
+"""``hf-vrgd train``, the large-batch experiment: a byte-level Llama trained from scratch on Python standard-library source.
 
 Each optimizer is trained at a small global batch and at a batch ``ratio`` times larger for the same number
 of epochs (so ``ratio`` times fewer steps), with the learning rate scaled by ``sqrt(ratio)`` and swept at the
@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import json
 import math
-import platform
 import sysconfig
 import tempfile
 import time
@@ -26,10 +25,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from hf_common.reporting import markdown_table, save_json
+from hf_common.cli import CommandError
+from hf_common.outputs import claim_outputs
+from hf_common.reporting import command_line, markdown_table, save_json, write_report
+from hf_vrgd.optimizers import load_optimizer
 
 BYTE_VOCAB = 256
+STEM = "large_batch"
 TRAIN_OPTIMIZERS = ("adamw", "vr-adamw", "lamb", "vr-lamb", "adam", "vr-adam")
+"""The optimizers ``hf-vrgd train`` compares, as names of the one table (`hf_vrgd.optimizers.load_optimizer`)."""
 
 
 @dataclass(frozen=True)
@@ -134,18 +138,6 @@ def build_model(config: ExperimentConfig, seed: int) -> torch.nn.Module:
     return AutoModelForCausalLM.from_config(llama)
 
 
-def optimizer_class(name: str) -> type[torch.optim.Optimizer]:
-    """The optimizer class of a training-run name (``adamw`` is torch's, the rest come from hf_vrgd)."""
-    if name == "adamw":
-        return torch.optim.AdamW
-    if name == "adam":
-        return torch.optim.Adam
-    import hf_vrgd
-
-    attribute = {"vr-adamw": "VRAdamW", "vr-adam": "VRAdam", "lamb": "LAMB", "vr-lamb": "VRLAMB"}[name]
-    return getattr(hf_vrgd, attribute)
-
-
 def plan_runs(
     optimizers: Sequence[str],
     small_batch: int,
@@ -218,7 +210,7 @@ def train_one(
         train_dataset=train_set,
         eval_dataset=eval_sets,
         # The Trainer passes only these kwargs (not args.learning_rate) to the optimizer class.
-        optimizer_cls_and_kwargs=(optimizer_class(spec.optimizer), {"lr": spec.lr}),
+        optimizer_cls_and_kwargs=(load_optimizer(spec.optimizer), {"lr": spec.lr}),
     )
     if spec.optimizer.startswith("vr-"):
         from hf_vrgd import GSNRLoggingCallback
@@ -269,40 +261,6 @@ def _run_record(
     }
 
 
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``hf-vrgd train``; the defaults are the committed experiment."""
-    defaults = ExperimentConfig()
-    parser.add_argument(
-        "--optimizers", nargs="+", choices=TRAIN_OPTIMIZERS, default=["adamw", "vr-adamw", "lamb", "vr-lamb"]
-    )
-    parser.add_argument("--small-batch", type=int, default=16, help="Small global batch (sequences).")
-    parser.add_argument("--batch-ratio", type=int, default=16, help="Large batch = small batch x this.")
-    parser.add_argument("--micro-batch", type=int, default=defaults.micro_batch, help="Sequences per group.")
-    parser.add_argument("--lr-adamw", type=float, default=2e-3, help="Small-batch LR of AdamW/VR-AdamW.")
-    parser.add_argument("--lr-adam", type=float, default=2e-3, help="Small-batch LR of Adam/VR-Adam.")
-    parser.add_argument("--lr-lamb", type=float, default=2e-2, help="Small-batch LR of LAMB/VR-LAMB.")
-    parser.add_argument(
-        "--lr-multipliers",
-        type=float,
-        nargs="+",
-        default=[0.5, 1.0, 2.0],
-        help="Large-batch sweep around base * sqrt(ratio).",
-    )
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="Seeds of the 1x-LR runs.")
-    parser.add_argument(
-        "--sweep-seeds", type=int, nargs="*", default=[0], help="Seeds that also run the LR sweep."
-    )
-    parser.add_argument("--epochs", type=float, default=defaults.epochs)
-    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
-    parser.add_argument("--num-layers", type=int, default=defaults.num_layers)
-    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    parser.add_argument("--train-tokens", type=int, default=defaults.train_tokens, help="Train bytes.")
-    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="Held-out bytes.")
-    parser.add_argument("--evals-per-epoch", type=int, default=defaults.evals_per_epoch)
-    parser.add_argument("--output-dir", type=Path, default=Path("results/vrgd"), help="Where results go.")
-
-
 def _check_arguments(args: argparse.Namespace) -> None:
     problems = []
     if args.batch_ratio < 1:
@@ -316,7 +274,7 @@ def _check_arguments(args: argparse.Namespace) -> None:
     if args.epochs <= 0 or any(m <= 0 for m in args.lr_multipliers):
         problems.append("--epochs and --lr-multipliers must be positive")
     if problems:
-        raise SystemExit("error: " + "; ".join(problems))
+        raise CommandError("; ".join(problems))
 
 
 def run_experiment(args: argparse.Namespace) -> int:
@@ -343,10 +301,11 @@ def run_experiment(args: argparse.Namespace) -> int:
         args.seeds,
         args.sweep_seeds,
     )
+    claim_outputs(report_paths(args.output_dir, runs), args.overwrite)
     data = stdlib_blocks(config.seq_len, config.train_tokens, config.eval_tokens)
     train_set = data["train"]
     eval_sets = {"heldout": data["heldout"], "train": data["train_subset"]}
-    run_dir = args.output_dir / "large_batch_runs" / config.fingerprint()
+    run_dir = args.output_dir / f"{STEM}_runs" / config.fingerprint()
     records = []
     progress = tqdm(runs, desc="large-batch runs", unit="run")
     for spec in progress:
@@ -364,27 +323,25 @@ def run_experiment(args: argparse.Namespace) -> int:
     return 0
 
 
-def _machine() -> str:
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu"
-    return f"{device}, {torch.get_num_threads()} torch CPU threads, torch {torch.__version__}"
+def report_paths(output_dir: Path, runs: Sequence[RunSpec]) -> list[Path]:
+    """The files `_write_report` writes: ``large_batch.{json,md}``, the gap plot, one curve plot per batch."""
+    batches = sorted({spec.batch for spec in runs if spec.lr_multiplier == 1.0})
+    names = [f"{STEM}.json", f"{STEM}.md", f"{STEM}_gap.png", *(f"{STEM}_eval_batch{b}.png" for b in batches)]
+    return [output_dir / name for name in names]
 
 
 def _write_report(args: argparse.Namespace, config: ExperimentConfig, records: list[dict]) -> None:
     from hf_vrgd.plots import plot_eval_curves, plot_gaps
 
-    command = "hf-vrgd " + " ".join(getattr(args, "argv", []))
     out = args.output_dir
     n_params = sum(p.numel() for p in build_model(config, 0).parameters())
     payload = {
-        "command": command,
-        "machine": _machine(),
         "config": asdict(config),
         "parameters": n_params,
         "records": records,
         "summary": summarize(records),
         "vr_minus_base": paired_differences(records),
     }
-    save_json(out / "large_batch.json", payload)
     columns = ["optimizer", "batch", "groups", "lr", "seed", "steps", "eval_loss", "train_loss", "gap"]
     summary_columns = [
         "optimizer",
@@ -398,19 +355,20 @@ def _write_report(args: argparse.Namespace, config: ExperimentConfig, records: l
     ]
     paired_columns = ["comparison", "batch", "lr_multiplier", "seeds", "eval_delta", "eval_delta_per_seed"]
     paired_columns += ["gap_delta", "gap_delta_per_seed"]
-    (out / "large_batch.md").write_text(
-        f"# Large-batch experiment\n\nCommand: `{command}`\n\nMachine: {_machine()}\n\n"
+    body = (
         f"Model: byte-level Llama, {n_params} parameters; config {json.dumps(asdict(config))}\n\n"
         f"## Mean over seeds\n\n{markdown_table(payload['summary'], summary_columns)}\n"
         f"## VR minus base, paired by seed (negative favours VR)\n\n"
         f"{markdown_table(payload['vr_minus_base'], paired_columns)}\n"
         f"## All runs\n\n{markdown_table(records, columns)}"
     )
-    plot_eval_curves(out / "large_batch_eval", records)
-    plot_gaps(out / "large_batch_gap.png", payload["summary"])
+    command = command_line("hf-vrgd", args.argv)
+    write_report(out, STEM, command, payload, "Large-batch experiment", body)
+    plot_eval_curves(out / f"{STEM}_eval", records)
+    plot_gaps(out / f"{STEM}_gap.png", payload["summary"])
     print(markdown_table(payload["summary"], summary_columns))
     print(markdown_table(payload["vr_minus_base"], paired_columns))
-    print(f"Saved {out}/large_batch.json, .md and large_batch_*.png")
+    print(f"Saved {out}/{STEM}.json, .md and {STEM}_*.png")
 
 
 def summarize(records: list[dict]) -> list[dict]:
