@@ -11,13 +11,13 @@ DESCRIPTION = "VRGD variance-reduced optimizers (arXiv 2309.13681) for the Huggi
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_vrgd.bench import add_bench_arguments
+    from hf_vrgd.bench.synthetic import add_bench_arguments
 
     add_bench_arguments(parser)
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from hf_vrgd.bench import run_bench
+    from hf_vrgd.bench.synthetic import run_bench
 
     return run_bench(args)
 

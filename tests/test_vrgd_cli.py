@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hf_vrgd import experiment
-from hf_vrgd.bench import optimizer_bytes
+from hf_vrgd.bench.synthetic import optimizer_bytes
 from hf_vrgd.cli import main
 
 TINY_TRAIN = [
