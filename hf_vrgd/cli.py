@@ -34,6 +34,18 @@ def _run_train(args: argparse.Namespace) -> int:
     return run_experiment(args)
 
 
+def _add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_vrgd.bench.lm_experiment import add_lm_arguments
+
+    add_lm_arguments(parser)
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+    from hf_vrgd.bench.lm_experiment import run_lm_experiment
+
+    return run_lm_experiment(args)
+
+
 COMMANDS = (
     *COMMON_COMMANDS,
     Command(
@@ -47,6 +59,12 @@ COMMANDS = (
         "Large-batch experiment: base vs VR optimizers at a small and a 16x batch (resumable).",
         _add_train_arguments,
         _run_train,
+    ),
+    Command(
+        "lm",
+        "Large-batch language modelling on real text: base vs VR AdamW/LAMB at 3 batches, 3 seeds (resumable).",
+        _add_lm_arguments,
+        _run_lm,
     ),
 )
 
