@@ -133,7 +133,7 @@ def _tiny_arguments(tmp_path: Path) -> list[str]:
     return [
         "lm",
         "--optimizers", "adamw", "vr-adamw",
-        "--batches", "4", "8",
+        "--batches", "4", "8", "--micro-batch", "2",
         "--lr-multipliers", "1", "2",
         "--seeds", "0", "1",
         "--epochs", "0.5",
@@ -175,8 +175,8 @@ def test_tiny_run_writes_report_and_refuses_to_overwrite(
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--batches", "3", "8"], "multiple of --micro-batch"),
-        (["--batches", "2", "8"], "2 gradient groups"),
+        (["--micro-batch", "2", "--batches", "3", "8"], "multiple of --micro-batch"),
+        (["--micro-batch", "2", "--batches", "2", "8"], "2 gradient groups"),
         (["--seeds", "0", "0"], "distinct"),
         (["--epochs", "0"], "must be positive"),
     ],
@@ -187,3 +187,37 @@ def test_bad_arguments_fail_before_any_work(
     assert main(["lm", "--output-dir", str(tmp_path / "out"), *extra]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_gpu_script_plan_and_a_tiny_run_through_it(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from conftest import load_script
+
+    script = load_script("vrgd_gpu_experiment")
+    gpu = script.plan_summary(script.experiment_arguments("gpu"))
+    assert gpu["runs"] == 3 * 4 * (3 + 2)
+    assert gpu["groups"] == {64: 4, 256: 16, 1024: 64}
+    assert gpu["steps_per_run"] == {64: 4 * 64, 256: 4 * 16, 1024: 4 * 4}  # 4096 sequences, 4 epochs
+    assert gpu["micro_batch_passes"] == gpu["runs"] * 4 * 4096 // 16
+    assert script.main(["--dry-run"]) == 0
+    assert "micro_batch_passes" in capsys.readouterr().out
+
+    text, python_dir = _corpus(tmp_path)
+    extra = ["--optimizers", "adamw", "vr-adamw", "--lr-multipliers", "1", "--seeds", "0", "1"]
+    extra += ["--text", str(text), "--python-dir", str(python_dir)]
+    extra += [
+        "--tokenizer",
+        str(_tokenizer(tmp_path, text, python_dir)),
+        "--cache-dir",
+        str(tmp_path / "cache"),
+    ]
+    extra += ["--output-dir", str(tmp_path / "out")]
+    tiny = script.plan_summary(script.experiment_arguments("tiny", extra))
+    assert tiny == {
+        "runs": 2 * 2 * (1 + 1),  # batches x optimizers x (grid + the other seed)
+        "steps_per_run": {4: 8, 16: 2},
+        "groups": {4: 2, 16: 8},
+        "micro_batch_passes": 4 * 8 * 2 + 4 * 2 * 8,
+    }
+    assert script.main(["--scale", "tiny", *extra]) == 0
+    payload = json.loads((tmp_path / "out" / f"{REPORT_STEM}.json").read_text())
+    assert sorted((r["batch"], r["steps"]) for r in payload["records"]) == [(4, 8)] * 4 + [(16, 2)] * 4

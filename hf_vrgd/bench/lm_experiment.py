@@ -64,11 +64,11 @@ class LMConfig:
     num_layers: int = 2
     num_heads: int = 4
     seq_len: int = 64
-    train_tokens: int = 65_536
-    eval_tokens: int = 16_384
-    epochs: float = 3.0
-    micro_batch: int = 2
-    evals_per_run: int = 4
+    train_tokens: int = 32_768
+    eval_tokens: int = 8_192
+    epochs: float = 2.0
+    micro_batch: int = 1
+    evals_per_run: int = 3
     warmup_fraction: float = 0.1
     weight_decay: float = 0.01
 
@@ -659,7 +659,7 @@ def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = LMConfig(corpus_key="")
     parser.add_argument("--optimizers", nargs="+", choices=LM_OPTIMIZERS, default=list(LM_OPTIMIZERS))
     parser.add_argument(
-        "--batches", type=int, nargs="+", default=[8, 32, 128], help="Global batches (sequences)."
+        "--batches", type=int, nargs="+", default=[4, 16, 64], help="Global batches (sequences)."
     )
     parser.add_argument(
         "--micro-batch", type=int, default=defaults.micro_batch, help="Sequences per GSNR group."
