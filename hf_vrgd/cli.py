@@ -1,4 +1,4 @@
-"""The ``hf-vrgd`` command line: bench, train (plus demo and env)."""
+"""The ``hf-vrgd`` command line: bench, train, lm (plus demo and env)."""
 
 from __future__ import annotations
 
