@@ -1,4 +1,4 @@
-"""The ``hf-vrgd`` command line: bench, bench-model, small-k, train (plus demo and env).
+"""The ``hf-vrgd`` command line: bench, bench-model, small-k, train, lm (plus demo and env).
 
 This module only parses and calls: each command's arguments are declared here, and its ``run_*``
 function lives in `hf_vrgd.bench` (imported when the command runs). The ``demo`` command comes from
@@ -102,6 +102,55 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, RUNS_DIR / "vrgd" / "large_batch")
 
 
+def add_lm_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``hf-vrgd lm``; the defaults are the committed CPU experiment."""
+    from hf_vrgd.bench.lm_experiment import LM_OPTIMIZERS, LMConfig
+
+    defaults = LMConfig(corpus_key="")
+    parser.add_argument("--optimizers", nargs="+", choices=LM_OPTIMIZERS, default=list(LM_OPTIMIZERS))
+    parser.add_argument(
+        "--batches", type=int, nargs="+", default=[4, 16, 64], help="Global batches (sequences)."
+    )
+    parser.add_argument(
+        "--micro-batch", type=int, default=defaults.micro_batch, help="Sequences per GSNR group."
+    )
+    parser.add_argument(
+        "--lr-adamw", type=float, default=2e-3, help="AdamW/VR-AdamW LR at the smallest batch."
+    )
+    parser.add_argument("--lr-lamb", type=float, default=2e-2, help="LAMB/VR-LAMB LR at the smallest batch.")
+    parser.add_argument(
+        "--lr-multipliers",
+        type=float,
+        nargs="+",
+        default=[0.5, 1.0, 2.0],
+        help="Grid around the sqrt-scaled LR.",
+    )
+    parser.add_argument(
+        "--seeds", type=int, nargs="+", default=[0, 1, 2], help="The first also runs the grid."
+    )
+    parser.add_argument("--epochs", type=float, default=defaults.epochs)
+    parser.add_argument("--hidden-size", type=int, default=defaults.hidden_size)
+    parser.add_argument("--num-layers", type=int, default=defaults.num_layers)
+    parser.add_argument("--num-heads", type=int, default=defaults.num_heads)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len, help="Tokens per sequence.")
+    parser.add_argument("--train-tokens", type=int, default=defaults.train_tokens)
+    parser.add_argument("--eval-tokens", type=int, default=defaults.eval_tokens, help="Per held-out split.")
+    parser.add_argument(
+        "--evals-per-run", type=int, default=defaults.evals_per_run, help="Test-curve points."
+    )
+    parser.add_argument("--warmup-fraction", type=float, default=defaults.warmup_fraction)
+    parser.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
+    parser.add_argument(
+        "--text", type=Path, default=None, help="Text corpus (default: shared tinyshakespeare)."
+    )
+    parser.add_argument("--python-dir", type=Path, default=None, help="*.py corpus (default: the stdlib).")
+    parser.add_argument("--tokenizer", default=None, help="Tokenizer folder or Hub ID (default: SmolLM2's).")
+    parser.add_argument("--cache-dir", type=Path, default=RUNS_DIR / "vrgd" / "cache", help="Token-id cache.")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's).")
+    parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when present).")
+    add_output_arguments(parser, RUNS_DIR / "vrgd" / "lm")
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_vrgd.bench.micro import run_bench
 
@@ -124,6 +173,12 @@ def _run_train(args: argparse.Namespace) -> int:
     from hf_vrgd.bench.byte_experiment import run_experiment
 
     return run_experiment(args)
+
+
+def _run_lm(args: argparse.Namespace) -> int:
+    from hf_vrgd.bench.lm_experiment import run_lm_experiment
+
+    return run_lm_experiment(args)
 
 
 COMMANDS = (
@@ -152,6 +207,12 @@ COMMANDS = (
         "Large-batch experiment: base vs VR optimizers at a small and a 16x batch (resumable).",
         add_train_arguments,
         _run_train,
+    ),
+    Command(
+        "lm",
+        "Large-batch language modelling on real text: base vs VR AdamW/LAMB at 3 batches, 3 seeds (resumable).",
+        add_lm_arguments,
+        _run_lm,
     ),
 )
 
