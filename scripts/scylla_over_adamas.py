@@ -1,12 +1,13 @@
-"""Scylla speculative decoding over an Adamas target: tau, tokens/s and output equality, four methods in one run.
+"""Scylla speculative decoding over an Adamas target: tau, tokens/s, output equality; four methods, one run.
 
-A long chat prompt (the first ``--context-tokens`` tokens of ``--text``, then ``--instruction``) is answered
-greedily with ``--max-new-tokens`` tokens by: greedy sdpa, greedy Adamas (``--budget``), Scylla over sdpa and
-Scylla over Adamas (the draft in ``--draft``, by default the staged ``model_cards/SmolLM2-135M-Instruct-scylla-D1``).
+A long chat prompt (the first ``--context-tokens`` tokens of ``--text``, then ``--instruction``) is
+answered greedily with ``--max-new-tokens`` tokens by: greedy sdpa, greedy Adamas (``--budget``), Scylla
+over sdpa and Scylla over Adamas (the draft in ``--draft``, by default the staged
+``model_cards/SmolLM2-135M-Instruct-scylla-D1``).
 
-Adamas runs sparse only for one-token forwards; a Scylla verification forward carries the drafted tokens plus
-one, so it runs dense (exact sdpa). The script counts the target's forwards by length to show which tokens came
-from sparse steps, and compares every output with the greedy outputs of both attentions.
+Adamas runs sparse only for one-token forwards; a Scylla verification forward carries the drafted tokens
+plus one, so it runs dense (exact sdpa). The script counts the target's forwards by length to show which
+tokens came from sparse steps, and compares every output with the greedy outputs of both attentions.
 """
 
 from __future__ import annotations
@@ -202,9 +203,10 @@ def report_body(args: argparse.Namespace, prompt: dict, records: dict) -> str:
         f"Prompt: {prompt['prompt_tokens']} tokens ({prompt['passage_tokens']} of `{args.text.name}`, then "
         f'"{args.instruction}", chat template). {args.max_new_tokens} new tokens, greedy. Adamas budget '
         f"{args.budget}, {args.dense_layers} dense layers. Tokens/s: new tokens over the median time of "
-        f"{args.repeats} runs (round robin) of the whole `generate()` call, prefill included. Forwards are the target's after its prefill; a sparse forward is a one-token Adamas forward "
-        "(verification forwards carry several tokens and run dense). First diff: index of the first new token "
-        "that differs (None: equal).\n\n"
+        f"{args.repeats} runs (round robin) of the whole `generate()` call, prefill included. Forwards are "
+        "the target's after its prefill; a sparse forward is a one-token Adamas forward (verification "
+        "forwards carry several tokens and run dense). First diff: index of the first new token that differs "
+        "(None: equal).\n\n"
         + markdown_table(rows, columns)
         + f"\nScylla over Adamas runs at {records['scylla adamas']['tokens_per_second'] / sdpa_scylla:.2f}x the "
         "tokens/s of Scylla over sdpa, and at "
