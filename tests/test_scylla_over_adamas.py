@@ -35,6 +35,7 @@ def test_four_methods_reported(tmp_path: Path, chat_target_dir: Path, tiny_draft
     assert report["prompt"]["prompt_tokens"] == 120 + 2 + 1  # passage, instruction, the template's w3
     for label, record in methods.items():
         assert 1 <= record["new_tokens"] <= 12 and record["tokens_per_second"] > 0, label
+        assert record["tokens_per_cpu_second"] > 0, label
         assert len(record["seconds_per_run"]) == 2 and record["same_tokens_every_run"], label
     # Greedy decoding forwards one token at a time after the prefill; Adamas makes every such step sparse.
     greedy = methods["greedy adamas"]
