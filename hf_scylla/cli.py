@@ -23,7 +23,7 @@ GSM8K_TRAIN = SHARED_DATA_DIR / "gsm8k" / "train.jsonl"
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_scylla.benchmark import PROMPTS_DIR
+    from hf_scylla.bench.speed import PROMPTS_DIR
 
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
     parser.add_argument("--draft", type=Path, help="Folder of a trained Scylla draft for --model.")
@@ -70,7 +70,7 @@ def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
     from hf_common.reporting import markdown_table, write_report
-    from hf_scylla.benchmark import load_prompt_sets, run_benchmark
+    from hf_scylla.bench.speed import load_prompt_sets, run_benchmark
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
 
@@ -397,8 +397,8 @@ def _train_standalone(args: argparse.Namespace, target, tokenizer, features, set
 
 
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_scylla.benchmark import PROMPTS_DIR
-    from hf_scylla.sweep import SweepSettings
+    from hf_scylla.bench.speed import PROMPTS_DIR
+    from hf_scylla.bench.sweep import SweepSettings
 
     defaults = SweepSettings()
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
@@ -469,8 +469,9 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_scylla.benchmark import encode_prompt, load_prompt_file
-    from hf_scylla.sweep import SweepSettings, plan_points, run_sweep
+    from hf_scylla.bench.speed import load_prompt_file
+    from hf_scylla.bench.sweep import SweepSettings, plan_points, run_sweep
+    from hf_scylla.data import encode_prompt
     from hf_scylla.training import cache_target_features, cache_text_features
 
     try:
@@ -536,7 +537,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_scylla.benchmark import PROMPTS_DIR
+    from hf_scylla.bench.speed import PROMPTS_DIR
     from hf_scylla.demo import STAGED_DRAFT_NAME
 
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
@@ -561,8 +562,8 @@ def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_batch_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_scylla.batch_sweep import run_batch_sweep
-    from hf_scylla.benchmark import load_prompt_sets
+    from hf_scylla.bench.batch_sweep import run_batch_sweep
+    from hf_scylla.bench.speed import load_prompt_sets
     from hf_scylla.demo import find_staged_draft
     from hf_scylla.modeling import ScyllaDraftModel
 

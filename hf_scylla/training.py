@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from hf_scylla.benchmark import encode_prompt
+from hf_scylla.data import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [

@@ -12,7 +12,7 @@ from huggingface_hub import ModelCard
 from hf_common.default_model import DEFAULT_MODEL_ID
 from hf_common.demo import timed_chat_generation
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, generate
-from hf_scylla.benchmark import encode_prompt
+from hf_scylla.data import encode_prompt
 from hf_scylla.demo import STAGED_DRAFT_NAME, find_staged_draft, scylla_chat
 from hf_scylla.hub import check_staged_folder
 

@@ -20,8 +20,8 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_common.reporting import markdown_table, plot_series, save_json
 from hf_scylla.batched import BatchedStats, batched_generate
+from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.scaling import fit_log_linear, plot_log_linear
 
 __all__ = ["left_padded_batches", "run_batch_sweep", "summarize_batch_sweep"]
 

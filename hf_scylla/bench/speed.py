@@ -20,13 +20,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_common.data import SHARED_DATA_DIR
 from hf_scylla.candidate_generator import ScyllaStats
+from hf_scylla.data import encode_prompt
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [
     "PROMPTS_DIR",
     "MethodResult",
-    "encode_prompt",
     "load_prompt_file",
     "load_prompt_sets",
     "run_benchmark",
@@ -48,15 +48,6 @@ def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, lis
     if not files:
         raise FileNotFoundError(f"no *.jsonl prompt files in {directory}")
     return {path.stem: load_prompt_file(path, limit) for path in files}
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
-    """``(1, S)`` ids of a one-turn chat with the generation prompt appended."""
-    messages = [{"role": "user", "content": question}]
-    encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
 
 
 @dataclass

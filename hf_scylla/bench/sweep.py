@@ -2,7 +2,7 @@
 
 Two axes of Scylla's log-linear laws (arXiv 2505.07858): (a) training tokens at a fixed depth, from
 nested subsets of one cached feature set, and (b) depth D at fixed data (the third, decoding batch
-size, needs no training: `hf_scylla.batch_sweep`). Every point trains a fresh
+size, needs no training: `hf_scylla.bench.batch_sweep`). Every point trains a fresh
 draft with `train_draft`, then decodes the same held-out prompts with `hf_scylla.generate`; its tau is
 the acceptance length of those real decodes (checked against plain greedy). Each finished point is
 written to ``<output_dir>/points/<name>.json`` at once and skipped on a rerun, so an interrupted
@@ -22,11 +22,11 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_common.reporting import markdown_table, save_json
+from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.training import FeatureDataset, train_draft
 
 __all__ = ["SweepPoint", "SweepSettings", "evaluate_tau", "plan_points", "run_sweep", "summarize"]
