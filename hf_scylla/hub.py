@@ -60,6 +60,7 @@ REQUIRED_FILES = (
     "config.json",
     "README.md",
     "custom_generate/generate.py",
+    "custom_generate/draft_repo.py",
     "custom_generate/requirements.txt",
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -68,41 +69,9 @@ STAGE_MANIFEST = ".hf-scylla-stage.json"
 Never uploaded."""
 _DRAFT_REPO_LINE = re.compile(r'^DRAFT_REPO_ID = "([^"]+)"$', re.MULTILINE)
 
-_GENERATE_PY = '''"""Scylla speculative decoding (arXiv 2505.07858) as a transformers ``custom_generate`` recipe.
-
-``target.generate(input_ids, custom_generate="{repo_id}", trust_remote_code=True, max_new_tokens=...)``
-loads the Scylla draft head stored in this repository (from the same ``revision`` you pass to
-``generate``, if any) and runs transformers' assisted decoding with it through the ``hf_scylla``
-package (see requirements.txt). Output equals the target's own decoding; only speed changes.
-"""
-
-import weakref
-
-from hf_scylla import ScyllaDraftModel
-from hf_scylla.generation import scylla_generate
-
-DRAFT_REPO_ID = "{repo_id}"
-
-_loaded_drafts = weakref.WeakKeyDictionary()
-
-
-def _draft_for(model, draft_repo, revision, token):
-    """The draft attached to ``model``, loaded once per (target instance, repo, revision)."""
-    drafts = _loaded_drafts.setdefault(model, {{}})
-    key = (str(draft_repo), revision)
-    if key not in drafts:
-        draft = ScyllaDraftModel.from_pretrained(
-            draft_repo, revision=revision, token=token, target=model, dtype=model.dtype
-        )
-        drafts[key] = draft.to(model.device).eval()
-    return drafts[key]
-
-
-def generate(model, *args, draft_model=None, draft_repo=DRAFT_REPO_ID, revision=None, token=None, **kwargs):
-    """``model.generate`` with this repository's Scylla draft (or ``draft_model``; ``draft_repo`` to load another)."""
-    draft = draft_model if draft_model is not None else _draft_for(model, draft_repo, revision, token)
-    return model.generate(*args, custom_generate=scylla_generate, draft_model=draft, **kwargs)
-'''
+RECIPE_DIR = Path(__file__).resolve().parent / "custom_generate"
+"""The packaged ``custom_generate`` recipe: staging copies its ``generate.py`` unchanged and its
+``draft_repo.py`` with the staged repository's id filled in."""
 
 
 class StagedFolderError(ValueError):
@@ -330,7 +299,7 @@ def stage_draft(
 ) -> Path:
     """Write a complete Hub repository folder for ``draft`` into ``output_dir`` and return its path.
 
-    ``repo_name`` (``<org>/<name>``) is baked into ``custom_generate/generate.py``, which loads the
+    ``repo_name`` (``<org>/<name>``) is written into ``custom_generate/draft_repo.py``, so the recipe loads the
     draft from that repository. ``eval_results`` holds measured ``tau`` and/or ``speedup`` with
     ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``); without it the card
     says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
@@ -464,7 +433,10 @@ def _write_staged_files(
     target_tokenizer.save_pretrained(folder)
     recipe_dir = folder / "custom_generate"
     recipe_dir.mkdir()
-    (recipe_dir / "generate.py").write_text(_GENERATE_PY.format(repo_id=repo_name), encoding="utf-8")
+    shutil.copyfile(RECIPE_DIR / "generate.py", recipe_dir / "generate.py")
+    draft_repo_py = (RECIPE_DIR / "draft_repo.py").read_text(encoding="utf-8")
+    draft_repo_py = draft_repo_py.replace("DRAFT_REPO_ID = None", f'DRAFT_REPO_ID = "{repo_name}"')
+    (recipe_dir / "draft_repo.py").write_text(draft_repo_py, encoding="utf-8")
     (recipe_dir / "requirements.txt").write_text(PACKAGE_REQUIREMENT + "\n", encoding="utf-8")
     card_data = _card_data(draft.config, repo_name, eval_results, datasets)
     body = _card_body(draft.config, repo_name, eval_results, datasets, training_notes)
@@ -484,7 +456,7 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
 
     Checks that the config loads as a `ScyllaDraftConfig`, the weights load as a complete draft, the
     README has license and base-model metadata and ``custom_generate/`` is present; with ``repo_id``,
-    that ``generate.py`` loads the draft from that repository. Raises `StagedFolderError`.
+    that ``custom_generate/draft_repo.py`` names that repository. Raises `StagedFolderError`.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -520,12 +492,12 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
     if not card_data.license or not card_data.base_model:
         raise StagedFolderError(f"{folder}/README.md lacks model-card metadata (license, base_model)")
     if repo_id is not None:
-        generate_py = (folder / "custom_generate" / "generate.py").read_text(encoding="utf-8")
-        staged_for = _DRAFT_REPO_LINE.search(generate_py)
+        draft_repo_py = (folder / "custom_generate" / "draft_repo.py").read_text(encoding="utf-8")
+        staged_for = _DRAFT_REPO_LINE.search(draft_repo_py)
         if staged_for is None or staged_for.group(1) != repo_id:
             found = staged_for.group(1) if staged_for else None
             raise StagedFolderError(
-                f"custom_generate/generate.py loads the draft from {found!r}, not {repo_id!r}: "
+                f"custom_generate/draft_repo.py names {found!r}, not {repo_id!r}: "
                 f"re-stage with repo_name={repo_id!r}"
             )
     return [
