@@ -19,9 +19,9 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_common.data import SHARED_DATA_DIR
+from hf_scylla import generation
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.data import encode_prompt
-from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [
@@ -111,7 +111,7 @@ def _methods(
     if draft is not None:
 
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            result = scylla_generate(target, draft, ids, max_new_tokens=n, do_sample=False)
+            result = generation.generate(target, draft, ids, max_new_tokens=n, do_sample=False)
             return result.output, result.stats
 
         methods[draft_name] = decode_with_draft

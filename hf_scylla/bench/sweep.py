@@ -22,10 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
 from hf_common.reporting import markdown_table, save_json
+from hf_scylla import generation
 from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig
-from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.training import FeatureDataset, train_draft
 
@@ -98,7 +98,7 @@ def evaluate_tau(
     total = ScyllaStats()
     mismatches = 0
     for ids, reference in zip(prompts, references, strict=True):
-        result = scylla_generate(target, draft, ids, max_new_tokens=max_new_tokens, do_sample=False)
+        result = generation.generate(target, draft, ids, max_new_tokens=max_new_tokens, do_sample=False)
         total.merge(result.stats)
         mismatches += int(not torch.equal(result.output, reference))
     return {**total.to_dict(), "lossless": mismatches == 0}
