@@ -16,7 +16,7 @@ from hf_common.default_model import DEFAULT_MODEL_ID
 from hf_common.demo import demo_command
 from hf_common.harness import eval_command
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
-from hf_common.reporting import command_line, machine
+from hf_common.reporting import command_line
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
 GSM8K_TRAIN = SHARED_DATA_DIR / "gsm8k" / "train.jsonl"
@@ -519,7 +519,6 @@ def _run_sweep(args: argparse.Namespace) -> int:
     prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
     metadata = {
         "command": command_line("hf-scylla", getattr(args, "argv", [])),
-        "machine": machine(),
         "stage": args.stage,
     }
     try:
@@ -584,7 +583,6 @@ def _run_batch_sweep(args: argparse.Namespace) -> int:
     questions = [q for group in zip(*prompt_sets.values(), strict=False) for q in group]
     metadata = {
         "command": command_line("hf-scylla", getattr(args, "argv", [])),
-        "machine": machine(),
         "draft": Path(draft_dir).name,
     }
     summary = run_batch_sweep(

@@ -21,7 +21,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_common.reporting import markdown_table, save_json
+from hf_common.reporting import markdown_table, save_json, write_report
 from hf_scylla import generation
 from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.candidate_generator import ScyllaStats
@@ -227,7 +227,10 @@ def _axis(records: list[dict], key: str, keep: Callable[[dict], bool]) -> tuple[
 
 
 def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None = None) -> dict:
-    """Fit both axes from the finished points; write ``sweep.json``, ``sweep.md`` and the PNG plots."""
+    """Fit both axes from the finished points; write ``sweep.json``, ``sweep.md`` and the PNG plots.
+
+    ``metadata["command"]`` (if any) heads the report with the machine; its other keys go into the JSON.
+    """
     records = [json.loads(path.read_text()) for path in (output_dir / "points").glob("*.json")]
     records.sort(key=lambda record: (record["depth"], record["samples"]))
     # Points of earlier runs in the same folder count too: one tokens series at the tokens-axis depth,
@@ -258,8 +261,10 @@ def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None =
         if len(set(xs)) >= 2:  # a single point has no trend to plot
             title = f"Scylla drafts: τ vs {label.split(' (')[0]}"
             plot_log_linear(output_dir / f"tau_vs_{axis}.png", xs, taus, fit, title, label)
-    summary = {
-        **(metadata or {}),
+    extra = dict(metadata or {})
+    command = extra.pop("command", "")
+    payload = {
+        **extra,
         "settings": asdict(settings),
         "tau_measurement": "speculative decoding (greedy, batch 1, fixed chains of max_draft_tokens) of the "
         "first eval_prompts held-out prompts, max_new_tokens each; tau = tokens per draft-verify cycle",
@@ -268,18 +273,15 @@ def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None =
         "fits": fits,
         "points": records,
     }
-    save_json(output_dir / "sweep.json", summary)
-    (output_dir / "sweep.md").write_text(_markdown(summary))
-    return summary
+    json_path, _ = write_report(
+        output_dir, "sweep", command, payload, "Scylla scaling sweep", _markdown(payload)
+    )
+    return json.loads(json_path.read_text())
 
 
 def _markdown(summary: dict) -> str:
     columns = ["name", "depth", "samples", "training_tokens", "draft_parameters", "tau", "cycles"]
-    lines = ["# Scylla scaling sweep", ""]
-    for key in ("command", "machine"):
-        if key in summary:
-            lines.append(f"{key.capitalize()}: `{summary[key]}`\n")
-    lines += [
+    lines = [
         f"tau: {summary['tau_measurement']}.",
         "",
         markdown_table(summary["points"], [*columns, "lossless", "train_seconds"]),
