@@ -23,10 +23,11 @@ from pathlib import Path, PurePosixPath
 import httpx2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from hf_common import __version__
+from hf_common.default_model import DEFAULT_MODEL_ID, default_model_path, load_model_and_tokenizer
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.modeling import ScyllaDraftModel, check_finite_weights
 
@@ -40,7 +41,10 @@ __all__ = [
     "check_revision_tag",
     "check_staged_folder",
     "eval_result_entries",
+    "load_draft_config",
     "publish",
+    "read_eval_results",
+    "stage_checkpoint",
     "stage_draft",
 ]
 
@@ -365,6 +369,81 @@ def stage_draft(
         if parent != output_dir and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
     return output_dir
+
+
+def read_eval_results(path: str | os.PathLike) -> dict:
+    """A JSON file of measured results for the card, checked as `stage_draft` will use it.
+
+    Raises ``FileNotFoundError`` or a ``ValueError`` saying what is wrong, before anything is loaded.
+    """
+    path = Path(path)
+    try:
+        eval_results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file {path} not found") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a JSON file: {error}") from None
+    if not isinstance(eval_results, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(eval_results).__name__}")
+    try:
+        eval_result_entries(eval_results)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return eval_results
+
+
+def load_draft_config(
+    checkpoint: str | os.PathLike,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+) -> ScyllaDraftConfig:
+    """``checkpoint``'s draft config with the given (non-``None``) overrides, validated as a new config is."""
+    config_dict, _ = ScyllaDraftConfig.get_config_dict(checkpoint)
+    overrides = {"max_draft_tokens": max_draft_tokens, "confidence_threshold": confidence_threshold}
+    return ScyllaDraftConfig.from_dict(config_dict | {k: v for k, v in overrides.items() if v is not None})
+
+
+def stage_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    repo_name: str,
+    target: str | None = None,
+    base_model: str | None = None,
+    eval_results: dict | None = None,
+    datasets: list[str] | tuple[str, ...] = (),
+    training_notes: str | None = None,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """`stage_draft` for a saved draft folder, with its target's tokenizer (``target``: Hub id or folder,
+    default the config's target; the default model's comes from the embedded copy, so this works offline).
+
+    ``max_draft_tokens`` / ``confidence_threshold`` are stored in the staged config (e.g. the
+    benchmarked ones). The target itself is loaded only when the config keeps the shared tensors.
+    """
+    check_repo_id(repo_name)
+    config = load_draft_config(checkpoint, max_draft_tokens, confidence_threshold)
+    target_name = target or config.target_name_or_path
+    if not target_name:
+        raise ValueError("the draft config names no target; pass --target")
+    embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
+    draft = ScyllaDraftModel.from_pretrained(checkpoint, config=config)
+    if draft.config.save_embeddings and not draft.is_attached:
+        draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
+    return stage_draft(
+        draft,
+        tokenizer,
+        output_dir,
+        repo_name=repo_name,
+        eval_results=eval_results,
+        datasets=datasets,
+        training_notes=training_notes,
+        base_model=base_model or draft.config.target_name_or_path or target_name,
+        overwrite=overwrite,
+    )
 
 
 def _sources_of(draft: ScyllaDraftModel, tokenizer: PreTrainedTokenizerBase) -> list[Path]:

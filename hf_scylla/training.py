@@ -25,17 +25,28 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from hf_scylla.data import encode_prompt
+from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
+from hf_scylla.data import (
+    default_text_sources,
+    encode_prompt,
+    read_conversations,
+    regenerate_responses,
+    sources_fingerprint,
+    text_token_chunks,
+)
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [
     "EagleLoss",
     "FeatureDataset",
+    "build_features",
     "cache_target_features",
     "cache_text_features",
     "collate_features",
     "eagle_loss",
+    "feature_cache_for",
     "feature_cache_path",
+    "make_draft",
     "pad_records",
     "train_draft",
     "trained_positions",
@@ -188,6 +199,98 @@ def feature_cache_path(folder: str | os.PathLike, stem: str, description: dict) 
     so a change in any input names a new cache file instead of reusing the old one."""
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     return Path(folder) / f"{stem}-{key}.pt"
+
+
+def feature_cache_for(
+    folder: str | os.PathLike,
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    stage: str,
+    target_name: str,
+    max_length: int,
+    data: Path | None = None,
+    samples: int = 0,
+    text: Sequence[Path] | None = None,
+    tokens: int = 0,
+    regenerate_tokens: int | None = None,
+) -> tuple[Path, dict]:
+    """Where the target features of one run are cached and the description that names them.
+
+    ``stage="pretrain"`` keys the cache by the ``text`` sources (default: `default_text_sources`) and
+    ``tokens``; ``"finetune"`` by the ``data`` file, ``samples`` and ``regenerate_tokens`` (``None``: the
+    data's own responses). Raises ``FileNotFoundError`` for a missing source.
+    """
+    description = {
+        "stage": stage,
+        "target": target_name,
+        "target_weights": weights_fingerprint(target),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template": tokenizer.chat_template,
+        "max_length": max_length,
+        "feature_layer": -1,  # hidden_states[-1], the final normed state
+        "feature_dtype": "bfloat16",
+    }
+    if stage == "pretrain":
+        sources = text or default_text_sources()
+        description |= {"text": [str(Path(p).resolve()) for p in sources], "tokens": tokens}
+        description["text_sha256"] = sources_fingerprint(sources)
+        stem = f"features-text-{tokens}x{max_length}"
+    else:
+        description |= {"data": str(Path(data).resolve()), "samples": samples}
+        description["data_sha256"] = sources_fingerprint([data])
+        description["regenerate_tokens"] = regenerate_tokens
+        regenerated = f"regen{regenerate_tokens}-" if regenerate_tokens is not None else ""
+        stem = f"features-{regenerated}{samples}x{max_length}"
+    return feature_cache_path(folder, stem, description), description
+
+
+def build_features(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    *,
+    stage: str,
+    max_length: int,
+    data: Path | None = None,
+    samples: int = 0,
+    text: Sequence[Path] | None = None,
+    tokens: int = 0,
+    regenerate_tokens: int | None = None,
+    regenerate_dir: Path | None = None,
+) -> FeatureDataset:
+    """The target features of one run (the inputs `feature_cache_for` names).
+
+    ``stage="pretrain"``: ``tokens`` tokens of general text from ``text`` (default sources) in windows
+    of ``max_length``. ``"finetune"``: the first ``samples`` conversations of ``data``, whose responses
+    are the target's own greedy answers (at most ``regenerate_tokens``, cached per target weights in
+    ``regenerate_dir``) when ``regenerate_tokens`` is given.
+    """
+    if stage == "pretrain":
+        windows = text_token_chunks(tokenizer, text or default_text_sources(), max_length, tokens)
+        return cache_text_features(target, windows)
+    conversations = read_conversations(data, samples)
+    if regenerate_tokens is not None:
+        regenerate_dir.mkdir(parents=True, exist_ok=True)
+        cache = regenerate_dir / f"regenerated-{weights_fingerprint(target)}.jsonl"  # per target
+        prompts = [prompt for prompt, _ in conversations]
+        conversations = regenerate_responses(target, tokenizer, prompts, regenerate_tokens, cache)
+    return cache_target_features(target, tokenizer, conversations, max_length=max_length)
+
+
+def make_draft(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    depth: int = 1,
+    checkpoint: str | os.PathLike | None = None,
+) -> ScyllaDraftModel:
+    """A draft attached to ``target`` on its device: loaded from ``checkpoint``, else new (seed 0, ``depth`` layers)."""
+    if checkpoint is not None:
+        draft = ScyllaDraftModel.from_pretrained(checkpoint, target=target, target_tokenizer=tokenizer)
+    else:
+        torch.manual_seed(0)
+        draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, depth, tokenizer))
+        draft.attach_target(target, tokenizer)
+    return draft.to(target.device)
 
 
 def trained_positions(features: FeatureDataset) -> int:

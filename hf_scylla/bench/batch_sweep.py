@@ -22,9 +22,10 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla.batched import BatchedStats, batched_generate
 from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
+from hf_scylla.bench.speed import load_prompt_sets
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["left_padded_batches", "run_batch_sweep", "summarize_batch_sweep"]
+__all__ = ["interleaved_prompts", "left_padded_batches", "run_batch_sweep", "summarize_batch_sweep"]
 
 
 def left_padded_batches(
@@ -73,6 +74,13 @@ def _greedy(
 
 
 @torch.no_grad()
+def interleaved_prompts(prompts_dir: Path, limit: int | None = None) -> list[str]:
+    """The first ``limit`` prompts of each set in ``prompts_dir``, interleaved so that every batch mixes
+    the sets (as a server's batch would)."""
+    prompt_sets = load_prompt_sets(prompts_dir, limit)
+    return [question for group in zip(*prompt_sets.values(), strict=False) for question in group]
+
+
 def run_batch_sweep(
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,

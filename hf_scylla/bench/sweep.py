@@ -24,12 +24,22 @@ from transformers.trainer_utils import get_last_checkpoint
 from hf_common.reporting import markdown_table, save_json, write_report
 from hf_scylla import generation
 from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
+from hf_scylla.bench.speed import load_prompt_file
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig
+from hf_scylla.data import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.training import FeatureDataset, train_draft
 
-__all__ = ["SweepPoint", "SweepSettings", "evaluate_tau", "plan_points", "run_sweep", "summarize"]
+__all__ = [
+    "SweepPoint",
+    "SweepSettings",
+    "encode_eval_prompts",
+    "evaluate_tau",
+    "plan_points",
+    "run_sweep",
+    "summarize",
+]
 
 
 @dataclass(frozen=True)
@@ -160,6 +170,13 @@ def _train_point(
             file.unlink() if file.is_file() else file.rmdir()
         checkpoint.rmdir()
     return draft.eval(), time.perf_counter() - start
+
+
+def encode_eval_prompts(
+    tokenizer: PreTrainedTokenizerBase, path: Path, count: int, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """The first ``count`` prompts of ``path`` (EAGLE ``question.jsonl`` format) as chat ids on ``device``."""
+    return [encode_prompt(tokenizer, question).to(device) for question in load_prompt_file(path, count)]
 
 
 def run_sweep(
