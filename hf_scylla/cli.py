@@ -163,19 +163,25 @@ def _features(
     args: argparse.Namespace, folder: Path, target, tokenizer, samples: int, tokens: int, regenerate: bool
 ):
     """The run's target features, cached in ``folder`` under a name keyed by everything they depend on."""
-    from hf_scylla.training import build_features, feature_cache_for
+    from hf_scylla.training import FeatureSource, build_features, feature_cache_for
 
-    sources = {"stage": args.stage, "max_length": args.max_length, "data": args.data, "samples": samples}
-    sources |= {"text": args.text, "tokens": tokens}
-    sources["regenerate_tokens"] = args.regenerate_tokens if regenerate else None
+    source = FeatureSource(
+        stage=args.stage,
+        max_length=args.max_length,
+        data=args.data,
+        samples=samples,
+        text=args.text,
+        tokens=tokens,
+        regenerate_tokens=args.regenerate_tokens if regenerate else None,
+    )
     try:
-        path, description = feature_cache_for(folder, target, tokenizer, target_name=args.model, **sources)
+        path, description = feature_cache_for(folder, target, tokenizer, args.model, source)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
 
     def build():
         try:
-            return build_features(target, tokenizer, regenerate_dir=args.output_dir, **sources)
+            return build_features(target, tokenizer, source, regenerate_dir=args.output_dir)
         except (FileNotFoundError, ValueError, KeyError) as error:
             raise CommandError(str(error)) from None
 

@@ -39,6 +39,7 @@ from hf_scylla.modeling import ScyllaDraftModel
 __all__ = [
     "EagleLoss",
     "FeatureDataset",
+    "FeatureSource",
     "build_features",
     "cache_target_features",
     "cache_text_features",
@@ -201,80 +202,78 @@ def feature_cache_path(folder: str | os.PathLike, stem: str, description: dict) 
     return Path(folder) / f"{stem}-{key}.pt"
 
 
+@dataclass(frozen=True)
+class FeatureSource:
+    """What one run's target features are built from.
+
+    ``stage="pretrain"``: ``tokens`` tokens of general text from ``text`` (default:
+    `default_text_sources`) in windows of ``max_length``. ``"finetune"``: the first ``samples``
+    conversations of ``data``, truncated to ``max_length``; with ``regenerate_tokens`` their responses
+    are replaced by the target's own greedy answers of at most that many tokens.
+    """
+
+    stage: str
+    max_length: int
+    data: Path | None = None
+    samples: int = 0
+    text: Sequence[Path] | None = None
+    tokens: int = 0
+    regenerate_tokens: int | None = None
+
+
 def feature_cache_for(
     folder: str | os.PathLike,
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    *,
-    stage: str,
     target_name: str,
-    max_length: int,
-    data: Path | None = None,
-    samples: int = 0,
-    text: Sequence[Path] | None = None,
-    tokens: int = 0,
-    regenerate_tokens: int | None = None,
+    source: FeatureSource,
 ) -> tuple[Path, dict]:
-    """Where the target features of one run are cached and the description that names them.
-
-    ``stage="pretrain"`` keys the cache by the ``text`` sources (default: `default_text_sources`) and
-    ``tokens``; ``"finetune"`` by the ``data`` file, ``samples`` and ``regenerate_tokens`` (``None``: the
-    data's own responses). Raises ``FileNotFoundError`` for a missing source.
-    """
+    """Where the target features of ``source`` are cached in ``folder``, and the description that
+    names them (see `feature_cache_path`). Raises ``FileNotFoundError`` for a missing source."""
     description = {
-        "stage": stage,
+        "stage": source.stage,
         "target": target_name,
         "target_weights": weights_fingerprint(target),
         "tokenizer": tokenizer_fingerprint(tokenizer),
         "chat_template": tokenizer.chat_template,
-        "max_length": max_length,
+        "max_length": source.max_length,
         "feature_layer": -1,  # hidden_states[-1], the final normed state
         "feature_dtype": "bfloat16",
     }
-    if stage == "pretrain":
-        sources = text or default_text_sources()
-        description |= {"text": [str(Path(p).resolve()) for p in sources], "tokens": tokens}
+    if source.stage == "pretrain":
+        sources = source.text or default_text_sources()
+        description |= {"text": [str(Path(p).resolve()) for p in sources], "tokens": source.tokens}
         description["text_sha256"] = sources_fingerprint(sources)
-        stem = f"features-text-{tokens}x{max_length}"
+        stem = f"features-text-{source.tokens}x{source.max_length}"
     else:
-        description |= {"data": str(Path(data).resolve()), "samples": samples}
-        description["data_sha256"] = sources_fingerprint([data])
-        description["regenerate_tokens"] = regenerate_tokens
-        regenerated = f"regen{regenerate_tokens}-" if regenerate_tokens is not None else ""
-        stem = f"features-{regenerated}{samples}x{max_length}"
+        description |= {"data": str(Path(source.data).resolve()), "samples": source.samples}
+        description["data_sha256"] = sources_fingerprint([source.data])
+        description["regenerate_tokens"] = source.regenerate_tokens
+        regenerated = f"regen{source.regenerate_tokens}-" if source.regenerate_tokens is not None else ""
+        stem = f"features-{regenerated}{source.samples}x{source.max_length}"
     return feature_cache_path(folder, stem, description), description
 
 
 def build_features(
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    *,
-    stage: str,
-    max_length: int,
-    data: Path | None = None,
-    samples: int = 0,
-    text: Sequence[Path] | None = None,
-    tokens: int = 0,
-    regenerate_tokens: int | None = None,
+    source: FeatureSource,
     regenerate_dir: Path | None = None,
 ) -> FeatureDataset:
-    """The target features of one run (the inputs `feature_cache_for` names).
-
-    ``stage="pretrain"``: ``tokens`` tokens of general text from ``text`` (default sources) in windows
-    of ``max_length``. ``"finetune"``: the first ``samples`` conversations of ``data``, whose responses
-    are the target's own greedy answers (at most ``regenerate_tokens``, cached per target weights in
-    ``regenerate_dir``) when ``regenerate_tokens`` is given.
-    """
-    if stage == "pretrain":
-        windows = text_token_chunks(tokenizer, text or default_text_sources(), max_length, tokens)
-        return cache_text_features(target, windows)
-    conversations = read_conversations(data, samples)
-    if regenerate_tokens is not None:
+    """The target features of ``source``; regenerated responses are cached per target weights in
+    ``regenerate_dir``."""
+    if source.stage == "pretrain":
+        text = source.text or default_text_sources()
+        return cache_text_features(
+            target, text_token_chunks(tokenizer, text, source.max_length, source.tokens)
+        )
+    conversations = read_conversations(source.data, source.samples)
+    if source.regenerate_tokens is not None:
         regenerate_dir.mkdir(parents=True, exist_ok=True)
         cache = regenerate_dir / f"regenerated-{weights_fingerprint(target)}.jsonl"  # per target
         prompts = [prompt for prompt, _ in conversations]
-        conversations = regenerate_responses(target, tokenizer, prompts, regenerate_tokens, cache)
-    return cache_target_features(target, tokenizer, conversations, max_length=max_length)
+        conversations = regenerate_responses(target, tokenizer, prompts, source.regenerate_tokens, cache)
+    return cache_target_features(target, tokenizer, conversations, max_length=source.max_length)
 
 
 def make_draft(
