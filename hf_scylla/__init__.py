@@ -14,7 +14,7 @@ from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
 from hf_scylla.hub import RESULTS_PLACEHOLDER
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.reference import reference_speculative_decode
+from hf_scylla.naive import reference_speculative_decode
 
 register_lm_eval_model(
     "hf-scylla",

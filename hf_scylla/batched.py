@@ -23,6 +23,7 @@ from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from hf_common.compat import cache_kwargs, crop_cache
+from hf_scylla.candidate_generator import acceptance_length
 from hf_scylla.generation import check_generation_inputs
 from hf_scylla.modeling import ScyllaDraftModel
 
@@ -48,8 +49,7 @@ class BatchedStats:
 
     @property
     def tau(self) -> float:
-        kept = [count for row in self.accepted for count in row]
-        return sum(kept) / len(kept) + 1 if kept else float("nan")
+        return acceptance_length([count for row in self.accepted for count in row])
 
     @property
     def tokens_per_second(self) -> float:

@@ -9,6 +9,7 @@ recomputes the accepted positions with the target's true features).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,13 @@ from transformers.utils import ModelOutput
 from hf_common.compat import crop_cache
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["ScyllaCandidateGenerator", "ScyllaStats"]
+__all__ = ["ScyllaCandidateGenerator", "ScyllaStats", "acceptance_length"]
+
+
+def acceptance_length(accepted: Sequence[int]) -> float:
+    """The paper's tau from the draft tokens kept in each cycle: tokens gained per cycle, the target's
+    bonus token included (``nan`` without cycles). Single and batched decoding both report this."""
+    return sum(accepted) / len(accepted) + 1 if accepted else float("nan")
 
 
 @dataclass
@@ -44,7 +51,7 @@ class ScyllaStats:
 
     @property
     def tau(self) -> float:
-        return (sum(self.accepted) + self.cycles) / self.cycles if self.cycles else float("nan")
+        return acceptance_length(self.accepted)
 
     @property
     def acceptance_per_position(self) -> list[float]:

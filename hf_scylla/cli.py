@@ -3,12 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
 
 from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
@@ -16,14 +13,14 @@ from hf_common.default_model import DEFAULT_MODEL_ID
 from hf_common.demo import demo_command
 from hf_common.harness import eval_command
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
-from hf_common.reporting import command_line, machine
+from hf_common.reporting import command_line
 
 DESCRIPTION = "Scylla speculative decoding (arXiv 2505.07858) for transformers generate()."
 GSM8K_TRAIN = SHARED_DATA_DIR / "gsm8k" / "train.jsonl"
 
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_scylla.benchmark import PROMPTS_DIR
+    from hf_scylla.bench.speed import PROMPTS_DIR
 
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
     parser.add_argument("--draft", type=Path, help="Folder of a trained Scylla draft for --model.")
@@ -52,27 +49,8 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, RUNS_DIR / "scylla" / "bench")
 
 
-def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
-    """One line per method: speedup against plain greedy on each prompt set."""
-    from hf_common.reporting import plot_series
-
-    methods = dict.fromkeys(row["method"] for row in rows)
-    series = {
-        method: (
-            [r["set"] for r in rows if r["method"] == method],
-            [r["speedup"] for r in rows if r["method"] == method],
-        )
-        for method in methods
-    }
-    return plot_series(path, series, title, "prompt set", "speedup vs greedy")
-
-
 def _run_bench(args: argparse.Namespace) -> int:
-    from hf_common.default_model import load_model_and_tokenizer
-    from hf_common.reporting import markdown_table, write_report
-    from hf_scylla.benchmark import load_prompt_sets, run_benchmark
-    from hf_scylla.config import ScyllaDraftConfig
-    from hf_scylla.modeling import ScyllaDraftModel
+    from hf_scylla.bench.speed import bench_report
 
     if args.draft is not None and not (args.draft / "config.json").is_file():
         raise CommandError(f"--draft {args.draft} is not a saved Scylla draft (no config.json)")
@@ -89,46 +67,20 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.limit < 0:
         raise CommandError(f"--limit must be >= 0 (0: all prompts), got {args.limit}")
     claim_outputs([args.output_dir / f"bench.{suffix}" for suffix in ("json", "md", "png")], args.overwrite)
-    target, tokenizer = load_model_and_tokenizer(args.model)
-    if args.draft is not None:
-        draft = ScyllaDraftModel.from_pretrained(args.draft, target=target, target_tokenizer=tokenizer)
-        draft_name = f"scylla:{args.draft.name}"
-    else:
-        torch.manual_seed(0)
-        config = ScyllaDraftConfig.from_target_config(target.config, args.untrained_depth, tokenizer)
-        draft = ScyllaDraftModel(config)
-        draft.attach_target(target, tokenizer)
-        draft_name = f"scylla-untrained-D{args.untrained_depth}"
-    draft = draft.to(target.device).eval()
-    if args.max_draft_tokens is not None:
-        draft.config.max_draft_tokens = args.max_draft_tokens
-    if args.confidence_threshold is not None:
-        draft.config.confidence_threshold = args.confidence_threshold
-    assistant = None
-    if args.assistant is not None:
-        from transformers import AutoModelForCausalLM
-
-        assistant = AutoModelForCausalLM.from_pretrained(args.assistant, dtype=target.dtype)
-        assistant = assistant.to(target.device).eval()
-    prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
-    rows = run_benchmark(
-        target,
-        tokenizer,
-        prompt_sets,
-        draft=draft,
-        draft_name=draft_name,
+    rows, table = bench_report(
+        args.model,
+        args.prompts_dir,
+        args.output_dir,
+        command_line("hf-scylla", getattr(args, "argv", [])),
+        draft=args.draft,
+        untrained_depth=args.untrained_depth,
+        max_draft_tokens=args.max_draft_tokens,
+        confidence_threshold=args.confidence_threshold,
+        assistant=args.assistant,
+        limit=args.limit or None,
         max_new_tokens=args.max_new_tokens,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
-        assistant=assistant,
-        assistant_name=f"assisted:{args.assistant.name}" if args.assistant is not None else "assisted",
     )
-    command = command_line("hf-scylla", getattr(args, "argv", []))
-    columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
-    table = markdown_table(rows, [*columns, "lossless"])
-    title = f"Speculative decoding on {args.model}, greedy, {args.max_new_tokens} new tokens"
-    write_report(args.output_dir, "bench", command, {"rows": rows}, title, table)
-    plot_title = f"{args.model.split('/')[-1]}, greedy, {args.max_new_tokens} new tokens"
-    plot_speedups(args.output_dir / "bench.png", rows, plot_title)
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")
     return 0 if all(row["lossless"] for row in rows) else 1
@@ -143,16 +95,6 @@ def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
         raise CommandError(f"{error} (pass another with --data)") from None
     except (ValueError, KeyError) as error:
         raise CommandError(f"--data {path} is not JSONL of prompt/response records: {error}") from None
-
-
-def _text_windows(sources: list[Path] | None, tokenizer, window: int, tokens: int) -> list[torch.Tensor]:
-    """General-text windows for the pretraining stage (default sources: shared text + Python stdlib)."""
-    from hf_scylla.data import default_text_sources, text_token_chunks
-
-    try:
-        return text_token_chunks(tokenizer, sources or default_text_sources(), window, tokens)
-    except (FileNotFoundError, ValueError) as error:
-        raise CommandError(str(error)) from None
 
 
 def _add_stage_option(parser: argparse.ArgumentParser, finetune: str) -> None:
@@ -217,39 +159,33 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _features_path(
-    args: argparse.Namespace, folder: Path, target, tokenizer, samples: int, tokens: int
-) -> Path:
-    """Where the target features of this run are cached, keyed by everything they depend on."""
-    from hf_scylla.config import tokenizer_fingerprint
-    from hf_scylla.data import default_text_sources, sources_fingerprint
-    from hf_scylla.training import feature_cache_path, weights_fingerprint
+def _features(
+    args: argparse.Namespace, folder: Path, target, tokenizer, samples: int, tokens: int, regenerate: bool
+):
+    """The run's target features, cached in ``folder`` under a name keyed by everything they depend on."""
+    from hf_scylla.training import FeatureSource, build_features, feature_cache_for
 
-    description = {
-        "stage": args.stage,
-        "target": args.model,
-        "target_weights": weights_fingerprint(target),
-        "tokenizer": tokenizer_fingerprint(tokenizer),
-        "chat_template": tokenizer.chat_template,
-        "max_length": args.max_length,
-        "feature_layer": -1,  # hidden_states[-1], the final normed state
-        "feature_dtype": "bfloat16",
-    }
+    source = FeatureSource(
+        stage=args.stage,
+        max_length=args.max_length,
+        data=args.data,
+        samples=samples,
+        text=args.text,
+        tokens=tokens,
+        regenerate_tokens=args.regenerate_tokens if regenerate else None,
+    )
     try:
-        if args.stage == "pretrain":
-            sources = args.text or default_text_sources()
-            description |= {"text": [str(Path(p).resolve()) for p in sources], "tokens": tokens}
-            description["text_sha256"] = sources_fingerprint(sources)
-            stem = f"features-text-{tokens}x{args.max_length}"
-        else:
-            regenerate = getattr(args, "regenerate", False)
-            description |= {"data": str(args.data.resolve()), "samples": samples}
-            description["data_sha256"] = sources_fingerprint([args.data])
-            description["regenerate_tokens"] = args.regenerate_tokens if regenerate else None
-            stem = f"features-{f'regen{args.regenerate_tokens}-' if regenerate else ''}{samples}x{args.max_length}"
+        path, description = feature_cache_for(folder, target, tokenizer, args.model, source)
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
-    return feature_cache_path(folder, stem, description), description
+
+    def build():
+        try:
+            return build_features(target, tokenizer, source, regenerate_dir=args.output_dir)
+        except (FileNotFoundError, ValueError, KeyError) as error:
+            raise CommandError(str(error)) from None
+
+    return _cached_features(getattr(args, "features", None) or path, build, description)
 
 
 def _cached_features(path: Path, build, description: dict):
@@ -266,24 +202,6 @@ def _cached_features(path: Path, build, description: dict):
             "raise --max-length"
         )
     return features
-
-
-def _build_train_features(args: argparse.Namespace, target, tokenizer):
-    from hf_scylla.data import regenerate_responses
-    from hf_scylla.training import cache_target_features, cache_text_features, weights_fingerprint
-
-    if args.stage == "pretrain":
-        return cache_text_features(target, _text_windows(args.text, tokenizer, args.max_length, args.tokens))
-    conversations = _read_conversations(args.data, args.samples)
-    if args.regenerate:
-        args.output_dir.mkdir(parents=True, exist_ok=True)
-        cache = args.output_dir / f"regenerated-{weights_fingerprint(target)}.jsonl"  # per target
-        try:
-            prompts = [prompt for prompt, _ in conversations]
-            conversations = regenerate_responses(target, tokenizer, prompts, args.regenerate_tokens, cache)
-        except ValueError as error:
-            raise CommandError(str(error)) from None
-    return cache_target_features(target, tokenizer, conversations, max_length=args.max_length)
 
 
 def _check_train_arguments(args: argparse.Namespace) -> None:
@@ -326,10 +244,8 @@ def _check_data_sources(args: argparse.Namespace) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_common.outputs import claim_outputs
-    from hf_scylla.config import ScyllaDraftConfig
-    from hf_scylla.modeling import ScyllaDraftModel
-    from hf_scylla.training import train_draft
+    from hf_scylla.standalone import load_standalone_draft, train_standalone_draft
+    from hf_scylla.training import make_draft, train_draft
 
     _check_train_arguments(args)
     claim_outputs(
@@ -337,10 +253,7 @@ def _run_train(args: argparse.Namespace) -> int:
         args.overwrite or args.resume,
     )
     target, tokenizer = load_model_and_tokenizer(args.model)
-    path, description = _features_path(args, args.output_dir, target, tokenizer, args.samples, args.tokens)
-    features = _cached_features(
-        args.features or path, lambda: _build_train_features(args, target, tokenizer), description
-    )
+    features = _features(args, args.output_dir, target, tokenizer, args.samples, args.tokens, args.regenerate)
     settings = {
         "num_train_epochs": args.epochs,
         "per_device_train_batch_size": args.batch_size,
@@ -348,27 +261,15 @@ def _run_train(args: argparse.Namespace) -> int:
         "resume": args.resume,
     }
     if args.standalone:
-        result = _train_standalone(args, target, tokenizer, features, settings)
-    else:
-        if args.init_draft is not None:  # e.g. fine-tune a feature-only draft with the distillation term
-            draft = ScyllaDraftModel.from_pretrained(
-                args.init_draft, target=target, target_tokenizer=tokenizer
-            )
-        else:
-            torch.manual_seed(0)
-            draft = ScyllaDraftModel(
-                ScyllaDraftConfig.from_target_config(target.config, args.depth, tokenizer)
-            )
-            draft.attach_target(target, tokenizer)
-        draft.to(target.device)
-        result = train_draft(
-            draft,
-            features,
-            args.output_dir,
-            unroll_steps=args.unroll_steps,
-            token_weight=args.token_weight,
-            **settings,
-        )
+        try:
+            model = load_standalone_draft(target, args.init_draft, args.depth)
+        except ValueError as error:
+            raise CommandError(str(error)) from None
+        result = train_standalone_draft(model, features, args.output_dir, tokenizer=tokenizer, **settings)
+    else:  # --init-draft: e.g. fine-tune a feature-only draft with the distillation term
+        draft = make_draft(target, tokenizer, args.depth, args.init_draft)
+        train_settings = {"unroll_steps": args.unroll_steps, "token_weight": args.token_weight}
+        result = train_draft(draft, features, args.output_dir, **train_settings, **settings)
     kind = "standalone draft LM" if args.standalone else "draft"
     print(
         f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; {kind} saved to {args.output_dir}"
@@ -376,29 +277,9 @@ def _run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _train_standalone(args: argparse.Namespace, target, tokenizer, features, settings: dict):
-    from transformers import AutoModelForCausalLM
-
-    from hf_scylla.standalone import make_standalone_draft, train_standalone_draft
-
-    if args.init_draft is not None:
-        model = AutoModelForCausalLM.from_pretrained(args.init_draft, dtype=target.dtype).to(target.device)
-        if model.config.vocab_size != target.config.vocab_size:
-            raise CommandError(
-                f"{args.init_draft} has a vocabulary of {model.config.vocab_size}, "
-                f"the target {target.config.vocab_size}"
-            )
-    else:
-        torch.manual_seed(0)
-        model = make_standalone_draft(target, args.depth)
-    result = train_standalone_draft(model, features, args.output_dir, **settings)
-    tokenizer.save_pretrained(args.output_dir)  # a complete model folder: usable as assistant_model
-    return result
-
-
 def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_scylla.benchmark import PROMPTS_DIR
-    from hf_scylla.sweep import SweepSettings
+    from hf_scylla.bench.speed import PROMPTS_DIR
+    from hf_scylla.bench.sweep import SweepSettings
 
     defaults = SweepSettings()
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
@@ -469,9 +350,7 @@ def _add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_scylla.benchmark import encode_prompt, load_prompt_file
-    from hf_scylla.sweep import SweepSettings, plan_points, run_sweep
-    from hf_scylla.training import cache_target_features, cache_text_features
+    from hf_scylla.bench.sweep import SweepSettings, encode_eval_prompts, plan_points, run_sweep
 
     try:
         settings = SweepSettings(
@@ -499,26 +378,10 @@ def _run_sweep(args: argparse.Namespace) -> int:
     )
     target, tokenizer = load_model_and_tokenizer(args.model)
     tokens = needed * args.max_length
-    path, description = _features_path(args, args.work_dir, target, tokenizer, needed, tokens)
-    if args.stage == "pretrain":
-        features = _cached_features(
-            path,
-            lambda: cache_text_features(target, _text_windows(args.text, tokenizer, args.max_length, tokens)),
-            description,
-        )
-    else:
-        features = _cached_features(
-            path,
-            lambda: cache_target_features(
-                target, tokenizer, _read_conversations(args.data, needed), max_length=args.max_length
-            ),
-            description,
-        )
-    questions = load_prompt_file(args.eval_prompts_file, args.eval_prompts)
-    prompts = [encode_prompt(tokenizer, question).to(target.device) for question in questions]
+    features = _features(args, args.work_dir, target, tokenizer, needed, tokens, regenerate=False)
+    prompts = encode_eval_prompts(tokenizer, args.eval_prompts_file, args.eval_prompts, target.device)
     metadata = {
         "command": command_line("hf-scylla", getattr(args, "argv", [])),
-        "machine": machine(),
         "stage": args.stage,
     }
     try:
@@ -536,7 +399,7 @@ def _run_sweep(args: argparse.Namespace) -> int:
 
 
 def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
-    from hf_scylla.benchmark import PROMPTS_DIR
+    from hf_scylla.bench.speed import PROMPTS_DIR
     from hf_scylla.demo import STAGED_DRAFT_NAME
 
     parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
@@ -561,10 +424,9 @@ def _add_batch_sweep_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _run_batch_sweep(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
-    from hf_scylla.batch_sweep import run_batch_sweep
-    from hf_scylla.benchmark import load_prompt_sets
+    from hf_scylla.bench.batch_sweep import interleaved_prompts, run_batch_sweep
     from hf_scylla.demo import find_staged_draft
-    from hf_scylla.modeling import ScyllaDraftModel
+    from hf_scylla.training import make_draft
 
     draft_dir = args.draft or find_staged_draft()
     if draft_dir is None:
@@ -576,14 +438,10 @@ def _run_batch_sweep(args: argparse.Namespace) -> int:
     names = ["batch_sweep.json", "batch_sweep.md", "speedup_vs_batch.png", "tau_vs_batch.png"]
     claim_outputs([args.output_dir / name for name in names], args.overwrite)
     target, tokenizer = load_model_and_tokenizer(args.model)
-    draft = ScyllaDraftModel.from_pretrained(draft_dir, target=target, target_tokenizer=tokenizer)
-    draft = draft.to(target.device).eval()
-    prompt_sets = load_prompt_sets(args.prompts_dir, args.limit or None)
-    # Interleave the sets so every batch mixes them (as a server's batch would).
-    questions = [q for group in zip(*prompt_sets.values(), strict=False) for q in group]
+    draft = make_draft(target, tokenizer, checkpoint=draft_dir).eval()
+    questions = interleaved_prompts(args.prompts_dir, args.limit or None)
     metadata = {
         "command": command_line("hf-scylla", getattr(args, "argv", [])),
-        "machine": machine(),
         "draft": Path(draft_dir).name,
     }
     summary = run_batch_sweep(
@@ -651,72 +509,30 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _read_eval_results(path: Path | None) -> dict | None:
-    """The ``--eval-results`` JSON, checked as the card will use it (before anything is loaded)."""
-    from hf_scylla.hub import eval_result_entries
-
-    if path is None:
-        return None
-    try:
-        eval_results = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CommandError(f"--eval-results file {path} not found") from None
-    except (OSError, ValueError) as error:
-        raise CommandError(f"--eval-results {path} is not a JSON file: {error}") from None
-    if not isinstance(eval_results, dict):
-        raise CommandError(
-            f"--eval-results {path} must hold a JSON object, got {type(eval_results).__name__}"
-        )
-    try:
-        eval_result_entries(eval_results)
-    except ValueError as error:
-        raise CommandError(f"--eval-results {path}: {error}") from None
-    return eval_results
-
-
 def _run_stage(args: argparse.Namespace) -> int:
-    from transformers import AutoTokenizer
-
-    from hf_common.default_model import default_model_path, load_model_and_tokenizer
-    from hf_scylla.config import ScyllaDraftConfig
-    from hf_scylla.hub import check_repo_id, stage_draft
-    from hf_scylla.modeling import ScyllaDraftModel
+    from hf_scylla.hub import read_eval_results, stage_checkpoint
 
     if not (args.checkpoint / "config.json").is_file():
         raise CommandError(f"{args.checkpoint} is not a saved Scylla draft (no config.json)")
     try:
-        check_repo_id(args.repo_name)
-        config = ScyllaDraftConfig.from_pretrained(args.checkpoint)
-        if args.max_draft_tokens is not None:
-            config.max_draft_tokens = args.max_draft_tokens
-        if args.confidence_threshold is not None:
-            config.confidence_threshold = args.confidence_threshold
-        config._check_draft_fields()
-    except (ValueError, TypeError, OSError) as error:
-        raise CommandError(str(error)) from None
-    eval_results = _read_eval_results(args.eval_results)
-    target_name = args.target or config.target_name_or_path
-    if not target_name:
-        raise CommandError("the draft config names no target; pass --target")
-    # The default model's tokenizer comes from the embedded copy, so staging works offline.
-    embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
-    tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
+        eval_results = read_eval_results(args.eval_results) if args.eval_results is not None else None
+    except (OSError, ValueError) as error:
+        raise CommandError(f"--eval-results {error}") from None
     try:
-        draft = ScyllaDraftModel.from_pretrained(args.checkpoint, config=config)
-        if draft.config.save_embeddings and not draft.is_attached:
-            draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
-        folder = stage_draft(
-            draft,
-            tokenizer,
+        folder = stage_checkpoint(
+            args.checkpoint,
             args.output_dir,
             repo_name=args.repo_name,
+            target=args.target,
+            base_model=args.base_model,
             eval_results=eval_results,
             datasets=args.dataset,
             training_notes=args.training_notes,
-            base_model=args.base_model or draft.config.target_name_or_path or target_name,
+            max_draft_tokens=args.max_draft_tokens,
+            confidence_threshold=args.confidence_threshold,
             overwrite=args.overwrite,
         )
-    except (ValueError, FileExistsError) as error:
+    except (ValueError, TypeError, OSError) as error:  # FileExistsError: a folder stage did not write
         raise CommandError(str(error)) from None
     print(
         f"Staged {args.repo_name} in {folder}; check it with: hf-scylla publish {folder} --repo-id "

@@ -24,11 +24,11 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_common.data import SHARED_DATA_DIR
-from hf_scylla.benchmark import encode_prompt
 
 __all__ = [
     "TEXT_SUFFIXES",
     "default_text_sources",
+    "encode_prompt",
     "read_conversations",
     "regenerate_responses",
     "sources_fingerprint",
@@ -37,6 +37,15 @@ __all__ = [
 
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
 """Files a text source folder contributes; others (binaries, data) are skipped."""
+
+
+def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
+    """``(1, S)`` ids of a one-turn chat with the generation prompt appended."""
+    messages = [{"role": "user", "content": question}]
+    encoded = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, tokenize=True, return_dict=True
+    )
+    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
 
 
 def read_conversations(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:

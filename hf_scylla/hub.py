@@ -23,10 +23,11 @@ from pathlib import Path, PurePosixPath
 import httpx2
 from huggingface_hub import EvalResult, HfApi, ModelCard, ModelCardData, get_token
 from huggingface_hub.errors import HfHubHTTPError
-from transformers import PreTrainedTokenizerBase
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
 from transformers.utils import logging as transformers_logging
 
 from hf_common import __version__
+from hf_common.default_model import DEFAULT_MODEL_ID, default_model_path, load_model_and_tokenizer
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.modeling import ScyllaDraftModel, check_finite_weights
 
@@ -40,7 +41,10 @@ __all__ = [
     "check_revision_tag",
     "check_staged_folder",
     "eval_result_entries",
+    "load_draft_config",
     "publish",
+    "read_eval_results",
+    "stage_checkpoint",
     "stage_draft",
 ]
 
@@ -60,6 +64,7 @@ REQUIRED_FILES = (
     "config.json",
     "README.md",
     "custom_generate/generate.py",
+    "custom_generate/draft_repo.py",
     "custom_generate/requirements.txt",
 )
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json")
@@ -68,41 +73,9 @@ STAGE_MANIFEST = ".hf-scylla-stage.json"
 Never uploaded."""
 _DRAFT_REPO_LINE = re.compile(r'^DRAFT_REPO_ID = "([^"]+)"$', re.MULTILINE)
 
-_GENERATE_PY = '''"""Scylla speculative decoding (arXiv 2505.07858) as a transformers ``custom_generate`` recipe.
-
-``target.generate(input_ids, custom_generate="{repo_id}", trust_remote_code=True, max_new_tokens=...)``
-loads the Scylla draft head stored in this repository (from the same ``revision`` you pass to
-``generate``, if any) and runs transformers' assisted decoding with it through the ``hf_scylla``
-package (see requirements.txt). Output equals the target's own decoding; only speed changes.
-"""
-
-import weakref
-
-from hf_scylla import ScyllaDraftModel
-from hf_scylla.generation import scylla_generate
-
-DRAFT_REPO_ID = "{repo_id}"
-
-_loaded_drafts = weakref.WeakKeyDictionary()
-
-
-def _draft_for(model, draft_repo, revision, token):
-    """The draft attached to ``model``, loaded once per (target instance, repo, revision)."""
-    drafts = _loaded_drafts.setdefault(model, {{}})
-    key = (str(draft_repo), revision)
-    if key not in drafts:
-        draft = ScyllaDraftModel.from_pretrained(
-            draft_repo, revision=revision, token=token, target=model, dtype=model.dtype
-        )
-        drafts[key] = draft.to(model.device).eval()
-    return drafts[key]
-
-
-def generate(model, *args, draft_model=None, draft_repo=DRAFT_REPO_ID, revision=None, token=None, **kwargs):
-    """``model.generate`` with this repository's Scylla draft (or ``draft_model``; ``draft_repo`` to load another)."""
-    draft = draft_model if draft_model is not None else _draft_for(model, draft_repo, revision, token)
-    return model.generate(*args, custom_generate=scylla_generate, draft_model=draft, **kwargs)
-'''
+RECIPE_DIR = Path(__file__).resolve().parent / "custom_generate"
+"""The packaged ``custom_generate`` recipe: staging copies its ``generate.py`` unchanged and its
+``draft_repo.py`` with the staged repository's id filled in."""
 
 
 class StagedFolderError(ValueError):
@@ -330,7 +303,7 @@ def stage_draft(
 ) -> Path:
     """Write a complete Hub repository folder for ``draft`` into ``output_dir`` and return its path.
 
-    ``repo_name`` (``<org>/<name>``) is baked into ``custom_generate/generate.py``, which loads the
+    ``repo_name`` (``<org>/<name>``) is written into ``custom_generate/draft_repo.py``, so the recipe loads the
     draft from that repository. ``eval_results`` holds measured ``tau`` and/or ``speedup`` with
     ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``); without it the card
     says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
@@ -396,6 +369,81 @@ def stage_draft(
         if parent != output_dir and parent.is_dir() and not any(parent.iterdir()):
             parent.rmdir()
     return output_dir
+
+
+def read_eval_results(path: str | os.PathLike) -> dict:
+    """A JSON file of measured results for the card, checked as `stage_draft` will use it.
+
+    Raises ``FileNotFoundError`` or a ``ValueError`` saying what is wrong, before anything is loaded.
+    """
+    path = Path(path)
+    try:
+        eval_results = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"file {path} not found") from None
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not a JSON file: {error}") from None
+    if not isinstance(eval_results, dict):
+        raise ValueError(f"{path} must hold a JSON object, got {type(eval_results).__name__}")
+    try:
+        eval_result_entries(eval_results)
+    except ValueError as error:
+        raise ValueError(f"{path}: {error}") from None
+    return eval_results
+
+
+def load_draft_config(
+    checkpoint: str | os.PathLike,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+) -> ScyllaDraftConfig:
+    """``checkpoint``'s draft config with the given (non-``None``) overrides, validated as a new config is."""
+    config_dict, _ = ScyllaDraftConfig.get_config_dict(checkpoint)
+    overrides = {"max_draft_tokens": max_draft_tokens, "confidence_threshold": confidence_threshold}
+    return ScyllaDraftConfig.from_dict(config_dict | {k: v for k, v in overrides.items() if v is not None})
+
+
+def stage_checkpoint(
+    checkpoint: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    *,
+    repo_name: str,
+    target: str | None = None,
+    base_model: str | None = None,
+    eval_results: dict | None = None,
+    datasets: list[str] | tuple[str, ...] = (),
+    training_notes: str | None = None,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """`stage_draft` for a saved draft folder, with its target's tokenizer (``target``: Hub id or folder,
+    default the config's target; the default model's comes from the embedded copy, so this works offline).
+
+    ``max_draft_tokens`` / ``confidence_threshold`` are stored in the staged config (e.g. the
+    benchmarked ones). The target itself is loaded only when the config keeps the shared tensors.
+    """
+    check_repo_id(repo_name)
+    config = load_draft_config(checkpoint, max_draft_tokens, confidence_threshold)
+    target_name = target or config.target_name_or_path
+    if not target_name:
+        raise ValueError("the draft config names no target; pass --target")
+    embedded = target_name == DEFAULT_MODEL_ID and not Path(target_name).is_dir()
+    tokenizer = AutoTokenizer.from_pretrained(default_model_path() if embedded else target_name)
+    draft = ScyllaDraftModel.from_pretrained(checkpoint, config=config)
+    if draft.config.save_embeddings and not draft.is_attached:
+        draft.attach_target(load_model_and_tokenizer(target_name)[0], tokenizer)
+    return stage_draft(
+        draft,
+        tokenizer,
+        output_dir,
+        repo_name=repo_name,
+        eval_results=eval_results,
+        datasets=datasets,
+        training_notes=training_notes,
+        base_model=base_model or draft.config.target_name_or_path or target_name,
+        overwrite=overwrite,
+    )
 
 
 def _sources_of(draft: ScyllaDraftModel, tokenizer: PreTrainedTokenizerBase) -> list[Path]:
@@ -464,7 +512,10 @@ def _write_staged_files(
     target_tokenizer.save_pretrained(folder)
     recipe_dir = folder / "custom_generate"
     recipe_dir.mkdir()
-    (recipe_dir / "generate.py").write_text(_GENERATE_PY.format(repo_id=repo_name), encoding="utf-8")
+    shutil.copyfile(RECIPE_DIR / "generate.py", recipe_dir / "generate.py")
+    draft_repo_py = (RECIPE_DIR / "draft_repo.py").read_text(encoding="utf-8")
+    draft_repo_py = draft_repo_py.replace("DRAFT_REPO_ID = None", f'DRAFT_REPO_ID = "{repo_name}"')
+    (recipe_dir / "draft_repo.py").write_text(draft_repo_py, encoding="utf-8")
     (recipe_dir / "requirements.txt").write_text(PACKAGE_REQUIREMENT + "\n", encoding="utf-8")
     card_data = _card_data(draft.config, repo_name, eval_results, datasets)
     body = _card_body(draft.config, repo_name, eval_results, datasets, training_notes)
@@ -484,7 +535,7 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
 
     Checks that the config loads as a `ScyllaDraftConfig`, the weights load as a complete draft, the
     README has license and base-model metadata and ``custom_generate/`` is present; with ``repo_id``,
-    that ``generate.py`` loads the draft from that repository. Raises `StagedFolderError`.
+    that ``custom_generate/draft_repo.py`` names that repository. Raises `StagedFolderError`.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -520,12 +571,12 @@ def check_staged_folder(folder: str | os.PathLike, repo_id: str | None = None) -
     if not card_data.license or not card_data.base_model:
         raise StagedFolderError(f"{folder}/README.md lacks model-card metadata (license, base_model)")
     if repo_id is not None:
-        generate_py = (folder / "custom_generate" / "generate.py").read_text(encoding="utf-8")
-        staged_for = _DRAFT_REPO_LINE.search(generate_py)
+        draft_repo_py = (folder / "custom_generate" / "draft_repo.py").read_text(encoding="utf-8")
+        staged_for = _DRAFT_REPO_LINE.search(draft_repo_py)
         if staged_for is None or staged_for.group(1) != repo_id:
             found = staged_for.group(1) if staged_for else None
             raise StagedFolderError(
-                f"custom_generate/generate.py loads the draft from {found!r}, not {repo_id!r}: "
+                f"custom_generate/draft_repo.py names {found!r}, not {repo_id!r}: "
                 f"re-stage with repo_name={repo_id!r}"
             )
     return [

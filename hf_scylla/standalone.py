@@ -13,11 +13,24 @@ from __future__ import annotations
 import os
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel, Trainer, TrainingArguments
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
 
 from hf_scylla.training import FeatureDataset, pad_records, trained_positions, trainer_defaults
 
-__all__ = ["collate_for_causal_lm", "make_standalone_draft", "train_standalone_draft"]
+__all__ = [
+    "collate_for_causal_lm",
+    "load_standalone_draft",
+    "make_standalone_draft",
+    "train_standalone_draft",
+]
 
 
 def make_standalone_draft(target: PreTrainedModel, num_hidden_layers: int = 1) -> LlamaForCausalLM:
@@ -56,18 +69,36 @@ def collate_for_causal_lm(records: list[dict[str, torch.Tensor]]) -> dict[str, t
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels}
 
 
+def load_standalone_draft(
+    target: PreTrainedModel, checkpoint: str | os.PathLike | None = None, num_hidden_layers: int = 1
+) -> LlamaForCausalLM:
+    """The baseline LM on ``target``'s device: loaded from ``checkpoint`` (same vocabulary as the target,
+    else ``ValueError``), or new from `make_standalone_draft` with seed 0."""
+    if checkpoint is None:
+        torch.manual_seed(0)
+        return make_standalone_draft(target, num_hidden_layers)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, dtype=target.dtype).to(target.device)
+    if model.config.vocab_size != target.config.vocab_size:
+        raise ValueError(
+            f"{checkpoint} has a vocabulary of {model.config.vocab_size}, the target {target.config.vocab_size}"
+        )
+    return model
+
+
 def train_standalone_draft(
     model: LlamaForCausalLM,
     features: FeatureDataset,
     output_dir: str | os.PathLike,
     resume: bool | str = False,
+    tokenizer: PreTrainedTokenizerBase | None = None,
     **training_arguments,
 ):
     """Train the baseline LM on ``features``' tokens with the Trainer (same defaults as `train_draft`).
 
     The embedding and LM head stay frozen at the target's values, as the Scylla draft's shared ones do,
     so both learn the same kind of parameters: decoder layers (plus, for the draft, its input
-    projection). Returns the ``TrainOutput``; the final model is saved to ``output_dir``.
+    projection). Returns the ``TrainOutput``; the final model (and ``tokenizer``, which makes the folder
+    usable as ``assistant_model``) is saved to ``output_dir``.
     """
     if not trained_positions(features):
         raise ValueError("no position is trained: every loss mask is 0 (use a longer max_length)")
@@ -83,4 +114,6 @@ def train_standalone_draft(
     result = trainer.train(resume_from_checkpoint=resume or None)
     model.eval()
     model.save_pretrained(output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(output_dir)
     return result

@@ -25,17 +25,29 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, TrainingArguments
 
-from hf_scylla.benchmark import encode_prompt
+from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
+from hf_scylla.data import (
+    default_text_sources,
+    encode_prompt,
+    read_conversations,
+    regenerate_responses,
+    sources_fingerprint,
+    text_token_chunks,
+)
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = [
     "EagleLoss",
     "FeatureDataset",
+    "FeatureSource",
+    "build_features",
     "cache_target_features",
     "cache_text_features",
     "collate_features",
     "eagle_loss",
+    "feature_cache_for",
     "feature_cache_path",
+    "make_draft",
     "pad_records",
     "train_draft",
     "trained_positions",
@@ -188,6 +200,96 @@ def feature_cache_path(folder: str | os.PathLike, stem: str, description: dict) 
     so a change in any input names a new cache file instead of reusing the old one."""
     key = hashlib.sha256(json.dumps(description, sort_keys=True).encode()).hexdigest()[:12]
     return Path(folder) / f"{stem}-{key}.pt"
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """What one run's target features are built from.
+
+    ``stage="pretrain"``: ``tokens`` tokens of general text from ``text`` (default:
+    `default_text_sources`) in windows of ``max_length``. ``"finetune"``: the first ``samples``
+    conversations of ``data``, truncated to ``max_length``; with ``regenerate_tokens`` their responses
+    are replaced by the target's own greedy answers of at most that many tokens.
+    """
+
+    stage: str
+    max_length: int
+    data: Path | None = None
+    samples: int = 0
+    text: Sequence[Path] | None = None
+    tokens: int = 0
+    regenerate_tokens: int | None = None
+
+
+def feature_cache_for(
+    folder: str | os.PathLike,
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    target_name: str,
+    source: FeatureSource,
+) -> tuple[Path, dict]:
+    """Where the target features of ``source`` are cached in ``folder``, and the description that
+    names them (see `feature_cache_path`). Raises ``FileNotFoundError`` for a missing source."""
+    description = {
+        "stage": source.stage,
+        "target": target_name,
+        "target_weights": weights_fingerprint(target),
+        "tokenizer": tokenizer_fingerprint(tokenizer),
+        "chat_template": tokenizer.chat_template,
+        "max_length": source.max_length,
+        "feature_layer": -1,  # hidden_states[-1], the final normed state
+        "feature_dtype": "bfloat16",
+    }
+    if source.stage == "pretrain":
+        sources = source.text or default_text_sources()
+        description |= {"text": [str(Path(p).resolve()) for p in sources], "tokens": source.tokens}
+        description["text_sha256"] = sources_fingerprint(sources)
+        stem = f"features-text-{source.tokens}x{source.max_length}"
+    else:
+        description |= {"data": str(Path(source.data).resolve()), "samples": source.samples}
+        description["data_sha256"] = sources_fingerprint([source.data])
+        description["regenerate_tokens"] = source.regenerate_tokens
+        regenerated = f"regen{source.regenerate_tokens}-" if source.regenerate_tokens is not None else ""
+        stem = f"features-{regenerated}{source.samples}x{source.max_length}"
+    return feature_cache_path(folder, stem, description), description
+
+
+def build_features(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    source: FeatureSource,
+    regenerate_dir: Path | None = None,
+) -> FeatureDataset:
+    """The target features of ``source``; regenerated responses are cached per target weights in
+    ``regenerate_dir``."""
+    if source.stage == "pretrain":
+        text = source.text or default_text_sources()
+        return cache_text_features(
+            target, text_token_chunks(tokenizer, text, source.max_length, source.tokens)
+        )
+    conversations = read_conversations(source.data, source.samples)
+    if source.regenerate_tokens is not None:
+        regenerate_dir.mkdir(parents=True, exist_ok=True)
+        cache = regenerate_dir / f"regenerated-{weights_fingerprint(target)}.jsonl"  # per target
+        prompts = [prompt for prompt, _ in conversations]
+        conversations = regenerate_responses(target, tokenizer, prompts, source.regenerate_tokens, cache)
+    return cache_target_features(target, tokenizer, conversations, max_length=source.max_length)
+
+
+def make_draft(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    depth: int = 1,
+    checkpoint: str | os.PathLike | None = None,
+) -> ScyllaDraftModel:
+    """A draft attached to ``target`` on its device: loaded from ``checkpoint``, else new (seed 0, ``depth`` layers)."""
+    if checkpoint is not None:
+        draft = ScyllaDraftModel.from_pretrained(checkpoint, target=target, target_tokenizer=tokenizer)
+    else:
+        torch.manual_seed(0)
+        draft = ScyllaDraftModel(ScyllaDraftConfig.from_target_config(target.config, depth, tokenizer))
+        draft.attach_target(target, tokenizer)
+    return draft.to(target.device)
 
 
 def trained_positions(features: FeatureDataset) -> int:

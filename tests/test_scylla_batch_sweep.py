@@ -9,7 +9,7 @@ import pytest
 from helpers import chat_word_tokenizer
 from scylla_models import make_draft, make_target
 
-from hf_scylla.batch_sweep import left_padded_batches, run_batch_sweep
+from hf_scylla.bench.batch_sweep import left_padded_batches, run_batch_sweep
 
 QUESTIONS = ["w5 w6 w7 w5 w6 w7", "w9 w10", "w20 w40 w60 w80", "w11", "w30 w31 w32"]
 

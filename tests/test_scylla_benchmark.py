@@ -9,7 +9,8 @@ import pytest
 from helpers import chat_word_tokenizer
 from scylla_models import make_draft, make_target
 
-from hf_scylla.benchmark import encode_prompt, load_prompt_sets, run_benchmark
+from hf_scylla.bench.speed import load_prompt_sets, run_benchmark
+from hf_scylla.data import encode_prompt
 
 
 @pytest.fixture

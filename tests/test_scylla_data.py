@@ -10,8 +10,7 @@ import torch
 from helpers import chat_word_tokenizer
 from scylla_models import make_target
 
-from hf_scylla.benchmark import encode_prompt
-from hf_scylla.data import read_conversations, regenerate_responses, text_token_chunks
+from hf_scylla.data import encode_prompt, read_conversations, regenerate_responses, text_token_chunks
 from hf_scylla.training import cache_target_features, cache_text_features
 
 

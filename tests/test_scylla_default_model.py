@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, generate
-from hf_scylla.benchmark import encode_prompt
+from hf_scylla.data import encode_prompt
 
 pytestmark = pytest.mark.slow
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,7 +21,13 @@ from safetensors.torch import load_file
 from scylla_models import make_draft, make_target
 from transformers import AutoTokenizer
 
-from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, ScyllaStats, tokenizer_fingerprint
+from hf_scylla import (
+    CUSTOM_GENERATE_DIR,
+    ScyllaDraftConfig,
+    ScyllaDraftModel,
+    ScyllaStats,
+    tokenizer_fingerprint,
+)
 from hf_scylla.cli import main as scylla_main
 from hf_scylla.hub import (
     STAGE_MANIFEST,
@@ -45,12 +53,21 @@ PROMPT = torch.tensor([[1, 5, 9, 12, 7]])
 
 
 @pytest.fixture
-def modules_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
+def modules_cache(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path]:
     """transformers copies custom_generate recipes into its modules cache: keep that inside the test."""
     cache = tmp_path / "modules"
     monkeypatch.setattr(transformers.dynamic_module_utils, "HF_MODULES_CACHE", str(cache))
     monkeypatch.syspath_prepend(str(cache))
-    return cache
+    # A recipe's relative import (custom_generate/draft_repo.py) resolves through the package
+    # `transformers_modules`: forget the one imported from another cache folder, before and after.
+    _forget_dynamic_modules()
+    yield cache
+    _forget_dynamic_modules()
+
+
+def _forget_dynamic_modules() -> None:
+    for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+        del sys.modules[name]
 
 
 @pytest.fixture
@@ -135,7 +152,13 @@ def test_stage_writes_complete_repository(draft, tokenizer, tmp_path: Path) -> N
         "draft-only checkpoint must not hold the target's tensors"
     )
     assert "hf-adamas-scylla-vrgd" in (folder / "custom_generate/requirements.txt").read_text()
-    assert f'DRAFT_REPO_ID = "{REPO_ID}"' in (folder / "custom_generate/generate.py").read_text()
+    assert f'DRAFT_REPO_ID = "{REPO_ID}"' in (folder / "custom_generate/draft_repo.py").read_text()
+
+
+def test_staged_recipe_is_the_packaged_file(draft, tokenizer, tmp_path: Path) -> None:
+    folder = stage(draft, tokenizer, tmp_path / "staged")
+    packaged = Path(CUSTOM_GENERATE_DIR) / "custom_generate" / "generate.py"
+    assert (folder / "custom_generate" / "generate.py").read_bytes() == packaged.read_bytes()
 
 
 def test_stage_keeps_shared_tensors_when_config_asks(target, tokenizer, tmp_path: Path) -> None:

@@ -11,10 +11,10 @@ import pytest
 from helpers import chat_word_tokenizer
 from scylla_models import make_target
 
-import hf_scylla.sweep
+import hf_scylla.bench.sweep
+from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
+from hf_scylla.bench.sweep import SweepPoint, SweepSettings, plan_points
 from hf_scylla.cli import main
-from hf_scylla.scaling import fit_log_linear, plot_log_linear
-from hf_scylla.sweep import SweepPoint, SweepSettings, plan_points
 
 
 @pytest.mark.parametrize(
@@ -122,7 +122,7 @@ def test_sweep_cli_writes_fits_and_resumes(
     def no_training(*args, **kwargs):
         raise AssertionError("a finished point was trained again")
 
-    monkeypatch.setattr(hf_scylla.sweep, "_train_point", no_training)
+    monkeypatch.setattr(hf_scylla.bench.sweep, "_train_point", no_training)
     assert main(argv) == 2, "a plain rerun may not replace the summary: it needs --resume or --overwrite"
     (output / "sweep.json").unlink()
     assert main([*argv, "--resume"]) == 0

@@ -3,6 +3,7 @@ small, carrying measured results, and lossless on the real target."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -11,10 +12,10 @@ from huggingface_hub import ModelCard
 
 from hf_common.default_model import DEFAULT_MODEL_ID
 from hf_common.demo import timed_chat_generation
-from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, generate
-from hf_scylla.benchmark import encode_prompt
+from hf_scylla import CUSTOM_GENERATE_DIR, ScyllaDraftConfig, ScyllaDraftModel, generate
+from hf_scylla.data import encode_prompt
 from hf_scylla.demo import STAGED_DRAFT_NAME, find_staged_draft, scylla_chat
-from hf_scylla.hub import check_staged_folder
+from hf_scylla.hub import STAGE_MANIFEST, check_staged_folder
 
 FOLDER = Path(__file__).resolve().parents[1] / "model_cards" / STAGED_DRAFT_NAME
 REPO_ID = f"hf-adamas-scylla-vrgd/{STAGED_DRAFT_NAME}"
@@ -34,6 +35,14 @@ def test_staged_folder_is_complete_and_small() -> None:
     config = ScyllaDraftConfig.from_pretrained(FOLDER)
     assert config.target_name_or_path == DEFAULT_MODEL_ID
     assert not config.save_embeddings
+
+
+def test_staged_folder_carries_the_packaged_recipe_and_a_manifest() -> None:
+    packaged = Path(CUSTOM_GENERATE_DIR) / "custom_generate" / "generate.py"
+    assert (FOLDER / "custom_generate" / "generate.py").read_bytes() == packaged.read_bytes()
+    manifest = json.loads((FOLDER / STAGE_MANIFEST).read_text())
+    assert manifest["repo_name"] == REPO_ID
+    assert set(manifest["files"]) == {file.path for file in check_staged_folder(FOLDER, REPO_ID)}
 
 
 def test_model_card_holds_measured_tau_and_speedup() -> None:

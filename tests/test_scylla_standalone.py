@@ -9,7 +9,7 @@ import torch
 from helpers import chat_word_tokenizer
 from scylla_models import continuation_record, make_draft, make_target
 
-from hf_scylla.benchmark import run_benchmark
+from hf_scylla.bench.speed import run_benchmark
 from hf_scylla.standalone import collate_for_causal_lm, make_standalone_draft, train_standalone_draft
 from hf_scylla.training import FeatureDataset
 

@@ -1,9 +1,12 @@
 """Scylla speculative decoding (arXiv 2505.07858) as a transformers ``custom_generate`` recipe.
 
-``target.generate(input_ids, custom_generate="hf-adamas-scylla-vrgd/SmolLM2-135M-Instruct-scylla-D1", trust_remote_code=True, max_new_tokens=...)``
-loads the Scylla draft head stored in this repository (from the same ``revision`` you pass to
-``generate``, if any) and runs transformers' assisted decoding with it through the ``hf_scylla``
-package (see requirements.txt). Output equals the target's own decoding; only speed changes.
+Locally: ``target.generate(input_ids, custom_generate=hf_scylla.CUSTOM_GENERATE_DIR, trust_remote_code=True,
+draft_model=draft, ...)``. ``hf-scylla stage`` copies this file unchanged into a staged repository and
+names that repository in ``draft_repo.py`` next to it, so ``target.generate(input_ids,
+custom_generate="<org>/<repo>", trust_remote_code=True, ...)`` loads the Scylla draft stored there (from
+the same ``revision`` you pass to ``generate``, if any). Either way transformers' assisted decoding runs
+with the draft through ``hf_scylla.generation.scylla_generate``; output equals the target's own
+decoding, only speed changes.
 """
 
 import weakref
@@ -11,7 +14,7 @@ import weakref
 from hf_scylla import ScyllaDraftModel
 from hf_scylla.generation import scylla_generate
 
-DRAFT_REPO_ID = "hf-adamas-scylla-vrgd/SmolLM2-135M-Instruct-scylla-D1"
+from .draft_repo import DRAFT_REPO_ID
 
 _loaded_drafts = weakref.WeakKeyDictionary()
 
@@ -29,6 +32,8 @@ def _draft_for(model, draft_repo, revision, token):
 
 
 def generate(model, *args, draft_model=None, draft_repo=DRAFT_REPO_ID, revision=None, token=None, **kwargs):
-    """``model.generate`` with this repository's Scylla draft (or ``draft_model``; ``draft_repo`` to load another)."""
+    """``model.generate`` with ``draft_model``, else the draft of ``draft_repo`` (a staged repository's own)."""
+    if draft_model is None and draft_repo is None:
+        raise ValueError("pass draft_model=<a ScyllaDraftModel> (or draft_repo=<a staged draft repository>)")
     draft = draft_model if draft_model is not None else _draft_for(model, draft_repo, revision, token)
     return model.generate(*args, custom_generate=scylla_generate, draft_model=draft, **kwargs)

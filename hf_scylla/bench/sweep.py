@@ -2,7 +2,7 @@
 
 Two axes of Scylla's log-linear laws (arXiv 2505.07858): (a) training tokens at a fixed depth, from
 nested subsets of one cached feature set, and (b) depth D at fixed data (the third, decoding batch
-size, needs no training: `hf_scylla.batch_sweep`). Every point trains a fresh
+size, needs no training: `hf_scylla.bench.batch_sweep`). Every point trains a fresh
 draft with `train_draft`, then decodes the same held-out prompts with `hf_scylla.generate`; its tau is
 the acceptance length of those real decodes (checked against plain greedy). Each finished point is
 written to ``<output_dir>/points/<name>.json`` at once and skipped on a rerun, so an interrupted
@@ -21,15 +21,25 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from transformers.trainer_utils import get_last_checkpoint
 
-from hf_common.reporting import markdown_table, save_json
+from hf_common.reporting import markdown_table, save_json, write_report
+from hf_scylla import generation
+from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
+from hf_scylla.bench.speed import load_prompt_file
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig
-from hf_scylla.generation import generate as scylla_generate
+from hf_scylla.data import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.training import FeatureDataset, train_draft
 
-__all__ = ["SweepPoint", "SweepSettings", "evaluate_tau", "plan_points", "run_sweep", "summarize"]
+__all__ = [
+    "SweepPoint",
+    "SweepSettings",
+    "encode_eval_prompts",
+    "evaluate_tau",
+    "plan_points",
+    "run_sweep",
+    "summarize",
+]
 
 
 @dataclass(frozen=True)
@@ -98,7 +108,7 @@ def evaluate_tau(
     total = ScyllaStats()
     mismatches = 0
     for ids, reference in zip(prompts, references, strict=True):
-        result = scylla_generate(target, draft, ids, max_new_tokens=max_new_tokens, do_sample=False)
+        result = generation.generate(target, draft, ids, max_new_tokens=max_new_tokens, do_sample=False)
         total.merge(result.stats)
         mismatches += int(not torch.equal(result.output, reference))
     return {**total.to_dict(), "lossless": mismatches == 0}
@@ -160,6 +170,13 @@ def _train_point(
             file.unlink() if file.is_file() else file.rmdir()
         checkpoint.rmdir()
     return draft.eval(), time.perf_counter() - start
+
+
+def encode_eval_prompts(
+    tokenizer: PreTrainedTokenizerBase, path: Path, count: int, device: torch.device | str = "cpu"
+) -> list[torch.Tensor]:
+    """The first ``count`` prompts of ``path`` (EAGLE ``question.jsonl`` format) as chat ids on ``device``."""
+    return [encode_prompt(tokenizer, question).to(device) for question in load_prompt_file(path, count)]
 
 
 def run_sweep(
@@ -227,7 +244,10 @@ def _axis(records: list[dict], key: str, keep: Callable[[dict], bool]) -> tuple[
 
 
 def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None = None) -> dict:
-    """Fit both axes from the finished points; write ``sweep.json``, ``sweep.md`` and the PNG plots."""
+    """Fit both axes from the finished points; write ``sweep.json``, ``sweep.md`` and the PNG plots.
+
+    ``metadata["command"]`` (if any) heads the report with the machine; its other keys go into the JSON.
+    """
     records = [json.loads(path.read_text()) for path in (output_dir / "points").glob("*.json")]
     records.sort(key=lambda record: (record["depth"], record["samples"]))
     # Points of earlier runs in the same folder count too: one tokens series at the tokens-axis depth,
@@ -258,8 +278,10 @@ def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None =
         if len(set(xs)) >= 2:  # a single point has no trend to plot
             title = f"Scylla drafts: τ vs {label.split(' (')[0]}"
             plot_log_linear(output_dir / f"tau_vs_{axis}.png", xs, taus, fit, title, label)
-    summary = {
-        **(metadata or {}),
+    extra = dict(metadata or {})
+    command = extra.pop("command", "")
+    payload = {
+        **extra,
         "settings": asdict(settings),
         "tau_measurement": "speculative decoding (greedy, batch 1, fixed chains of max_draft_tokens) of the "
         "first eval_prompts held-out prompts, max_new_tokens each; tau = tokens per draft-verify cycle",
@@ -268,18 +290,15 @@ def summarize(output_dir: Path, settings: SweepSettings, metadata: dict | None =
         "fits": fits,
         "points": records,
     }
-    save_json(output_dir / "sweep.json", summary)
-    (output_dir / "sweep.md").write_text(_markdown(summary))
-    return summary
+    json_path, _ = write_report(
+        output_dir, "sweep", command, payload, "Scylla scaling sweep", _markdown(payload)
+    )
+    return json.loads(json_path.read_text())
 
 
 def _markdown(summary: dict) -> str:
     columns = ["name", "depth", "samples", "training_tokens", "draft_parameters", "tau", "cycles"]
-    lines = ["# Scylla scaling sweep", ""]
-    for key in ("command", "machine"):
-        if key in summary:
-            lines.append(f"{key.capitalize()}: `{summary[key]}`\n")
-    lines += [
+    lines = [
         f"tau: {summary['tau_measurement']}.",
         "",
         markdown_table(summary["points"], [*columns, "lossless", "train_seconds"]),

@@ -10,6 +10,7 @@ same B and whether every output equalled greedy. The summary fits tau and the be
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,12 +19,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_common.reporting import markdown_table, plot_series, save_json
+from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla.batched import BatchedStats, batched_generate
+from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
+from hf_scylla.bench.speed import load_prompt_sets
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.scaling import fit_log_linear, plot_log_linear
 
-__all__ = ["left_padded_batches", "run_batch_sweep", "summarize_batch_sweep"]
+__all__ = ["interleaved_prompts", "left_padded_batches", "run_batch_sweep", "summarize_batch_sweep"]
 
 
 def left_padded_batches(
@@ -72,6 +74,13 @@ def _greedy(
 
 
 @torch.no_grad()
+def interleaved_prompts(prompts_dir: Path, limit: int | None = None) -> list[str]:
+    """The first ``limit`` prompts of each set in ``prompts_dir``, interleaved so that every batch mixes
+    the sets (as a server's batch would)."""
+    prompt_sets = load_prompt_sets(prompts_dir, limit)
+    return [question for group in zip(*prompt_sets.values(), strict=False) for question in group]
+
+
 def run_batch_sweep(
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -132,7 +141,10 @@ def run_batch_sweep(
 
 
 def summarize_batch_sweep(output_dir: Path, points: list[dict], metadata: dict) -> dict:
-    """Fits against ln B (tau per draft length; the throughput-optimal k and its tau), JSON, Markdown, plots."""
+    """Fits against ln B (tau per draft length; the throughput-optimal k and its tau), JSON, Markdown, plots.
+
+    ``metadata["command"]`` (if any) heads the report with the machine; its other keys go into the JSON.
+    """
     batch_sizes = sorted({p["batch_size"] for p in points})
     lengths = sorted({p["draft_tokens"] for p in points})
     best = [max((p for p in points if p["batch_size"] == b), key=lambda p: p["speedup"]) for b in batch_sizes]
@@ -149,8 +161,9 @@ def summarize_batch_sweep(output_dir: Path, points: list[dict], metadata: dict) 
     }
     fits["best_draft_tokens"] = fit(batch_sizes, [p["draft_tokens"] for p in best])
     fits["tau_at_best"] = fit(batch_sizes, [p["tau"] for p in best])
-    summary = {**metadata, "fits": fits, "best": best, "points": points}
-    save_json(output_dir / "batch_sweep.json", summary)
+    extra = dict(metadata)
+    command = extra.pop("command", "")
+    summary = {**extra, "fits": fits, "best": best, "points": points}
     per_k = {f"k={k}": [p for p in points if p["draft_tokens"] == k] for k in lengths}
     plot_series(
         output_dir / "speedup_vs_batch.png",
@@ -179,13 +192,15 @@ def summarize_batch_sweep(output_dir: Path, points: list[dict], metadata: dict) 
             "τ at the throughput-optimal draft length",
             "batch size B",
         )
-    (output_dir / "batch_sweep.md").write_text(_markdown(summary))
-    return summary
+    json_path, _ = write_report(
+        output_dir, "batch_sweep", command, summary, "Scylla batch-size sweep", _markdown(summary)
+    )
+    return json.loads(json_path.read_text())
 
 
 def _markdown(summary: dict) -> str:
-    lines = ["# Scylla batch-size sweep", ""]
-    for key in ("command", "machine", "draft", "prompts", "max_new_tokens"):
+    lines = []
+    for key in ("draft", "prompts", "max_new_tokens"):
         if key in summary:
             lines.append(f"{key.replace('_', ' ').capitalize()}: `{summary[key]}`\n")
     columns = ["batch_size", "draft_tokens", "tau", "tokens_per_target_forward", "tokens_per_second"]

@@ -16,19 +16,25 @@ from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
-from transformers import PreTrainedModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_common.data import SHARED_DATA_DIR
+from hf_common.default_model import load_model_and_tokenizer
+from hf_common.reporting import markdown_table, plot_series, write_report
+from hf_scylla import generation
 from hf_scylla.candidate_generator import ScyllaStats
-from hf_scylla.generation import generate as scylla_generate
+from hf_scylla.data import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.training import make_draft
 
 __all__ = [
     "PROMPTS_DIR",
     "MethodResult",
-    "encode_prompt",
+    "bench_draft",
+    "bench_report",
     "load_prompt_file",
     "load_prompt_sets",
+    "plot_speedups",
     "run_benchmark",
 ]
 
@@ -48,15 +54,6 @@ def load_prompt_sets(directory: Path, limit: int | None = None) -> dict[str, lis
     if not files:
         raise FileNotFoundError(f"no *.jsonl prompt files in {directory}")
     return {path.stem: load_prompt_file(path, limit) for path in files}
-
-
-def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Tensor:
-    """``(1, S)`` ids of a one-turn chat with the generation prompt appended."""
-    messages = [{"role": "user", "content": question}]
-    encoded = tokenizer.apply_chat_template(
-        messages, add_generation_prompt=True, tokenize=True, return_dict=True
-    )
-    return torch.tensor([encoded["input_ids"]], dtype=torch.long)
 
 
 @dataclass
@@ -120,7 +117,7 @@ def _methods(
     if draft is not None:
 
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            result = scylla_generate(target, draft, ids, max_new_tokens=n, do_sample=False)
+            result = generation.generate(target, draft, ids, max_new_tokens=n, do_sample=False)
             return result.output, result.stats
 
         methods[draft_name] = decode_with_draft
@@ -178,3 +175,80 @@ def run_benchmark(
     finally:
         counter.handle.remove()
     return rows
+
+
+def bench_draft(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    checkpoint: Path | None = None,
+    untrained_depth: int = 1,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+) -> tuple[ScyllaDraftModel, str]:
+    """The draft to benchmark and its row name: ``checkpoint``'s, else an untrained one of
+    ``untrained_depth`` layers (which measures the drafting overhead), with the given overrides."""
+    draft = make_draft(target, tokenizer, untrained_depth, checkpoint).eval()
+    if max_draft_tokens is not None:
+        draft.config.max_draft_tokens = max_draft_tokens
+    if confidence_threshold is not None:
+        draft.config.confidence_threshold = confidence_threshold
+    name = f"scylla:{checkpoint.name}" if checkpoint is not None else f"scylla-untrained-D{untrained_depth}"
+    return draft, name
+
+
+def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
+    """One line per method: speedup against plain greedy on each prompt set."""
+    methods = dict.fromkeys(row["method"] for row in rows)
+    series = {
+        method: (
+            [r["set"] for r in rows if r["method"] == method],
+            [r["speedup"] for r in rows if r["method"] == method],
+        )
+        for method in methods
+    }
+    return plot_series(path, series, title, "prompt set", "speedup vs greedy")
+
+
+def bench_report(
+    model_name: str,
+    prompts_dir: Path,
+    output_dir: Path,
+    command: str,
+    *,
+    draft: Path | None = None,
+    untrained_depth: int = 1,
+    max_draft_tokens: int | None = None,
+    confidence_threshold: float | None = None,
+    assistant: Path | None = None,
+    limit: int | None = None,
+    max_new_tokens: int = 128,
+    prompt_lookup_tokens: int = 10,
+) -> tuple[list[dict], str]:
+    """Load the target, run `run_benchmark` on the prompt sets of ``prompts_dir`` and write
+    ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir``; returns the rows and the table."""
+    target, tokenizer = load_model_and_tokenizer(model_name)
+    scylla_draft, draft_name = bench_draft(
+        target, tokenizer, draft, untrained_depth, max_draft_tokens, confidence_threshold
+    )
+    assistant_model = None
+    if assistant is not None:
+        assistant_model = AutoModelForCausalLM.from_pretrained(assistant, dtype=target.dtype)
+        assistant_model = assistant_model.to(target.device).eval()
+    rows = run_benchmark(
+        target,
+        tokenizer,
+        load_prompt_sets(prompts_dir, limit),
+        draft=scylla_draft,
+        draft_name=draft_name,
+        max_new_tokens=max_new_tokens,
+        prompt_lookup_tokens=prompt_lookup_tokens,
+        assistant=assistant_model,
+        assistant_name=f"assisted:{assistant.name}" if assistant is not None else "assisted",
+    )
+    columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
+    table = markdown_table(rows, [*columns, "lossless"])
+    title = f"Speculative decoding on {model_name}, greedy, {max_new_tokens} new tokens"
+    write_report(output_dir, "bench", command, {"rows": rows}, title, table)
+    plot_title = f"{model_name.split('/')[-1]}, greedy, {max_new_tokens} new tokens"
+    plot_speedups(output_dir / "bench.png", rows, plot_title)
+    return rows, table
