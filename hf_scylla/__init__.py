@@ -13,6 +13,7 @@ from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.reference import reference_speculative_decode
+from hf_scylla.tree import TreeConfig, reference_tree_decode
 
 register_model_types(["hf-scylla"])
 
@@ -28,10 +29,12 @@ __all__ = [
     "ScyllaDraftModel",
     "ScyllaGenerateOutput",
     "ScyllaStats",
+    "TreeConfig",
     "__version__",
     "batched_generate",
     "generate",
     "reference_speculative_decode",
+    "reference_tree_decode",
     "scylla_generate",
     "tokenizer_fingerprint",
 ]

@@ -22,6 +22,7 @@ from hf_common.data import SHARED_DATA_DIR
 from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.generation import generate as scylla_generate
 from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.tree import TreeConfig
 
 __all__ = [
     "PROMPTS_DIR",
@@ -106,6 +107,7 @@ def _methods(
     prompt_lookup_tokens: int,
     assistant: PreTrainedModel | None,
     assistant_name: str,
+    variants: dict[str, tuple[ScyllaDraftModel, TreeConfig | None]],
 ) -> dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, ScyllaStats | None]]]:
     """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline)."""
     methods = {
@@ -117,13 +119,18 @@ def _methods(
             None,
         ),
     }
-    if draft is not None:
 
+    def decoder(variant: ScyllaDraftModel, tree: TreeConfig | None):
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            result = scylla_generate(target, draft, ids, max_new_tokens=n, do_sample=False)
+            result = scylla_generate(target, variant, ids, max_new_tokens=n, do_sample=False, tree=tree)
             return result.output, result.stats
 
-        methods[draft_name] = decode_with_draft
+        return decode_with_draft
+
+    if draft is not None:
+        methods[draft_name] = decoder(draft, None)
+    for name, (variant, tree) in variants.items():  # e.g. reduced-vocabulary heads, dynamic trees
+        methods[name] = decoder(variant, tree)
     if assistant is not None:  # transformers' assisted generation with its default draft-length schedule
         methods[assistant_name] = lambda ids, n: (
             target.generate(ids, max_new_tokens=n, do_sample=False, assistant_model=assistant),
@@ -143,13 +150,17 @@ def run_benchmark(
     prompt_lookup_tokens: int = 10,
     assistant: PreTrainedModel | None = None,
     assistant_name: str = "assisted",
+    variants: dict[str, tuple[ScyllaDraftModel, TreeConfig | None]] | None = None,
 ) -> list[dict]:
     """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts.
 
     ``assistant``: a standalone draft LM (e.g. `hf_scylla.standalone`) run through transformers'
-    assisted generation, as a baseline next to the Scylla draft and prompt lookup.
+    assisted generation, as a baseline next to the Scylla draft and prompt lookup. ``variants``: more
+    Scylla methods by name, each a draft and a `TreeConfig` (``None``: chains).
     """
-    methods = _methods(target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name)
+    methods = _methods(
+        target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name, variants or {}
+    )
     counter = _ForwardCounter(target)
     warmup = encode_prompt(tokenizer, "Hello")
     for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)

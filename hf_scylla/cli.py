@@ -52,6 +52,56 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt.")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="Prompt lookup candidates.")
     parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
+    _add_speed_variant_arguments(parser)
+
+
+def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tree`` and ``--draft-vocab-size``: the extra Scylla methods ``bench`` compares (issue 12)."""
+    parser.add_argument(
+        "--tree",
+        type=int,
+        nargs=3,
+        metavar=("DEPTH", "TOP_K", "TOTAL_TOKENS"),
+        help="Also decode with EAGLE-2 dynamic draft trees of this shape (hf_scylla.TreeConfig).",
+    )
+    parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        help="Also decode with a copy of the draft whose LM head covers this many of the most frequent "
+        "tokens of its training data (hf_scylla.vocab); with --tree, trees with it too.",
+    )
+
+
+def _speed_variants(args: argparse.Namespace, draft, draft_name: str, target, tokenizer) -> dict:
+    """The ``bench`` methods that ``--tree`` / ``--draft-vocab-size`` add: name -> (draft, tree or None)."""
+    from hf_scylla.speed import reduced_draft, training_token_counts
+    from hf_scylla.tree import TreeConfig
+
+    tree = TreeConfig(*args.tree) if args.tree else None
+    variants = {}
+    if tree is not None:
+        variants[f"{draft_name}+tree{'x'.join(map(str, args.tree))}"] = (draft, tree)
+    if args.draft_vocab_size:
+        counts = training_token_counts(tokenizer)
+        reduced = reduced_draft(draft, target, tokenizer, counts, args.draft_vocab_size)
+        variants[f"{draft_name}+vocab{args.draft_vocab_size}"] = (reduced, None)
+        if tree is not None:
+            name = f"{draft_name}+vocab{args.draft_vocab_size}+tree{'x'.join(map(str, args.tree))}"
+            variants[name] = (reduced, tree)
+    return variants
+
+
+def _check_speed_variant_arguments(args: argparse.Namespace) -> None:
+    from hf_common.cli import CommandError
+    from hf_scylla.tree import TreeConfig
+
+    if args.tree:
+        try:
+            TreeConfig(*args.tree)
+        except ValueError as error:
+            raise CommandError(f"--tree: {error}") from error
+    if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
+        raise CommandError(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
 
 
 def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
@@ -76,6 +126,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     from hf_scylla.config import ScyllaDraftConfig
     from hf_scylla.modeling import ScyllaDraftModel
 
+    _check_speed_variant_arguments(args)
     target, tokenizer = load_model_and_tokenizer(args.model)
     if args.draft is not None:
         draft = ScyllaDraftModel.from_pretrained(args.draft, target=target, target_tokenizer=tokenizer)
@@ -108,6 +159,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         assistant=assistant,
         assistant_name=f"assisted:{args.assistant.name}" if args.assistant is not None else "assisted",
+        variants=_speed_variants(args, draft, draft_name, target, tokenizer),
     )
     command = "hf-scylla " + " ".join(getattr(args, "argv", []))
     save_json(args.output_dir / "bench.json", {"command": command, "machine": _machine(), "rows": rows})
@@ -122,6 +174,175 @@ def _run_bench(args: argparse.Namespace) -> int:
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")
     return 0 if all(row["lossless"] for row in rows) else 1
+
+
+def _add_verify_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_common.outputs import add_output_arguments
+    from hf_scylla.benchmark import PROMPTS_DIR
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--draft", type=Path, required=True, help="Folder of a trained Scylla draft for --model."
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64],
+        help="Verification sizes: tokens per target forward.",
+    )
+    parser.add_argument(
+        "--vocab-sizes",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 8192, 16384],
+        help="Reduced draft vocabularies to time and to measure top-1 agreement for.",
+    )
+    parser.add_argument(
+        "--context-tokens", type=int, default=300, help="Tokens in the cache before each forward."
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per point (median reported).")
+    parser.add_argument(
+        "--prompts-dir",
+        type=Path,
+        default=PROMPTS_DIR,
+        help="Held-out *.jsonl prompt sets for the agreement.",
+    )
+    parser.add_argument("--limit", type=int, default=8, help="Prompts per set for the agreement (0: all).")
+    add_output_arguments(parser, Path("runs/scylla/verify-cost"))
+
+
+def _run_verify_cost(args: argparse.Namespace) -> int:
+    import os
+
+    from hf_common.cli import CommandError
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_common.outputs import claim_outputs
+    from hf_common.reporting import command_line, markdown_table, plot_series, write_report
+    from hf_scylla.modeling import ScyllaDraftModel
+    from hf_scylla.speed import (
+        draft_step_seconds,
+        reduced_draft,
+        speedup_ceiling,
+        teacher_forced_agreement,
+        training_token_counts,
+        verification_cost,
+    )
+
+    if min(args.new_tokens) < 1 or 1 not in args.new_tokens:
+        raise CommandError("--new-tokens must be positive and include 1 (the plain-decoding step)")
+    if min(args.vocab_sizes) < 1 or args.context_tokens < 2 or args.repeats < 1:
+        raise CommandError("--vocab-sizes, --context-tokens (>= 2) and --repeats must be positive")
+    stem = args.output_dir / "verify_cost"
+    claim_outputs(
+        [stem.with_suffix(".json"), stem.with_suffix(".md"), stem.with_suffix(".png")], args.overwrite
+    )
+    load_before = os.getloadavg()
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    draft = ScyllaDraftModel.from_pretrained(args.draft, target=target, target_tokenizer=tokenizer).eval()
+    counts = training_token_counts(tokenizer)
+    drafts = {"full": draft} | {
+        f"vocab{size}": reduced_draft(draft, target, tokenizer, counts, size) for size in args.vocab_sizes
+    }
+    sets = _agreement_sequences(args, tokenizer)
+    context = torch.cat(sets.get("sum") or next(iter(sets.values())), dim=1)
+    context = context[:, : args.context_tokens]
+    costs = verification_cost(target, context, sorted(args.new_tokens), args.repeats)
+    steps = {
+        name: draft_step_seconds(variant, target, context, 4 * args.repeats)
+        for name, variant in drafts.items()
+    }
+    agreement = {
+        name: teacher_forced_agreement(target, drafts, sequences) for name, sequences in sets.items()
+    }
+    ceilings = {name: speedup_ceiling(costs, seconds) for name, seconds in steps.items()}
+    load_after = os.getloadavg()
+    curve = [
+        {"new_tokens": n, "target_forward_ms": 1e3 * costs[n], "relative_to_1": costs[n] / costs[1]}
+        | {f"ceiling_{name}": ceilings[name][n] for name in drafts}
+        for n in sorted(costs)
+    ]
+    vocab_rows = [
+        {
+            "draft_head": name,
+            "head_tokens": variant.lm_head.weight.shape[0],
+            "draft_step_ms": 1e3 * steps[name],
+            "draft_step_vs_target_step": steps[name] / costs[1],
+        }
+        | {f"agreement_{set_name}": agreement[set_name][name]["agreement"] for set_name in sets}
+        for name, variant in drafts.items()
+    ]
+    command = command_line("hf-scylla", getattr(args, "argv", []))
+    payload = {
+        "context_tokens": context.shape[1],
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "frequency_source": [str(path) for path in _frequency_sources()],
+        "agreement_positions": {
+            name: next(iter(values.values()))["positions"] for name, values in agreement.items()
+        },
+        "verification_curve": curve,
+        "draft_heads": vocab_rows,
+    }
+    body = (
+        f"Target forward of n new tokens after a {context.shape[1]}-token cache (median of {args.repeats}); "
+        f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}. `ceiling_*`: speed-up if every "
+        "draft token of an n-token verification were accepted, n t(1) / (t(n) + (n-1) t_draft).\n\n"
+        + markdown_table(curve, list(curve[0]))
+        + "\nDraft heads: step time and teacher-forced top-1 agreement with the target on the held-out prompt "
+        "sets (prompt + reference answer where the set has one; token frequencies counted on the draft's "
+        "training data only).\n\n" + markdown_table(vocab_rows, list(vocab_rows[0]))
+    )
+    write_report(
+        args.output_dir,
+        "verify_cost",
+        command,
+        payload,
+        f"Verification cost and draft heads, {args.model}",
+        body,
+    )
+    series = {
+        f"ceiling, {name} head": (sorted(costs), [ceilings[name][n] for n in sorted(costs)])
+        for name in drafts
+    }
+    series["target forward / t(1)"] = (sorted(costs), [costs[n] / costs[1] for n in sorted(costs)])
+    plot_series(
+        stem.with_suffix(".png"),
+        series,
+        f"{args.model.split('/')[-1]}: verification cost and speed-up ceiling",
+        "tokens per target forward",
+        "ratio",
+        baselines={"plain decoding": 1.0},
+        log_x=True,
+    )
+    print(body)
+    return 0
+
+
+def _frequency_sources():
+    from hf_scylla.speed import DRAFT_TRAINING_SOURCES
+
+    return DRAFT_TRAINING_SOURCES
+
+
+def _agreement_sequences(args: argparse.Namespace, tokenizer) -> dict[str, list[torch.Tensor]]:
+    """Per held-out prompt set: chat-templated prompt + reference answer (prompt only where there is none)."""
+    sets = {}
+    for path in sorted(args.prompts_dir.glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        sequences = []
+        for record in records[: args.limit or None]:
+            messages = [{"role": "user", "content": record["turns"][0]}]
+            if record.get("reference"):
+                messages.append({"role": "assistant", "content": record["reference"][0]})
+            encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            sequences.append(torch.tensor([encoded[:1024]]))
+        sets[path.stem] = sequences
+    if not sets:
+        from hf_common.cli import CommandError
+
+        raise CommandError(f"no *.jsonl prompt sets in {args.prompts_dir}")
+    return sets
 
 
 def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
@@ -641,6 +862,13 @@ COMMANDS = (
         "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",
         _add_bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "verify-cost",
+        "Target forward time for 1..64 new tokens, draft step time per head size, reduced-vocabulary "
+        "agreement, and the speed-up ceiling they imply (JSON, Markdown, PNG).",
+        _add_verify_cost_arguments,
+        _run_verify_cost,
     ),
     Command(
         "sweep",
