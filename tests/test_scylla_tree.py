@@ -18,6 +18,13 @@ from hf_scylla import (
     scylla_generate,
 )
 from hf_scylla.distribution import chi_square_p_value, draft_chain_logits, exact_sequence_law, sequence_cell
+from hf_scylla.speed import (
+    clone_draft,
+    draft_step_seconds,
+    speedup_ceiling,
+    teacher_forced_agreement,
+    verification_cost,
+)
 from hf_scylla.tree import DraftTree
 from hf_scylla.vocab import reduce_draft_vocabulary
 
@@ -179,3 +186,34 @@ def test_tree_sampling_keeps_the_target_distribution(reduced: bool) -> None:
     assert chi_square_p_value(samples, law) > 1e-3
     broken = exact_sequence_law(draft_chain_logits(target, draft, start.shape[1]), start, new_tokens, vocab)
     assert chi_square_p_value(samples, broken) < 1e-6
+
+
+def test_speed_measurements_on_a_tiny_pair() -> None:
+    """`hf_scylla.speed` measures what it says: costs per size, agreement that a subset head can only lose."""
+    target = make_target(context_scale=0.05)
+    draft = make_draft(target, oracle=True)
+    context = prompt(0, length=40)
+    costs = verification_cost(target, context, [1, 4, 8], repeats=2)
+    assert sorted(costs) == [1, 4, 8] and all(seconds > 0 for seconds in costs.values())
+    assert draft_step_seconds(draft, target, context, repeats=2) > 0
+    tiny = reduce_draft_vocabulary(clone_draft(draft, target), torch.tensor([0, 1, 2]))
+    agreement = teacher_forced_agreement(target, {"full": draft, "tiny": tiny}, [context, prompt(1, 30)])
+    assert agreement["full"]["positions"] == 39 + 29
+    assert agreement["full"]["agreement"] > 0.8 > agreement["tiny"]["agreement"]
+    assert speedup_ceiling({1: 1.0, 4: 2.0}, 0.0) == {1: 1.0, 4: 2.0}
+    assert speedup_ceiling({1: 1.0, 4: 2.0}, 0.5) == {1: 1.0, 4: 4 / 3.5}
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["bench", "--tree", "0", "4", "4"], "--tree: tree depth must be >= 1, got 0"),
+        (["bench", "--draft-vocab-size", "0"], "--draft-vocab-size must be >= 1"),
+        (["verify-cost", "--draft", "unused", "--new-tokens", "2", "4"], "include 1"),
+    ],
+)
+def test_speed_commands_check_arguments_before_loading_a_model(argv, message, capsys) -> None:
+    from hf_scylla.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
