@@ -64,11 +64,16 @@ def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
         metavar=("DEPTH", "TOP_K", "TOTAL_TOKENS"),
         help="Also decode with EAGLE-2 dynamic draft trees of this shape (hf_scylla.TreeConfig).",
     )
+    from hf_scylla.vocab import DEFAULT_DRAFT_VOCAB_SIZE
+
     parser.add_argument(
         "--draft-vocab-size",
         type=int,
-        help="Also decode with a copy of the draft whose LM head covers this many of the most frequent "
-        "tokens of its training data (hf_scylla.vocab); with --tree, trees with it too.",
+        nargs="?",
+        const=DEFAULT_DRAFT_VOCAB_SIZE,
+        help="Also decode with a copy of the draft whose LM head covers this many (alone: "
+        f"{DEFAULT_DRAFT_VOCAB_SIZE}) of the most frequent tokens of its training data (hf_scylla.vocab); "
+        "with --tree, trees with it too.",
     )
 
 
