@@ -39,6 +39,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
     )
+    _add_speed_variant_arguments(parser)
     parser.add_argument(
         "--assistant",
         type=Path,
@@ -52,7 +53,6 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt.")
     parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="Prompt lookup candidates.")
     parser.add_argument("--output-dir", type=Path, default=Path("results/scylla"), help="Where results go.")
-    _add_speed_variant_arguments(parser)
 
 
 def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
@@ -226,6 +226,8 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
     from hf_common.reporting import command_line, markdown_table, plot_series, write_report
     from hf_scylla.modeling import ScyllaDraftModel
     from hf_scylla.speed import (
+        DRAFT_TRAINING_SOURCES,
+        agreement_sequences,
         draft_step_seconds,
         reduced_draft,
         speedup_ceiling,
@@ -249,7 +251,9 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
     drafts = {"full": draft} | {
         f"vocab{size}": reduced_draft(draft, target, tokenizer, counts, size) for size in args.vocab_sizes
     }
-    sets = _agreement_sequences(args, tokenizer)
+    sets = agreement_sequences(args.prompts_dir, tokenizer, args.limit or None)
+    if not sets:
+        raise CommandError(f"no *.jsonl prompt sets in {args.prompts_dir}")
     context = torch.cat(sets.get("sum") or next(iter(sets.values())), dim=1)
     context = context[:, : args.context_tokens]
     costs = verification_cost(target, context, sorted(args.new_tokens), args.repeats)
@@ -282,7 +286,7 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
         "context_tokens": context.shape[1],
         "load_average_before": load_before,
         "load_average_after": load_after,
-        "frequency_source": [str(path) for path in _frequency_sources()],
+        "frequency_source": [str(path) for path in DRAFT_TRAINING_SOURCES],
         "agreement_positions": {
             name: next(iter(values.values()))["positions"] for name, values in agreement.items()
         },
@@ -322,32 +326,6 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
     )
     print(body)
     return 0
-
-
-def _frequency_sources():
-    from hf_scylla.speed import DRAFT_TRAINING_SOURCES
-
-    return DRAFT_TRAINING_SOURCES
-
-
-def _agreement_sequences(args: argparse.Namespace, tokenizer) -> dict[str, list[torch.Tensor]]:
-    """Per held-out prompt set: chat-templated prompt + reference answer (prompt only where there is none)."""
-    sets = {}
-    for path in sorted(args.prompts_dir.glob("*.jsonl")):
-        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-        sequences = []
-        for record in records[: args.limit or None]:
-            messages = [{"role": "user", "content": record["turns"][0]}]
-            if record.get("reference"):
-                messages.append({"role": "assistant", "content": record["reference"][0]})
-            encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-            sequences.append(torch.tensor([encoded[:1024]]))
-        sets[path.stem] = sequences
-    if not sets:
-        from hf_common.cli import CommandError
-
-        raise CommandError(f"no *.jsonl prompt sets in {args.prompts_dir}")
-    return sets
 
 
 def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:

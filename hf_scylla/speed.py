@@ -26,6 +26,7 @@ from hf_scylla.vocab import count_tokens, most_frequent_tokens, reduce_draft_voc
 
 __all__ = [
     "DRAFT_TRAINING_SOURCES",
+    "agreement_sequences",
     "clone_draft",
     "draft_step_seconds",
     "reduced_draft",
@@ -61,6 +62,25 @@ def training_token_counts(
         else:
             token_lists.append(tokenizer(path.read_text())["input_ids"])
     return count_tokens(token_lists, len(tokenizer))
+
+
+def agreement_sequences(
+    prompts_dir: Path, tokenizer: PreTrainedTokenizerBase, limit: int | None = None, max_tokens: int = 1024
+) -> dict[str, list[torch.Tensor]]:
+    """Per ``*.jsonl`` prompt set: ``(1, S)`` ids of the chat-templated prompt + reference answer (the
+    prompt alone where the record has none), for `teacher_forced_agreement`; the first ``limit``."""
+    sets = {}
+    for path in sorted(prompts_dir.glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        sequences = []
+        for record in records[:limit]:
+            messages = [{"role": "user", "content": record["turns"][0]}]
+            if record.get("reference"):
+                messages.append({"role": "assistant", "content": record["reference"][0]})
+            encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            sequences.append(torch.tensor([encoded[:max_tokens]]))
+        sets[path.stem] = sequences
+    return sets
 
 
 def clone_draft(draft: ScyllaDraftModel, target: PreTrainedModel) -> ScyllaDraftModel:

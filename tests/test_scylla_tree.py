@@ -217,3 +217,23 @@ def test_speed_commands_check_arguments_before_loading_a_model(argv, message, ca
 
     assert main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_verify_cost_command_on_the_default_model(tmp_path) -> None:
+    """``hf-scylla verify-cost`` end to end on SmolLM2 and the staged draft, with tiny settings."""
+    import json
+    from pathlib import Path
+
+    from hf_scylla.cli import main
+
+    draft = Path(__file__).resolve().parent.parent / "model_cards" / "SmolLM2-135M-Instruct-scylla-D1"
+    argv = ["verify-cost", "--draft", str(draft), "--new-tokens", "1", "4", "--vocab-sizes", "1024"]
+    argv += ["--repeats", "1", "--limit", "1", "--context-tokens", "64", "--output-dir", str(tmp_path)]
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "verify_cost.json").read_text())
+    assert [row["new_tokens"] for row in report["verification_curve"]] == [1, 4]
+    heads = {row["draft_head"]: row for row in report["draft_heads"]}
+    assert heads["vocab1024"]["head_tokens"] == 1024 and heads["full"]["head_tokens"] == 49152
+    assert (tmp_path / "verify_cost.png").stat().st_size > 0
+    assert main(argv) == 2  # its own files exist: refused without --overwrite
