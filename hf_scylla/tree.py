@@ -132,14 +132,17 @@ class _Expansion:
         count = min(self.config.top_k, int(torch.isfinite(log_q).sum()))
         chosen = keys.topk(count).indices.tolist()
         parent_score = self.scores[node] if node != -1 else 0.0
-        # Scores never rise along siblings or depth, so a top-N rerank keeps ancestors and earlier siblings.
-        running, added = 0.0, []
-        for token in chosen:
-            running = min(running, float(log_q[token])) if added else float(log_q[token])
+        # The j-th child scores the j-th largest draft log-probability: the best children in greedy mode;
+        # in sampling mode a score that never depends on the child drawn, so whether the j-th draw is
+        # verified never depends on its own token (that would bias the rejection rule). Scores never rise
+        # along siblings or depth, so a top-N rerank keeps ancestors and earlier siblings.
+        ranked = log_q.topk(count).values.tolist()
+        added = []
+        for token, log_probability in zip(chosen, ranked, strict=True):
             self.tree.tokens.append(token)
             self.tree.parents.append(node)
             self.tree.depths.append(depth)
-            self.scores.append(parent_score + running)
+            self.scores.append(parent_score + log_probability)
             added.append(len(self.tree) - 1)
         return added
 
