@@ -54,6 +54,7 @@ def hadamard_matrix(dim: int, device: torch.device | str | None = None, dtype=to
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)  # a cached inference tensor would break later autograd-tracked calls
 def _hadamard_matrix(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < dim:

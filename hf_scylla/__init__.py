@@ -15,6 +15,7 @@ from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
 from hf_scylla.hub import RESULTS_PLACEHOLDER
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.naive import reference_speculative_decode
+from hf_scylla.tree import TreeConfig, reference_tree_decode
 
 register_lm_eval_model(
     "hf-scylla",
@@ -37,10 +38,12 @@ __all__ = [
     "ScyllaDraftModel",
     "ScyllaGenerateOutput",
     "ScyllaStats",
+    "TreeConfig",
     "__version__",
     "batched_generate",
     "generate",
     "reference_speculative_decode",
+    "reference_tree_decode",
     "scylla_generate",
     "tokenizer_fingerprint",
 ]

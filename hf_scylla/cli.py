@@ -34,6 +34,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
     )
+    _add_speed_variant_arguments(parser)
     parser.add_argument(
         "--assistant",
         type=Path,
@@ -49,9 +50,44 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     add_output_arguments(parser, RUNS_DIR / "scylla" / "bench")
 
 
+def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--tree`` and ``--draft-vocab-size``: the extra Scylla methods ``bench`` compares (issue 12)."""
+    parser.add_argument(
+        "--tree",
+        type=int,
+        nargs=3,
+        metavar=("DEPTH", "TOP_K", "TOTAL_TOKENS"),
+        help="Also decode with EAGLE-2 dynamic draft trees of this shape (hf_scylla.TreeConfig).",
+    )
+    from hf_scylla.vocab import DEFAULT_DRAFT_VOCAB_SIZE
+
+    parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        nargs="?",
+        const=DEFAULT_DRAFT_VOCAB_SIZE,
+        help="Also decode with a copy of the draft whose LM head covers this many (alone: "
+        f"{DEFAULT_DRAFT_VOCAB_SIZE}) of the most frequent tokens of its training data (hf_scylla.vocab); "
+        "with --tree, trees with it too.",
+    )
+
+
+def _check_speed_variant_arguments(args: argparse.Namespace) -> None:
+    from hf_scylla.tree import TreeConfig
+
+    if args.tree:
+        try:
+            TreeConfig(*args.tree)
+        except ValueError as error:
+            raise CommandError(f"--tree: {error}") from error
+    if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
+        raise CommandError(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
+
+
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_scylla.bench.speed import bench_report
 
+    _check_speed_variant_arguments(args)
     if args.draft is not None and not (args.draft / "config.json").is_file():
         raise CommandError(f"--draft {args.draft} is not a saved Scylla draft (no config.json)")
     if args.assistant is not None and not (args.assistant / "config.json").is_file():
@@ -80,10 +116,74 @@ def _run_bench(args: argparse.Namespace) -> int:
         limit=args.limit or None,
         max_new_tokens=args.max_new_tokens,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
+        tree=tuple(args.tree) if args.tree else None,
+        draft_vocab_size=args.draft_vocab_size,
     )
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")
     return 0 if all(row["lossless"] for row in rows) else 1
+
+
+def _add_verify_cost_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_common.outputs import add_output_arguments
+    from hf_scylla.bench.speed import PROMPTS_DIR
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--draft", type=Path, required=True, help="Folder of a trained Scylla draft for --model."
+    )
+    parser.add_argument(
+        "--new-tokens",
+        type=int,
+        nargs="+",
+        default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64],
+        help="Verification sizes: tokens per target forward.",
+    )
+    parser.add_argument(
+        "--vocab-sizes",
+        type=int,
+        nargs="+",
+        default=[2048, 4096, 8192, 16384],
+        help="Reduced draft vocabularies to time and to measure top-1 agreement for.",
+    )
+    parser.add_argument(
+        "--context-tokens", type=int, default=300, help="Tokens in the cache before each forward."
+    )
+    parser.add_argument("--repeats", type=int, default=5, help="Timed repeats per point (median reported).")
+    parser.add_argument(
+        "--prompts-dir",
+        type=Path,
+        default=PROMPTS_DIR,
+        help="Held-out *.jsonl prompt sets for the agreement.",
+    )
+    parser.add_argument("--limit", type=int, default=8, help="Prompts per set for the agreement (0: all).")
+    add_output_arguments(parser, Path("runs/scylla/verify-cost"))
+
+
+def _run_verify_cost(args: argparse.Namespace) -> int:
+    from hf_scylla.bench.verify_cost import verify_cost_report
+
+    if min(args.new_tokens) < 1 or 1 not in args.new_tokens:
+        raise CommandError("--new-tokens must be positive and include 1 (the plain-decoding step)")
+    if min(args.vocab_sizes) < 1 or args.context_tokens < 2 or args.repeats < 1:
+        raise CommandError("--vocab-sizes, --context-tokens (>= 2) and --repeats must be positive")
+    stem = args.output_dir / "verify_cost"
+    claim_outputs([stem.with_suffix(suffix) for suffix in (".json", ".md", ".png")], args.overwrite)
+    print(
+        verify_cost_report(
+            args.model,
+            args.draft,
+            args.prompts_dir,
+            stem,
+            command_line("hf-scylla", getattr(args, "argv", [])),
+            new_tokens=sorted(args.new_tokens),
+            vocab_sizes=args.vocab_sizes,
+            context_tokens=args.context_tokens,
+            repeats=args.repeats,
+            limit=args.limit or None,
+        )
+    )
+    return 0
 
 
 def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
@@ -594,6 +694,13 @@ COMMANDS = (
         "Tokens/s, acceptance length and speedup of Scylla and prompt lookup vs greedy, checked lossless.",
         _add_bench_arguments,
         _run_bench,
+    ),
+    Command(
+        "verify-cost",
+        "Target forward time for 1..64 new tokens, draft step time per head size, reduced-vocabulary "
+        "agreement, and the speed-up ceiling they imply (JSON, Markdown, PNG).",
+        _add_verify_cost_arguments,
+        _run_verify_cost,
     ),
     Command(
         "sweep",

@@ -69,6 +69,10 @@ class ScyllaDraftConfig(LlamaConfig):
         confidence_threshold (`float`, *optional*, defaults to `0.0`):
             Adaptive draft length: stop drafting after a token whose draft probability is below this;
             ``0.0`` always drafts ``max_draft_tokens``.
+        draft_vocab_size (`int`, *optional*):
+            Reduced draft vocabulary (EAGLE-3's ``d2t``/``t2d``, FR-Spec): the draft's own LM head covers
+            only this many target tokens (`hf_scylla.vocab.reduce_draft_vocabulary`); ``None`` reads out
+            through the target's full LM head.
     """
 
     model_type = "scylla_draft"
@@ -82,6 +86,7 @@ class ScyllaDraftConfig(LlamaConfig):
     save_embeddings: bool = False
     max_draft_tokens: int = 6
     confidence_threshold: float = 0.0
+    draft_vocab_size: int | None = None
 
     def __post_init__(self, **kwargs):
         if self.target_hidden_size <= 0:
@@ -106,6 +111,11 @@ class ScyllaDraftConfig(LlamaConfig):
             raise ValueError(
                 f"vocab_size ({self.vocab_size}) must equal target_vocab_size ({self.target_vocab_size}): "
                 "the draft reads out through the target's own LM head"
+            )
+        if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.target_vocab_size:
+            raise ValueError(
+                f"draft_vocab_size must be in [1, target_vocab_size={self.target_vocab_size}], got "
+                f"{self.draft_vocab_size}"
             )
 
     @classmethod

@@ -19,6 +19,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationM
 from hf_common.compat import CACHE_ARGUMENT
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.tree import TreeConfig, tree_decode
 
 __all__ = ["ScyllaGenerateOutput", "check_generation_inputs", "generate", "scylla_generate"]
 
@@ -66,6 +67,7 @@ def scylla_generate(
     scylla_stats: ScyllaStats | None = None,
     max_draft_tokens: int | None = None,
     confidence_threshold: float | None = None,
+    tree: TreeConfig | None = None,
     **model_kwargs,
 ):
     """A ``custom_generate`` callable: assisted decoding of ``model`` with the Scylla ``draft_model``.
@@ -73,6 +75,8 @@ def scylla_generate(
     Use as ``model.generate(input_ids, custom_generate=scylla_generate, draft_model=draft,
     scylla_stats=stats, max_new_tokens=...)``; ``scylla_stats`` (optional) collects acceptance, and
     ``max_draft_tokens`` / ``confidence_threshold`` override the draft config's for this call.
+    ``tree=TreeConfig(depth, top_k, total_tokens)`` drafts EAGLE-2 dynamic trees instead of chains
+    (`hf_scylla.tree`, batch 1).
     """
     check_generation_inputs(model, input_ids, generation_config.max_length)
     cache = model_kwargs.get(CACHE_ARGUMENT)
@@ -82,6 +86,20 @@ def scylla_generate(
             f"The target's cache (past_key_values) already holds {cached} tokens: Scylla drafting needs the "
             "target's hidden states of the whole prompt, which a prefilled cache skips. Pass an empty cache "
             "(or none)."
+        )
+    if tree is not None:
+        if max_draft_tokens is not None or confidence_threshold is not None:
+            raise ValueError("max_draft_tokens/confidence_threshold shape chains; a tree takes TreeConfig")
+        return tree_decode(
+            model,
+            draft_model,
+            input_ids,
+            tree,
+            generation_config,
+            logits_processor=logits_processor,
+            stopping_criteria=stopping_criteria,
+            stats=scylla_stats,
+            **model_kwargs,
         )
     if "_get_candidate_generator" in vars(model):
         raise RuntimeError("scylla_generate is already running on this model instance (re-entrant call)")

@@ -23,11 +23,17 @@ from transformers.utils import ModelOutput
 
 from hf_common.compat import cache_kwargs
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
+from hf_scylla.vocab import check_vocabulary_mapping, full_vocabulary_logits
 
 __all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target", "check_finite_weights"]
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 """State-dict keys that belong to the target and are saved only with ``config.save_embeddings``."""
+
+
+def shared_with_target(config: ScyllaDraftConfig) -> tuple[str, ...]:
+    """The keys of `SHARED_WITH_TARGET` this draft shares: a reduced-vocabulary head is the draft's own."""
+    return SHARED_WITH_TARGET if config.draft_vocab_size is None else ("embed_tokens.weight",)
 
 
 @dataclass
@@ -118,13 +124,16 @@ class ScyllaDraftModel(PreTrainedModel):
             if config.hidden_size != target_hidden
             else None
         )
-        self.lm_head = nn.Linear(target_hidden, config.vocab_size, bias=False)
+        self.lm_head = nn.Linear(target_hidden, config.draft_vocab_size or config.vocab_size, bias=False)
+        if config.draft_vocab_size is not None:  # EAGLE-3 layout: target id = i + d2t[i]; t2d marks kept ids
+            self.register_buffer("d2t", torch.zeros(config.draft_vocab_size, dtype=torch.long))
+            self.register_buffer("t2d", torch.zeros(config.target_vocab_size, dtype=torch.bool))
         self.rotary_emb = LlamaRotaryEmbedding(config)
         self.is_attached = False
         self.post_init()
         if not config.save_embeddings:  # absent by design: no "newly initialized" warning on load
             self._keys_to_ignore_on_load_missing = {
-                rf"^{key}$".replace(".", r"\.") for key in SHARED_WITH_TARGET
+                rf"^{key}$".replace(".", r"\.") for key in shared_with_target(config)
             }
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -139,7 +148,8 @@ class ScyllaDraftModel(PreTrainedModel):
         """Share the target's embedding and LM head (the same tensors, not copies) after checking they fit."""
         check_draft_matches_target(self.config, target.config, tokenizer)
         self.embed_tokens = target.get_input_embeddings()
-        self.lm_head = target.get_output_embeddings()
+        if self.config.draft_vocab_size is None:
+            self.lm_head = target.get_output_embeddings()
         self.is_attached = True
 
     def new_cache(self) -> DynamicCache:
@@ -164,6 +174,7 @@ class ScyllaDraftModel(PreTrainedModel):
             position_ids: ``(B, S)`` positions t; default continues from the cache length.
             cache: the draft's KV cache, extended in place.
             logits_to_keep: compute logits only for the last this many positions (0: all).
+                Logits always span the target's vocabulary; a reduced head leaves ``-inf`` outside its subset.
             attention_mask: ``(B, past + S)`` 1 for real pairs, 0 for padding (left-padded batches).
         """
         embeds = self.embed_tokens(input_ids)
@@ -190,14 +201,20 @@ class ScyllaDraftModel(PreTrainedModel):
             )
         features = self.out_proj(hidden) if self.out_proj is not None else hidden
         logits = self.lm_head(features[:, -logits_to_keep:] if logits_to_keep else features)
+        if self.config.draft_vocab_size is not None:
+            logits = full_vocabulary_logits(logits, self.d2t, self.config.target_vocab_size)
         return ScyllaDraftOutput(features=features, logits=logits, cache=cache)
 
     def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> None:
         """Save the draft; the target's embedding and LM head only if ``config.save_embeddings``."""
         state_dict = kwargs.pop("state_dict", None) or self.state_dict()
         if not self.config.save_embeddings:
-            state_dict = {key: value for key, value in state_dict.items() if key not in SHARED_WITH_TARGET}
-        elif state_dict["lm_head.weight"].data_ptr() == state_dict["embed_tokens.weight"].data_ptr():
+            shared = shared_with_target(self.config)
+            state_dict = {key: value for key, value in state_dict.items() if key not in shared}
+        elif (
+            self.config.draft_vocab_size is None
+            and state_dict["lm_head.weight"].data_ptr() == state_dict["embed_tokens.weight"].data_ptr()
+        ):
             # The target ties them; the draft's config does not, so the checkpoint holds two copies.
             state_dict = {**state_dict, "lm_head.weight": state_dict["lm_head.weight"].clone()}
         super().save_pretrained(save_directory, state_dict=state_dict, **kwargs)
@@ -235,19 +252,20 @@ class ScyllaDraftModel(PreTrainedModel):
             raise ValueError(
                 f"Could not read the Scylla draft checkpoint at {pretrained_model_name_or_path}: {error}"
             ) from error
-        missing_draft_weights = sorted(set(info["missing_keys"]) - set(SHARED_WITH_TARGET))
+        shared = shared_with_target(model.config)
+        missing_draft_weights = sorted(set(info["missing_keys"]) - set(shared))
         if missing_draft_weights:
             raise ValueError(
                 f"The Scylla draft checkpoint at {pretrained_model_name_or_path} is partial: it lacks "
                 f"{len(missing_draft_weights)} draft weights, e.g. {missing_draft_weights[:3]}"
             )
         check_finite_weights(model)
+        if model.config.draft_vocab_size is not None:
+            check_vocabulary_mapping(model.d2t, model.t2d, model.config.target_vocab_size)
         if target is not None:
             model.attach_target(target, target_tokenizer)
         else:
-            model.is_attached = model.config.save_embeddings and not set(info["missing_keys"]) & set(
-                SHARED_WITH_TARGET
-            )
+            model.is_attached = model.config.save_embeddings and not set(info["missing_keys"]) & set(shared)
         return model
 
 

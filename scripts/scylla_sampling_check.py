@@ -2,7 +2,9 @@
 
 A tiny random Llama target over a vocabulary of 4 tokens and a Scylla draft that often disagrees with
 it: the exact law of the first 3 new tokens (64 cells) is enumerated, then thousands of sequences are
-drawn by plain sampling (the control), by `hf_scylla.generate(do_sample=True)` and by the cache-free
+drawn by plain sampling (the control), by `hf_scylla.generate(do_sample=True)` with chains, with a
+reduced draft vocabulary (3 of the 4 tokens; the draft cannot propose the fourth), with EAGLE-2 draft
+trees (multi-candidate rejection sampling over siblings) and with both, and by the cache-free
 reference loop. Each sample set gets Pearson's chi-square p-value against the target's law, and the
 speculative samples also against the law of a broken sampler that keeps every draft token (the test
 must reject that one). Writes ``sampling.json``, ``sampling.md`` and ``sampling.png``.
@@ -23,12 +25,29 @@ from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from hf_common.reporting import plt, save_figure
-from hf_scylla import ScyllaDraftConfig, ScyllaDraftModel, ScyllaStats, generate, reference_speculative_decode
+from hf_scylla import (
+    ScyllaDraftConfig,
+    ScyllaDraftModel,
+    ScyllaStats,
+    TreeConfig,
+    generate,
+    reference_speculative_decode,
+)
+from hf_scylla.bench.verify_cost import clone_draft
 from hf_scylla.distribution import chi_square_p_value, draft_chain_logits, exact_sequence_law, sequence_cell
+from hf_scylla.vocab import reduce_draft_vocabulary
 
 VOCAB = 4
 NEW_TOKENS = 3
 PROMPT = torch.tensor([[3, 1, 2, 0]])
+DRAFT_SUBSET = torch.tensor([0, 1, 3])
+TREE = TreeConfig(depth=2, top_k=2, total_tokens=4)
+SCYLLA_SAMPLERS = {  # name -> (reduced draft vocabulary, tree)
+    "scylla": (False, None),
+    "scylla_reduced_vocab": (True, None),
+    "scylla_tree": (False, TREE),
+    "scylla_tree_reduced_vocab": (True, TREE),
+}
 
 
 def build_pair(seed: int) -> tuple[torch.nn.Module, ScyllaDraftModel]:
@@ -63,8 +82,11 @@ def draw(sampler: str, target, draft, count: int, seed: int) -> tuple[torch.Tens
     for _ in tqdm(range(count), desc=sampler, unit="sample"):
         if sampler == "plain":
             sequence = target.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0)
-        elif sampler == "scylla":
-            result = generate(target, draft, PROMPT, max_new_tokens=NEW_TOKENS + 1, do_sample=True, top_k=0)
+        elif sampler in SCYLLA_SAMPLERS:
+            tree = SCYLLA_SAMPLERS[sampler][1]
+            result = generate(
+                target, draft, PROMPT, max_new_tokens=NEW_TOKENS + 1, do_sample=True, top_k=0, tree=tree
+            )
             sequence = result.output
             stats.merge(result.stats)
         else:
@@ -111,10 +133,21 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--samples must be at least 100 for a chi-square test, got {args.samples}")
     target, draft = build_pair(args.seed)
     law = exact_sequence_law(lambda inputs: target(inputs).logits[:, -1], PROMPT, NEW_TOKENS, VOCAB)
-    broken = exact_sequence_law(draft_chain_logits(target, draft, PROMPT.shape[1]), PROMPT, NEW_TOKENS, VOCAB)
+    reduced = reduce_draft_vocabulary(clone_draft(draft, target), DRAFT_SUBSET)
+    broken_laws = {
+        False: exact_sequence_law(
+            draft_chain_logits(target, draft, PROMPT.shape[1]), PROMPT, NEW_TOKENS, VOCAB
+        ),
+        True: exact_sequence_law(
+            draft_chain_logits(target, reduced, PROMPT.shape[1]), PROMPT, NEW_TOKENS, VOCAB
+        ),
+    }
+    broken = broken_laws[False]
     rows, samples = [], {}
-    for sampler in ("plain", "scylla", "reference"):
-        cells, stats, seconds = draw(sampler, target, draft, args.samples, args.seed + 1)
+    for sampler in ("plain", *SCYLLA_SAMPLERS, "reference"):
+        is_reduced = SCYLLA_SAMPLERS.get(sampler, (False, None))[0]
+        sampler_draft = reduced if is_reduced else draft
+        cells, stats, seconds = draw(sampler, target, sampler_draft, args.samples, args.seed + 1)
         samples[sampler] = cells
         frequencies = torch.bincount(cells, minlength=len(law)).double() / len(cells)
         rows.append(
@@ -122,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 "sampler": sampler,
                 "samples": len(cells),
                 "p_value_target_law": chi_square_p_value(cells, law),
-                "p_value_keep_every_draft_law": chi_square_p_value(cells, broken),
+                "p_value_keep_every_draft_law": chi_square_p_value(cells, broken_laws[is_reduced]),
                 "total_variation_to_target_law": 0.5 * float((frequencies - law.double()).abs().sum()),
                 "draft_acceptance": sum(stats.accepted) / sum(stats.drafted) if stats.drafted else None,
                 "tau": stats.tau if stats.cycles else None,
@@ -134,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
             ["python scripts/scylla_sampling_check.py", *(sys.argv[1:] if argv is None else argv)]
         ),
         "setting": f"tiny random Llama target (vocab {VOCAB}, 2 layers, peaky LM head), D=1 draft, chains "
-        f"of 2, prompt {PROMPT.tolist()[0]}, law of the first {NEW_TOKENS} new tokens ({len(law)} cells)",
+        f"of 2 or trees {TREE}, reduced draft vocabulary {DRAFT_SUBSET.tolist()}, prompt {PROMPT.tolist()[0]}, law of the first {NEW_TOKENS} new tokens ({len(law)} cells)",
         "total_variation_target_vs_keep_every_draft": 0.5 * float((law - broken).abs().sum()),
         "rows": rows,
     }

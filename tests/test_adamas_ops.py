@@ -16,6 +16,7 @@ from helpers import assert_close
 
 from hf_adamas import ops
 from hf_adamas.reference import (
+    _hadamard_matrix,
     code_distance,
     hadamard_codes,
     hadamard_matrix,
@@ -82,6 +83,15 @@ def test_hadamard_matrix_is_orthonormal_sylvester(dim: int) -> None:
     # Sylvester: H[i, j] = (-1)^popcount(i & j) / sqrt(dim).
     torch.testing.assert_close(h, (1 - 2 * (parity % 2)).float() / math.sqrt(dim))
     assert hadamard_matrix(dim, "cpu") is h, "the matrix is cached per (dim, device, dtype)"
+
+
+def test_hadamard_matrix_cached_in_inference_mode_works_with_autograd() -> None:
+    """A first call under inference_mode must not cache an inference tensor (a later forward with grad failed)."""
+    _hadamard_matrix.cache_clear()
+    with torch.inference_mode():
+        hadamard_codes(torch.randn(2, 32), THRESHOLDS[2], 2)
+    x = torch.randn(2, 32, requires_grad=True)
+    assert hadamard_codes(x, THRESHOLDS[2], 2).shape == (2, 8)
 
 
 def test_hadamard_preserves_dot_products() -> None:

@@ -199,9 +199,10 @@ def test_sampling_check_script_accepts_scylla_and_rejects_the_broken_law(tmp_pat
     check = load_script("scylla_sampling_check")
     assert check.main(["--samples", "300", "--output-dir", str(tmp_path)]) == 0
     rows = {row["sampler"]: row for row in json.loads((tmp_path / "sampling.json").read_text())["rows"]}
-    for sampler in ("plain", "scylla", "reference"):
+    scylla_samplers = ("scylla", "scylla_reduced_vocab", "scylla_tree", "scylla_tree_reduced_vocab")
+    for sampler in ("plain", *scylla_samplers, "reference"):
         assert rows[sampler]["p_value_target_law"] > 1e-3
-    for sampler in ("scylla", "reference"):
+    for sampler in (*scylla_samplers, "reference"):
         assert rows[sampler]["p_value_keep_every_draft_law"] < 1e-6
         assert 0.0 < rows[sampler]["draft_acceptance"] < 0.9
     assert (tmp_path / "sampling.png").stat().st_size > 0

@@ -26,6 +26,7 @@ from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.data import encode_prompt
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.training import make_draft
+from hf_scylla.tree import TreeConfig
 
 __all__ = [
     "PROMPTS_DIR",
@@ -103,6 +104,7 @@ def _methods(
     prompt_lookup_tokens: int,
     assistant: PreTrainedModel | None,
     assistant_name: str,
+    variants: dict[str, tuple[ScyllaDraftModel, TreeConfig | None]],
 ) -> dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, ScyllaStats | None]]]:
     """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline)."""
     methods = {
@@ -114,13 +116,18 @@ def _methods(
             None,
         ),
     }
-    if draft is not None:
 
+    def decoder(variant: ScyllaDraftModel, tree: TreeConfig | None):
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            result = generation.generate(target, draft, ids, max_new_tokens=n, do_sample=False)
+            result = generation.generate(target, variant, ids, max_new_tokens=n, do_sample=False, tree=tree)
             return result.output, result.stats
 
-        methods[draft_name] = decode_with_draft
+        return decode_with_draft
+
+    if draft is not None:
+        methods[draft_name] = decoder(draft, None)
+    for name, (variant, tree) in variants.items():  # e.g. reduced-vocabulary heads, dynamic trees
+        methods[name] = decoder(variant, tree)
     if assistant is not None:  # transformers' assisted generation with its default draft-length schedule
         methods[assistant_name] = lambda ids, n: (
             target.generate(ids, max_new_tokens=n, do_sample=False, assistant_model=assistant),
@@ -140,13 +147,17 @@ def run_benchmark(
     prompt_lookup_tokens: int = 10,
     assistant: PreTrainedModel | None = None,
     assistant_name: str = "assisted",
+    variants: dict[str, tuple[ScyllaDraftModel, TreeConfig | None]] | None = None,
 ) -> list[dict]:
     """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts.
 
     ``assistant``: a standalone draft LM (e.g. `hf_scylla.standalone`) run through transformers'
-    assisted generation, as a baseline next to the Scylla draft and prompt lookup.
+    assisted generation, as a baseline next to the Scylla draft and prompt lookup. ``variants``: more
+    Scylla methods by name, each a draft and a `TreeConfig` (``None``: chains).
     """
-    methods = _methods(target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name)
+    methods = _methods(
+        target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name, variants or {}
+    )
     counter = _ForwardCounter(target)
     warmup = encode_prompt(tokenizer, "Hello")
     for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)
@@ -209,6 +220,28 @@ def plot_speedups(path: Path, rows: list[dict], title: str) -> Path:
     return plot_series(path, series, title, "prompt set", "speedup vs greedy")
 
 
+def speed_variants(
+    draft: ScyllaDraftModel,
+    draft_name: str,
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    tree_shape: tuple[int, int, int] | None,
+    draft_vocab_size: int | None,
+) -> dict[str, tuple[ScyllaDraftModel, TreeConfig | None]]:
+    """The extra methods of the bench: name -> (draft, tree or None) for a tree, a reduced head, both."""
+    from hf_scylla.bench.verify_cost import reduced_draft, training_token_counts
+
+    tree = TreeConfig(*tree_shape) if tree_shape else None
+    shape = "x".join(map(str, tree_shape or ()))
+    variants = {f"{draft_name}+tree{shape}": (draft, tree)} if tree is not None else {}
+    if draft_vocab_size:
+        reduced = reduced_draft(draft, target, tokenizer, training_token_counts(tokenizer), draft_vocab_size)
+        variants[f"{draft_name}+vocab{draft_vocab_size}"] = (reduced, None)
+        if tree is not None:
+            variants[f"{draft_name}+vocab{draft_vocab_size}+tree{shape}"] = (reduced, tree)
+    return variants
+
+
 def bench_report(
     model_name: str,
     prompts_dir: Path,
@@ -223,9 +256,13 @@ def bench_report(
     limit: int | None = None,
     max_new_tokens: int = 128,
     prompt_lookup_tokens: int = 10,
+    tree: tuple[int, int, int] | None = None,
+    draft_vocab_size: int | None = None,
 ) -> tuple[list[dict], str]:
     """Load the target, run `run_benchmark` on the prompt sets of ``prompts_dir`` and write
-    ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir``; returns the rows and the table."""
+    ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir``; returns the rows and the table.
+
+    ``tree`` (depth, top_k, total_tokens) and ``draft_vocab_size`` add `speed_variants` of the draft."""
     target, tokenizer = load_model_and_tokenizer(model_name)
     scylla_draft, draft_name = bench_draft(
         target, tokenizer, draft, untrained_depth, max_draft_tokens, confidence_threshold
@@ -244,6 +281,7 @@ def bench_report(
         prompt_lookup_tokens=prompt_lookup_tokens,
         assistant=assistant_model,
         assistant_name=f"assisted:{assistant.name}" if assistant is not None else "assisted",
+        variants=speed_variants(scylla_draft, draft_name, target, tokenizer, tree, draft_vocab_size),
     )
     columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
     table = markdown_table(rows, [*columns, "lossless"])

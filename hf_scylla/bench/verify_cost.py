@@ -1,0 +1,283 @@
+"""Where a Scylla cycle spends its time: target verification cost, draft step cost, reduced-vocabulary loss.
+
+`verification_cost` times one target forward of n new tokens on a cache of a few hundred tokens (the
+cost of verifying a chain or tree of n - 1 draft tokens plus the last accepted token);
+`draft_step_seconds` times one cached draft step; `teacher_forced_agreement` is the fraction of
+positions where the draft, given the target's own features and tokens, predicts the target's greedy
+next token. `speedup_ceiling` combines them: with every draft token accepted, a cycle of n tokens
+costs ``t(n) + (n - 1) * t_draft`` against ``n * t(1)`` for plain decoding.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from hf_common.compat import cache_kwargs, crop_cache
+from hf_common.data import SHARED_DATA_DIR
+from hf_common.default_model import load_model_and_tokenizer
+from hf_common.reporting import markdown_table, plot_series, write_report
+from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.vocab import count_tokens, most_frequent_tokens, reduce_draft_vocabulary
+
+__all__ = [
+    "DRAFT_TRAINING_SOURCES",
+    "agreement_sequences",
+    "clone_draft",
+    "draft_step_seconds",
+    "reduced_draft",
+    "speedup_ceiling",
+    "teacher_forced_agreement",
+    "training_token_counts",
+    "verification_cost",
+]
+
+DRAFT_TRAINING_SOURCES = (
+    SHARED_DATA_DIR / "text" / "tinyshakespeare.txt",
+    SHARED_DATA_DIR / "gsm8k" / "train.jsonl",
+)
+"""What the staged D1 draft was trained on (general text, then GSM8K chats); the frequency count's corpus."""
+
+
+def training_token_counts(
+    tokenizer: PreTrainedTokenizerBase, sources: Sequence[Path] = DRAFT_TRAINING_SOURCES
+):
+    """Token counts over plain-text files and GSM8K-style ``question``/``answer`` JSONL (as one-turn chats)."""
+    token_lists = []
+    for path in sources:
+        if path.suffix == ".jsonl":
+            for line in path.read_text().splitlines():
+                record = json.loads(line)
+                messages = [
+                    {"role": "user", "content": record["question"]},
+                    {"role": "assistant", "content": record["answer"]},
+                ]
+                token_lists.append(
+                    tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+                )
+        else:
+            token_lists.append(tokenizer(path.read_text())["input_ids"])
+    return count_tokens(token_lists, len(tokenizer))
+
+
+def agreement_sequences(
+    prompts_dir: Path, tokenizer: PreTrainedTokenizerBase, limit: int | None = None, max_tokens: int = 1024
+) -> dict[str, list[torch.Tensor]]:
+    """Per ``*.jsonl`` prompt set: ``(1, S)`` ids of the chat-templated prompt + reference answer (the
+    prompt alone where the record has none), for `teacher_forced_agreement`; the first ``limit``."""
+    sets = {}
+    for path in sorted(prompts_dir.glob("*.jsonl")):
+        records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        sequences = []
+        for record in records[:limit]:
+            messages = [{"role": "user", "content": record["turns"][0]}]
+            if record.get("reference"):
+                messages.append({"role": "assistant", "content": record["reference"][0]})
+            encoded = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            sequences.append(torch.tensor([encoded[:max_tokens]]))
+        sets[path.stem] = sequences
+    return sets
+
+
+def clone_draft(draft: ScyllaDraftModel, target: PreTrainedModel) -> ScyllaDraftModel:
+    """An independent copy of an attached draft (its own weights), attached to ``target``."""
+    copy = ScyllaDraftModel(type(draft.config).from_dict(draft.config.to_dict()))
+    copy.load_state_dict(draft.state_dict())
+    copy.attach_target(target)
+    return copy.to(device=draft.device, dtype=draft.dtype).eval()
+
+
+def reduced_draft(
+    draft: ScyllaDraftModel,
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    counts: torch.Tensor,
+    size: int,
+) -> ScyllaDraftModel:
+    """A copy of ``draft`` whose head covers the ``size`` most frequent tokens (plus the special tokens)."""
+    special = set(tokenizer.all_special_ids) | {tokenizer.eos_token_id}
+    subset = most_frequent_tokens(counts, size, always_include=sorted(i for i in special if i is not None))
+    return reduce_draft_vocabulary(clone_draft(draft, target), subset, tokenizer)
+
+
+def _median_seconds(run, repeats: int) -> float:
+    run()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@torch.no_grad()
+def verification_cost(
+    target: PreTrainedModel, context: torch.Tensor, new_tokens: Sequence[int], repeats: int = 5
+) -> dict[int, float]:
+    """Median seconds of one target forward of n new tokens after a cache holding ``context`` (1, S)."""
+    cache = _prefilled_cache(target, context)
+    past = cache.get_seq_length()
+    costs = {}
+    for count in new_tokens:
+        tokens = context[:, -count:] if count <= context.shape[1] else context[:, :1].repeat(1, count)
+
+        def forward(tokens=tokens):
+            target(tokens, use_cache=True, **cache_kwargs(cache))
+            crop_cache(cache, past)
+
+        costs[count] = _median_seconds(forward, repeats)
+    return costs
+
+
+def _prefilled_cache(target: PreTrainedModel, context: torch.Tensor):
+    from transformers.cache_utils import DynamicCache
+
+    cache = DynamicCache(config=target.config)
+    target(context, use_cache=True, **cache_kwargs(cache))
+    return cache
+
+
+@torch.no_grad()
+def draft_step_seconds(
+    draft: ScyllaDraftModel, target: PreTrainedModel, context: torch.Tensor, repeats: int = 20
+) -> float:
+    """Median seconds of one cached draft step (one new pair, logits for it) after syncing on ``context``."""
+    features = target(context, output_hidden_states=True).hidden_states[draft.config.target_hidden_layer]
+    cache = draft.new_cache()
+    draft(context[:, 1:], features[:, :-1], cache=cache, logits_to_keep=1)
+    synced = cache.get_seq_length()
+
+    def step():
+        draft(context[:, -1:], features[:, -1:], cache=cache, logits_to_keep=1)
+        crop_cache(cache, synced)
+
+    return _median_seconds(step, repeats)
+
+
+@torch.no_grad()
+def teacher_forced_agreement(
+    target: PreTrainedModel, drafts: dict[str, ScyllaDraftModel], sequences: Sequence[torch.Tensor]
+) -> dict[str, dict[str, float]]:
+    """Per draft: top-1 agreement with the target's greedy next token, given the target's features.
+
+    Pair t = (h_t, x_{t+1}) predicts x_{t+2}; the target's prediction of it is the argmax at t + 1.
+    """
+    hits = dict.fromkeys(drafts, 0)
+    positions = 0
+    for ids in sequences:
+        out = target(ids, output_hidden_states=True)
+        target_next = out.logits[0, 1:].argmax(-1)
+        for name, draft in drafts.items():
+            features = out.hidden_states[draft.config.target_hidden_layer]
+            predicted = draft(ids[:, 1:], features[:, :-1]).logits[0].argmax(-1)
+            hits[name] += int((predicted == target_next).sum())
+        positions += ids.shape[1] - 1
+    return {name: {"agreement": hits[name] / positions, "positions": positions} for name in drafts}
+
+
+def speedup_ceiling(costs: dict[int, float], draft_step: float) -> dict[int, float]:
+    """Speed-up over plain decoding if all n - 1 draft tokens of an n-token verification were accepted."""
+    return {n: n * costs[1] / (seconds + (n - 1) * draft_step) for n, seconds in costs.items()}
+
+
+def verify_cost_report(
+    model_name: str,
+    draft_folder: Path,
+    prompts_dir: Path,
+    stem: Path,
+    command: str,
+    *,
+    new_tokens: Sequence[int],
+    vocab_sizes: Sequence[int],
+    context_tokens: int,
+    repeats: int,
+    limit: int | None,
+) -> str:
+    """Measure the verification-cost curve, draft step times per head and teacher-forced agreement;
+    writes ``stem`` .json/.md/.png and returns the Markdown body."""
+    load_before = os.getloadavg()
+    target, tokenizer = load_model_and_tokenizer(model_name)
+    draft = ScyllaDraftModel.from_pretrained(draft_folder, target=target, target_tokenizer=tokenizer).eval()
+    counts = training_token_counts(tokenizer)
+    drafts = {"full": draft} | {
+        f"vocab{size}": reduced_draft(draft, target, tokenizer, counts, size) for size in vocab_sizes
+    }
+    sets = agreement_sequences(prompts_dir, tokenizer, limit)
+    if not sets:
+        raise ValueError(f"no *.jsonl prompt sets in {prompts_dir}")
+    context = torch.cat(sets.get("sum") or next(iter(sets.values())), dim=1)
+    context = context[:, :context_tokens]
+    costs = verification_cost(target, context, new_tokens, repeats)
+    steps = {
+        name: draft_step_seconds(variant, target, context, 4 * repeats) for name, variant in drafts.items()
+    }
+    agreement = {
+        name: teacher_forced_agreement(target, drafts, sequences) for name, sequences in sets.items()
+    }
+    ceilings = {name: speedup_ceiling(costs, seconds) for name, seconds in steps.items()}
+    load_after = os.getloadavg()
+    curve = [
+        {"new_tokens": n, "target_forward_ms": 1e3 * costs[n], "relative_to_1": costs[n] / costs[1]}
+        | {f"ceiling_{name}": ceilings[name][n] for name in drafts}
+        for n in sorted(costs)
+    ]
+    vocab_rows = [
+        {
+            "draft_head": name,
+            "head_tokens": variant.lm_head.weight.shape[0],
+            "draft_step_ms": 1e3 * steps[name],
+            "draft_step_vs_target_step": steps[name] / costs[1],
+        }
+        | {f"agreement_{set_name}": agreement[set_name][name]["agreement"] for set_name in sets}
+        for name, variant in drafts.items()
+    ]
+    payload = {
+        "context_tokens": context.shape[1],
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "frequency_source": [str(path) for path in DRAFT_TRAINING_SOURCES],
+        "agreement_positions": {
+            name: next(iter(values.values()))["positions"] for name, values in agreement.items()
+        },
+        "verification_curve": curve,
+        "draft_heads": vocab_rows,
+    }
+    body = (
+        f"Target forward of n new tokens after a {context.shape[1]}-token cache (median of {repeats}); "
+        f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}. `ceiling_*`: speed-up if every "
+        "draft token of an n-token verification were accepted, n t(1) / (t(n) + (n-1) t_draft).\n\n"
+        + markdown_table(curve, list(curve[0]))
+        + "\nDraft heads: step time and teacher-forced top-1 agreement with the target on the held-out prompt "
+        "sets (prompt + reference answer where the set has one; token frequencies counted on the draft's "
+        "training data only).\n\n" + markdown_table(vocab_rows, list(vocab_rows[0]))
+    )
+    write_report(
+        stem.parent,
+        "verify_cost",
+        command,
+        payload,
+        f"Verification cost and draft heads, {model_name}",
+        body,
+    )
+    series = {
+        f"ceiling, {name} head": (sorted(costs), [ceilings[name][n] for n in sorted(costs)])
+        for name in drafts
+    }
+    series["target forward / t(1)"] = (sorted(costs), [costs[n] / costs[1] for n in sorted(costs)])
+    plot_series(
+        stem.with_suffix(".png"),
+        series,
+        f"{model_name.split('/')[-1]}: verification cost and speed-up ceiling",
+        "tokens per target forward",
+        "ratio",
+        baselines={"plain decoding": 1.0},
+        log_x=True,
+    )
+    return body
