@@ -9,13 +9,12 @@ reference loop. Each sample set gets Pearson's chi-square p-value against the ta
 speculative samples also against the law of a broken sampler that keeps every draft token (the test
 must reject that one). Writes ``sampling.json``, ``sampling.md`` and ``sampling.png``.
 
-    python scripts/scylla_sampling_check.py --samples 4000 --output-dir results/scylla/sampling
+    python scripts/scylla_sampling_check.py --samples 4000 --output-dir results/scylla/sampling --overwrite
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -24,7 +23,8 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from hf_common.reporting import plt, save_figure
+from hf_common.outputs import RUNS_DIR, OutputPathError, add_output_arguments, claim_outputs
+from hf_common.reporting import command_line, plt, save_figure, write_report
 from hf_scylla import (
     ScyllaDraftConfig,
     ScyllaDraftModel,
@@ -125,12 +125,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--samples", type=int, default=4000, help="Sequences drawn per sampler.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the tiny models and of the sampling.")
-    parser.add_argument(
-        "--output-dir", type=Path, default=Path("results/scylla/sampling"), help="Where results go."
-    )
+    add_output_arguments(parser, RUNS_DIR / "scylla" / "sampling")
     args = parser.parse_args(argv)
     if args.samples < 100:
         parser.error(f"--samples must be at least 100 for a chi-square test, got {args.samples}")
+    try:
+        claim_outputs(
+            [args.output_dir / f"sampling.{suffix}" for suffix in ("json", "md", "png")], args.overwrite
+        )
+    except OutputPathError as error:
+        parser.error(str(error))
     target, draft = build_pair(args.seed)
     law = exact_sequence_law(lambda inputs: target(inputs).logits[:, -1], PROMPT, NEW_TOKENS, VOCAB)
     reduced = reduce_draft_vocabulary(clone_draft(draft, target), DRAFT_SUBSET)
@@ -162,17 +166,15 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": seconds,
             }
         )
+    command = command_line(
+        "python", ["scripts/scylla_sampling_check.py", *(sys.argv[1:] if argv is None else argv)]
+    )
     summary = {
-        "command": " ".join(
-            ["python scripts/scylla_sampling_check.py", *(sys.argv[1:] if argv is None else argv)]
-        ),
         "setting": f"tiny random Llama target (vocab {VOCAB}, 2 layers, peaky LM head), D=1 draft, chains "
         f"of 2 or trees {TREE}, reduced draft vocabulary {DRAFT_SUBSET.tolist()}, prompt {PROMPT.tolist()[0]}, law of the first {NEW_TOKENS} new tokens ({len(law)} cells)",
         "total_variation_target_vs_keep_every_draft": 0.5 * float((law - broken).abs().sum()),
         "rows": rows,
     }
-    args.output_dir.mkdir(parents=True, exist_ok=True)
-    (args.output_dir / "sampling.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = [
         "| sampler | samples | p (target law) | p (keep-every-draft law) | TV to target law | acceptance | tau |"
     ]
@@ -185,9 +187,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['p_value_keep_every_draft_law']:.3g} | {row['total_variation_to_target_law']:.4f} | "
             f"{acceptance} | {tau} |"
         )
-    (args.output_dir / "sampling.md").write_text(
-        f"# Speculative sampling keeps the target's distribution\n\nSetting: {summary['setting']}.\n\n"
-        f"Command: `{summary['command']}`\n\n" + "\n".join(table) + "\n"
+    body = f"Setting: {summary['setting']}.\n\n" + "\n".join(table) + "\n"
+    write_report(
+        args.output_dir,
+        "sampling",
+        command,
+        summary,
+        "Speculative sampling keeps the target's distribution",
+        body,
     )
     plot(args.output_dir / "sampling.png", law, broken, samples)
     print("\n".join(table))

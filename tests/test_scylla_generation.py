@@ -208,6 +208,10 @@ def test_sampling_check_script_accepts_scylla_and_rejects_the_broken_law(tmp_pat
     assert (tmp_path / "sampling.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         check.main(["--samples", "50"])
+    before = (tmp_path / "sampling.json").read_text()
+    with pytest.raises(SystemExit):  # a second run never replaces results without --overwrite
+        check.main(["--samples", "300", "--output-dir", str(tmp_path)])
+    assert (tmp_path / "sampling.json").read_text() == before
 
 
 def test_a_user_cache_holding_a_prefix_is_refused_before_decoding() -> None:
