@@ -18,8 +18,9 @@ from transformers.utils import logging
 
 from hf_adamas import ops
 from hf_adamas.cache import AdamasLayer
+from hf_adamas.calibration import OnlineCalibratedLayer
 from hf_adamas.config import AdamasConfig, check_model_config
-from hf_adamas.selection import SELECTORS
+from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS
 from hf_common.compat import CACHE_ARGUMENT
 
 logger = logging.get_logger(__name__)
@@ -27,7 +28,6 @@ logger = logging.get_logger(__name__)
 ATTENTION_NAME = "adamas"
 
 _HOOK_FLAG = "_adamas_cache_hook"
-_LAYER_ATTRIBUTE = "_adamas_cache_layer"
 
 
 def settings_for(module: torch.nn.Module) -> AdamasConfig:
@@ -53,13 +53,16 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         layer = cache.layers[module.layer_idx]
         settings = settings_for(module)
         thresholds = settings.thresholds_for_layer(module.layer_idx)
+        layer_type = OnlineCalibratedLayer if settings.calibration == "online" else AdamasLayer
         plain = type(layer) is DynamicLayer
-        stale = isinstance(layer, AdamasLayer) and not layer.encodes_with(thresholds, settings.bits)
+        stale = isinstance(layer, AdamasLayer) and not (
+            type(layer) is layer_type and layer.encodes_with(thresholds, settings.bits)
+        )
         sparse_layer = module.layer_idx >= settings.dense_layers
         if sparse_layer and (plain or stale) and module.config._attn_implementation == ATTENTION_NAME:
-            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits)
+            layer = layer_type.from_layer(layer, thresholds, settings.bits)
             cache.layers[module.layer_idx] = layer
-    setattr(module, _LAYER_ATTRIBUTE, layer)
+    setattr(module, CACHE_LAYER_ATTRIBUTE, layer)
 
 
 def _prepare_module(module: torch.nn.Module, settings: AdamasConfig) -> None:
@@ -77,7 +80,7 @@ def _key_codes(
 
     The second case covers forwards without a cache, sliding-window and static caches.
     """
-    layer = getattr(module, _LAYER_ATTRIBUTE, None)
+    layer = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
     if (
         isinstance(layer, AdamasLayer)
         and layer.bits == bits

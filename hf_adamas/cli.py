@@ -11,15 +11,30 @@ from pathlib import Path
 
 import torch
 
-from hf_common.cli import COMMON_COMMANDS, Command, run_cli
+from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
 from hf_common.harness import eval_command
-from hf_common.reporting import markdown_table, plot_series, save_json
+from hf_common.outputs import claim_outputs
+from hf_common.reporting import command_line, markdown_table, plot_series, save_json
 
 DESCRIPTION = "Adamas sparse attention (arXiv 2510.18413) for transformers models."
 SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
-METHOD_NAMES = ("dense", "adamas", "adamas-calibrated", "streaming_llm", "quest")
+METHOD_NAMES = (
+    "dense",
+    "adamas",
+    "adamas-calibrated",
+    "asymmetric",
+    "asymmetric-calibrated",
+    "asymmetric-online",
+    "asymmetric-online-kvgroup",
+    "streaming_llm",
+    "quest",
+)
+"""Methods of passkey/ppl/bench. ``adamas*``: the paper's L1 rule; ``asymmetric*``: the
+``adamas_asymmetric`` selector. Suffixes: none = paper thresholds (centroids implied by them),
+``-calibrated`` = `calibrate_codes` on ``--calibration-text`` (offline), ``-online`` = each prompt's
+own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``)."""
 
 
 def _add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -44,7 +59,7 @@ def _add_method_arguments(
         "--calibration-text",
         type=Path,
         default=SHAKESPEARE,
-        help="Text for adamas-calibrated thresholds (its first 1024 tokens).",
+        help="Text for the -calibrated methods' thresholds and centroids (its first 1024 tokens).",
     )
     parser.add_argument(
         "--sink-tokens", type=int, default=4, help="Sink tokens of the streaming_llm baseline."
@@ -52,27 +67,29 @@ def _add_method_arguments(
 
 
 def _build_methods(args: argparse.Namespace, model, tokenizer) -> list:
-    """The (method, budget) grid of the arguments, dense first (it runs on the pristine cache)."""
-    from hf_adamas.calibration import calibrate_thresholds
+    """The (method, budget) grid of the arguments, in the order given (dense runs on the pristine cache)."""
+    from hf_adamas.calibration import calibrate_codes
     from hf_adamas.config import AdamasConfig
     from hf_adamas.evaluation import Method
 
     methods = [Method("dense")] if "dense" in args.methods else []
-    calibrated = None
-    if "adamas-calibrated" in args.methods:
-        calibrated = calibrate_thresholds(model, tokenizer, _read_text(args.calibration_text))
+    calibrated = {}
+    if any(name.endswith("-calibrated") for name in args.methods):
+        calibrated = calibrate_codes(model, tokenizer, _read_text(args.calibration_text))
     for name in args.methods:
+        if name == "dense":
+            continue
+        selector = {"streaming_llm": "streaming_llm", "quest": "quest"}.get(name, name.split("-")[0])
+        settings = {"selector": "adamas_asymmetric" if selector == "asymmetric" else selector}
+        settings["gqa_selection"] = "shared_per_kv_group" if name.endswith("-kvgroup") else args.gqa_selection
+        if name.endswith("-calibrated"):
+            settings |= {"thresholds": calibrated["thresholds"]}
+            settings |= {"centroids": calibrated["centroids"]} if selector == "asymmetric" else {}
+        if "-online" in name:
+            settings["calibration"] = "online"
         for budget in args.budgets:
-            common = {"token_budget": budget, "gqa_selection": args.gqa_selection}
-            if name == "adamas":
-                methods.append(Method(name, AdamasConfig(**common)))
-            elif name == "adamas-calibrated":
-                methods.append(Method(name, AdamasConfig(thresholds=calibrated, **common)))
-            elif name == "streaming_llm":
-                sinks = min(args.sink_tokens, budget - 1)
-                methods.append(Method(name, AdamasConfig(selector=name, sink_tokens=sinks, **common)))
-            elif name == "quest":
-                methods.append(Method(name, AdamasConfig(selector=name, **common)))
+            sinks = {"sink_tokens": min(args.sink_tokens, budget - 1)} if name == "streaming_llm" else {}
+            methods.append(Method(name, AdamasConfig(token_budget=budget, **settings, **sinks)))
     return methods
 
 
@@ -132,13 +149,17 @@ def _write_report(args, name: str, records: list[dict], value: str, title: str, 
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from hf_adamas.calibration import calibrate_thresholds
+    from hf_adamas.calibration import calibrate_codes
 
+    claim_outputs([args.output], getattr(args, "overwrite", False))
     model, tokenizer = load_model_and_tokenizer(args.model)
-    thresholds = calibrate_thresholds(model, tokenizer, _read_text(args.text), args.num_tokens, args.bits)
-    save_json(args.output, {"model": args.model, "bits": args.bits, "thresholds": thresholds})
-    print(json.dumps(thresholds[:3]), "...")
-    print(f"Saved per-layer thresholds to {args.output}; use AdamasConfig(thresholds=...).")
+    book = calibrate_codes(model, tokenizer, _read_text(args.text), args.num_tokens, args.bits)
+    save_json(args.output, {"model": args.model, "bits": args.bits, **book})
+    print(json.dumps(book["thresholds"][:3]), "...")
+    print(
+        f"Saved per-layer thresholds and per-head centroids to {args.output}; use "
+        "AdamasConfig(thresholds=..., centroids=...) (centroids: selector='adamas_asymmetric')."
+    )
     return 0
 
 
@@ -153,23 +174,72 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_passkey_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_adamas.bench.needle import NEEDLE_FORMATS, SPLITS
+
     _add_model_arguments(parser)
     _add_method_arguments(parser, [16, 32, 64, 128, 256, 512], METHOD_NAMES)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="Context lengths.")
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.6, 0.85], help="Key depths.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random pass keys.")
+    parser.add_argument(
+        "--haystack",
+        choices=["varied", "repeated"],
+        default="varied",
+        help="varied: sentences of Shakespeare, stdlib docstrings and GSM8K (hf_adamas.bench.needle); "
+        "repeated: the original test, one filler sentence repeated.",
+    )
+    parser.add_argument(
+        "--needle-formats", nargs="+", choices=sorted(NEEDLE_FORMATS), default=list(NEEDLE_FORMATS),
+        help="Needle formats, cycled over the trials (varied haystack; repeated uses the pass key).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+        help="Haystack splits (varied): tune on 'tuning' only, report 'heldout' next to it.",
+    )  # fmt: skip
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="Prompt lengths.")
+    parser.add_argument(
+        "--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="Needle depths, cycled."
+    )
+    parser.add_argument("--trials", type=int, default=30, help="Trials per split and length.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the prompts (numbers, names, haystacks)."
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep the records already in --output-dir and measure only the missing (trial, method) pairs.",
+    )
 
 
 def _run_passkey(args: argparse.Namespace) -> int:
-    from hf_adamas.evaluation import run_passkey
+    from hf_adamas.bench.passkey import append_records, passkey_trials, read_records, write_passkey_report
+    from hf_adamas.evaluation import method_key, run_passkey
 
+    if args.trials < 1 or any(length < 64 for length in args.lengths):
+        raise CommandError("--trials must be >= 1 and every --lengths value >= 64 tokens")
+    if any(not 0.0 <= depth <= 1.0 for depth in args.depths):
+        raise CommandError("--depths must lie within [0, 1]")
+    stem = "passkey" if args.haystack == "repeated" else "passkey_varied"
+    records_path = args.output_dir / f"{stem}_records.jsonl"
+    report = [args.output_dir / f"{stem}{suffix}" for suffix in (".json", ".md")]
+    claim_outputs([records_path, *report], getattr(args, "overwrite", False) or args.resume)
+    if not args.resume:
+        records_path.unlink(missing_ok=True)  # claimed above: this command's own file, --overwrite given
+    earlier = read_records(records_path)
     model, tokenizer = load_model_and_tokenizer(args.model)
     methods = _build_methods(args, model, tokenizer)
-    records = run_passkey(model, tokenizer, methods, args.lengths, args.depths, seed=args.seed)
-    for record in records:
-        record["accuracy"] = float(record["correct"])
-    title = f"Passkey retrieval, {Path(args.model).name}, {min(args.lengths)}-{max(args.lengths)} tokens"
-    _write_report(args, "passkey", records, "accuracy", title, log_x=True)
+    trials = passkey_trials(
+        tokenizer,
+        args.haystack,
+        args.lengths,
+        args.depths,
+        args.needle_formats,
+        args.trials,
+        args.splits,
+        args.seed,
+    )
+    done = frozenset((r["trial"], method_key(r["method"], r["budget"])) for r in earlier)
+    records = earlier + append_records(records_path, run_passkey(model, tokenizer, methods, trials, done))
+    write_passkey_report(
+        args.output_dir, stem, command_line("hf-adamas", args.argv), records, Path(args.model).name
+    )
     return 0
 
 
@@ -181,15 +251,32 @@ def _add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-tokens", type=int, default=256, help="Tokens decoded (and scored) one by one."
     )
+    parser.add_argument(
+        "--skip-tokens", type=int, default=0, help="Leading tokens of --text to skip (e.g. held-out text)."
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="Keep the methods already measured in --output-dir."
+    )
 
 
 def _run_ppl(args: argparse.Namespace) -> int:
-    from hf_adamas.evaluation import run_perplexity
+    from hf_adamas.bench.passkey import append_records, read_records
+    from hf_adamas.evaluation import method_key, run_perplexity
 
+    records_path = args.output_dir / "perplexity_records.jsonl"
+    report = [args.output_dir / f"perplexity{suffix}" for suffix in (".json", ".md", ".png")]
+    claim_outputs([records_path, *report], getattr(args, "overwrite", False) or args.resume)
+    if not args.resume:
+        records_path.unlink(missing_ok=True)  # claimed above: this command's own file, --overwrite given
+    earlier = read_records(records_path)
     model, tokenizer = load_model_and_tokenizer(args.model)
     methods = _build_methods(args, model, tokenizer)
-    input_ids = tokenizer(_read_text(args.text), return_tensors="pt").input_ids[:, : args.context]
-    records = run_perplexity(model, input_ids, methods, args.decode_tokens)
+    text_ids = tokenizer(_read_text(args.text), return_tensors="pt").input_ids
+    input_ids = text_ids[:, args.skip_tokens : args.skip_tokens + args.context]
+    done = frozenset(method_key(r["method"], r["budget"]) for r in earlier)
+    records = earlier + append_records(
+        records_path, run_perplexity(model, input_ids, methods, args.decode_tokens, done)
+    )
     title = f"Perplexity of the last {args.decode_tokens} of {input_ids.shape[1]} tokens, {args.text.name}"
     _write_report(args, "perplexity", records, "perplexity", title, log_x=True)
     return 0

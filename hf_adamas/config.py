@@ -21,8 +21,9 @@ CONFIG_ATTRIBUTE = "adamas_config"
 PAPER_THRESHOLDS = {2: (-10.0, 0.0, 10.0), 1: (0.0,)}
 """Fixed bucket edges of the official code (tuned on Llama-2 activations), per code width."""
 
-Selector = Literal["adamas", "streaming_llm", "quest"]
+Selector = Literal["adamas", "adamas_asymmetric", "streaming_llm", "quest"]
 GqaSelection = Literal["per_query_head", "shared_per_kv_group"]
+Calibration = Literal["fixed", "online"]
 
 
 @dataclass
@@ -53,11 +54,23 @@ class AdamasConfig:
         recent_tokens (`int`, *optional*, defaults to `0`):
             Most recent tokens always kept, besides the current one (the paper forces none).
         selector (`str`, *optional*, defaults to `"adamas"`):
-            Which rule picks the keys: ``"adamas"``; or the baselines ``"streaming_llm"``
+            Which rule picks the keys: ``"adamas"`` (the paper's L1 distance between query and key
+            codes); ``"adamas_asymmetric"`` (the query's full-precision Hadamard values dotted with
+            each key code's bucket centroids, largest first; same key codes and memory, see
+            `hf_adamas.selection`); or the baselines ``"streaming_llm"``
             (``sink_tokens`` sinks plus the most recent tokens) and ``"quest"`` (pages of
             ``quest_page_size`` tokens scored by per-channel key min/max), run through the same code.
         quest_page_size (`int`, *optional*, defaults to `16`):
             Page size of the Quest baseline.
+        calibration (`str`, *optional*, defaults to `"fixed"`):
+            Where the code book (thresholds, and centroids for ``"adamas_asymmetric"``) comes from:
+            ``"fixed"`` uses ``thresholds`` and ``centroids`` as given (the paper's, or those of
+            ``hf-adamas calibrate``); ``"online"`` computes them per layer from each prompt's own
+            prefill keys (quartile thresholds, bucket means) when its code cache is filled.
+        centroids (`list[list[list[float]]]`, *optional*):
+            For ``"adamas_asymmetric"`` with ``calibration="fixed"``: per layer, per KV head, the
+            ``2**bits`` bucket means of the Hadamard key values (what `calibrate_codes` produces).
+            None derives them from the thresholds (see `hf_adamas.calibration.threshold_centroids`).
     """
 
     token_budget: int = field(default=256, metadata={"help": "Keys attended per head and decode step."})
@@ -73,6 +86,13 @@ class AdamasConfig:
     recent_tokens: int = field(default=0, metadata={"help": "Recent tokens always kept."})
     selector: Selector = field(default="adamas", metadata={"help": "adamas, streaming_llm or quest."})
     quest_page_size: int = field(default=16, metadata={"help": "Page size of the Quest baseline."})
+    calibration: Calibration = field(
+        default="fixed",
+        metadata={"help": "fixed (thresholds/centroids given) or online (from each prefill)."},
+    )
+    centroids: list[list[list[float]]] | None = field(
+        default=None, metadata={"help": "Per layer, per KV head bucket means; None derives them."}
+    )
 
     def __post_init__(self) -> None:
         _check_int("token_budget", self.token_budget, minimum=1)
@@ -84,6 +104,9 @@ class AdamasConfig:
             raise ValueError(f"AdamasConfig.bits must be 1 or 2, got {self.bits!r}.")
         _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
         _check_choice("selector", self.selector, Selector)
+        _check_choice("calibration", self.calibration, Calibration)
+        if self.centroids is not None:
+            self.centroids = _check_centroids(self.centroids, self.bits)
         if self.thresholds is None:
             self.thresholds = list(PAPER_THRESHOLDS[self.bits])
         per_layer = self.thresholds and isinstance(self.thresholds[0], list | tuple)
@@ -92,7 +115,7 @@ class AdamasConfig:
         if not per_layer:
             self.thresholds = self.thresholds[0]
         forced = self.sink_tokens + self.recent_tokens + 1
-        if self.selector == "adamas" and forced > self.token_budget:
+        if forced > self.token_budget:  # every selector keeps these
             raise ValueError(
                 f"sink_tokens + recent_tokens + 1 (the current token) = {forced} exceeds "
                 f"token_budget={self.token_budget}; raise the budget or keep fewer forced tokens."
@@ -152,6 +175,16 @@ def _check_thresholds(row: Any, bits: int) -> list[float]:
     return row
 
 
+def _check_centroids(layers: Any, bits: int) -> list[list[list[float]]]:
+    levels = 2**bits
+    rows = [[[float(c) for c in head] for head in layer] for layer in layers]
+    for layer in rows:
+        for head in layer:
+            if len(head) != levels or any(not math.isfinite(c) for c in head):
+                raise ValueError(f"{bits}-bit codes need {levels} finite centroids per KV head, got {head}.")
+    return rows
+
+
 def check_model_config(config: PretrainedConfig, adamas_config: AdamasConfig, model_name: str) -> None:
     """Raise a `ValueError` naming the model when Adamas cannot run on it."""
     text_config = config.get_text_config(decoder=True)
@@ -173,4 +206,11 @@ def check_model_config(config: PretrainedConfig, adamas_config: AdamasConfig, mo
         raise ValueError(
             f"AdamasConfig has per-layer thresholds for {len(adamas_config.thresholds)} layers, "
             f"but {model_name} has {layers}; recalibrate for this model."
+        )
+    centroids = adamas_config.centroids
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    if centroids is not None and (len(centroids) != layers or any(len(c) != kv_heads for c in centroids)):
+        raise ValueError(
+            f"AdamasConfig.centroids has {len(centroids)} layers of {[len(c) for c in centroids][:1]} KV "
+            f"heads, but {model_name} has {layers} layers of {kv_heads}; recalibrate for this model."
         )
