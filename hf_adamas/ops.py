@@ -74,6 +74,8 @@ def centroid_scores(
     query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int, shared_per_kv_group: bool
 ) -> torch.Tensor:
     """Asymmetric query-vs-code scores, float32 ``[B, Hq or Hkv, S]``; see :func:`reference.centroid_scores`."""
+    if _use_triton(k_codes):
+        return _kernels().centroid_scores_triton(query, k_codes, centroids, bits, shared_per_kv_group)
     return reference.centroid_scores(query, k_codes, centroids, bits, shared_per_kv_group)
 
 

@@ -40,6 +40,7 @@ from hf_adamas._validation import (
 __all__ = [
     "byte_table_sum",
     "centroid_scores",
+    "centroid_table",
     "code_distance",
     "hadamard_codes",
     "hadamard_matrix",
@@ -153,13 +154,23 @@ def centroid_scores(
     byte's value and position, so the query becomes a table ``[P, 256]`` per query head (a float
     lookup table of the same shape as the L1 one) summed with one ``embedding_bag``.
     """
+    return byte_table_sum(centroid_table(query, k_codes, centroids, bits), k_codes, shared_per_kv_group)
+
+
+def centroid_table(
+    query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The query's float lookup table ``[B, Hkv, G, P, 256]`` of :func:`centroid_scores`.
+
+    Entry ``[b, h, g, p, v]`` is ``Σ_m q̂[b, h * G + g, p * (8 // bits) + m] · centroids[h, code m of v]``:
+    what a key byte of value ``v`` at byte position ``p`` adds to the score.
+    """
     group = check_centroid_score_inputs(query, k_codes, centroids, bits)
     bsz, num_kv_heads, _, packed = k_codes.shape
     q_hat = query.float() @ hadamard_matrix(query.shape[-1], query.device)
     q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
     byte_values = centroids.float().to(k_codes.device)[:, _byte_codes(bits, k_codes.device).long()]
-    table = (q_hat * byte_values[None, :, None, None]).sum(-1)  # [B, Hkv, G, P, 256]
-    return byte_table_sum(table, k_codes, shared_per_kv_group)
+    return (q_hat * byte_values[None, :, None, None]).sum(-1)
 
 
 def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_group: bool) -> torch.Tensor:

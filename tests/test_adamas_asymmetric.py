@@ -44,20 +44,30 @@ def _inputs(seed=0, bits=2, length=29):
     return query, key, thresholds, centroids
 
 
+try:
+    from hf_adamas.kernels import centroid_scores_triton
+
+    IMPLEMENTATIONS = [centroid_scores, pytest.param(centroid_scores_triton, id="triton")]
+except ImportError:  # no triton wheel for this platform: the reference alone
+    IMPLEMENTATIONS = [centroid_scores]
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("bits", [1, 2])
 @pytest.mark.parametrize("shared", [False, True])
-def test_centroid_scores_match_the_definition(bits: int, shared: bool) -> None:
+def test_centroid_scores_match_the_definition(implementation, bits: int, shared: bool) -> None:
+    """The LUT scoring (PyTorch, and the Triton kernel under TRITON_INTERPRET=1) against the loop."""
     query, key, thresholds, centroids = _inputs(bits=bits)
     k_codes = hadamard_codes(key, thresholds, bits)
     expected = spec_scores(query, k_codes, centroids, bits, shared)
     torch.testing.assert_close(
-        centroid_scores(query, k_codes, centroids, bits, shared), expected, atol=1e-4, rtol=1e-5
+        implementation(query, k_codes, centroids, bits, shared), expected, atol=1e-4, rtol=1e-5
     )
     # the filled prefix of a preallocated cache is a strided view: read in place, same result
     buffer = torch.zeros(2, 2, 40, k_codes.shape[-1], dtype=torch.uint8)
     buffer[:, :, :29] = k_codes
     torch.testing.assert_close(
-        centroid_scores(query, buffer[:, :, :29], centroids, bits, shared), expected, atol=1e-4, rtol=1e-5
+        implementation(query, buffer[:, :, :29], centroids, bits, shared), expected, atol=1e-4, rtol=1e-5
     )
 
 
