@@ -206,10 +206,38 @@ def _add_passkey_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="Keep the records already in --output-dir and measure only the missing (trial, method) pairs.",
     )
+    _add_report_only_argument(parser)
+
+
+def _add_report_only_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Measure nothing: rebuild the JSON/Markdown/PNG summary from the records in --output-dir.",
+    )
+
+
+def _earlier_records(args: argparse.Namespace, records_path: Path, report: list[Path]) -> list[dict]:
+    """Claim the records file and the summary; the records kept (``--resume``, ``--report-only``) or none.
+
+    Without either flag an existing records file is an error unless ``--overwrite`` (then it is
+    replaced: it is this command's own file); the summary is rebuilt from the records every time.
+    """
+    from hf_adamas.bench.passkey import read_records
+
+    keep = args.resume or args.report_only
+    if args.report_only and not records_path.is_file():
+        raise CommandError(
+            f"--report-only needs the records of an earlier run, {records_path} does not exist"
+        )
+    claim_outputs(report if keep else [records_path, *report], getattr(args, "overwrite", False) or keep)
+    if not keep:
+        records_path.unlink(missing_ok=True)
+    return read_records(records_path)
 
 
 def _run_passkey(args: argparse.Namespace) -> int:
-    from hf_adamas.bench.passkey import append_records, passkey_trials, read_records, write_passkey_report
+    from hf_adamas.bench.passkey import append_records, passkey_trials, write_passkey_report
     from hf_adamas.evaluation import method_key, run_passkey
 
     if args.trials < 1 or any(length < 64 for length in args.lengths):
@@ -218,11 +246,17 @@ def _run_passkey(args: argparse.Namespace) -> int:
         raise CommandError("--depths must lie within [0, 1]")
     stem = "passkey" if args.haystack == "repeated" else "passkey_varied"
     records_path = args.output_dir / f"{stem}_records.jsonl"
-    report = [args.output_dir / f"{stem}{suffix}" for suffix in (".json", ".md")]
-    claim_outputs([records_path, *report], getattr(args, "overwrite", False) or args.resume)
-    if not args.resume:
-        records_path.unlink(missing_ok=True)  # claimed above: this command's own file, --overwrite given
-    earlier = read_records(records_path)
+    splits = args.splits if args.haystack == "varied" else ["repeated"]
+    report = [
+        args.output_dir / name
+        for name in (f"{stem}.json", f"{stem}.md", *(f"{stem}_{s}.png" for s in splits))
+    ]
+    earlier = _earlier_records(args, records_path, report)
+    if args.report_only:
+        write_passkey_report(
+            args.output_dir, stem, command_line("hf-adamas", args.argv), earlier, Path(args.model).name
+        )
+        return 0
     model, tokenizer = load_model_and_tokenizer(args.model)
     methods = _build_methods(args, model, tokenizer)
     trials = passkey_trials(
@@ -257,18 +291,21 @@ def _add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--resume", action="store_true", help="Keep the methods already measured in --output-dir."
     )
+    _add_report_only_argument(parser)
 
 
 def _run_ppl(args: argparse.Namespace) -> int:
-    from hf_adamas.bench.passkey import append_records, read_records
+    from hf_adamas.bench.passkey import append_records
     from hf_adamas.evaluation import method_key, run_perplexity
 
     records_path = args.output_dir / "perplexity_records.jsonl"
     report = [args.output_dir / f"perplexity{suffix}" for suffix in (".json", ".md", ".png")]
-    claim_outputs([records_path, *report], getattr(args, "overwrite", False) or args.resume)
-    if not args.resume:
-        records_path.unlink(missing_ok=True)  # claimed above: this command's own file, --overwrite given
-    earlier = read_records(records_path)
+    earlier = _earlier_records(args, records_path, report)
+    if args.report_only:
+        _write_report(
+            args, "perplexity", earlier, "perplexity", "Perplexity (records of earlier runs)", log_x=True
+        )
+        return 0
     model, tokenizer = load_model_and_tokenizer(args.model)
     methods = _build_methods(args, model, tokenizer)
     text_ids = tokenizer(_read_text(args.text), return_tensors="pt").input_ids

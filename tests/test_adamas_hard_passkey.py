@@ -108,6 +108,9 @@ def test_passkey_command_resumes_and_refuses_to_replace_records(tmp_path: Path, 
     summary = json.loads((out / "passkey_varied.json").read_text())
     assert summary["command"].startswith("hf-adamas passkey") and len(summary["records"]) == 9
     assert (out / "passkey_varied_heldout.png").is_file()
+    assert adamas_main([*argv, "--report-only"]) == 0  # rebuilds the summary, measures nothing
+    assert read_records(out / "passkey_varied_records.jsonl") == records
+    assert adamas_main([*argv, "--report-only", "--output-dir", str(tmp_path / "empty")]) == 2
 
 
 def test_passkey_command_checks_arguments_before_loading(tmp_path: Path) -> None:
