@@ -100,9 +100,10 @@ def needle_prompt(
     split: Split = "heldout",
     data_dir: str | None = None,
 ) -> PasskeyTrial:
-    """A prompt of exactly ``length`` tokens: varied haystack, the needle at ``depth``, the question.
+    """A prompt of at most ``length`` tokens: varied haystack, the needle at ``depth``, the question.
 
-    The number, the name of the ``"secret"`` format and the haystack sentences are drawn from
+    The haystack is whole sentences, the first that would overflow ``length`` ending it (so a prompt
+    is shorter by less than one sentence, at most about 100 tokens). The number, the name of the ``"secret"`` format and the haystack sentences are drawn from
     ``rng`` (each sentence: a source uniformly at random, then one of its sentences).
     """
     if needle_format not in NEEDLE_FORMATS:
@@ -120,15 +121,16 @@ def needle_prompt(
     pools = [pool for pool in sentence_pools(split, data_dir).values() if pool]
     haystack: list[list[int]] = []
     filled = 0
-    while filled < room:
+    while True:  # whole sentences only: the question must not follow a sentence cut in half
         sentence = encode(" " + rng.choice(rng.choice(pools)))
+        if filled + len(sentence) > room:
+            break
         haystack.append(sentence)
         filled += len(sentence)
-    haystack[-1] = haystack[-1][: len(haystack[-1]) - (filled - room)]
     boundaries = [0]
     for sentence in haystack:
         boundaries.append(boundaries[-1] + len(sentence))
-    cut = min(range(len(haystack) + 1), key=lambda i: abs(boundaries[i] - depth * room))
+    cut = min(range(len(haystack) + 1), key=lambda i: abs(boundaries[i] - depth * filled))
     before = [t for sentence in haystack[:cut] for t in sentence]
     after = [t for sentence in haystack[cut:] for t in sentence]
     ids = before + needle_ids + after + question_ids
