@@ -43,6 +43,7 @@ def threshold_centroids(thresholds: torch.Tensor, kv_heads: int) -> torch.Tensor
     return values.expand(kv_heads, -1).contiguous()
 
 
+@torch.no_grad()
 def code_book(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Quantile thresholds and per-head bucket means of the Hadamard-transformed ``keys``.
 

@@ -85,8 +85,7 @@ def _build_methods(args: argparse.Namespace, model, tokenizer) -> list:
         if name.endswith("-calibrated"):
             settings |= {"thresholds": calibrated["thresholds"]}
             settings |= {"centroids": calibrated["centroids"]} if selector == "asymmetric" else {}
-        if "-online" in name:
-            settings["calibration"] = "online"
+        settings["calibration"] = "online" if "-online" in name else "fixed"
         for budget in args.budgets:
             sinks = {"sink_tokens": min(args.sink_tokens, budget - 1)} if name == "streaming_llm" else {}
             methods.append(Method(name, AdamasConfig(token_budget=budget, **settings, **sinks)))

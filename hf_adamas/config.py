@@ -31,9 +31,14 @@ class AdamasConfig:
     """Configuration of Adamas sparse attention ([arXiv 2510.18413](https://arxiv.org/abs/2510.18413)).
 
     During decoding (one query token), each layer past the first ``dense_layers`` keeps, per head,
-    the ``token_budget`` keys whose 2-bit Hadamard codes are closest (Manhattan distance) to the
-    query's code, and runs exact attention over just those. Prefill, the dense layers, and steps
-    whose cache is not longer than the budget use ordinary (sdpa) attention.
+    the ``token_budget`` keys ranked best by their 2-bit Hadamard codes, and runs exact attention
+    over just those. By default the ranking is the query's Hadamard values against each key code's
+    bucket centroids, with thresholds and centroids from each prompt's own prefill keys
+    (``selector="adamas_asymmetric"``, ``calibration="online"``), which beat the paper's rule on the
+    harder passkey test and on perplexity (``results/adamas/hard/``); the paper's rule is
+    ``selector="adamas", calibration="fixed"`` (Manhattan distance between query and key codes,
+    thresholds ``[-10, 0, 10]``). Prefill, the dense layers, and steps whose cache is not longer
+    than the budget use ordinary (sdpa) attention.
 
     Args:
         token_budget (`int`, *optional*, defaults to `256`):
@@ -44,7 +49,8 @@ class AdamasConfig:
             Code width per dimension: 2 (paper) or 1 (sign only).
         thresholds (`list[float]` or `list[list[float]]`, *optional*, defaults to the paper's `[-10, 0, 10]`):
             Increasing bucket edges on the orthonormal Hadamard values, ``2**bits - 1`` of them; either
-            one list for all layers or one list per layer (what `calibrate_thresholds` produces).
+            one list for all layers or one list per layer (what `calibrate_codes` produces); used with
+            ``calibration="fixed"``.
         gqa_selection (`str`, *optional*, defaults to `"per_query_head"`):
             With grouped-query attention, ``"per_query_head"`` lets each query head choose its own
             keys (the paper's evaluation path); ``"shared_per_kv_group"`` sums the distances of the
@@ -53,7 +59,7 @@ class AdamasConfig:
             Leading tokens always kept (the paper forces none).
         recent_tokens (`int`, *optional*, defaults to `0`):
             Most recent tokens always kept, besides the current one (the paper forces none).
-        selector (`str`, *optional*, defaults to `"adamas"`):
+        selector (`str`, *optional*, defaults to `"adamas_asymmetric"`):
             Which rule picks the keys: ``"adamas"`` (the paper's L1 distance between query and key
             codes); ``"adamas_asymmetric"`` (the query's full-precision Hadamard values dotted with
             each key code's bucket centroids, largest first; same key codes and memory, see
@@ -62,11 +68,13 @@ class AdamasConfig:
             ``quest_page_size`` tokens scored by per-channel key min/max), run through the same code.
         quest_page_size (`int`, *optional*, defaults to `16`):
             Page size of the Quest baseline.
-        calibration (`str`, *optional*, defaults to `"fixed"`):
+        calibration (`str`, *optional*):
             Where the code book (thresholds, and centroids for ``"adamas_asymmetric"``) comes from:
             ``"fixed"`` uses ``thresholds`` and ``centroids`` as given (the paper's, or those of
             ``hf-adamas calibrate``); ``"online"`` computes them per layer from each prompt's own
-            prefill keys (quartile thresholds, bucket means) when its code cache is filled.
+            prefill keys (quartile thresholds, bucket means) when its code cache is filled, ignoring
+            ``thresholds``/``centroids``. Defaults to ``"fixed"`` when ``thresholds`` or ``centroids``
+            are given (also for configs saved before this option existed), else ``"online"``.
         centroids (`list[list[list[float]]]`, *optional*):
             For ``"adamas_asymmetric"`` with ``calibration="fixed"``: per layer, per KV head, the
             ``2**bits`` bucket means of the Hadamard key values (what `calibrate_codes` produces).
@@ -84,10 +92,12 @@ class AdamasConfig:
     )
     sink_tokens: int = field(default=0, metadata={"help": "Leading tokens always kept."})
     recent_tokens: int = field(default=0, metadata={"help": "Recent tokens always kept."})
-    selector: Selector = field(default="adamas", metadata={"help": "adamas, streaming_llm or quest."})
+    selector: Selector = field(
+        default="adamas_asymmetric", metadata={"help": "adamas_asymmetric, adamas, streaming_llm or quest."}
+    )
     quest_page_size: int = field(default=16, metadata={"help": "Page size of the Quest baseline."})
-    calibration: Calibration = field(
-        default="fixed",
+    calibration: Calibration | None = field(
+        default=None,
         metadata={"help": "fixed (thresholds/centroids given) or online (from each prefill)."},
     )
     centroids: list[list[list[float]]] | None = field(
@@ -104,6 +114,9 @@ class AdamasConfig:
             raise ValueError(f"AdamasConfig.bits must be 1 or 2, got {self.bits!r}.")
         _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
         _check_choice("selector", self.selector, Selector)
+        if self.calibration is None:
+            given = self.thresholds is not None or self.centroids is not None
+            self.calibration = "fixed" if given else "online"
         _check_choice("calibration", self.calibration, Calibration)
         if self.centroids is not None:
             self.centroids = _check_centroids(self.centroids, self.bits)

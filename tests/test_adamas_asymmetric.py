@@ -204,3 +204,17 @@ def test_bad_centroids_and_calibration_are_named() -> None:
         ).calibration
         == "online"
     )
+
+
+def test_default_is_asymmetric_with_online_calibration_and_given_code_books_stay_fixed() -> None:
+    """The default was chosen on the harder passkey and perplexity (results/adamas/hard/README.md)."""
+    default = AdamasConfig()
+    assert (default.selector, default.calibration) == ("adamas_asymmetric", "online")
+    assert AdamasConfig(thresholds=[-1.0, 0.0, 1.0]).calibration == "fixed"
+    saved_before_the_option = {
+        k: v for k, v in AdamasConfig(selector="adamas").to_dict().items() if k != "calibration"
+    }
+    assert (
+        AdamasConfig.from_dict(saved_before_the_option).calibration == "fixed"
+    )  # the paper's thresholds kept
+    assert AdamasConfig.from_dict(default.to_dict()).calibration == "online"
