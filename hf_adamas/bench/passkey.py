@@ -76,17 +76,22 @@ def append_records(path: Path, records: Iterable[dict]) -> list[dict]:
     return written
 
 
+def _target_length(record: dict) -> int:
+    """The ``--lengths`` value of a record's trial (its id is ``split/length/index``; prompts may be shorter)."""
+    return int(record["trial"].split("/")[1])
+
+
 def _accuracy_table(records: list[dict]) -> tuple[list[dict], list[str]]:
-    """Rows (method, budget) with ``k/n`` per length and overall accuracy, per split."""
+    """Rows (method, budget) with ``k/n`` per target length and overall accuracy, per split."""
     counts: dict[tuple, list[int]] = defaultdict(lambda: [0, 0])
     splits = sorted({r.get("split", "repeated") for r in records}, key=lambda s: (s != "tuning", s))
-    lengths = sorted({r["length"] for r in records})
+    lengths = sorted({_target_length(r) for r in records})
     order: list[tuple] = []
     for record in records:
         method = (record["method"], record["budget"] if record["budget"] is not None else "-")
         if method not in order:
             order.append(method)
-        for length in (record["length"], "all"):
+        for length in (_target_length(record), "all"):
             cell = counts[method, record.get("split", "repeated"), length]
             cell[0] += int(record["correct"])
             cell[1] += 1
@@ -129,9 +134,9 @@ def write_passkey_report(
 ) -> list[Path]:
     """``stem.json`` / ``stem.md`` (accuracy per split and length) and one ``stem_<split>.png`` per split."""
     rows, columns = _accuracy_table(records)
-    lengths = sorted({r["length"] for r in records})
+    lengths = sorted({_target_length(r) for r in records})
     body = (
-        f"Model {model}; {len(records)} (trial, method) records, contexts of {lengths} tokens. A cell "
+        f"Model {model}; {len(records)} (trial, method) records, prompts of at most {lengths} tokens. A cell "
         "`k/n` counts the trials whose greedy answer starts with the needle's number.\n\n"
         + markdown_table(rows, columns)
     )
