@@ -61,6 +61,7 @@ def hadamard_matrix(dim: int, device: torch.device | str | None = None, dtype=to
 
 
 @functools.lru_cache(maxsize=32)
+@torch.inference_mode(False)  # cached: an inference tensor would break later autograd-tracked forwards
 def _hadamard_matrix(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < dim:
@@ -98,6 +99,7 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
 
 
 @functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached, as the Hadamard matrix
 def _byte_codes(bits: int, device: torch.device) -> torch.Tensor:
     """The codes packed in each byte value, as float32 ``[256, 8 // bits]``."""
     return unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).float()
