@@ -12,6 +12,8 @@ import torch
 __all__ = [
     "check_attention_inputs",
     "check_bits",
+    "check_centroid_score_inputs",
+    "check_centroid_values",
     "check_code_distance_inputs",
     "check_head_dim",
     "check_threshold_values",
@@ -104,3 +106,41 @@ def check_attention_inputs(
     if indices.dtype != torch.int64:
         raise ValueError(f"indices must be int64 (as returned by select_topk), got {indices.dtype}")
     return num_q_heads // key.shape[1]
+
+
+def check_centroid_score_inputs(
+    query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int
+) -> int:
+    """Validate a float query ``[B, Hq, D]``, packed key codes and ``[Hkv, 2**bits]`` centroids; return G."""
+    check_bits(bits)
+    if (
+        not query.is_floating_point()
+        or query.dim() != 3
+        or k_codes.dtype != torch.uint8
+        or k_codes.dim() != 4
+    ):
+        raise ValueError(
+            "expected a float query [B, Hq, D] (one decode token) and packed uint8 k_codes [B, Hkv, S, P], "
+            f"got {query.dtype} {tuple(query.shape)} and {k_codes.dtype} {tuple(k_codes.shape)}"
+        )
+    (bsz, num_q_heads, head_dim), (k_bsz, num_kv_heads, _, packed) = query.shape, k_codes.shape
+    if bsz != k_bsz or head_dim * bits != packed * 8 or num_q_heads % num_kv_heads:
+        raise ValueError(
+            f"query [B, Hq, D] and k_codes [B, Hkv, S, D * {bits} / 8] must agree on B and D, with Hq a "
+            f"multiple of Hkv; got {tuple(query.shape)} and {tuple(k_codes.shape)}"
+        )
+    if tuple(centroids.shape) != (num_kv_heads, 2**bits):
+        raise ValueError(
+            f"centroids must be [Hkv, 2**bits] = {[num_kv_heads, 2**bits]}, got {list(centroids.shape)}"
+        )
+    return num_q_heads // num_kv_heads
+
+
+def check_centroid_values(layers: Sequence, bits: int) -> list[list[list[float]]]:
+    levels = 2**bits
+    rows = [[[float(c) for c in head] for head in layer] for layer in layers]
+    for layer in rows:
+        for head in layer:
+            if len(head) != levels or any(not math.isfinite(c) for c in head):
+                raise ValueError(f"{bits}-bit codes need {levels} finite centroids per KV head, got {head}.")
+    return rows

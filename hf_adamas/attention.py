@@ -20,8 +20,9 @@ from transformers.utils import logging
 
 from hf_adamas import ops
 from hf_adamas.cache import CAPACITY_ATTRIBUTE, AdamasLayer
+from hf_adamas.calibration import OnlineCalibratedLayer
 from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
-from hf_adamas.selection import SELECTORS
+from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS
 from hf_common.compat import CACHE_ARGUMENT
 
 logger = logging.get_logger(__name__)
@@ -29,7 +30,6 @@ logger = logging.get_logger(__name__)
 ATTENTION_NAME = "adamas"
 
 _HOOK_FLAG = "_adamas_cache_hook"
-_LAYER_ATTRIBUTE = "_adamas_cache_layer"
 
 
 def settings_for(module: torch.nn.Module) -> AdamasConfig:
@@ -61,16 +61,19 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         layer = cache.layers[module.layer_idx]
         settings = settings_for(module)
         thresholds = settings.thresholds_for_layer(module.layer_idx)
+        layer_type = OnlineCalibratedLayer if settings.calibration == "online" else AdamasLayer
         plain = type(layer) is DynamicLayer
-        stale = isinstance(layer, AdamasLayer) and not layer.encodes_with(thresholds, settings.bits)
+        stale = isinstance(layer, AdamasLayer) and not (
+            type(layer) is layer_type and layer.encodes_with(thresholds, settings.bits)
+        )
         sparse_layer = module.layer_idx >= settings.dense_layers
         capacity = getattr(cache, CAPACITY_ATTRIBUTE, None)
         if sparse_layer and (plain or stale) and module.config._attn_implementation == ATTENTION_NAME:
-            layer = AdamasLayer.from_layer(layer, thresholds, settings.bits, capacity)
+            layer = layer_type.from_layer(layer, thresholds, settings.bits, capacity)
             cache.layers[module.layer_idx] = layer
         elif isinstance(layer, AdamasLayer) and capacity is not None:
             layer.capacity = capacity
-    setattr(module, _LAYER_ATTRIBUTE, layer)
+    setattr(module, CACHE_LAYER_ATTRIBUTE, layer)
 
 
 def _prepare_module(module: torch.nn.Module) -> None:
@@ -89,7 +92,7 @@ def _key_codes(
     user's own layer type): every sparse layer then re-encodes its whole cache at every step, which
     is correct but costs about as much as the estimate itself, so it is said once.
     """
-    layer = getattr(module, _LAYER_ATTRIBUTE, None)
+    layer = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
     if (
         isinstance(layer, AdamasLayer)
         and layer.bits == bits

@@ -1,11 +1,19 @@
-"""Thresholds from a model's own key statistics.
+"""Code books from a model's own key statistics: bucket thresholds, and bucket centroids.
 
 The paper's fixed edges (-10, 0, 10) were tuned on Llama-2 activations. On SmolLM2-135M the
 orthonormal Hadamard values of post-RoPE keys stay within about +-5 (see
 ``../shared/reference/adamas.md``), so every code is 1 or 2 and the 2-bit code degenerates into a
-sign bit. Calibration runs one dense forward pass over sample text, reads the post-RoPE keys from
-the KV cache, and puts each layer's edges at the quartiles of its transformed key values
-(the median for 1-bit codes), so the codes use all their levels.
+sign bit. A code book puts each layer's edges at the quartiles of its transformed key values (the
+median for 1-bit codes), so the codes use all their levels, and records each bucket's mean value
+per KV head (its centroid), which the ``"adamas_asymmetric"`` selector dots with the query.
+
+Two ways to get one, both from the same `code_book` statistics:
+
+- offline: `calibrate_codes` runs one dense forward pass over sample text (``hf-adamas calibrate``)
+  and returns per-layer thresholds and per-layer, per-head centroids for `AdamasConfig`;
+- online: ``AdamasConfig(calibration="online")`` makes each sparse layer's cache an
+  `OnlineCalibratedLayer`, which computes the code book from the first keys it stores, i.e. the
+  prompt's own prefill, before encoding them.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas._validation import check_bits
+from hf_adamas.cache import AdamasLayer
 from hf_adamas.reference import hadamard_matrix
 from hf_common.compat import cache_kwargs
 
@@ -36,15 +45,61 @@ def subsample_rows(transformed: torch.Tensor, limit: int = QUANTILE_INPUT_LIMIT)
     return rows[:: max(1, -(-rows.numel() // limit))]
 
 
+def threshold_centroids(thresholds: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """Centroids implied by the thresholds alone, ``[kv_heads, 2**bits]`` float32.
+
+    Inner buckets get their midpoint; the two outer buckets sit half a bucket beyond their edge,
+    the width being the mean inner width (1 with a single edge). Used when no measured centroids
+    are given, e.g. with the paper's thresholds.
+    """
+    edges = thresholds.float().cpu()
+    width = float((edges[-1] - edges[0]) / (len(edges) - 1)) if len(edges) > 1 else 1.0
+    inner = (edges[1:] + edges[:-1]) / 2
+    values = torch.cat([edges[:1] - width / 2, inner, edges[-1:] + width / 2])
+    return values.expand(kv_heads, -1).contiguous()
+
+
+@torch.no_grad()
+def code_book(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantile thresholds and per-head bucket means of the Hadamard-transformed ``keys``.
+
+    Args:
+        keys: post-RoPE keys ``[batch, kv_heads, seq, head_dim]`` (rows of a batch are pooled).
+        bits: code width, 1 or 2.
+
+    Returns:
+        ``(thresholds, centroids)``: float32 CPU ``[2**bits - 1]`` edges at the ``1/4, 2/4, 3/4``
+        quantiles (the median for 1 bit), and float32 ``[kv_heads, 2**bits]`` on the keys' device,
+        the mean transformed value of each bucket per KV head (the implied centroid for a bucket
+        that no value of a head falls in).
+    """
+    check_bits(bits)
+    levels = 2**bits
+    kv_heads = keys.shape[1]
+    transformed = keys.float() @ hadamard_matrix(keys.shape[-1], keys.device)
+    values = transformed.transpose(0, 1).reshape(kv_heads, -1)
+    sample = subsample_rows(transformed).flatten()
+    quantiles = torch.arange(1, levels, dtype=torch.float32, device=keys.device) / levels
+    thresholds = torch.quantile(sample, quantiles).cpu()
+    if bool((thresholds[1:] <= thresholds[:-1]).any()):  # degenerate keys: fall back to spread edges
+        thresholds = thresholds[0] + torch.arange(levels - 1, dtype=torch.float32) * 1e-3
+    codes = torch.bucketize(values, thresholds.to(keys.device))  # number of edges strictly below
+    sums = torch.zeros(kv_heads, levels, device=keys.device).scatter_add_(1, codes, values)
+    counts = torch.zeros(kv_heads, levels, device=keys.device).scatter_add_(1, codes, torch.ones_like(values))
+    implied = threshold_centroids(thresholds, kv_heads).to(keys.device)
+    centroids = torch.where(counts > 0, sums / counts.clamp(min=1), implied)
+    return thresholds, centroids
+
+
 @torch.inference_mode()
-def calibrate_thresholds(
+def calibrate_codes(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     text: str,
     num_tokens: int = 1024,
     bits: int = 2,
-) -> list[list[float]]:
-    """Per-layer bucket edges at the quantiles of the Hadamard-transformed keys of ``text``.
+) -> dict[str, list]:
+    """Per-layer thresholds and per-layer, per-head centroids from the keys of ``text`` (offline).
 
     Args:
         model: a causal LM whose attention layers fill a `DynamicCache`.
@@ -54,7 +109,8 @@ def calibrate_thresholds(
         bits: 2 (edges at the 25/50/75% quantiles) or 1 (the median).
 
     Returns:
-        One increasing list of ``2**bits - 1`` edges per layer, ready for ``AdamasConfig(thresholds=...)``.
+        ``{"thresholds": [layers][2**bits - 1], "centroids": [layers][kv_heads][2**bits]}``, ready
+        for ``AdamasConfig(thresholds=..., centroids=...)``.
     """
     check_bits(bits)
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, :num_tokens].to(model.device)
@@ -65,12 +121,42 @@ def calibrate_thresholds(
         )
     cache = DynamicCache(config=model.config)
     model(input_ids=input_ids, **cache_kwargs(cache), use_cache=True)
-    levels = 2**bits
-    quantiles = torch.arange(1, levels, dtype=torch.float32) / levels
-    thresholds = []
+    thresholds, centroids = [], []
     for layer in cache.layers:
-        keys = layer.keys.float()
-        transformed = keys @ hadamard_matrix(keys.shape[-1], keys.device)
-        edges = torch.quantile(subsample_rows(transformed).flatten().cpu(), quantiles)
+        edges, means = code_book(layer.keys, bits)
         thresholds.append([round(float(edge), 4) for edge in edges])
-    return thresholds
+        centroids.append([[round(float(c), 4) for c in head] for head in means.cpu()])
+    return {"thresholds": thresholds, "centroids": centroids}
+
+
+class OnlineCalibratedLayer(AdamasLayer):
+    """An `AdamasLayer` whose code book comes from the first keys it stores: the prompt's prefill.
+
+    Thresholds and centroids (`code_book`) are computed before those keys are encoded and then
+    kept for every later key; cropping the layer back to empty forgets them, so a reused cache
+    calibrates on its next prompt. Used for ``AdamasConfig(calibration="online")``.
+    """
+
+    def __init__(
+        self, thresholds: list[float] | None = None, bits: int = 2, capacity: int | None = None
+    ) -> None:
+        del thresholds  # computed from the data
+        super().__init__([], bits, capacity)
+        self.centroids: torch.Tensor | None = None
+
+    def encodes_with(self, thresholds: list[float] | None, bits: int) -> bool:
+        """Online codes depend only on the code width (the thresholds are the data's)."""
+        return bits == self.bits
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.centroids is None and key_states.shape[2] > 0:
+            self.thresholds, self.centroids = code_book(key_states, self.bits)
+            self.threshold_values = self.thresholds.tolist()
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        if self.get_seq_length() == 0:
+            self.centroids = None

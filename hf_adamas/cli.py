@@ -18,7 +18,21 @@ from hf_common.reporting import command_line, machine, markdown_table, plot_seri
 
 DESCRIPTION = "Adamas sparse attention (arXiv 2510.18413) for transformers models."
 SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
-METHOD_NAMES = ("dense", "adamas", "adamas-calibrated", "streaming_llm", "quest")
+METHOD_NAMES = (
+    "dense",
+    "adamas",
+    "adamas-calibrated",
+    "asymmetric",
+    "asymmetric-calibrated",
+    "asymmetric-online",
+    "asymmetric-online-kvgroup",
+    "streaming_llm",
+    "quest",
+)
+"""Methods of passkey/ppl/bench. ``adamas*``: the paper's L1 rule; ``asymmetric*``: the
+``adamas_asymmetric`` selector. Suffixes: none = paper thresholds (centroids implied by them),
+``-calibrated`` = `calibrate_codes` on ``--calibration-text`` (offline), ``-online`` = each prompt's
+own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``)."""
 OUTPUT_DIR = RUNS_DIR / "adamas"
 
 
@@ -44,17 +58,17 @@ def _add_method_arguments(
         "--calibration-text",
         type=Path,
         default=SHAKESPEARE,
-        help="Text for adamas-calibrated thresholds (its first 1024 tokens).",
+        help="Text for the -calibrated methods' thresholds and centroids (its first 1024 tokens).",
     )
     parser.add_argument(
         "--sink-tokens", type=int, default=4, help="Sink tokens of the streaming_llm baseline."
     )
 
 
-def _method_configs(args: argparse.Namespace, calibrated: list[list[float]] | None = None) -> list:
+def _method_configs(args: argparse.Namespace, calibrated: dict | None = None) -> list:
     """The (method, budget) grid of the arguments, dense first (it runs on the pristine cache).
 
-    Called once before the model loads (``calibrated`` None: the paper's thresholds stand in), so
+    Called once before the model loads (``calibrated`` None: the paper's thresholds and their implied centroids stand in), so
     a bad budget or forced-token count is a `CommandError` before any slow work.
     """
     from hf_adamas.config import AdamasConfig
@@ -62,30 +76,31 @@ def _method_configs(args: argparse.Namespace, calibrated: list[list[float]] | No
 
     methods = [Method("dense")] if "dense" in args.methods else []
     for name in args.methods:
+        if name == "dense":
+            continue
+        selector = {"streaming_llm": "streaming_llm", "quest": "quest"}.get(name, name.split("-")[0])
+        settings = {"selector": "adamas_asymmetric" if selector == "asymmetric" else selector}
+        settings["gqa_selection"] = "shared_per_kv_group" if name.endswith("-kvgroup") else args.gqa_selection
+        if name.endswith("-calibrated") and calibrated is not None:
+            settings |= {"thresholds": calibrated["thresholds"]}
+            settings |= {"centroids": calibrated["centroids"]} if selector == "asymmetric" else {}
+        settings["calibration"] = "online" if "-online" in name else "fixed"
         for budget in args.budgets:
-            common = {"token_budget": budget, "gqa_selection": args.gqa_selection}
+            sinks = {"sink_tokens": min(args.sink_tokens, budget - 1)} if name == "streaming_llm" else {}
             try:
-                if name == "adamas":
-                    methods.append(Method(name, AdamasConfig(**common)))
-                elif name == "adamas-calibrated":
-                    methods.append(Method(name, AdamasConfig(thresholds=calibrated, **common)))
-                elif name == "streaming_llm":
-                    sinks = min(args.sink_tokens, budget - 1)
-                    methods.append(Method(name, AdamasConfig(selector=name, sink_tokens=sinks, **common)))
-                elif name == "quest":
-                    methods.append(Method(name, AdamasConfig(selector=name, **common)))
+                methods.append(Method(name, AdamasConfig(token_budget=budget, **settings, **sinks)))
             except ValueError as error:
                 raise CommandError(f"--methods {name} --budgets {budget}: {error}") from error
     return methods
 
 
 def _build_methods(args: argparse.Namespace, model, tokenizer) -> list:
-    """`_method_configs` with the calibrated thresholds computed on the loaded model when asked for."""
-    from hf_adamas.calibration import calibrate_thresholds
+    """`_method_configs` with the calibrated code book computed on the loaded model when asked for."""
+    from hf_adamas.calibration import calibrate_codes
 
     calibrated = None
-    if "adamas-calibrated" in args.methods:
-        calibrated = calibrate_thresholds(model, tokenizer, args.calibration_text.read_text())
+    if any(name.endswith("-calibrated") for name in args.methods):
+        calibrated = calibrate_codes(model, tokenizer, args.calibration_text.read_text())
     return _method_configs(args, calibrated)
 
 
@@ -98,7 +113,7 @@ def _check_method_arguments(args: argparse.Namespace, sparse_context: int, what:
     """Budgets must leave sparse steps: a budget >= ``sparse_context`` would run dense under a sparse name."""
     if args.sink_tokens < 0:
         raise CommandError(f"--sink-tokens must be >= 0, got {args.sink_tokens}")
-    if "adamas-calibrated" in args.methods:
+    if any(name.endswith("-calibrated") for name in args.methods):
         _require_file(args.calibration_text, "--calibration-text")
     too_large = [b for b in args.budgets if b >= sparse_context]
     if too_large and set(args.methods) - {"dense"}:
@@ -150,7 +165,7 @@ def _write_report(args, name: str, records: list[dict], value: str, title: str, 
 
 
 def _run_calibrate(args: argparse.Namespace) -> int:
-    from hf_adamas.calibration import MIN_CALIBRATION_TOKENS, calibrate_thresholds
+    from hf_adamas.calibration import MIN_CALIBRATION_TOKENS, calibrate_codes
 
     if args.num_tokens < MIN_CALIBRATION_TOKENS:
         raise CommandError(f"--num-tokens must be >= {MIN_CALIBRATION_TOKENS}, got {args.num_tokens}")
@@ -158,14 +173,17 @@ def _run_calibrate(args: argparse.Namespace) -> int:
     claim_outputs([args.output], args.overwrite)
     model, tokenizer = load_model_and_tokenizer(args.model)
     try:
-        thresholds = calibrate_thresholds(model, tokenizer, args.text.read_text(), args.num_tokens, args.bits)
+        book = calibrate_codes(model, tokenizer, args.text.read_text(), args.num_tokens, args.bits)
     except ValueError as error:  # the text has fewer tokens than needed
         raise CommandError(str(error)) from error
     command = command_line("hf-adamas", args.argv)
     payload = {"command": command, "machine": machine(), "model": args.model, "bits": args.bits}
-    save_json(args.output, {**payload, "thresholds": thresholds})
-    print(json.dumps(thresholds[:3]), "...")
-    print(f"Saved per-layer thresholds to {args.output}; use AdamasConfig(thresholds=...).")
+    save_json(args.output, {**payload, **book})
+    print(json.dumps(book["thresholds"][:3]), "...")
+    print(
+        f"Saved per-layer thresholds and per-head centroids to {args.output}; use "
+        "AdamasConfig(thresholds=..., centroids=...) (centroids: selector='adamas_asymmetric')."
+    )
     return 0
 
 
@@ -179,16 +197,74 @@ def _add_calibrate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_passkey_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_adamas.bench.needle import NEEDLE_FORMATS, SPLITS
+
     _add_model_arguments(parser)
     _add_method_arguments(parser, [16, 32, 64, 128, 256, 512], METHOD_NAMES)
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8000], help="Context lengths.")
-    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.35, 0.6, 0.85], help="Key depths.")
-    parser.add_argument("--seed", type=int, default=0, help="Seed of the random pass keys.")
+    parser.add_argument(
+        "--haystack",
+        choices=["varied", "repeated"],
+        default="varied",
+        help="varied: sentences of Shakespeare, stdlib docstrings and GSM8K (hf_adamas.bench.needle); "
+        "repeated: the original test, one filler sentence repeated.",
+    )
+    parser.add_argument(
+        "--needle-formats", nargs="+", choices=sorted(NEEDLE_FORMATS), default=list(NEEDLE_FORMATS),
+        help="Needle formats, cycled over the trials (varied haystack; repeated uses the pass key).",
+    )  # fmt: skip
+    parser.add_argument(
+        "--splits", nargs="+", choices=SPLITS, default=list(SPLITS),
+        help="Haystack splits (varied): tune on 'tuning' only, report 'heldout' next to it.",
+    )  # fmt: skip
+    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192], help="Prompt lengths.")
+    parser.add_argument(
+        "--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9], help="Needle depths, cycled."
+    )
+    parser.add_argument("--trials", type=int, default=30, help="Trials per split and length.")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="Seed of the prompts (numbers, names, haystacks)."
+    )
+    parser.add_argument(
+        "--resume",
+        action="store_true",
+        help="Keep the records already in --output-dir and measure only the missing (trial, method) pairs.",
+    )
+    _add_report_only_argument(parser)
+
+
+def _add_report_only_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="Measure nothing: rebuild the JSON/Markdown/PNG summary from the records in --output-dir.",
+    )
+
+
+def _earlier_records(args: argparse.Namespace, records_path: Path, report: list[Path]) -> list[dict]:
+    """Claim the records file and the summary; the records kept (``--resume``, ``--report-only``) or none.
+
+    Without either flag an existing records file is an error unless ``--overwrite`` (then it is
+    replaced: it is this command's own file); the summary is rebuilt from the records every time.
+    """
+    from hf_adamas.bench.passkey import read_records
+
+    keep = args.resume or args.report_only
+    if args.report_only and not records_path.is_file():
+        raise CommandError(
+            f"--report-only needs the records of an earlier run, {records_path} does not exist"
+        )
+    claim_outputs(report if keep else [records_path, *report], getattr(args, "overwrite", False) or keep)
+    if not keep:
+        records_path.unlink(missing_ok=True)
+    return read_records(records_path)
 
 
 def _run_passkey(args: argparse.Namespace) -> int:
-    from hf_adamas.evaluation import run_passkey
+    from hf_adamas.bench.passkey import append_records, passkey_trials, write_passkey_report
+    from hf_adamas.evaluation import method_key, run_passkey
 
+    if args.trials < 1:
+        raise CommandError(f"--trials must be >= 1, got {args.trials}")
     if min(args.lengths) < 64:
         raise CommandError(
             f"--lengths must be >= 64 tokens (room for the key and question), got {args.lengths}"
@@ -197,14 +273,36 @@ def _run_passkey(args: argparse.Namespace) -> int:
     if bad_depths:
         raise CommandError(f"--depths are fractions of the haystack in [0, 1], got {bad_depths}")
     _check_method_arguments(args, min(args.lengths), "shortest passkey prompt")
-    _claim_report(args, "passkey")
+    stem = "passkey" if args.haystack == "repeated" else "passkey_varied"
+    records_path = args.output_dir / f"{stem}_records.jsonl"
+    splits = args.splits if args.haystack == "varied" else ["repeated"]
+    report = [
+        args.output_dir / name
+        for name in (f"{stem}.json", f"{stem}.md", *(f"{stem}_{s}.png" for s in splits))
+    ]
+    earlier = _earlier_records(args, records_path, report)
+    if args.report_only:
+        write_passkey_report(
+            args.output_dir, stem, command_line("hf-adamas", args.argv), earlier, Path(args.model).name
+        )
+        return 0
     model, tokenizer = load_model_and_tokenizer(args.model)
     methods = _build_methods(args, model, tokenizer)
-    records = run_passkey(model, tokenizer, methods, args.lengths, args.depths, seed=args.seed)
-    for record in records:
-        record["accuracy"] = float(record["correct"])
-    title = f"Passkey retrieval, {Path(args.model).name}, {min(args.lengths)}-{max(args.lengths)} tokens"
-    _write_report(args, "passkey", records, "accuracy", title, log_x=True)
+    trials = passkey_trials(
+        tokenizer,
+        args.haystack,
+        args.lengths,
+        args.depths,
+        args.needle_formats,
+        args.trials,
+        args.splits,
+        args.seed,
+    )
+    done = frozenset((r["trial"], method_key(r["method"], r["budget"])) for r in earlier)
+    records = earlier + append_records(records_path, run_passkey(model, tokenizer, methods, trials, done))
+    write_passkey_report(
+        args.output_dir, stem, command_line("hf-adamas", args.argv), records, Path(args.model).name
+    )
     return 0
 
 
@@ -216,10 +314,18 @@ def _add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--decode-tokens", type=int, default=256, help="Tokens decoded (and scored) one by one."
     )
+    parser.add_argument(
+        "--skip-tokens", type=int, default=0, help="Leading tokens of --text to skip (e.g. held-out text)."
+    )
+    parser.add_argument(
+        "--resume", action="store_true", help="Keep the methods already measured in --output-dir."
+    )
+    _add_report_only_argument(parser)
 
 
 def _run_ppl(args: argparse.Namespace) -> int:
-    from hf_adamas.evaluation import run_perplexity
+    from hf_adamas.bench.passkey import append_records
+    from hf_adamas.evaluation import method_key, run_perplexity
 
     if not 1 <= args.decode_tokens < args.context:
         raise CommandError(
@@ -227,15 +333,26 @@ def _run_ppl(args: argparse.Namespace) -> int:
         )
     _require_file(args.text, "--text")
     _check_method_arguments(args, args.context, "--context")
-    _claim_report(args, "perplexity")
+    records_path = args.output_dir / "perplexity_records.jsonl"
+    report = [args.output_dir / f"perplexity{suffix}" for suffix in (".json", ".md", ".png")]
+    earlier = _earlier_records(args, records_path, report)
+    if args.report_only:
+        _write_report(
+            args, "perplexity", earlier, "perplexity", "Perplexity (records of earlier runs)", log_x=True
+        )
+        return 0
     model, tokenizer = load_model_and_tokenizer(args.model)
-    input_ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids[:, : args.context]
+    text_ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids
+    input_ids = text_ids[:, args.skip_tokens : args.skip_tokens + args.context]
     if input_ids.shape[1] <= args.decode_tokens:
         raise CommandError(
             f"{args.text} has {input_ids.shape[1]} tokens, not more than --decode-tokens {args.decode_tokens}"
         )
     methods = _build_methods(args, model, tokenizer)
-    records = run_perplexity(model, input_ids, methods, args.decode_tokens)
+    done = frozenset(method_key(r["method"], r["budget"]) for r in earlier)
+    records = earlier + append_records(
+        records_path, run_perplexity(model, input_ids, methods, args.decode_tokens, done)
+    )
     title = f"Perplexity of the last {args.decode_tokens} of {input_ids.shape[1]} tokens, {args.text.name}"
     _write_report(args, "perplexity", records, "perplexity", title, log_x=True)
     return 0

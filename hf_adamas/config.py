@@ -15,7 +15,7 @@ from typing import Any, Literal
 
 from transformers import PretrainedConfig
 
-from hf_adamas._validation import check_bits, check_head_dim, check_threshold_values
+from hf_adamas._validation import check_bits, check_centroid_values, check_head_dim, check_threshold_values
 
 CONFIG_ATTRIBUTE = "adamas_config"
 """Name of the attribute of a transformers config that holds the Adamas settings."""
@@ -23,8 +23,9 @@ CONFIG_ATTRIBUTE = "adamas_config"
 PAPER_THRESHOLDS = {2: (-10.0, 0.0, 10.0), 1: (0.0,)}
 """Fixed bucket edges of the official code (tuned on Llama-2 activations), per code width."""
 
-Selector = Literal["adamas", "streaming_llm", "quest"]
+Selector = Literal["adamas", "adamas_asymmetric", "streaming_llm", "quest"]
 GqaSelection = Literal["per_query_head", "shared_per_kv_group"]
+Calibration = Literal["fixed", "online"]
 
 
 @dataclass
@@ -32,9 +33,14 @@ class AdamasConfig:
     """Configuration of Adamas sparse attention ([arXiv 2510.18413](https://arxiv.org/abs/2510.18413)).
 
     During decoding (one query token), each layer past the first ``dense_layers`` keeps, per head,
-    the ``token_budget`` keys whose 2-bit Hadamard codes are closest (Manhattan distance) to the
-    query's code, and runs exact attention over just those. Prefill, the dense layers, and steps
-    whose cache is not longer than the budget use ordinary (sdpa) attention.
+    the ``token_budget`` keys ranked best by their 2-bit Hadamard codes, and runs exact attention
+    over just those. By default the ranking is the query's Hadamard values against each key code's
+    bucket centroids, with thresholds and centroids from each prompt's own prefill keys
+    (``selector="adamas_asymmetric"``, ``calibration="online"``), which beat the paper's rule on the
+    harder passkey test and on perplexity (``results/adamas/hard/``); the paper's rule is
+    ``selector="adamas", calibration="fixed"`` (Manhattan distance between query and key codes,
+    thresholds ``[-10, 0, 10]``). Prefill, the dense layers, and steps whose cache is not longer
+    than the budget use ordinary (sdpa) attention.
 
     Args:
         token_budget (`int`, *optional*, defaults to `256`):
@@ -45,7 +51,8 @@ class AdamasConfig:
             Code width per dimension: 2 (paper) or 1 (sign only).
         thresholds (`list[float]` or `list[list[float]]`, *optional*, defaults to the paper's `[-10, 0, 10]`):
             Increasing bucket edges on the orthonormal Hadamard values, ``2**bits - 1`` of them; either
-            one list for all layers or one list per layer (what `calibrate_thresholds` produces).
+            one list for all layers or one list per layer (what `calibrate_codes` produces); used with
+            ``calibration="fixed"``.
         gqa_selection (`str`, *optional*, defaults to `"per_query_head"`):
             With grouped-query attention, ``"per_query_head"`` lets each query head choose its own
             keys (the paper's evaluation path); ``"shared_per_kv_group"`` sums the distances of the
@@ -54,12 +61,26 @@ class AdamasConfig:
             Leading tokens always kept (the paper forces none).
         recent_tokens (`int`, *optional*, defaults to `0`):
             Most recent tokens always kept, besides the current one (the paper forces none).
-        selector (`str`, *optional*, defaults to `"adamas"`):
-            Which rule picks the keys: ``"adamas"``; or the baselines ``"streaming_llm"``
+        selector (`str`, *optional*, defaults to `"adamas_asymmetric"`):
+            Which rule picks the keys: ``"adamas"`` (the paper's L1 distance between query and key
+            codes); ``"adamas_asymmetric"`` (the query's full-precision Hadamard values dotted with
+            each key code's bucket centroids, largest first; same key codes and memory, see
+            `hf_adamas.selection`); or the baselines ``"streaming_llm"``
             (``sink_tokens`` sinks plus the most recent tokens) and ``"quest"`` (pages of
             ``quest_page_size`` tokens scored by per-channel key min/max), run through the same code.
         quest_page_size (`int`, *optional*, defaults to `16`):
             Page size of the Quest baseline.
+        calibration (`str`, *optional*):
+            Where the code book (thresholds, and centroids for ``"adamas_asymmetric"``) comes from:
+            ``"fixed"`` uses ``thresholds`` and ``centroids`` as given (the paper's, or those of
+            ``hf-adamas calibrate``); ``"online"`` computes them per layer from each prompt's own
+            prefill keys (quartile thresholds, bucket means) when its code cache is filled, ignoring
+            ``thresholds``/``centroids``. Defaults to ``"fixed"`` when ``thresholds`` or ``centroids``
+            are given (also for configs saved before this option existed), else ``"online"``.
+        centroids (`list[list[list[float]]]`, *optional*):
+            For ``"adamas_asymmetric"`` with ``calibration="fixed"``: per layer, per KV head, the
+            ``2**bits`` bucket means of the Hadamard key values (what `calibrate_codes` produces).
+            None derives them from the thresholds (see `hf_adamas.calibration.threshold_centroids`).
     """
 
     token_budget: int = field(default=256, metadata={"help": "Keys attended per head and decode step."})
@@ -73,8 +94,17 @@ class AdamasConfig:
     )
     sink_tokens: int = field(default=0, metadata={"help": "Leading tokens always kept."})
     recent_tokens: int = field(default=0, metadata={"help": "Recent tokens always kept."})
-    selector: Selector = field(default="adamas", metadata={"help": "adamas, streaming_llm or quest."})
+    selector: Selector = field(
+        default="adamas_asymmetric", metadata={"help": "adamas_asymmetric, adamas, streaming_llm or quest."}
+    )
     quest_page_size: int = field(default=16, metadata={"help": "Page size of the Quest baseline."})
+    calibration: Calibration | None = field(
+        default=None,
+        metadata={"help": "fixed (thresholds/centroids given) or online (from each prefill)."},
+    )
+    centroids: list[list[list[float]]] | None = field(
+        default=None, metadata={"help": "Per layer, per KV head bucket means; None derives them."}
+    )
 
     def __post_init__(self) -> None:
         _check_int("token_budget", self.token_budget, minimum=1)
@@ -85,6 +115,12 @@ class AdamasConfig:
         check_bits(self.bits)
         _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
         _check_choice("selector", self.selector, Selector)
+        if self.calibration is None:
+            given = self.thresholds is not None or self.centroids is not None
+            self.calibration = "fixed" if given else "online"
+        _check_choice("calibration", self.calibration, Calibration)
+        if self.centroids is not None:
+            self.centroids = check_centroid_values(self.centroids, self.bits)
         if self.thresholds is None:
             self.thresholds = list(PAPER_THRESHOLDS[self.bits])
         per_layer = self.thresholds and isinstance(self.thresholds[0], list | tuple)
@@ -93,7 +129,7 @@ class AdamasConfig:
         if not per_layer:
             self.thresholds = self.thresholds[0]
         forced = self.sink_tokens + self.recent_tokens + 1
-        if forced > self.token_budget:
+        if forced > self.token_budget:  # every selector keeps these
             raise ValueError(
                 f"sink_tokens + recent_tokens + 1 (the current token) = {forced} exceeds "
                 f"token_budget={self.token_budget}; raise the budget or keep fewer forced tokens."
@@ -168,4 +204,11 @@ def check_model_config(config: PretrainedConfig, adamas_config: AdamasConfig, mo
         raise ValueError(
             f"AdamasConfig has per-layer thresholds for {len(adamas_config.thresholds)} layers, "
             f"but {model_name} has {layers}; recalibrate for this model."
+        )
+    centroids = adamas_config.centroids
+    kv_heads = getattr(text_config, "num_key_value_heads", None) or text_config.num_attention_heads
+    if centroids is not None and (len(centroids) != layers or any(len(c) != kv_heads for c in centroids)):
+        raise ValueError(
+            f"AdamasConfig.centroids has {len(centroids)} layers of {[len(c) for c in centroids][:1]} KV "
+            f"heads, but {model_name} has {layers} layers of {kv_heads}; recalibrate for this model."
         )

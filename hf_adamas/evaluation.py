@@ -11,11 +11,10 @@ A *method* is a name and an `AdamasConfig` (``None`` = dense sdpa attention).
 from __future__ import annotations
 
 import math
-import random
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
@@ -104,47 +103,98 @@ def greedy_continue(
     return tokens
 
 
+@dataclass(frozen=True)
+class PasskeyTrial:
+    """A retrieval prompt ``input_ids [1, L]`` ending with a question of ``question_length`` tokens.
+
+    ``answer`` is the text the greedy continuation must start with (e.g. ``" 71432"``); ``info``
+    (haystack, depth, ...) is copied into the trial's records.
+    """
+
+    input_ids: torch.Tensor
+    question_length: int
+    answer: str
+    info: dict = field(default_factory=dict)
+
+
+def repeated_filler_trial(
+    tokenizer: PreTrainedTokenizerBase, length: int, depth: float, passkey: str
+) -> PasskeyTrial:
+    """The original passkey test (`passkey_prompt`: one filler sentence repeated) as a `PasskeyTrial`."""
+    input_ids, question_length = passkey_prompt(tokenizer, length, depth, passkey)
+    return PasskeyTrial(input_ids, question_length, " " + passkey, {"haystack": "repeated", "depth": depth})
+
+
+@torch.inference_mode()
+def _greedy_answer_prefix(
+    model: PreTrainedModel, cache: DynamicCache, logits: torch.Tensor, answer_ids: list[int]
+) -> list[int]:
+    """Greedy tokens from ``logits`` up to the first that differs from ``answer_ids`` (included).
+
+    The greedy continuation starts with the answer iff the result equals ``answer_ids``; stopping at
+    the first wrong token gives the same verdict as generating the whole answer, for fewer steps.
+    """
+    produced: list[int] = []
+    for target in answer_ids:
+        token = logits.argmax(-1, keepdim=True)
+        produced.append(int(token))
+        if produced[-1] != target or len(produced) == len(answer_ids):
+            break
+        logits = decode_step(model, cache, token)
+    return produced
+
+
+def method_key(name: str, budget: int | None) -> str:
+    """``name@budget`` (``dense`` alone): what identifies a method's records within a trial."""
+    return name if budget is None else f"{name}@{budget}"
+
+
 def run_passkey(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     methods: Sequence[Method],
-    lengths: Sequence[int],
-    depths: Sequence[float],
-    seed: int = 0,
-    answer_tokens: int = 8,
-) -> list[dict]:
-    """Passkey retrieval for every (length, depth) and method; one record per trial."""
-    rng = random.Random(seed)
-    records = []
-    trials = [(length, depth) for length in lengths for depth in depths]
-    progress = tqdm(total=len(trials) * len(methods), desc="passkey", unit="trial")
-    for length, depth in trials:
-        passkey = f"{rng.randrange(10000, 100000)}"
-        input_ids, question_length = passkey_prompt(tokenizer, length, depth, passkey)
-        input_ids = input_ids.to(model.device)
-        context = input_ids[:, :-question_length]
-        cache, _ = prefill(model, context)
-        for method in methods:
+    trials: Sequence[tuple[str, PasskeyTrial]],
+    done: frozenset[tuple[str, str]] = frozenset(),
+) -> Iterator[dict]:
+    """Passkey retrieval of every ``(trial_id, trial)`` by every method; yields one record per pair.
+
+    The context (all but the question) is prefilled densely once per trial; each method then decodes
+    the question token by token through its attention and is scored by whether its greedy answer
+    starts with ``trial.answer`` (decoding stops at the first wrong token); its decoding is undone by
+    cropping the cache. Pairs ``(trial_id, method_key(name, budget))`` in ``done`` are skipped, a trial
+    whose methods are all done is not even prefilled: pass the pairs of earlier records to resume.
+    """
+    todo = [
+        (tid, trial, [m for m in methods if (tid, method_key(m.name, m.budget)) not in done])
+        for tid, trial in trials
+    ]
+    progress = tqdm(total=sum(len(pending) for *_, pending in todo), desc="passkey", unit="trial")
+    for trial_id, trial, pending in todo:
+        if not pending:
+            continue
+        input_ids = trial.input_ids.to(model.device)
+        context_length = input_ids.shape[1] - trial.question_length
+        answer_ids = tokenizer.encode(trial.answer, add_special_tokens=False)
+        cache, _ = prefill(model, input_ids[:, :context_length])
+        for method in pending:
             with attention_method(model, method):
-                for position in range(context.shape[1], input_ids.shape[1]):
+                for position in range(context_length, input_ids.shape[1]):
                     logits = decode_step(model, cache, input_ids[:, position : position + 1])
-                answer = tokenizer.decode(greedy_continue(model, cache, logits, answer_tokens))
-            crop_cache(cache, context.shape[1])
-            records.append(
-                {
-                    "method": method.name,
-                    "budget": method.budget,
-                    "length": int(input_ids.shape[1]),
-                    "target_length": length,
-                    "depth": depth,
-                    "passkey": passkey,
-                    "answer": answer,
-                    "correct": passkey in answer,
-                }
-            )
+                produced = _greedy_answer_prefix(model, cache, logits, answer_ids)
+            crop_cache(cache, context_length)
+            yield {
+                "trial": trial_id,
+                "method": method.name,
+                "budget": method.budget,
+                "length": int(input_ids.shape[1]),
+                **trial.info,
+                "answer": trial.answer,
+                "greedy": tokenizer.decode(produced),
+                "correct": produced == answer_ids,
+            }
             progress.update()
+        del cache
     progress.close()
-    return records
 
 
 # ---------------------------------------------------------------- perplexity
@@ -155,17 +205,21 @@ def run_perplexity(
     input_ids: torch.Tensor,
     methods: Sequence[Method],
     decode_tokens: int,
-) -> list[dict]:
+    done: frozenset[str] = frozenset(),
+) -> Iterator[dict]:
     """Perplexity of the last ``decode_tokens`` tokens of ``input_ids`` ``[1, L]``, decoded one by one.
 
     The first ``L - decode_tokens`` tokens are prefilled densely; every later token is scored
-    after a sparse decode step over everything before it (the paper's protocol).
+    after a sparse decode step over everything before it (the paper's protocol). Yields one record
+    per method as it finishes, skipping the methods whose `method_key` is in ``done`` (to resume).
     """
+    pending = [m for m in methods if method_key(m.name, m.budget) not in done]
+    if not pending:
+        return
     input_ids = input_ids.to(model.device)
     context_length = input_ids.shape[1] - decode_tokens
     cache, first_logits = prefill(model, input_ids[:, :context_length])
-    records = []
-    for method in tqdm(methods, desc="perplexity", unit="method"):
+    for method in tqdm(pending, desc="perplexity", unit="method"):
         logits, nll = first_logits, 0.0
         with attention_method(model, method):
             for position in range(context_length, input_ids.shape[1]):
@@ -174,17 +228,14 @@ def run_perplexity(
                 if position + 1 < input_ids.shape[1]:
                     logits = decode_step(model, cache, input_ids[:, position : position + 1])
         crop_cache(cache, context_length)
-        records.append(
-            {
-                "method": method.name,
-                "budget": method.budget,
-                "context": int(input_ids.shape[1]),
-                "decoded_tokens": decode_tokens,
-                "nll": nll / decode_tokens,
-                "perplexity": math.exp(nll / decode_tokens),
-            }
-        )
-    return records
+        yield {
+            "method": method.name,
+            "budget": method.budget,
+            "context": int(input_ids.shape[1]),
+            "decoded_tokens": decode_tokens,
+            "nll": nll / decode_tokens,
+            "perplexity": math.exp(nll / decode_tokens),
+        }
 
 
 # ---------------------------------------------------------------- decode speed

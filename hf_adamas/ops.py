@@ -19,6 +19,7 @@ from hf_adamas import reference
 from hf_adamas.reference import select_topk
 
 __all__ = [
+    "centroid_scores",
     "code_distance",
     "force_reference",
     "hadamard_codes",
@@ -78,6 +79,15 @@ def code_distance(
     if _use_triton(k_codes):
         return _kernels().code_distance_triton(q_codes, k_codes, bits, shared_per_kv_group)
     return reference.code_distance(q_codes, k_codes, bits, shared_per_kv_group)
+
+
+def centroid_scores(
+    query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int, shared_per_kv_group: bool
+) -> torch.Tensor:
+    """Asymmetric query-vs-code scores, float32 ``[B, Hq or Hkv, S]``; see :func:`reference.centroid_scores`."""
+    if _use_triton(k_codes):
+        return _kernels().centroid_scores_triton(query, k_codes, centroids, bits, shared_per_kv_group)
+    return reference.centroid_scores(query, k_codes, centroids, bits, shared_per_kv_group)
 
 
 def sparse_decode_attention(

@@ -9,6 +9,9 @@ Walsh-Hadamard-transformed query and keys, then attends exactly over the best ``
    official CUDA kernel, which scores the code pair (1, 2) as 3).
 4. Keep the ``budget`` keys with the smallest distance; softmax attention over just those.
 
+``centroid_scores`` is the asymmetric alternative to step 3 (selector ``"adamas_asymmetric"``): the
+full-precision ``q̂`` against each key code's bucket centroid, ranked by the largest score.
+
 Packed code layout (shared by every op and the key-code cache): ``8 // bits`` codes per byte, little end
 first. Dimension ``i`` lives in byte ``i // (8 // bits)`` at bits ``[bits * (i % (8 // bits)), bits * (i %
 (8 // bits)) + bits)``. With ``bits=2`` and ``D=64`` a token costs 16 bytes per head: 1/8 of a bf16 key,
@@ -27,6 +30,7 @@ import torch
 from hf_adamas._validation import (
     check_attention_inputs,
     check_bits,
+    check_centroid_score_inputs,
     check_code_distance_inputs,
     check_head_dim,
     check_thresholds,
@@ -34,6 +38,9 @@ from hf_adamas._validation import (
 )
 
 __all__ = [
+    "byte_table_sum",
+    "centroid_scores",
+    "centroid_table",
     "code_distance",
     "hadamard_codes",
     "hadamard_matrix",
@@ -54,7 +61,7 @@ def hadamard_matrix(dim: int, device: torch.device | str | None = None, dtype=to
 
 
 @functools.lru_cache(maxsize=32)
-@torch.inference_mode(False)  # a cached inference tensor would break later autograd-tracked calls
+@torch.inference_mode(False)  # cached: an inference tensor would break later autograd-tracked forwards
 def _hadamard_matrix(dim: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     h = torch.ones(1, 1, dtype=torch.float64)
     while h.shape[0] < dim:
@@ -92,6 +99,7 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
 
 
 @functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached, as the Hadamard matrix
 def _byte_codes(bits: int, device: torch.device) -> torch.Tensor:
     """The codes packed in each byte value, as float32 ``[256, 8 // bits]``."""
     return unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).float()
@@ -119,17 +127,70 @@ def code_distance(
     """
     group = check_code_distance_inputs(q_codes, k_codes)
     check_bits(bits)
-    bsz, num_kv_heads, seq_len, packed = k_codes.shape
+    bsz, num_kv_heads, _, packed = k_codes.shape
     query = unpack_codes(q_codes, bits).float().view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
     table = (query - _byte_codes(bits, k_codes.device)).abs().sum(-1)  # [B, Hkv, G, P, 256]
-    if shared_per_kv_group:  # distances are sums over the group: sum the tables first
+    return byte_table_sum(table, k_codes, shared_per_kv_group).int()
+
+
+def centroid_scores(
+    query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int, shared_per_kv_group: bool
+) -> torch.Tensor:
+    """Asymmetric scores: the query's Hadamard values dotted with each key's dequantized codes.
+
+    ``score(q, k_j) = Σ_i q̂_i · centroids[h, c_kj,i]``, with ``q̂ = q @ H_D / sqrt(D)`` in full
+    precision and ``c_kj,i`` the 2-bit (or 1-bit) code of key ``j`` in dimension ``i``: an estimate
+    of ``q · k_j`` from the key codes alone (larger = more relevant).
+
+    Args:
+        query: ``[B, Hq, D]``, one decode token, any float dtype.
+        k_codes: packed uint8 ``[B, Hkv, S, D * bits // 8]``; query head ``h`` uses KV head ``h // G``.
+        centroids: ``[Hkv, 2**bits]``, the value each code stands for, per KV head.
+        bits: code width the codes were packed with (1 or 2).
+        shared_per_kv_group: if True, one row per KV head, the sum over its G query heads.
+
+    Returns:
+        float32 ``[B, Hq, S]``, or ``[B, Hkv, S]`` when ``shared_per_kv_group``.
+
+    As in :func:`code_distance`, a byte of key codes contributes an amount that depends only on the
+    byte's value and position, so the query becomes a table ``[P, 256]`` per query head (a float
+    lookup table of the same shape as the L1 one) summed with one ``embedding_bag``.
+    """
+    return byte_table_sum(centroid_table(query, k_codes, centroids, bits), k_codes, shared_per_kv_group)
+
+
+def centroid_table(
+    query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """The query's float lookup table ``[B, Hkv, G, P, 256]`` of :func:`centroid_scores`.
+
+    Entry ``[b, h, g, p, v]`` is ``Σ_m q̂[b, h * G + g, p * (8 // bits) + m] · centroids[h, code m of v]``:
+    what a key byte of value ``v`` at byte position ``p`` adds to the score.
+    """
+    group = check_centroid_score_inputs(query, k_codes, centroids, bits)
+    bsz, num_kv_heads, _, packed = k_codes.shape
+    q_hat = query.float() @ hadamard_matrix(query.shape[-1], query.device)
+    q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
+    byte_values = centroids.float().to(k_codes.device)[:, _byte_codes(bits, k_codes.device).long()]
+    return (q_hat * byte_values[None, :, None, None]).sum(-1)
+
+
+def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_group: bool) -> torch.Tensor:
+    """``Σ_p table[b, h, g, p, k_codes[b, h, s, p]]`` as float32 ``[B, Hkv * G, S]`` (or ``[B, Hkv, S]``).
+
+    ``table`` is ``[B, Hkv, G, P, 256]``: per query head ``g`` of KV head ``h``, what byte value ``v``
+    at byte position ``p`` of a key contributes. With ``shared_per_kv_group`` the G tables are summed
+    first (the sum of the group's rows). One ``embedding_bag`` reads the packed codes as they are.
+    """
+    bsz, num_kv_heads, seq_len, packed = k_codes.shape
+    if shared_per_kv_group:
         table = table.sum(2, keepdim=True)
     columns = table.shape[2]
     weight = table.permute(0, 1, 3, 4, 2).reshape(-1, columns)  # row ((b * Hkv + h) * P + j) * 256 + byte
     first_row = torch.arange(bsz * num_kv_heads * packed, device=k_codes.device).view(-1, 1, packed) * 256
     rows = k_codes.reshape(bsz * num_kv_heads, seq_len, packed).long() + first_row
-    dist = torch.nn.functional.embedding_bag(rows.view(-1, packed), weight, mode="sum")
-    return dist.view(bsz, num_kv_heads, seq_len, columns).transpose(2, 3).reshape(bsz, -1, seq_len).int()
+    total = torch.nn.functional.embedding_bag(rows.view(-1, packed), weight, mode="sum")
+    return total.view(bsz, num_kv_heads, seq_len, columns).transpose(2, 3).reshape(bsz, -1, seq_len)
 
 
 def select_topk(

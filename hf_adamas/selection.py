@@ -1,12 +1,17 @@
-"""Which keys each head attends to in a sparse decode step: Adamas, and two baselines.
+"""Which keys each head attends to in a sparse decode step: Adamas, its asymmetric variant, two baselines.
 
 Every selector returns ``int64`` indices ``[batch, heads, token_budget]`` (``heads`` is the number
 of query heads, or of KV heads when a KV group shares one selection), sorted by position, ``-1``
-where fewer valid positions than the budget exist. All three rank positions with an integer
+where fewer valid positions than the budget exist. All rank positions with an integer
 "distance" and hand it to the same deterministic top-k (`ops.select_topk`), so they differ only in
-the ranking:
+the ranking (and all keep the same forced tokens):
 
-- ``adamas``: Manhattan distance between the 2-bit Hadamard codes of the query and of each key;
+- ``adamas``: Manhattan distance between the 2-bit Hadamard codes of the query and of each key
+  (the paper's rule);
+- ``adamas_asymmetric``: the query's full-precision Hadamard values dotted with each key code's
+  bucket centroids (`ops.centroid_scores`), largest first: the same key codes and code cache, but
+  the query is not quantized, so the score estimates ``q · k`` instead of comparing two codes. Its
+  per-byte lookup table has 256 float entries per query head, as the L1 table has integer ones;
 - ``streaming_llm``: recency, with ``sink_tokens`` leading tokens forced (StreamingLLM);
 - ``quest``: pages of ``quest_page_size`` tokens ranked by the upper bound
   ``sum_i max(q_i * min_i, q_i * max_i)`` over the page's per-channel key min/max (Quest), the
@@ -22,9 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from hf_adamas import ops
+from hf_adamas.calibration import OnlineCalibratedLayer, code_book, threshold_centroids
 from hf_adamas.config import AdamasConfig
 
 KeyCodes = Callable[[torch.Tensor], torch.Tensor]
+
+CACHE_LAYER_ATTRIBUTE = "_adamas_cache_layer"
+"""Attribute of an attention module holding its cache layer for the current call (set by a pre-hook)."""
 
 
 def forced_positions(
@@ -63,6 +72,63 @@ def select_adamas(
     )
     forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
     return ops.select_topk(distance, settings.token_budget, valid, forced)
+
+
+def code_book_for(
+    settings: AdamasConfig, module: torch.nn.Module, key: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """This layer's thresholds (CPU) and centroids ``[kv_heads, 2**bits]``.
+
+    ``calibration="online"``: those of the layer's `OnlineCalibratedLayer` (its prompt's prefill),
+    or, without a code cache (e.g. a static cache), the statistics of the keys at hand.
+    ``"fixed"``: the configured thresholds with the configured centroids, or those the thresholds imply.
+    """
+    if settings.calibration == "online":
+        layer = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
+        if isinstance(layer, OnlineCalibratedLayer) and layer.centroids is not None:
+            return layer.thresholds, layer.centroids
+        return code_book(key, settings.bits)
+    thresholds = thresholds_tensor(settings, module.layer_idx)
+    cache = settings.__dict__.setdefault("_centroid_tensors", {})
+    if (module.layer_idx, key.device) not in cache:
+        if settings.centroids is None:
+            centroids = threshold_centroids(thresholds, key.shape[1])
+        else:
+            centroids = torch.tensor(settings.centroids[module.layer_idx], dtype=torch.float32)
+        cache[module.layer_idx, key.device] = centroids.to(key.device)
+    return thresholds, cache[module.layer_idx, key.device]
+
+
+def _largest_first(scores: torch.Tensor) -> torch.Tensor:
+    """Non-negative int64 "distances" ranking float32 ``scores`` largest first, exactly.
+
+    The float32 bit pattern, read as an integer and reflected for negative values, orders like the
+    float; subtracting it from ``2**31 - 1`` reverses the order and keeps every value >= 0, which
+    `ops.select_topk` needs to rank forced positions (negative keys) first.
+    """
+    bits = scores.float().contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # in (-2**31, 2**31)
+    return (2**31 - 1) - ordered
+
+
+def select_adamas_asymmetric(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    key_codes: KeyCodes,
+) -> torch.Tensor:
+    thresholds, centroids = code_book_for(settings, module, key)
+    scores = ops.centroid_scores(
+        query,
+        key_codes(thresholds),
+        centroids,
+        settings.bits,
+        settings.gqa_selection == "shared_per_kv_group",
+    )
+    forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
+    return ops.select_topk(_largest_first(scores), settings.token_budget, valid, forced)
 
 
 def select_streaming_llm(
@@ -114,6 +180,7 @@ def select_quest(
 
 SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
     "adamas": select_adamas,
+    "adamas_asymmetric": select_adamas_asymmetric,
     "streaming_llm": select_streaming_llm,
     "quest": select_quest,
 }

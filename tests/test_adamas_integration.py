@@ -46,7 +46,7 @@ def test_budget_covering_the_sequence_equals_sdpa(tiny_model) -> None:
 
 
 @pytest.mark.parametrize("gqa_selection", ["per_query_head", "shared_per_kv_group"])
-@pytest.mark.parametrize("selector", ["adamas", "streaming_llm", "quest"])
+@pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric", "streaming_llm", "quest"])
 def test_sparse_step_matches_masked_dense_attention(tiny_config, gqa_selection, selector) -> None:
     """A sparse decode step equals dense attention with every unselected key masked out."""
     torch.manual_seed(0)

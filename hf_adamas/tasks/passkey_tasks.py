@@ -7,31 +7,44 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
-from hf_adamas.evaluation import passkey_prompt
+from hf_adamas.bench.needle import NEEDLE_FORMATS, needle_prompt
+from hf_adamas.evaluation import repeated_filler_trial
 from hf_common.tasks.local_tasks import resolve_tokenizer
 
 __all__ = ["passkey_dataset", "passkey_process_results"]
 
 
-def passkey_dataset(length: int, samples: int = 10, seed: int = 0, **metadata: Any) -> DatasetDict:
+def passkey_dataset(
+    length: int,
+    samples: int = 10,
+    seed: int = 0,
+    haystack: str = "repeated",
+    split: str = "heldout",
+    **metadata: Any,
+) -> DatasetDict:
     """``samples`` passkey prompts of about ``length`` tokens, the key at evenly spaced depths.
 
-    Built by `hf_adamas.evaluation.passkey_prompt` (the ``hf-adamas passkey`` protocol) in the
-    tokenizer of the evaluated model (see `resolve_tokenizer`), and decoded back to text for lm-eval.
+    ``haystack="repeated"``: `hf_adamas.evaluation.repeated_filler_trial` (one filler sentence repeated);
+    ``"varied"``: `hf_adamas.bench.needle.needle_prompt` (sentences of Shakespeare, stdlib docstrings
+    and GSM8K from ``split``, the needle formats cycled). Built in the tokenizer of the evaluated
+    model (see `resolve_tokenizer`), and decoded back to text for lm-eval.
     """
     tokenizer = resolve_tokenizer(metadata)
     rng = random.Random(seed * 1_000_003 + length)
+    formats = list(NEEDLE_FORMATS)
     docs = []
     for index in range(samples):
         depth = (index + 0.5) / samples
-        passkey = f"{rng.randrange(10000, 100000)}"
-        input_ids, _ = passkey_prompt(tokenizer, length, depth, passkey)
+        if haystack == "varied":
+            trial = needle_prompt(tokenizer, length, depth, formats[index % len(formats)], rng, split)
+        else:
+            trial = repeated_filler_trial(tokenizer, length, depth, f"{rng.randrange(10000, 100000)}")
         docs.append(
             {
-                "prompt": tokenizer.decode(input_ids[0]),
-                "passkey": passkey,
+                "prompt": tokenizer.decode(trial.input_ids[0]),
+                "passkey": trial.answer.strip(),
                 "depth": depth,
-                "tokens": int(input_ids.shape[1]),
+                "tokens": int(trial.input_ids.shape[1]),
             }
         )
     return DatasetDict({"test": Dataset.from_list(docs)})

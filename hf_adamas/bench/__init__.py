@@ -1,0 +1,1 @@
+"""Benchmark runners and test sets of hf_adamas (accuracy on harder tests, speed)."""
