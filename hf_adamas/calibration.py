@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas._validation import check_bits
 from hf_adamas.cache import AdamasLayer
-from hf_adamas.reference import hadamard_matrix
+from hf_adamas.ops.reference import hadamard_matrix
 from hf_common.compat import cache_kwargs
 
 MIN_CALIBRATION_TOKENS = 16

@@ -71,8 +71,8 @@ def _method_configs(args: argparse.Namespace, calibrated: dict | None = None) ->
     Called once before the model loads (``calibrated`` None: the paper's thresholds and their implied centroids stand in), so
     a bad budget or forced-token count is a `CommandError` before any slow work.
     """
+    from hf_adamas.bench.evaluation import Method
     from hf_adamas.config import AdamasConfig
-    from hf_adamas.evaluation import Method
 
     methods = [Method("dense")] if "dense" in args.methods else []
     for name in args.methods:
@@ -260,8 +260,8 @@ def _earlier_records(args: argparse.Namespace, records_path: Path, report: list[
 
 
 def _run_passkey(args: argparse.Namespace) -> int:
+    from hf_adamas.bench.evaluation import method_key, run_passkey
     from hf_adamas.bench.passkey import append_records, passkey_trials, write_passkey_report
-    from hf_adamas.evaluation import method_key, run_passkey
 
     if args.trials < 1:
         raise CommandError(f"--trials must be >= 1, got {args.trials}")
@@ -324,8 +324,8 @@ def _add_ppl_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_ppl(args: argparse.Namespace) -> int:
+    from hf_adamas.bench.evaluation import method_key, run_perplexity
     from hf_adamas.bench.passkey import append_records
-    from hf_adamas.evaluation import method_key, run_perplexity
 
     if not 1 <= args.decode_tokens < args.context:
         raise CommandError(
@@ -367,7 +367,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_bench(args: argparse.Namespace) -> int:
-    from hf_adamas.evaluation import run_decode_speed
+    from hf_adamas.bench.evaluation import run_decode_speed
 
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")

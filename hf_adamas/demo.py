@@ -9,8 +9,8 @@ import argparse
 
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from hf_adamas.bench.evaluation import Method, attention_method, passkey_prompt, run_decode_speed
 from hf_adamas.config import AdamasConfig
-from hf_adamas.evaluation import Method, attention_method, passkey_prompt, run_decode_speed
 from hf_common.cli import CommandError
 from hf_common.demo import GenerationResult, timed_generation
 

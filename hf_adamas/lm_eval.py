@@ -22,8 +22,8 @@ import torch
 from lm_eval.api.registry import register_model
 from transformers import DynamicCache, PreTrainedModel
 
+from hf_adamas.bench.evaluation import decode_step
 from hf_adamas.config import AdamasConfig
-from hf_adamas.evaluation import decode_step
 from hf_adamas.integration import apply_adamas
 from hf_common.compat import cache_kwargs
 from hf_common.default_model import DEFAULT_MODEL_ID

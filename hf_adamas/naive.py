@@ -4,9 +4,11 @@ For one decode query and a cache of ``S`` keys, each query head ``h`` (reading K
 
 1. Hadamard-transform the post-RoPE query and keys: ``q̂ = q H``, ``k̂ = k H`` (``H`` Sylvester, orthonormal).
 2. Bucket every coordinate into a 2-bit code: the number of thresholds strictly below it.
-3. Score each key by the Manhattan distance between its code vector and the query's.
+3. Score each key by the Manhattan distance between its code vector and the query's (the paper's
+   rule, ``selector="adamas"``), or, with ``centroids`` (``selector="adamas_asymmetric"``), by the
+   dot product of the full-precision ``q̂`` with the key's dequantized codes ``centroids[code]``.
 4. Keep ``token_budget`` keys: the current token, ``sink_tokens`` first and ``recent_tokens`` last ones
-   always, then the smallest distances (ties to the more recent key).
+   always, then the best scores (smallest distance, largest dot product; ties to the more recent key).
 5. Exact softmax attention of ``q`` over the kept keys and values.
 
 Nothing here is fast: no packing, no lookup tables, one head at a time.
@@ -29,26 +31,25 @@ def sylvester_hadamard(dim: int) -> torch.Tensor:
     return matrix / math.sqrt(dim)
 
 
+def hadamard(x: torch.Tensor) -> torch.Tensor:
+    """``x @ H`` in float64."""
+    return x.double() @ sylvester_hadamard(x.shape[-1])
+
+
 def codes(x: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
     """Per coordinate of ``x @ H``, the number of ``thresholds`` strictly below it (int64, same shape)."""
-    x_hat = x.double() @ sylvester_hadamard(x.shape[-1])
-    return (x_hat.unsqueeze(-1) > thresholds.double()).sum(-1)
+    return (hadamard(x).unsqueeze(-1) > thresholds.double()).sum(-1)
 
 
 def selected_positions(
-    query_codes: torch.Tensor,
-    key_codes: torch.Tensor,
-    token_budget: int,
-    sink_tokens: int,
-    recent_tokens: int,
+    distance: torch.Tensor, token_budget: int, sink_tokens: int, recent_tokens: int
 ) -> list[int]:
-    """Positions one head attends to: forced ones first, then the smallest Manhattan distances."""
-    length = key_codes.shape[0]
-    distance = (key_codes - query_codes).abs().sum(-1)
+    """Positions one head attends to: forced ones first, then the smallest ``distance [S]``."""
+    length = distance.shape[0]
     forced = {p for p in range(length) if p < sink_tokens or p >= length - 1 - recent_tokens}
     if len(forced) > token_budget:
         raise ValueError(f"{len(forced)} forced positions exceed the token budget {token_budget}")
-    ranked = sorted(set(range(length)) - forced, key=lambda p: (int(distance[p]), -p))
+    ranked = sorted(set(range(length)) - forced, key=lambda p: (float(distance[p]), -p))
     return sorted(forced) + ranked[: token_budget - len(forced)]
 
 
@@ -61,6 +62,7 @@ def adamas_decode_attention(
     scaling: float,
     sink_tokens: int = 0,
     recent_tokens: int = 0,
+    centroids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """One decode step of Adamas attention for one sequence.
 
@@ -70,6 +72,8 @@ def adamas_decode_attention(
         thresholds: the bucket boundaries (3 for 2-bit codes).
         token_budget: keys kept per query head.
         scaling: softmax scale, normally ``D ** -0.5``.
+        centroids: ``[Hkv, 2**bits]`` value of each code per KV head: score by ``q̂ · centroids[codes]``
+            instead of the L1 code distance.
 
     Returns:
         ``[Hq, D]`` float32 attention output.
@@ -78,13 +82,12 @@ def adamas_decode_attention(
     out = torch.empty(query.shape, dtype=torch.float32)
     for head in range(query.shape[0]):
         head_keys, head_values = key[head // group].float(), value[head // group].float()
-        kept = selected_positions(
-            codes(query[head], thresholds),
-            codes(head_keys, thresholds),
-            token_budget,
-            sink_tokens,
-            recent_tokens,
-        )
+        key_codes = codes(head_keys, thresholds)
+        if centroids is None:
+            distance = (key_codes - codes(query[head], thresholds)).abs().sum(-1)
+        else:
+            distance = -(hadamard(query[head]) * centroids[head // group].double()[key_codes]).sum(-1)
+        kept = selected_positions(distance, token_budget, sink_tokens, recent_tokens)
         weights = torch.softmax(head_keys[kept] @ query[head].float() * scaling, dim=0)
         out[head] = weights @ head_values[kept]
     return out

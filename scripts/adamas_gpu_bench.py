@@ -335,7 +335,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     device = torch.device(args.device)
     uses_triton = device.type == "cuda" and ops.triton_available()
     kernels = (
-        "Triton kernels (hf_adamas.kernels)" if uses_triton else "PyTorch reference ops (hf_adamas.reference)"
+        "Triton kernels (hf_adamas.ops.kernels)"
+        if uses_triton
+        else "PyTorch reference ops (hf_adamas.ops.reference)"
     )
     if device.type == "cuda" and not uses_triton:
         print("warning: Triton cannot be imported, so this run times the PyTorch reference ops", flush=True)

@@ -17,8 +17,8 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 from hf_adamas import AdamasConfig
+from hf_adamas.bench.evaluation import Method, attention_method, greedy_continue, prefill
 from hf_adamas.cli import SHAKESPEARE
-from hf_adamas.evaluation import Method, attention_method, greedy_continue, prefill
 from hf_common import load_model_and_tokenizer
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 

@@ -11,7 +11,7 @@ from transformers import AutoModelForCausalLM
 from hf_adamas import AdamasCache, AdamasConfig, apply_adamas
 from hf_adamas.calibration import OnlineCalibratedLayer, code_book, threshold_centroids
 from hf_adamas.config import check_model_config
-from hf_adamas.reference import centroid_scores, hadamard_codes, hadamard_matrix, unpack_codes
+from hf_adamas.ops.reference import centroid_scores, hadamard_codes, hadamard_matrix, unpack_codes
 from hf_adamas.selection import select_adamas_asymmetric
 from hf_common.compat import cache_kwargs
 
@@ -45,7 +45,7 @@ def _inputs(seed=0, bits=2, length=29):
 
 
 try:
-    from hf_adamas.kernels import centroid_scores_triton
+    from hf_adamas.ops.kernels import centroid_scores_triton
 
     IMPLEMENTATIONS = [centroid_scores, pytest.param(centroid_scores_triton, id="triton")]
 except ImportError:  # no triton wheel for this platform: the reference alone

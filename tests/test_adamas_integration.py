@@ -10,7 +10,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoConfig
 
 import hf_adamas
 from hf_adamas import AdamasCache, AdamasConfig, AdamasLayer, apply_adamas, ops
-from hf_adamas.evaluation import Method, attention_method, decode_step, prefill
+from hf_adamas.bench.evaluation import Method, attention_method, decode_step, prefill
 from hf_common.compat import cache_kwargs, crop_cache, output_cache
 
 

@@ -22,19 +22,24 @@ def test_sylvester_matrix_is_orthonormal_and_rejects_other_sizes() -> None:
 
 
 def test_selection_keeps_forced_then_nearest_with_ties_to_recent() -> None:
-    query = torch.tensor([0, 0])
-    keys = torch.tensor([[3, 3], [0, 0], [1, 0], [0, 1], [2, 2], [3, 3]])
+    distance = torch.tensor([6, 0, 1, 1, 4, 6])
     # sink 0 and the current token 5 are forced; then distance 0 (pos 1), then the tie 2/3 -> 3 first.
-    assert naive.selected_positions(query, keys, 4, sink_tokens=1, recent_tokens=0) == [0, 5, 1, 3]
+    assert naive.selected_positions(distance, 4, sink_tokens=1, recent_tokens=0) == [0, 5, 1, 3]
 
 
+@pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric"])
 @pytest.mark.parametrize(
     ("sink_tokens", "recent_tokens", "budget", "length"), [(0, 0, 8, 40), (2, 3, 12, 33), (1, 0, 5, 6)]
 )
-def test_attention_forward_equals_the_naive_loop(sink_tokens, recent_tokens, budget, length) -> None:
+def test_attention_forward_equals_the_naive_loop(
+    selector, sink_tokens, recent_tokens, budget, length
+) -> None:
     torch.manual_seed(length)
     model = AutoModelForCausalLM.from_config(make_tiny_config("llama", head_dim=32)).eval()
+    centroids = torch.randn(2, 4).sort(dim=-1).values  # [kv heads, codes], any increasing values
     settings = AdamasConfig(
+        selector=selector,
+        centroids=[centroids.tolist()] * 4 if selector == "adamas_asymmetric" else None,
         token_budget=budget,
         dense_layers=1,
         thresholds=THRESHOLDS,
@@ -55,5 +60,6 @@ def test_attention_forward_equals_the_naive_loop(sink_tokens, recent_tokens, bud
         module.scaling,
         sink_tokens,
         recent_tokens,
+        centroids if selector == "adamas_asymmetric" else None,
     )
     assert_close("adamas vs naive", expected, out[0, 0], 1e-5)

@@ -15,7 +15,7 @@ from conftest import load_script
 from helpers import assert_close
 
 from hf_adamas import ops
-from hf_adamas.reference import (
+from hf_adamas.ops.reference import (
     _hadamard_matrix,
     code_distance,
     hadamard_codes,
@@ -27,8 +27,12 @@ from hf_adamas.reference import (
 )
 
 try:
-    from hf_adamas.kernels import code_distance_triton, hadamard_codes_triton, sparse_decode_attention_triton
-    from hf_adamas.kernels.sparse_attention import _launch_sparse_decode_attention
+    from hf_adamas.ops.kernels import (
+        code_distance_triton,
+        hadamard_codes_triton,
+        sparse_decode_attention_triton,
+    )
+    from hf_adamas.ops.kernels.sparse_attention import _launch_sparse_decode_attention
 
     TRITON_IMPORT_ERROR = None
 except ImportError as error:  # e.g. no triton wheel for this platform
@@ -213,7 +217,7 @@ def test_attention_over_subset_is_masked_dense(shared: bool) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "cache_prefix", "transposed"])
 def test_position_gather_matches_torch_gather(layout: str) -> None:
     """The row-copy fast path (contiguous and cache-prefix views) and the fallback agree with gather."""
-    from hf_adamas.reference import _gather_positions
+    from hf_adamas.ops.reference import _gather_positions
 
     torch.manual_seed(0)
     full = torch.randn(2, 3, 40, 16)

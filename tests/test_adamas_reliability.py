@@ -170,8 +170,8 @@ def test_unannounced_code_cache_grows_by_a_quarter() -> None:
 _OFFSET_CHECK = textwrap.dedent(
     """
     import os, sys, torch
-    from hf_adamas.kernels import code_distance_triton, sparse_decode_attention_triton
-    from hf_adamas.reference import code_distance, sparse_decode_attention
+    from hf_adamas.ops.kernels import code_distance_triton, sparse_decode_attention_triton
+    from hf_adamas.ops.reference import code_distance, sparse_decode_attention
 
     def huge_view(path, dtype, shape, head_stride):
         # A sparse file: the view spans > 2^31 elements but only the touched pages exist.

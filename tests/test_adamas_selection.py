@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from hf_adamas import AdamasConfig
-from hf_adamas.reference import hadamard_codes, unpack_codes
+from hf_adamas.ops.reference import hadamard_codes, unpack_codes
 from hf_adamas.selection import select_adamas, select_quest, select_streaming_llm
 
 

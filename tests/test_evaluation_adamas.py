@@ -14,8 +14,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
 import hf_adamas
+from hf_adamas.bench.evaluation import PASSKEY_FILLER
 from hf_adamas.cli import main as adamas_main
-from hf_adamas.evaluation import PASSKEY_FILLER
 from hf_adamas.lm_eval import AdamasLM
 from hf_adamas.tasks import TASKS_DIR
 

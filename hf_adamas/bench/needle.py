@@ -1,6 +1,6 @@
 """The harder passkey test: a needle hidden in varied natural text, in several formats.
 
-The original passkey test (`hf_adamas.evaluation.passkey_prompt`) repeats one filler sentence, so
+The original passkey test (`hf_adamas.bench.evaluation.passkey_prompt`) repeats one filler sentence, so
 the needle is the only novel text in the haystack and any selector that notices novelty finds it.
 Here the haystack is a random sequence of sentences from three sources, so every sentence is novel:
 
@@ -30,7 +30,7 @@ from typing import Literal
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from hf_adamas.evaluation import PasskeyTrial
+from hf_adamas.bench.evaluation import PasskeyTrial
 from hf_common.data import shared_data_file
 
 Split = Literal["tuning", "heldout"]

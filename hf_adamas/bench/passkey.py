@@ -15,8 +15,8 @@ from pathlib import Path
 
 from transformers import PreTrainedTokenizerBase
 
+from hf_adamas.bench.evaluation import PasskeyTrial, repeated_filler_trial
 from hf_adamas.bench.needle import SPLITS, needle_prompt
-from hf_adamas.evaluation import PasskeyTrial, repeated_filler_trial
 from hf_common.reporting import markdown_table, plot_series, write_report
 
 

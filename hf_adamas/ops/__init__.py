@@ -1,6 +1,6 @@
 """Device dispatch for the Adamas ops: the Triton kernels for CUDA tensors, the PyTorch reference otherwise.
 
-Every function keeps the signature of its :mod:`hf_adamas.reference` twin. Set the environment variable
+Every function keeps the signature of its :mod:`hf_adamas.ops.reference` twin. Set the environment variable
 ``HF_ADAMAS_FORCE_REFERENCE=1`` (read at import) or call :func:`force_reference` to use the reference on
 every device, e.g. to rule out a kernel when debugging. Top-k always runs ``torch.topk``
 (:func:`select_topk`).
@@ -15,8 +15,8 @@ from types import ModuleType
 import torch
 from transformers.utils import logging
 
-from hf_adamas import reference
-from hf_adamas.reference import select_topk
+from hf_adamas.ops import reference
+from hf_adamas.ops.reference import select_topk
 
 __all__ = [
     "centroid_scores",
@@ -42,7 +42,7 @@ def force_reference(enabled: bool = True) -> None:
 @functools.cache
 def _kernels() -> ModuleType | None:
     try:
-        from hf_adamas import kernels
+        from hf_adamas.ops import kernels
     except ImportError:  # no triton wheel for this platform
         return None
     return kernels

@@ -1,7 +1,7 @@
 """The lm-eval tasks that need Adamas code, registered by ``import hf_adamas`` for ``hf-adamas eval``.
 
 ``passkey_2k`` / ``passkey_4k`` / ``passkey_8k`` (group ``passkey_local``): retrieval of a number hidden
-in filler text, built by `hf_adamas.evaluation.passkey_prompt` (the ``hf-adamas passkey`` protocol); the
+in filler text, built by `hf_adamas.bench.evaluation.passkey_prompt` (the ``hf-adamas passkey`` protocol); the
 builders are in `hf_adamas.tasks.passkey_tasks`.
 """
 

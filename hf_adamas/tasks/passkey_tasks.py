@@ -7,8 +7,8 @@ from typing import Any
 
 from datasets import Dataset, DatasetDict
 
+from hf_adamas.bench.evaluation import repeated_filler_trial
 from hf_adamas.bench.needle import NEEDLE_FORMATS, needle_prompt
-from hf_adamas.evaluation import repeated_filler_trial
 from hf_common.tasks.local_tasks import resolve_tokenizer
 
 __all__ = ["passkey_dataset", "passkey_process_results"]
@@ -24,7 +24,7 @@ def passkey_dataset(
 ) -> DatasetDict:
     """``samples`` passkey prompts of about ``length`` tokens, the key at evenly spaced depths.
 
-    ``haystack="repeated"``: `hf_adamas.evaluation.repeated_filler_trial` (one filler sentence repeated);
+    ``haystack="repeated"``: `hf_adamas.bench.evaluation.repeated_filler_trial` (one filler sentence repeated);
     ``"varied"``: `hf_adamas.bench.needle.needle_prompt` (sentences of Shakespeare, stdlib docstrings
     and GSM8K from ``split``, the needle formats cycled). Built in the tokenizer of the evaluated
     model (see `resolve_tokenizer`), and decoded back to text for lm-eval.

@@ -1,7 +1,7 @@
-"""Asymmetric (query vs key-code centroid) scores (Triton), matching :func:`hf_adamas.reference.centroid_scores`.
+"""Asymmetric (query vs key-code centroid) scores (Triton), matching :func:`hf_adamas.ops.reference.centroid_scores`.
 
 The query's float lookup table ``[B, Hkv, G, P, 256]`` is built in PyTorch (it is tiny:
-:func:`hf_adamas.reference.centroid_table`); the kernel does the part that reads the cache: one program
+:func:`hf_adamas.ops.reference.centroid_table`); the kernel does the part that reads the cache: one program
 takes a block of keys of one KV head, loads their packed code bytes once, and for each of the G query
 heads of the group (or their summed table) sums the ``P`` table entries the bytes pick.
 """
@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-from hf_adamas.reference import centroid_table
+from hf_adamas.ops.reference import centroid_table
 
 __all__ = ["centroid_scores_triton"]
 
@@ -58,7 +58,7 @@ def byte_table_sum_kernel(
 def centroid_scores_triton(
     query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int, shared_per_kv_group: bool
 ) -> torch.Tensor:
-    """Same contract as :func:`hf_adamas.reference.centroid_scores`: float32 ``[B, Hq or Hkv, S]``."""
+    """Same contract as :func:`hf_adamas.ops.reference.centroid_scores`: float32 ``[B, Hq or Hkv, S]``."""
     table = centroid_table(query, k_codes, centroids, bits)  # validates the inputs
     if shared_per_kv_group:
         table = table.sum(2, keepdim=True)

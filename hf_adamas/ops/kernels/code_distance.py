@@ -1,4 +1,4 @@
-"""Exact Manhattan distance between packed Hadamard codes (Triton), matching :func:`hf_adamas.reference.code_distance`.
+"""Exact Manhattan distance between packed Hadamard codes (Triton), matching :func:`hf_adamas.ops.reference.code_distance`.
 
 One program scans a block of keys of one KV head and scores them against all G query heads of its group,
 so each key code is read from memory once per KV head. Codes are compared 16 (2-bit) or 32 (1-bit) at a
@@ -120,7 +120,7 @@ def _launch_code_distance(
 def code_distance_triton(
     q_codes: torch.Tensor, k_codes: torch.Tensor, bits: int, shared_per_kv_group: bool
 ) -> torch.Tensor:
-    """Exact Manhattan distance between packed codes; same contract as :func:`hf_adamas.reference.code_distance`.
+    """Exact Manhattan distance between packed codes; same contract as :func:`hf_adamas.ops.reference.code_distance`.
 
     Args:
         q_codes: packed uint8 ``[B, Hq, P]`` codes of the current query token.

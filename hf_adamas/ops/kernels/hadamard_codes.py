@@ -1,8 +1,8 @@
-"""Fused Walsh-Hadamard transform + bucketize + pack (Triton), matching :func:`hf_adamas.reference.hadamard_codes`.
+"""Fused Walsh-Hadamard transform + bucketize + pack (Triton), matching :func:`hf_adamas.ops.reference.hadamard_codes`.
 
 Each program transforms a block of rows against one column block of the orthonormal Hadamard matrix with an
 fp32 ``tl.dot`` (column blocks keep the matrix tile small for D = 256), counts the thresholds each value
-exceeds and packs ``8 // bits`` codes per byte in the layout documented in :mod:`hf_adamas.reference`.
+exceeds and packs ``8 // bits`` codes per byte in the layout documented in :mod:`hf_adamas.ops.reference`.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import triton
 import triton.language as tl
 
 from hf_adamas._validation import check_head_dim, check_thresholds, codes_per_byte
-from hf_adamas.reference import hadamard_matrix
+from hf_adamas.ops.reference import hadamard_matrix
 
 __all__ = ["hadamard_codes_triton"]
 
@@ -70,7 +70,7 @@ def _launch_hadamard_codes(x2d: torch.Tensor, thresholds: list[float], bits: int
 
 
 def hadamard_codes_triton(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torch.Tensor:
-    """Packed Hadamard codes of ``x``; same contract as :func:`hf_adamas.reference.hadamard_codes`.
+    """Packed Hadamard codes of ``x``; same contract as :func:`hf_adamas.ops.reference.hadamard_codes`.
 
     Args:
         x: ``[..., D]`` float tensor (fp32/fp16/bf16) on a CUDA device (or any device under

@@ -1,6 +1,6 @@
 """Split-K sparse decode attention over gathered key/value rows (Triton).
 
-Matches :func:`hf_adamas.reference.sparse_decode_attention`. The K selected indices of a row are cut into
+Matches :func:`hf_adamas.ops.reference.sparse_decode_attention`. The K selected indices of a row are cut into
 ``num_splits`` chunks; one program per (chunk, batch, selection head) gathers its keys and values once,
 runs an online softmax for every query head that shares those indices (all G heads of a KV group when the
 indices are per KV head) and writes a partial ``(output, log-sum-exp)``. A second kernel merges the
@@ -180,7 +180,7 @@ def sparse_decode_attention_triton(
 ) -> torch.Tensor:
     """Exact softmax attention of one decode token over selected positions (split-K Triton kernel).
 
-    Same contract as :func:`hf_adamas.reference.sparse_decode_attention`.
+    Same contract as :func:`hf_adamas.ops.reference.sparse_decode_attention`.
 
     Args:
         query: ``[B, Hq, D]``, D a power of two (the decode token; squeeze the length-1 axis).
