@@ -11,7 +11,6 @@ Held-out loss and the loss on a fixed train subset are measured with the same ev
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import sysconfig
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from hf_common.cli import CommandError
 from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, markdown_table, save_json, write_report
+from hf_vrgd.bench.plan import RunSpec, config_fingerprint
 from hf_vrgd.optimizers import load_optimizer
 
 BYTE_VOCAB = 256
@@ -53,22 +53,7 @@ class ExperimentConfig:
     weight_decay: float = 0.01
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run: optimizer, global batch, learning rate, its multiplier of the base LR, and seed."""
-
-    optimizer: str
-    batch: int
-    lr: float
-    lr_multiplier: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
+        return config_fingerprint(self)
 
 
 class ByteBlocks(torch.utils.data.Dataset):

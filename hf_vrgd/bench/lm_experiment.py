@@ -46,6 +46,7 @@ from hf_common.cli import CommandError
 from hf_common.data import shared_data_file
 from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, markdown_table, plt, save_figure, save_json, write_report
+from hf_vrgd.bench.plan import RunSpec, config_fingerprint
 
 LM_OPTIMIZERS = ("adamw", "vr-adamw", "lamb", "vr-lamb")
 SOURCES = ("shakespeare", "python")
@@ -73,22 +74,7 @@ class LMConfig:
     weight_decay: float = 0.01
 
     def fingerprint(self) -> str:
-        return hashlib.sha1(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    """One training run: optimizer, global batch (sequences), learning rate, its grid multiplier, seed."""
-
-    optimizer: str
-    batch: int
-    lr: float
-    lr_multiplier: float
-    seed: int
-
-    @property
-    def name(self) -> str:
-        return f"{self.optimizer}_b{self.batch}_lr{self.lr:.3g}_s{self.seed}"
+        return config_fingerprint(self)
 
 
 # ---------------------------------------------------------------------------------------------- data
