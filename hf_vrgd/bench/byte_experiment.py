@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from hf_common.cli import CommandError
 from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, markdown_table, save_json, write_report
-from hf_vrgd.bench.plan import RunSpec, config_fingerprint
+from hf_vrgd.bench.plan import RunSpec, config_fingerprint, tiny_llama
 from hf_vrgd.optimizers import load_optimizer
 
 BYTE_VOCAB = 256
@@ -104,23 +104,7 @@ def stdlib_blocks(seq_len: int, train_tokens: int, eval_tokens: int) -> dict[str
 
 def build_model(config: ExperimentConfig, seed: int) -> torch.nn.Module:
     """A small byte-level Llama with tied embeddings, initialised from ``seed``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    llama = LlamaConfig(
-        vocab_size=BYTE_VOCAB,
-        hidden_size=config.hidden_size,
-        intermediate_size=3 * config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.seq_len,
-        tie_word_embeddings=True,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(llama)
+    return tiny_llama(config, BYTE_VOCAB, seed)
 
 
 def plan_runs(

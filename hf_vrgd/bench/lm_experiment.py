@@ -46,7 +46,7 @@ from hf_common.cli import CommandError
 from hf_common.data import shared_data_file
 from hf_common.outputs import claim_outputs
 from hf_common.reporting import command_line, markdown_table, plt, save_figure, save_json, write_report
-from hf_vrgd.bench.plan import RunSpec, config_fingerprint
+from hf_vrgd.bench.plan import RunSpec, config_fingerprint, tiny_llama
 
 LM_OPTIMIZERS = ("adamw", "vr-adamw", "lamb", "vr-lamb")
 SOURCES = ("shakespeare", "python")
@@ -243,23 +243,7 @@ def prepare_data(
 
 def build_model(config: LMConfig, vocab_size: int, seed: int) -> torch.nn.Module:
     """A small Llama with tied embeddings over the restricted vocabulary, initialised from ``seed``."""
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    torch.manual_seed(seed)
-    llama = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        intermediate_size=3 * config.hidden_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.seq_len,
-        tie_word_embeddings=True,
-        pad_token_id=None,
-        bos_token_id=None,
-        eos_token_id=None,
-    )
-    return AutoModelForCausalLM.from_config(llama)
+    return tiny_llama(config, vocab_size, seed)
 
 
 @torch.no_grad()
