@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -14,7 +13,7 @@ from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
 from hf_common.demo import demo_command
 from hf_common.harness import eval_command
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
-from hf_common.reporting import command_line, machine, markdown_table, plot_series, save_json, write_report
+from hf_common.reporting import command_line, machine, save_json
 
 DESCRIPTION = "Adamas sparse attention (arXiv 2510.18413) for transformers models."
 SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
@@ -128,39 +127,11 @@ def _claim_report(args: argparse.Namespace, name: str) -> None:
     claim_outputs([args.output_dir / f"{name}.{suffix}" for suffix in ("json", "md", "png")], args.overwrite)
 
 
-def _by_method(records: list[dict], value: str) -> tuple[dict, dict]:
-    """Sparse methods as ``{name: (budgets, values)}`` and dense as ``{"dense": value}``."""
-    grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
-    dense: list[float] = []
-    for record in records:
-        if record["budget"] is None:
-            dense.append(float(record[value]))
-        else:
-            grouped[record["method"]][record["budget"]].append(float(record[value]))
-    series = {
-        name: (sorted(points), [sum(points[b]) / len(points[b]) for b in sorted(points)])
-        for name, points in grouped.items()
-    }
-    baselines = {"dense": sum(dense) / len(dense)} if dense else {}
-    return series, baselines
-
-
-def _summary_rows(series: dict, baselines: dict, column: str) -> list[dict]:
-    rows = [{"method": name, "budget": "all", column: value} for name, value in baselines.items()]
-    for name, (budgets, values) in series.items():
-        rows += [{"method": name, "budget": b, column: v} for b, v in zip(budgets, values, strict=True)]
-    return rows
-
-
 def _write_report(args, name: str, records: list[dict], value: str, title: str, **plot_kwargs) -> None:
-    series, baselines = _by_method(records, value)
+    from hf_adamas.bench.report import write_budget_report
+
     command = command_line("hf-adamas", args.argv)
-    table = markdown_table(_summary_rows(series, baselines, value), ["method", "budget", value])
-    write_report(args.output_dir, name, command, {"records": records}, title, table)
-    plot_series(
-        args.output_dir / f"{name}.png", series, title, "token budget", value, baselines, **plot_kwargs
-    )
-    print(table)
+    print(write_budget_report(args.output_dir, name, command, records, value, title, **plot_kwargs))
     print(f"Saved {args.output_dir}/{name}.json, .md and .png")
 
 

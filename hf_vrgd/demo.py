@@ -105,8 +105,8 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--groups",
         type=int,
-        default=2,
-        help="Gradient groups (micro-batches) per step; VRGD needs 2 or more.",
+        default=4,
+        help="Gradient groups (micro-batches) per step; VRGD needs 2 or more and warns below 4.",
     )
     parser.add_argument("--rows", type=int, default=1, help="GSM8K examples per micro-batch.")
     parser.add_argument("--train-length", type=int, default=64, help="Tokens kept of each example.")

@@ -1,0 +1,45 @@
+"""The budget-sweep report of ``hf-adamas ppl`` and ``bench``: one value per method and budget, dense as baseline."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+
+from hf_common.reporting import markdown_table, plot_series, write_report
+
+
+def budget_series(records: list[dict], value: str) -> tuple[dict, dict]:
+    """Sparse methods as ``{name: (budgets, values)}`` and dense as ``{"dense": value}``."""
+    grouped: dict[str, dict[int, list[float]]] = defaultdict(lambda: defaultdict(list))
+    dense: list[float] = []
+    for record in records:
+        if record["budget"] is None:
+            dense.append(float(record[value]))
+        else:
+            grouped[record["method"]][record["budget"]].append(float(record[value]))
+    series = {
+        name: (sorted(points), [sum(points[b]) / len(points[b]) for b in sorted(points)])
+        for name, points in grouped.items()
+    }
+    baselines = {"dense": sum(dense) / len(dense)} if dense else {}
+    return series, baselines
+
+
+def summary_rows(series: dict, baselines: dict, column: str) -> list[dict]:
+    """Table rows: dense (budget "all") first, then each method at each budget."""
+    rows = [{"method": name, "budget": "all", column: value} for name, value in baselines.items()]
+    for name, (budgets, values) in series.items():
+        rows += [{"method": name, "budget": b, column: v} for b, v in zip(budgets, values, strict=True)]
+    return rows
+
+
+def write_budget_report(
+    output_dir: Path, name: str, command: str, records: list[dict], value: str, title: str, **plot_kwargs
+) -> str:
+    """``name``.json/.md/.png of ``records`` (one ``value`` per method and budget, dense as a baseline);
+    returns the Markdown table."""
+    series, baselines = budget_series(records, value)
+    table = markdown_table(summary_rows(series, baselines, value), ["method", "budget", value])
+    write_report(output_dir, name, command, {"records": records}, title, table)
+    plot_series(output_dir / f"{name}.png", series, title, "token budget", value, baselines, **plot_kwargs)
+    return table
