@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import make_tiny_config
-from scylla_models import make_draft, make_target
+from scylla_models import make_draft, make_target, peaky_sampling_pair
 from transformers import AutoModelForCausalLM
 
 from hf_scylla import (
@@ -158,12 +158,7 @@ def test_sliding_window_target_is_refused_by_trees() -> None:
 def test_tree_sampling_keeps_the_target_distribution(reduced: bool) -> None:
     """Vocabulary 4, trees of 2 children per node: the law of 3 new tokens, chi-square tested."""
     vocab, new_tokens, start = 4, 3, torch.tensor([[3, 1, 2, 0]])
-    target = make_target(vocab_size=vocab, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(6.0)
-    draft = make_draft(target, max_draft_tokens=2)
-    with torch.no_grad():
-        draft.fc.weight.mul_(10.0)
+    target, draft = peaky_sampling_pair(vocab)
     if reduced:
         reduce_draft_vocabulary(draft, torch.tensor([0, 1, 3]))
     law = exact_sequence_law(lambda inputs: target(inputs).logits[:, -1], start, new_tokens, vocab)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from scylla_models import make_draft, make_target
+from scylla_models import make_draft, make_target, peaky_sampling_pair
 from test_scylla_model import word_tokenizer
 
 from hf_scylla import ScyllaDraftModel, ScyllaStats, generate, reference_speculative_decode
@@ -98,12 +98,7 @@ def test_mapping_is_saved_and_checked_on_load(tmp_path) -> None:
 def test_speculative_sampling_with_reduced_vocabulary_keeps_the_target_distribution() -> None:
     """Vocabulary 4, draft head over 3 of them: the target's law of 3 new tokens, chi-square tested."""
     vocab, new_tokens, start = 4, 3, torch.tensor([[3, 1, 2, 0]])
-    target = make_target(vocab_size=vocab, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(6.0)
-    draft = make_draft(target, max_draft_tokens=2)
-    with torch.no_grad():
-        draft.fc.weight.mul_(10.0)
+    target, draft = peaky_sampling_pair(vocab)
     reduce_draft_vocabulary(draft, torch.tensor([0, 1, 3]))
     law = exact_sequence_law(lambda inputs: target(inputs).logits[:, -1], start, new_tokens, vocab)
     torch.manual_seed(4321)
