@@ -63,14 +63,13 @@ def peaky_sampling_pair(vocab: int = 4) -> tuple[PreTrainedModel, ScyllaDraftMod
     """A target with a peaky LM head over ``vocab`` tokens and a 2-token draft with a strong fc layer:
     sampling checks small enough for an exact law, with draft acceptance well inside (0, 1)."""
     target = make_target(vocab_size=vocab, eos_token_id=None, bos_token_id=None, pad_token_id=None)
-    with torch.no_grad():
-        target.lm_head.weight.mul_(6.0)
+    target.lm_head.weight.mul_(6.0)
     draft = make_draft(target, max_draft_tokens=2)
-    with torch.no_grad():
-        draft.fc.weight.mul_(10.0)
+    draft.fc.weight.mul_(10.0)
     return target, draft
 
 
+@torch.no_grad()
 def continuation_record(
     target: PreTrainedModel, prompt: torch.Tensor, max_new_tokens: int, with_features: bool = True
 ) -> dict[str, torch.Tensor]:
