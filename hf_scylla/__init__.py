@@ -8,7 +8,7 @@ from pathlib import Path
 
 from hf_common import __version__
 from hf_common.harness import register_lm_eval_model
-from hf_scylla.batched import BatchedOutput, BatchedStats, batched_generate
+from hf_scylla.batched import BatchedOutput, batched_generate
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.generation import ScyllaGenerateOutput, generate, scylla_generate
@@ -32,7 +32,6 @@ CUSTOM_GENERATE_DIR = str(Path(__file__).resolve().parent)
 __all__ = [
     "CUSTOM_GENERATE_DIR",
     "BatchedOutput",
-    "BatchedStats",
     "ScyllaCandidateGenerator",
     "ScyllaDraftConfig",
     "ScyllaDraftModel",

@@ -16,69 +16,18 @@ left-padded batch, pads after EOS included (the test oracle).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 from transformers.cache_utils import DynamicCache
 
 from hf_common.compat import cache_kwargs, crop_cache
-from hf_scylla.candidate_generator import acceptance_length
+from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.generation import check_generation_inputs
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["BatchedOutput", "BatchedStats", "batched_generate"]
-
-
-@dataclass
-class BatchedStats:
-    """Acceptance of batched draft-verify cycles (the prefill forward is not a cycle).
-
-    ``accepted[i]`` lists, per cycle in which row i was still decoding, the draft tokens it kept (rows
-    of merged batches are appended); ``tau`` is the paper's acceptance length over all rows (kept drafts
-    + the target's token), and ``tokens_per_target_forward`` is what the whole batch gained per forward.
-    """
-
-    batch_size: int
-    draft_tokens: int
-    accepted: list[list[int]] = field(default_factory=list)
-    cycles: int = 0
-    new_tokens: int = 0
-    seconds: float = 0.0
-    target_forwards: int = 0
-
-    @property
-    def tau(self) -> float:
-        return acceptance_length([count for row in self.accepted for count in row])
-
-    @property
-    def tokens_per_second(self) -> float:
-        return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
-
-    @property
-    def tokens_per_target_forward(self) -> float:
-        return self.new_tokens / self.target_forwards if self.target_forwards else float("nan")
-
-    def merge(self, other: BatchedStats) -> None:
-        """Add another batch's cycles, tokens, forwards and time (for totals over many batches)."""
-        self.accepted += other.accepted
-        self.cycles += other.cycles
-        self.new_tokens += other.new_tokens
-        self.seconds += other.seconds
-        self.target_forwards += other.target_forwards
-
-    def to_dict(self) -> dict[str, float | int]:
-        return {
-            "batch_size": self.batch_size,
-            "draft_tokens": self.draft_tokens,
-            "tau": self.tau,
-            "cycles": self.cycles,
-            "target_forwards": self.target_forwards,
-            "tokens_per_target_forward": self.tokens_per_target_forward,
-            "new_tokens": self.new_tokens,
-            "seconds": self.seconds,
-            "tokens_per_second": self.tokens_per_second,
-        }
+__all__ = ["BatchedOutput", "batched_generate"]
 
 
 @dataclass
@@ -86,7 +35,7 @@ class BatchedOutput:
     """``(B, prompt + new)`` sequences, padded after EOS like ``generate``, and the cycle statistics."""
 
     sequences: torch.LongTensor
-    stats: BatchedStats
+    stats: ScyllaStats
 
 
 def _positions(attention_mask: torch.Tensor) -> torch.LongTensor:
@@ -208,7 +157,7 @@ def batched_generate(
         pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
     layer = draft.config.target_hidden_layer % (target.config.get_text_config().num_hidden_layers + 1)
     batch_size = input_ids.shape[0]
-    stats = BatchedStats(batch_size, draft_tokens, accepted=[[] for _ in range(batch_size)])
+    stats = ScyllaStats()
     start = time.perf_counter()
 
     cache = DynamicCache(config=target.config)
@@ -251,10 +200,9 @@ def batched_generate(
         kept = torch.minimum(torch.minimum(matched, first_eos), max_new_tokens - lengths - 1)
         kept = kept.masked_fill(finished, 0)
         if length:
-            stats.cycles += 1
             drafting = ~finished & (lengths < max_new_tokens - 1)  # a row with one token left drafts nothing
             for row in drafting.nonzero()[:, 0].tolist():
-                stats.accepted[row].append(int(kept[row]))
+                stats.record(length, int(kept[row]), row)
 
         columns = lengths[:, None] + offsets - 1
         writes = (offsets - 1 <= kept[:, None]) & ~finished[:, None]

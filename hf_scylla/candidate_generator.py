@@ -31,19 +31,33 @@ def acceptance_length(accepted: Sequence[int]) -> float:
 
 @dataclass
 class ScyllaStats:
-    """Acceptance statistics of draft-verify cycles (the prefill forward is not a cycle).
+    """Acceptance statistics of draft-verify cycles, for single and batched decoding alike.
 
-    ``tau`` is the paper's acceptance length: tokens gained per cycle, the target's bonus token included.
+    One ``drafted``/``accepted``/``rows`` entry per sequence and cycle (a batched cycle adds one entry per
+    row still decoding, ``rows`` naming it; the prefill forward is not a cycle). ``tau`` is the paper's acceptance length: tokens gained
+    per cycle and sequence, the target's bonus token included. ``target_forwards`` counts the target's
+    forwards, prefill included, so ``tokens_per_target_forward`` is what a whole batch gained per forward.
     """
 
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
+    target_forwards: int = 0
 
-    def record(self, drafted: int, accepted: int) -> None:
+    def record(self, drafted: int, accepted: int, row: int = 0) -> None:
         self.drafted.append(drafted)
         self.accepted.append(accepted)
+        self.rows.append(row)
+
+    @property
+    def accepted_by_row(self) -> list[list[int]]:
+        """Per sequence of a batch, the draft tokens it kept in each of its cycles."""
+        by_row: list[list[int]] = [[] for _ in range(max(self.rows, default=-1) + 1)]
+        for row, accepted in zip(self.rows, self.accepted, strict=True):
+            by_row[row].append(accepted)
+        return by_row
 
     @property
     def cycles(self) -> int:
@@ -67,12 +81,20 @@ class ScyllaStats:
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else float("nan")
 
+    @property
+    def tokens_per_target_forward(self) -> float:
+        return self.new_tokens / self.target_forwards if self.target_forwards else float("nan")
+
     def merge(self, other: ScyllaStats) -> None:
-        """Add another run's cycles, tokens and time (for per-benchmark totals)."""
+        """Add another run's cycles, tokens, forwards and time (for per-benchmark totals); its sequences
+        are numbered after this run's."""
+        first_row = max(self.rows, default=-1) + 1
         self.drafted += other.drafted
         self.accepted += other.accepted
+        self.rows += [first_row + row for row in other.rows]
         self.new_tokens += other.new_tokens
         self.seconds += other.seconds
+        self.target_forwards += other.target_forwards
 
     def to_dict(self) -> dict[str, float | int | list[float]]:
         return {
@@ -81,6 +103,8 @@ class ScyllaStats:
             "new_tokens": self.new_tokens,
             "seconds": self.seconds,
             "tokens_per_second": self.tokens_per_second,
+            "target_forwards": self.target_forwards,
+            "tokens_per_target_forward": self.tokens_per_target_forward,
             "mean_drafted": sum(self.drafted) / self.cycles if self.cycles else float("nan"),
             "acceptance_per_position": self.acceptance_per_position,
         }

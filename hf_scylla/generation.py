@@ -151,4 +151,5 @@ def generate(
     stats.seconds = time.perf_counter() - start
     sequences = output if isinstance(output, torch.Tensor) else output.sequences
     stats.new_tokens = sequences.shape[1] - input_ids.shape[1]
+    stats.target_forwards = stats.cycles + 1  # the prefill, then one verification forward per cycle
     return ScyllaGenerateOutput(output=output, stats=stats)

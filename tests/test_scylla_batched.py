@@ -6,7 +6,7 @@ import pytest
 import torch
 from scylla_models import make_draft, make_target
 
-from hf_scylla import BatchedStats, batched_generate, reference_speculative_decode
+from hf_scylla import ScyllaStats, batched_generate, reference_speculative_decode
 
 
 def left_padded(lengths: tuple[int, ...], vocab_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -40,8 +40,10 @@ def test_batched_equals_plain_batched_greedy(context_scale, oracle, draft_contex
     )
     assert torch.equal(result.sequences, plain)
     assert result.stats.new_tokens == 3 * 32
-    # the prefill, one forward per cycle, and at most one with no room left to draft (not a cycle)
-    assert result.stats.cycles + 1 <= result.stats.target_forwards <= result.stats.cycles + 2
+    # the prefill, one forward per batched cycle, and at most one with no room left to draft (not a cycle)
+    steps = max(len(row) for row in result.stats.accepted_by_row)
+    assert steps + 1 <= result.stats.target_forwards <= steps + 2
+    assert len(result.stats.accepted_by_row) == 3
     assert 1.0 <= result.stats.tau <= draft_tokens + 1
 
 
@@ -65,7 +67,7 @@ def test_each_row_has_the_reference_cycles(context_scale, oracle, draft_context_
             target, draft, prompt, max_new_tokens=32, draft_tokens=draft.config.max_draft_tokens
         )
         assert torch.equal(alone.sequences, sequence)
-        assert alone.stats.accepted == [[accepted for _, accepted in cycles]]
+        assert alone.stats.accepted == [accepted for _, accepted in cycles]
         expected.append([accepted for _, accepted in cycles])
     batch = batched_generate(
         target,
@@ -75,7 +77,7 @@ def test_each_row_has_the_reference_cycles(context_scale, oracle, draft_context_
         max_new_tokens=32,
         draft_tokens=draft.config.max_draft_tokens,
     )
-    assert batch.stats.accepted == expected
+    assert batch.stats.accepted_by_row == expected
 
 
 def test_rows_stop_at_eos_and_are_padded_like_generate() -> None:
@@ -94,13 +96,11 @@ def test_rows_stop_at_eos_and_are_padded_like_generate() -> None:
 
 
 def test_stats_merge_and_dict() -> None:
-    first = BatchedStats(
-        2, 3, accepted=[[3, 1], [2, 2]], cycles=2, new_tokens=12, seconds=1.0, target_forwards=3
-    )
-    first.merge(
-        BatchedStats(2, 3, accepted=[[0], [0]], cycles=1, new_tokens=2, seconds=1.0, target_forwards=2)
-    )
-    assert first.cycles == 3 and first.tau == pytest.approx(8 / 6 + 1)
+    """Two rows over two cycles, then a batch of two rows over one cycle: six (row, cycle) entries."""
+    first = ScyllaStats([3] * 4, [3, 2, 1, 2], [0, 1, 0, 1], new_tokens=12, seconds=1.0, target_forwards=3)
+    first.merge(ScyllaStats([3, 3], [0, 0], [0, 1], new_tokens=2, seconds=1.0, target_forwards=2))
+    assert first.cycles == 6 and first.tau == pytest.approx(8 / 6 + 1)
+    assert first.accepted_by_row == [[3, 1], [2, 2], [0], [0]]
     assert first.to_dict()["tokens_per_second"] == pytest.approx(7.0)
     assert first.tokens_per_target_forward == pytest.approx(14 / 5)
 

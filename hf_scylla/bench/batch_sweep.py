@@ -20,9 +20,10 @@ from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_common.reporting import markdown_table, plot_series, write_report
-from hf_scylla.batched import BatchedStats, batched_generate
+from hf_scylla.batched import batched_generate
 from hf_scylla.bench.scaling import fit_log_linear, plot_log_linear
 from hf_scylla.bench.speed import load_prompt_sets
+from hf_scylla.candidate_generator import ScyllaStats
 from hf_scylla.modeling import ScyllaDraftModel
 
 __all__ = ["interleaved_prompts", "left_padded_batches", "run_batch_sweep", "summarize_batch_sweep"]
@@ -110,7 +111,7 @@ def run_batch_sweep(
         progress.update()
         log(f"B={batch_size}: greedy {greedy_speed:.2f} tok/s")
         for length in draft_lengths:
-            total, mismatches = BatchedStats(batch_size, length), 0
+            total, mismatches = ScyllaStats(), 0
             for batch, reference in zip(batches, references, strict=True):
                 result = batched_generate(
                     target,
@@ -123,6 +124,8 @@ def run_batch_sweep(
                 total.merge(result.stats)
                 mismatches += int(not torch.equal(result.sequences, reference))
             point = {
+                "batch_size": batch_size,
+                "draft_tokens": length,
                 **total.to_dict(),
                 "greedy_tokens_per_second": greedy_speed,
                 "speedup": total.tokens_per_second / greedy_speed,
