@@ -7,6 +7,7 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
+from hf_adamas.bench.evaluation import METHOD_NAMES, method_grid
 from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
@@ -17,21 +18,6 @@ from hf_common.reporting import command_line, machine, save_json
 
 DESCRIPTION = "Adamas sparse attention (arXiv 2510.18413) for transformers models."
 SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
-METHOD_NAMES = (
-    "dense",
-    "adamas",
-    "adamas-calibrated",
-    "asymmetric",
-    "asymmetric-calibrated",
-    "asymmetric-online",
-    "asymmetric-online-kvgroup",
-    "streaming_llm",
-    "quest",
-)
-"""Methods of passkey/ppl/bench. ``adamas*``: the paper's L1 rule; ``asymmetric*``: the
-``adamas_asymmetric`` selector. Suffixes: none = paper thresholds (centroids implied by them),
-``-calibrated`` = `calibrate_codes` on ``--calibration-text`` (offline), ``-online`` = each prompt's
-own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``)."""
 OUTPUT_DIR = RUNS_DIR / "adamas"
 
 
@@ -65,32 +51,11 @@ def _add_method_arguments(
 
 
 def _method_configs(args: argparse.Namespace, calibrated: dict | None = None) -> list:
-    """The (method, budget) grid of the arguments, dense first (it runs on the pristine cache).
-
-    Called once before the model loads (``calibrated`` None: the paper's thresholds and their implied centroids stand in), so
-    a bad budget or forced-token count is a `CommandError` before any slow work.
-    """
-    from hf_adamas.bench.evaluation import Method
-    from hf_adamas.config import AdamasConfig
-
-    methods = [Method("dense")] if "dense" in args.methods else []
-    for name in args.methods:
-        if name == "dense":
-            continue
-        selector = {"streaming_llm": "streaming_llm", "quest": "quest"}.get(name, name.split("-")[0])
-        settings = {"selector": "adamas_asymmetric" if selector == "asymmetric" else selector}
-        settings["gqa_selection"] = "shared_per_kv_group" if name.endswith("-kvgroup") else args.gqa_selection
-        if name.endswith("-calibrated") and calibrated is not None:
-            settings |= {"thresholds": calibrated["thresholds"]}
-            settings |= {"centroids": calibrated["centroids"]} if selector == "asymmetric" else {}
-        settings["calibration"] = "online" if "-online" in name else "fixed"
-        for budget in args.budgets:
-            sinks = {"sink_tokens": min(args.sink_tokens, budget - 1)} if name == "streaming_llm" else {}
-            try:
-                methods.append(Method(name, AdamasConfig(token_budget=budget, **settings, **sinks)))
-            except ValueError as error:
-                raise CommandError(f"--methods {name} --budgets {budget}: {error}") from error
-    return methods
+    """The arguments' `method_grid`; a bad budget or forced-token count is a `CommandError`."""
+    try:
+        return method_grid(args.methods, args.budgets, args.gqa_selection, args.sink_tokens, calibrated)
+    except ValueError as error:
+        raise CommandError(str(error)) from error
 
 
 def _build_methods(args: argparse.Namespace, model, tokenizer) -> list:

@@ -12,6 +12,7 @@ from lm_eval.tasks import TaskManager
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from hf_adamas.bench.evaluation import method_grid
 from hf_adamas.bench.needle import NEEDLE_FORMATS, needle_prompt, sentence_pools
 from hf_adamas.bench.passkey import passkey_trials, read_records
 from hf_adamas.cli import main as adamas_main
@@ -86,6 +87,39 @@ def model_dir(tmp_path: Path, tokenizer) -> Path:
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
     tokenizer.save_pretrained(tmp_path / "model")
     return tmp_path / "model"
+
+
+@pytest.mark.parametrize(
+    ("name", "selector", "calibration", "gqa_selection"),
+    [
+        ("adamas", "adamas", "fixed", "per_query_head"),
+        ("adamas-calibrated", "adamas", "fixed", "per_query_head"),
+        ("asymmetric-online", "adamas_asymmetric", "online", "per_query_head"),
+        ("asymmetric-online-kvgroup", "adamas_asymmetric", "online", "shared_per_kv_group"),
+        ("streaming_llm", "streaming_llm", "fixed", "per_query_head"),
+        ("quest", "quest", "fixed", "per_query_head"),
+    ],
+)
+def test_method_grid_maps_names_to_configs(name, selector, calibration, gqa_selection) -> None:
+    calibrated = {"thresholds": [[-1.0, 0.0, 1.0]], "centroids": [[-2.0, -0.5, 0.5, 2.0]]}
+    dense, *methods = method_grid(["dense", name], [16, 64], calibrated=calibrated)
+    assert dense.config is None and [m.budget for m in methods] == [16, 64]
+    config = methods[0].config
+    assert (config.selector, config.calibration, config.gqa_selection) == (
+        selector,
+        calibration,
+        gqa_selection,
+    )
+    assert (config.thresholds == calibrated["thresholds"]) == name.endswith("-calibrated")
+    if name == "streaming_llm":
+        assert config.sink_tokens == 4
+
+
+def test_method_grid_names_the_bad_point() -> None:
+    with pytest.raises(ValueError, match="unknown methods"):
+        method_grid(["dense", "bogus"], [64])
+    with pytest.raises(ValueError, match="method streaming_llm at budget 0"):
+        method_grid(["streaming_llm"], [0])
 
 
 def test_passkey_command_resumes_and_refuses_to_replace_records(tmp_path: Path, model_dir: Path) -> None:

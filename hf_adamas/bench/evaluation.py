@@ -144,6 +144,62 @@ def _greedy_answer_prefix(
     return produced
 
 
+METHOD_NAMES = (
+    "dense",
+    "adamas",
+    "adamas-calibrated",
+    "asymmetric",
+    "asymmetric-calibrated",
+    "asymmetric-online",
+    "asymmetric-online-kvgroup",
+    "streaming_llm",
+    "quest",
+)
+"""Method names of the benchmarks. ``adamas*``: the paper's L1 rule; ``asymmetric*``: the
+``adamas_asymmetric`` selector. Suffixes: none = paper thresholds (centroids implied by them),
+``-calibrated`` = `calibrate_codes` on a calibration text (offline), ``-online`` = each prompt's
+own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``)."""
+
+
+def method_grid(
+    names: Sequence[str],
+    budgets: Sequence[int],
+    gqa_selection: str = "per_query_head",
+    sink_tokens: int = 4,
+    calibrated: dict | None = None,
+) -> list[Method]:
+    """The (method, budget) grid, dense first (it runs on the pristine cache).
+
+    ``calibrated`` is `calibrate_codes`' output for the ``-calibrated`` methods; without it the paper's
+    thresholds stand in, so the grid can be checked (a `ValueError` naming the method and budget)
+    before the model loads.
+    """
+    unknown = sorted(set(names) - set(METHOD_NAMES))
+    if unknown:
+        raise ValueError(f"unknown methods {unknown}; choose from {list(METHOD_NAMES)}")
+    methods = [Method("dense")] if "dense" in names else []
+    for name in names:
+        if name == "dense":
+            continue
+        family = name.split("-")[0]
+        settings = {
+            "selector": "adamas_asymmetric" if family == "asymmetric" else family,
+            "gqa_selection": "shared_per_kv_group" if name.endswith("-kvgroup") else gqa_selection,
+            "calibration": "online" if "-online" in name else "fixed",
+        }
+        if name.endswith("-calibrated") and calibrated is not None:
+            settings["thresholds"] = calibrated["thresholds"]
+            if family == "asymmetric":
+                settings["centroids"] = calibrated["centroids"]
+        for budget in budgets:
+            sinks = {"sink_tokens": min(sink_tokens, budget - 1)} if name == "streaming_llm" else {}
+            try:
+                methods.append(Method(name, AdamasConfig(token_budget=budget, **settings, **sinks)))
+            except ValueError as error:
+                raise ValueError(f"method {name} at budget {budget}: {error}") from error
+    return methods
+
+
 def method_key(name: str, budget: int | None) -> str:
     """``name@budget`` (``dense`` alone): what identifies a method's records within a trial."""
     return name if budget is None else f"{name}@{budget}"
