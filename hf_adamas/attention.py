@@ -77,10 +77,21 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
 
 
 def _prepare_module(module: torch.nn.Module) -> None:
-    """On a module's first Adamas call: install the cache hook."""
+    """Install the cache hook once (on a module's first Adamas call, or from `install_cache_hooks`)."""
     if not getattr(module, _HOOK_FLAG, False):
         module.register_forward_pre_hook(_stash_cache_layer, with_kwargs=True)
         setattr(module, _HOOK_FLAG, True)
+
+
+def install_cache_hooks(model: torch.nn.Module) -> None:
+    """Hook every attention module (one with an integer ``layer_idx``) before its first Adamas call.
+
+    Without this, a module first reached by a decode step (a cache prefilled under sdpa, then switched
+    to Adamas) would not find its cache on that step and re-encode every cached key once.
+    """
+    for module in model.modules():
+        if isinstance(getattr(module, "layer_idx", None), int) and hasattr(module, "config"):
+            _prepare_module(module)
 
 
 def _key_codes(

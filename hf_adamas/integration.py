@@ -16,7 +16,7 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.cache_utils import Cache
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-from hf_adamas.attention import ATTENTION_NAME, adamas_attention_forward
+from hf_adamas.attention import ATTENTION_NAME, adamas_attention_forward, install_cache_hooks
 from hf_adamas.cache import CAPACITY_ATTRIBUTE
 from hf_adamas.config import AdamasConfig, check_model_config
 from hf_common.compat import CACHE_ARGUMENT
@@ -52,6 +52,7 @@ def apply_adamas(model: PreTrainedModel, adamas_config: AdamasConfig | None = No
     adamas_config.save_to_model_config(model.config.get_text_config(decoder=True))
     register()
     _announce_generation_length(model)
+    install_cache_hooks(model)
     model.set_attn_implementation(ATTENTION_NAME)
     return model
 

@@ -111,6 +111,20 @@ def test_cache_without_codes_warns_once(kind: str, caplog: pytest.LogCaptureFixt
     assert len(warnings) == 1 and layer_type in warnings[0].getMessage()
 
 
+def test_a_cache_prefilled_under_sdpa_gets_codes_on_the_first_adamas_step(caplog) -> None:
+    """Prefill dense, then `apply_adamas`: the first decode step already finds and converts its cache."""
+    model = _model()
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(_prompt(), use_cache=True, **cache_kwargs(cache))
+        config = AdamasConfig(token_budget=8, dense_layers=1)
+        apply_adamas(model, config)
+        with caplog.at_level(logging.WARNING, logger="hf_adamas"):
+            model(torch.tensor([[5]]), use_cache=True, **cache_kwargs(cache))
+    assert not [r for r in caplog.records if "stores no key codes" in r.getMessage()]
+    assert [isinstance(layer, AdamasLayer) for layer in cache.layers] == [False, True, True, True]
+
+
 def test_reload_without_adamas_says_the_saved_settings_are_unused(
     tiny_target_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
