@@ -66,12 +66,15 @@ def select_adamas(
     key_codes: KeyCodes,
 ) -> torch.Tensor:
     thresholds = thresholds_tensor(settings, module.layer_idx)
-    query_codes = ops.hadamard_codes(query, thresholds, settings.bits)
-    distance = ops.code_distance(
-        query_codes, key_codes(thresholds), settings.bits, settings.gqa_selection == "shared_per_kv_group"
+    return ops.select_by_code_distance(
+        ops.hadamard_codes(query, thresholds, settings.bits),
+        key_codes(thresholds),
+        settings.bits,
+        settings.gqa_selection == "shared_per_kv_group",
+        settings.token_budget,
+        valid,
+        forced_positions(settings, valid, key.shape[0], key.shape[2], key.device),
     )
-    forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
-    return ops.select_topk(distance, settings.token_budget, valid, forced)
 
 
 def code_book_for(
@@ -99,18 +102,6 @@ def code_book_for(
     return thresholds, cache[module.layer_idx, key.device]
 
 
-def _largest_first(scores: torch.Tensor) -> torch.Tensor:
-    """Non-negative int64 "distances" ranking float32 ``scores`` largest first, exactly.
-
-    The float32 bit pattern, read as an integer and reflected for negative values, orders like the
-    float; subtracting it from ``2**31 - 1`` reverses the order and keeps every value >= 0, which
-    `ops.select_topk` needs to rank forced positions (negative keys) first.
-    """
-    bits = scores.float().contiguous().view(torch.int32).long()
-    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # in (-2**31, 2**31)
-    return (2**31 - 1) - ordered
-
-
 def select_adamas_asymmetric(
     settings: AdamasConfig,
     module: torch.nn.Module,
@@ -120,15 +111,16 @@ def select_adamas_asymmetric(
     key_codes: KeyCodes,
 ) -> torch.Tensor:
     thresholds, centroids = code_book_for(settings, module, key)
-    scores = ops.centroid_scores(
+    return ops.select_by_centroid_scores(
         query,
         key_codes(thresholds),
         centroids,
         settings.bits,
         settings.gqa_selection == "shared_per_kv_group",
+        settings.token_budget,
+        valid,
+        forced_positions(settings, valid, key.shape[0], key.shape[2], key.device),
     )
-    forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
-    return ops.select_topk(_largest_first(scores), settings.token_budget, valid, forced)
 
 
 def select_streaming_llm(

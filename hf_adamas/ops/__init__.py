@@ -2,8 +2,12 @@
 
 Every function keeps the signature of its :mod:`hf_adamas.ops.reference` twin. Set the environment variable
 ``HF_ADAMAS_FORCE_REFERENCE=1`` (read at import) or call :func:`force_reference` to use the reference on
-every device, e.g. to rule out a kernel when debugging. Top-k always runs ``torch.topk``
-(:func:`select_topk`).
+every device, e.g. to rule out a kernel when debugging.
+
+Key selection (:func:`select_by_code_distance`, :func:`select_by_centroid_scores`): the Triton score
+kernels and ``torch.topk`` on CUDA; on CPU the fused C++ op of :mod:`hf_adamas.ops.cpu` (scores and an
+exact top-k in one pass over the packed codes), or :func:`reference.select_by_table` where it cannot be
+built.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import torch
 from transformers.utils import logging
 
 from hf_adamas.ops import reference
+from hf_adamas.ops.cpu import cpu_extension, select_by_table_cpu
 from hf_adamas.ops.reference import select_topk
 
 __all__ = [
@@ -23,6 +28,8 @@ __all__ = [
     "code_distance",
     "force_reference",
     "hadamard_codes",
+    "select_by_centroid_scores",
+    "select_by_code_distance",
     "select_topk",
     "sparse_decode_attention",
     "triton_available",
@@ -97,3 +104,53 @@ def sparse_decode_attention(
     if _use_triton(query):
         return _kernels().sparse_decode_attention_triton(query, key, value, indices, scaling)
     return reference.sparse_decode_attention(query, key, value, indices, scaling)
+
+
+def _select_by_table(
+    table: torch.Tensor,
+    k_codes: torch.Tensor,
+    budget: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    largest: bool,
+) -> torch.Tensor:
+    if k_codes.device.type == "cpu" and not _force_reference and cpu_extension() is not None:
+        return select_by_table_cpu(table, k_codes, budget, valid, forced, largest)
+    return reference.select_by_table(table, k_codes, budget, valid, forced, largest)
+
+
+def select_by_code_distance(
+    q_codes: torch.Tensor,
+    k_codes: torch.Tensor,
+    bits: int,
+    shared_per_kv_group: bool,
+    budget: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+) -> torch.Tensor:
+    """The paper's selection: `select_topk` of :func:`code_distance`, ``[B, Hq or Hkv, budget]``."""
+    if _use_triton(k_codes):
+        distance = _kernels().code_distance_triton(q_codes, k_codes, bits, shared_per_kv_group)
+        return select_topk(distance, budget, valid, forced)
+    table = reference.distance_table(q_codes, k_codes, bits)
+    table = table.sum(2, keepdim=True) if shared_per_kv_group else table
+    return _select_by_table(table, k_codes, budget, valid, forced, largest=False)
+
+
+def select_by_centroid_scores(
+    query: torch.Tensor,
+    k_codes: torch.Tensor,
+    centroids: torch.Tensor,
+    bits: int,
+    shared_per_kv_group: bool,
+    budget: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+) -> torch.Tensor:
+    """The asymmetric selection: the ``budget`` largest :func:`centroid_scores`, ``[B, Hq or Hkv, budget]``."""
+    if _use_triton(k_codes):
+        scores = _kernels().centroid_scores_triton(query, k_codes, centroids, bits, shared_per_kv_group)
+        return select_topk(reference.largest_first(scores), budget, valid, forced)
+    table = reference.centroid_table(query, k_codes, centroids, bits)
+    table = table.sum(2, keepdim=True) if shared_per_kv_group else table
+    return _select_by_table(table, k_codes, budget, valid, forced, largest=True)

@@ -42,9 +42,12 @@ __all__ = [
     "centroid_scores",
     "centroid_table",
     "code_distance",
+    "distance_table",
     "hadamard_codes",
     "hadamard_matrix",
+    "largest_first",
     "pack_codes",
+    "select_by_table",
     "select_topk",
     "sparse_decode_attention",
     "unpack_codes",
@@ -125,12 +128,20 @@ def code_distance(
     distance is the sum of ``P`` table rows picked by its bytes: one ``embedding_bag`` that reads
     the packed codes as they are, without unpacking them. Exact: every partial sum is a small integer.
     """
+    return byte_table_sum(distance_table(q_codes, k_codes, bits), k_codes, shared_per_kv_group).int()
+
+
+def distance_table(q_codes: torch.Tensor, k_codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """The query's L1 lookup table ``[B, Hkv, G, P, 256]`` of :func:`code_distance`.
+
+    Entry ``[b, h, g, p, v]`` is ``Σ_m |c_q,m - c_v,m|`` over the ``8 // bits`` codes of query head
+    ``h * G + g`` at byte position ``p`` and those packed in byte value ``v`` (a small integer).
+    """
     group = check_code_distance_inputs(q_codes, k_codes)
     check_bits(bits)
     bsz, num_kv_heads, _, packed = k_codes.shape
     query = unpack_codes(q_codes, bits).float().view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
-    table = (query - _byte_codes(bits, k_codes.device)).abs().sum(-1)  # [B, Hkv, G, P, 256]
-    return byte_table_sum(table, k_codes, shared_per_kv_group).int()
+    return (query - _byte_codes(bits, k_codes.device)).abs().sum(-1)
 
 
 def centroid_scores(
@@ -170,9 +181,9 @@ def centroid_table(
     group = check_centroid_score_inputs(query, k_codes, centroids, bits)
     bsz, num_kv_heads, _, packed = k_codes.shape
     q_hat = query.float() @ hadamard_matrix(query.shape[-1], query.device)
-    q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
+    q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 8 // bits)
     byte_values = centroids.float().to(k_codes.device)[:, _byte_codes(bits, k_codes.device).long()]
-    return (q_hat * byte_values[None, :, None, None]).sum(-1)
+    return torch.einsum("bhgpm,hvm->bhgpv", q_hat, byte_values)  # byte_values: [Hkv, 256, 8 // bits]
 
 
 def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_group: bool) -> torch.Tensor:
@@ -191,6 +202,38 @@ def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_gro
     rows = k_codes.reshape(bsz * num_kv_heads, seq_len, packed).long() + first_row
     total = torch.nn.functional.embedding_bag(rows.view(-1, packed), weight, mode="sum")
     return total.view(bsz, num_kv_heads, seq_len, columns).transpose(2, 3).reshape(bsz, -1, seq_len)
+
+
+def largest_first(scores: torch.Tensor) -> torch.Tensor:
+    """Non-negative int64 "distances" ranking float32 ``scores`` largest first, exactly.
+
+    The float32 bit pattern, read as an integer and reflected for negative values, orders like the
+    float; subtracting it from ``2**31 - 1`` reverses the order and keeps every value >= 0, which
+    :func:`select_topk` needs to rank forced positions (negative keys) first.
+    """
+    bits = scores.float().contiguous().view(torch.int32).long()
+    ordered = torch.where(bits < 0, -(bits & 0x7FFFFFFF), bits)  # in (-2**31, 2**31)
+    return (2**31 - 1) - ordered
+
+
+def select_by_table(
+    table: torch.Tensor,
+    k_codes: torch.Tensor,
+    budget: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    largest: bool,
+) -> torch.Tensor:
+    """Score every key with a byte table and keep the ``budget`` best: the CPU selection of both rules.
+
+    ``table`` is ``[B, Hkv, C, P, 256]`` (:func:`distance_table` or :func:`centroid_table`, ``C`` = G,
+    or 1 when a KV group shares one selection); ``largest`` ranks the scores largest first (centroid
+    scores) instead of smallest first (integer L1 distances). Returns :func:`select_topk`'s indices
+    ``[B, Hkv * C, budget]``. The fused C++ op of :mod:`hf_adamas.ops.cpu` computes the same indices.
+    """
+    scores = byte_table_sum(table, k_codes, shared_per_kv_group=False)
+    distance = largest_first(scores) if largest else scores.int()
+    return select_topk(distance, budget, valid, forced)
 
 
 def select_topk(

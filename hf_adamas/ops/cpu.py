@@ -1,0 +1,60 @@
+"""The fused CPU selection op (`csrc/select_cpu.cpp`), compiled on first use with the C++ toolchain.
+
+One decode step's estimate + top-k in a single pass over the packed key codes: per key, ``P`` byte
+lookups into the query's table (all query heads of a KV group at once), then ``std::nth_element``
+for the exact top-k with the ranking rules of `reference.select_topk`. The PyTorch twin, and the
+fallback when no compiler is found, is `reference.select_by_table`.
+
+The extension is built once per machine by `torch.utils.cpp_extension.load` (about 30 s, cached
+under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from types import ModuleType
+
+import torch
+from transformers.utils import logging
+
+__all__ = ["cpu_extension", "select_by_table_cpu"]
+
+logger = logging.get_logger(__name__)
+
+SOURCE = Path(__file__).parent / "csrc" / "select_cpu.cpp"
+
+
+@functools.cache
+def cpu_extension() -> ModuleType | None:
+    """The compiled op, or None (said once) when it cannot be built here."""
+    from torch.utils.cpp_extension import load
+
+    try:
+        return load(name="hf_adamas_select_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+    except (OSError, RuntimeError, ImportError) as error:  # no compiler / ninja, or a failed build
+        logger.warning(
+            "Adamas: the fused CPU selection op could not be built (%s); decoding uses the PyTorch "
+            "reference ops on CPU (correct, slower).",
+            str(error).splitlines()[0] if str(error) else type(error).__name__,
+        )
+        return None
+
+
+def select_by_table_cpu(
+    table: torch.Tensor,
+    k_codes: torch.Tensor,
+    budget: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    largest: bool,
+) -> torch.Tensor:
+    """`reference.select_by_table` in one fused C++ pass; the extension must be available."""
+    batch = table.shape[0]
+    layout = table.float().permute(0, 1, 3, 4, 2).contiguous()  # [B, Hkv, P, 256, C]: one read per byte
+    seq_len = k_codes.shape[2]
+    forced = torch.zeros(batch, seq_len, dtype=torch.bool) if forced is None else forced.contiguous()
+    valid = torch.empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
+    if k_codes.stride(3) != 1:
+        k_codes = k_codes.contiguous()
+    return cpu_extension().select_by_table(layout, k_codes, budget, forced, valid, largest)

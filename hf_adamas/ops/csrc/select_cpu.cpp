@@ -1,0 +1,133 @@
+// Fused Adamas key selection for one decode token on CPU: per-byte table lookups over the packed key
+// codes (no unpacking), then an exact top-k with the ranking rules of hf_adamas.ops.reference.select_topk.
+// The plain-PyTorch twin is hf_adamas.ops.reference.select_by_table; tests/test_adamas_cpu_select.py
+// compares the two index for index.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+// The ranking key of reference.select_topk for one position: forced positions first (most recent
+// first), then by distance, ties to the more recent position; invalid positions never.
+inline int64_t rank_key(int64_t distance, int64_t pos, int64_t seq_len, bool forced, bool valid) {
+  if (!valid) return std::numeric_limits<int64_t>::max();
+  if (forced) return -1 - pos;
+  return distance * seq_len + (seq_len - 1 - pos);
+}
+
+// reference.largest_first: a non-negative integer ranking float32 scores largest first.
+inline int64_t largest_first(float score) {
+  int32_t bits;
+  std::memcpy(&bits, &score, sizeof(bits));
+  int64_t ordered = bits < 0 ? -static_cast<int64_t>(bits & 0x7FFFFFFF) : static_cast<int64_t>(bits);
+  return (static_cast<int64_t>(1) << 31) - 1 - ordered;
+}
+
+// Per key, the sum over its P code bytes of the table entries they pick, for C columns at once.
+template <int64_t C>
+void score_keys_fixed(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t seq_len,
+                      int64_t packed, float* scores) {
+  for (int64_t s = 0; s < seq_len; ++s) {
+    const uint8_t* row = codes + s * row_stride;
+    float acc[C] = {};
+    for (int64_t p = 0; p < packed; ++p) {
+      const float* entry = tab + (p * 256 + row[p]) * C;
+      for (int64_t c = 0; c < C; ++c) acc[c] += entry[c];
+    }
+    for (int64_t c = 0; c < C; ++c) scores[s * C + c] = acc[c];
+  }
+}
+
+void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t seq_len, int64_t packed,
+                int64_t columns, float* scores) {
+  switch (columns) {
+    case 1: return score_keys_fixed<1>(tab, codes, row_stride, seq_len, packed, scores);
+    case 2: return score_keys_fixed<2>(tab, codes, row_stride, seq_len, packed, scores);
+    case 3: return score_keys_fixed<3>(tab, codes, row_stride, seq_len, packed, scores);
+    case 4: return score_keys_fixed<4>(tab, codes, row_stride, seq_len, packed, scores);
+    case 8: return score_keys_fixed<8>(tab, codes, row_stride, seq_len, packed, scores);
+    default:
+      for (int64_t s = 0; s < seq_len; ++s) {
+        const uint8_t* row = codes + s * row_stride;
+        float* acc = scores + s * columns;
+        for (int64_t c = 0; c < columns; ++c) acc[c] = 0.0f;
+        for (int64_t p = 0; p < packed; ++p) {
+          const float* entry = tab + (p * 256 + row[p]) * columns;
+          for (int64_t c = 0; c < columns; ++c) acc[c] += entry[c];
+        }
+      }
+  }
+}
+
+}  // namespace
+
+// table: float32 [B, Hkv, P, 256, C]; codes: uint8 [B, Hkv, S, P] (last dim contiguous, any row stride);
+// forced / valid: bool [B, S] (valid may be empty = all valid). largest: rank scores largest first
+// (asymmetric) instead of smallest distance first (the L1 table of small integers).
+// Returns int64 [B, Hkv * C, budget]: ascending positions, -1 where no valid position is left.
+torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t budget, torch::Tensor forced,
+                              torch::Tensor valid, bool largest) {
+  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.dim() == 5 && table.is_contiguous(),
+              "table must be contiguous float32 [B, Hkv, P, 256, C]");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 4 && codes.stride(3) == 1,
+              "codes must be uint8 [B, Hkv, S, P] with contiguous bytes");
+  const int64_t batch = codes.size(0), kv_heads = codes.size(1), seq_len = codes.size(2), packed = codes.size(3);
+  const int64_t columns = table.size(4);
+  TORCH_CHECK(table.size(0) == batch && table.size(1) == kv_heads && table.size(2) == packed && table.size(3) == 256,
+              "table and codes disagree in shape");
+  TORCH_CHECK(budget >= 1, "budget must be >= 1");
+  TORCH_CHECK(forced.dtype() == torch::kBool && forced.is_contiguous() && forced.size(0) == batch &&
+                  forced.size(1) == seq_len, "forced must be contiguous bool [B, S]");
+  const bool has_valid = valid.numel() > 0;
+  TORCH_CHECK(!has_valid || (valid.dtype() == torch::kBool && valid.is_contiguous() && valid.size(0) == batch &&
+                             valid.size(1) == seq_len), "valid must be contiguous bool [B, S] or empty");
+
+  auto out = torch::full({batch, kv_heads * columns, budget}, -1, torch::kInt64);
+  const float* table_ptr = table.data_ptr<float>();
+  const uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
+  const bool* forced_ptr = forced.data_ptr<bool>();
+  const bool* valid_ptr = has_valid ? valid.data_ptr<bool>() : nullptr;
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1), cs2 = codes.stride(2);
+  const int64_t keep = std::min(budget, seq_len);
+
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> scores(seq_len * columns);
+    std::vector<int64_t> keys(seq_len);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / kv_heads, h = bh % kv_heads;
+      const float* tab = table_ptr + bh * packed * 256 * columns;
+      score_keys(tab, codes_ptr + b * cs0 + h * cs1, cs2, seq_len, packed, columns, scores.data());
+      const bool* is_forced = forced_ptr + b * seq_len;
+      const bool* is_valid = has_valid ? valid_ptr + b * seq_len : nullptr;
+      for (int64_t c = 0; c < columns; ++c) {
+        for (int64_t s = 0; s < seq_len; ++s) {
+          const float score = scores[s * columns + c];
+          const int64_t distance = largest ? largest_first(score) : static_cast<int64_t>(score);
+          keys[s] = rank_key(distance, s, seq_len, is_forced[s], is_valid == nullptr || is_valid[s]);
+        }
+        // Keys are unique and encode their position, so the selection runs on the keys themselves.
+        std::nth_element(keys.begin(), keys.begin() + (keep - 1), keys.end());
+        int64_t* dst = out_ptr + (b * kv_heads * columns + h * columns + c) * budget;
+        int64_t kept = 0;
+        for (int64_t i = 0; i < keep; ++i) {
+          const int64_t key = keys[i];
+          if (key == std::numeric_limits<int64_t>::max()) continue;
+          dst[kept++] = key < 0 ? -1 - key : seq_len - 1 - key % seq_len;
+        }
+        std::sort(dst, dst + kept);
+      }
+    }
+  });
+  return out;
+}
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("select_by_table", &select_by_table, "Fused Adamas byte-table scores and exact top-k (CPU)");
+}

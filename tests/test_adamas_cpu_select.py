@@ -1,0 +1,87 @@
+"""The fused CPU selection op against its PyTorch twin (`reference.select_by_table`), index for index."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from hf_adamas.ops import cpu, reference
+
+HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
+needs_extension = pytest.mark.skipif(not HAS_TOOLCHAIN, reason="no C++ compiler or ninja: the reference runs")
+
+
+@needs_extension
+def test_the_extension_builds_where_a_toolchain_exists() -> None:
+    assert cpu.cpu_extension() is not None
+
+
+def _case(batch, kv_heads, group, seq_len, head_dim, seed, shared, with_valid):
+    generator = torch.Generator().manual_seed(seed)
+    key = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator)
+    query = torch.randn(batch, kv_heads * group, head_dim, generator=generator)
+    thresholds = torch.tensor([-0.6, 0.0, 0.6])
+    k_codes = reference.hadamard_codes(key, thresholds, 2)
+    forced = torch.zeros(batch, seq_len, dtype=torch.bool)
+    forced[:, -3:] = True
+    forced[:, :2] = True
+    valid = None
+    if with_valid:  # left padding of different widths per row
+        valid = torch.arange(seq_len)[None] >= torch.arange(batch)[:, None] * 3
+    centroids = torch.randn(kv_heads, 4, generator=generator).sort(-1).values
+    tables = {
+        "asymmetric": reference.centroid_table(query, k_codes, centroids, 2),
+        "l1": reference.distance_table(reference.hadamard_codes(query, thresholds, 2), k_codes, 2),
+    }
+    if shared:
+        tables = {name: table.sum(2, keepdim=True) for name, table in tables.items()}
+    return tables, k_codes, valid, forced
+
+
+@needs_extension
+@pytest.mark.parametrize("rule", ["asymmetric", "l1"])
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "seq_len", "head_dim", "budget"),
+    [
+        (1, 3, 3, 300, 64, 16),
+        (2, 2, 4, 129, 32, 7),
+        (1, 1, 1, 5, 16, 8),  # budget above the sequence: -1 fill
+        (3, 2, 2, 77, 128, 77),
+    ],
+)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("with_valid", [False, True])
+def test_fused_op_equals_the_reference(
+    rule, batch, kv_heads, group, seq_len, head_dim, budget, shared, with_valid
+):
+    tables, k_codes, valid, forced = _case(
+        batch, kv_heads, group, seq_len, head_dim, seq_len, shared, with_valid
+    )
+    largest = rule == "asymmetric"
+    expected = reference.select_by_table(tables[rule], k_codes, budget, valid, forced, largest)
+    got = cpu.select_by_table_cpu(tables[rule], k_codes, budget, valid, forced, largest)
+    assert torch.equal(got, expected)
+
+
+@needs_extension
+def test_fused_op_reads_strided_codes_of_a_preallocated_cache() -> None:
+    """Code caches are the filled prefix of a larger buffer: rows strided, bytes contiguous."""
+    tables, k_codes, valid, forced = _case(1, 3, 3, 200, 64, 1, False, False)
+    buffer = torch.zeros(1, 3, 256, k_codes.shape[-1], dtype=torch.uint8)
+    buffer[:, :, :200] = k_codes
+    view = buffer[:, :, :200]
+    assert not view.is_contiguous()
+    table = tables["asymmetric"]
+    expected = reference.select_by_table(table, k_codes, 32, valid, forced, True)
+    assert torch.equal(cpu.select_by_table_cpu(table, view, 32, valid, forced, True), expected)
+
+
+@needs_extension
+def test_fused_op_rejects_bad_shapes() -> None:
+    tables, k_codes, valid, forced = _case(1, 2, 2, 50, 32, 2, False, False)
+    with pytest.raises(RuntimeError, match="forced must be"):
+        cpu.select_by_table_cpu(tables["l1"], k_codes, 8, valid, forced[:, :10], False)
+    with pytest.raises(RuntimeError, match="disagree in shape"):
+        cpu.select_by_table_cpu(tables["l1"][:, :1], k_codes, 8, valid, forced, False)
