@@ -296,9 +296,15 @@ def _run_ppl(args: argparse.Namespace) -> int:
 
 def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     _add_model_arguments(parser)
-    _add_method_arguments(parser, [256], ["dense", "adamas"])
+    _add_method_arguments(
+        parser,
+        [64, 256, 1024],
+        ["dense", "dense-static", "asymmetric-online", "asymmetric-online-kvgroup", "adamas"],
+    )
     parser.add_argument("--text", type=Path, default=SHAKESPEARE, help="Text for the prefilled context.")
-    parser.add_argument("--context", type=int, default=8192, help="Prefilled context length.")
+    parser.add_argument(
+        "--contexts", type=int, nargs="+", default=[4096, 8192], help="Prefilled context lengths (tokens)."
+    )
     parser.add_argument("--steps", type=int, default=16, help="Timed decode steps per method.")
 
 
@@ -308,17 +314,34 @@ def _run_bench(args: argparse.Namespace) -> int:
     if args.steps < 1:
         raise CommandError(f"--steps must be >= 1, got {args.steps}")
     _require_file(args.text, "--text")
-    _check_method_arguments(args, args.context, "--context")
-    _claim_report(args, f"decode_speed_{args.context}")
+    _check_method_arguments(args, min(args.contexts), "shortest --contexts")
+    _claim_report(args, "decode_speed")
     model, tokenizer = load_model_and_tokenizer(args.model)
-    input_ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids[:, : args.context]
+    text_ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids
+    if text_ids.shape[1] < max(args.contexts):
+        raise CommandError(
+            f"{args.text} has {text_ids.shape[1]} tokens, fewer than --contexts {max(args.contexts)}"
+        )
     methods = _build_methods(args, model, tokenizer)
-    records = run_decode_speed(model, input_ids, methods, args.steps)
-    dense = next((r["tokens_per_second"] for r in records if r["budget"] is None), None)
-    for record in records:
-        record["speedup_vs_dense"] = record["tokens_per_second"] / dense if dense else None
-    title = f"Decode speed at {input_ids.shape[1]} tokens of context"
-    _write_report(args, f"decode_speed_{args.context}", records, "tokens_per_second", title, log_x=True)
+    records = []
+    for context in args.contexts:
+        measured = run_decode_speed(model, text_ids[:, :context], methods, args.steps)
+        fastest_dense = max((r["tokens_per_second"] for r in measured if r["budget"] is None), default=None)
+        for record in measured:
+            record["speedup_vs_fastest_dense"] = (
+                record["tokens_per_second"] / fastest_dense if fastest_dense else None
+            )
+            record["method"] = f"{record['method']} @{context}"
+        records += measured
+    from hf_adamas.bench.report import write_decode_report
+
+    title = f"Decode speed after {', '.join(map(str, args.contexts))} tokens of context"
+    print(
+        write_decode_report(
+            args.output_dir, "decode_speed", command_line("hf-adamas", args.argv), records, title
+        )
+    )
+    print(f"Saved {args.output_dir}/decode_speed.json, .md and .png")
     return 0
 
 

@@ -7,12 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import make_tiny_config
 from lm_eval.tasks import TaskManager
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from hf_adamas.bench.evaluation import method_grid
+from hf_adamas.bench.evaluation import method_grid, run_decode_speed
 from hf_adamas.bench.needle import NEEDLE_FORMATS, needle_prompt, sentence_pools
 from hf_adamas.bench.passkey import passkey_trials, read_records
 from hf_adamas.cli import main as adamas_main
@@ -120,6 +121,19 @@ def test_method_grid_names_the_bad_point() -> None:
         method_grid(["dense", "bogus"], [64])
     with pytest.raises(ValueError, match="method streaming_llm at budget 0"):
         method_grid(["streaming_llm"], [0])
+
+
+def test_decode_speed_splits_sparse_tokens_and_runs_a_static_dense_baseline() -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_tiny_config("llama")).eval()
+    methods = method_grid(["dense", "dense-static", "asymmetric-online", "adamas"], [8])
+    records = run_decode_speed(model, torch.randint(3, 128, (1, 40)), methods, steps=3)
+    assert [r["method"] for r in records] == ["dense", "dense-static", "asymmetric-online", "adamas"]
+    for record in records[2:]:
+        assert record["selection_ms"] > 0 and record["attention_ms"] > 0
+        parts = record["selection_ms"] + record["attention_ms"] + record["rest_ms"]
+        assert parts == pytest.approx(record["ms_per_token"])
+    assert "selection_ms" not in records[1] and records[1]["tokens_per_second"] > 0
 
 
 def test_passkey_command_resumes_and_refuses_to_replace_records(tmp_path: Path, model_dir: Path) -> None:

@@ -286,7 +286,7 @@ def test_bad_arguments_are_refused_before_the_model_loads(
 
 @pytest.mark.parametrize("command", ["passkey", "ppl", "bench"])
 def test_existing_results_are_kept_without_overwrite(command, no_model_load, tmp_path, capsys) -> None:
-    stem = {"passkey": "passkey_varied", "ppl": "perplexity", "bench": "decode_speed_8192"}[command]
+    stem = {"passkey": "passkey_varied", "ppl": "perplexity", "bench": "decode_speed"}[command]
     (tmp_path / f"{stem}.json").write_text("{}")
     assert cli.main([command, "--output-dir", str(tmp_path)]) == 2
     assert "already exists; pass --overwrite" in capsys.readouterr().err

@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
-from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase, StaticCache
+from transformers.cache_utils import Cache
 
 from hf_adamas.config import AdamasConfig
 from hf_adamas.integration import apply_adamas
@@ -30,10 +31,12 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 
 @dataclass(frozen=True)
 class Method:
-    """An attention method under evaluation: dense sdpa when ``config`` is None."""
+    """An attention method under evaluation: dense sdpa when ``config`` is None, over a `StaticCache`
+    when ``static_cache`` (the decode-speed benchmark's second dense baseline)."""
 
     name: str
     config: AdamasConfig | None = None
+    static_cache: bool = False
 
     @property
     def budget(self) -> int | None:
@@ -54,16 +57,24 @@ def attention_method(model: PreTrainedModel, method: Method) -> Iterator[None]:
 
 
 @torch.inference_mode()
-def prefill(model: PreTrainedModel, input_ids: torch.Tensor) -> tuple[DynamicCache, torch.Tensor]:
-    """Dense forward over ``input_ids``; returns the cache and the last position's logits."""
+def prefill(
+    model: PreTrainedModel, input_ids: torch.Tensor, static_length: int | None = None
+) -> tuple[Cache, torch.Tensor]:
+    """Dense forward over ``input_ids``; returns the cache and the last position's logits.
+
+    The cache is a `DynamicCache`, or a `StaticCache` of ``static_length`` positions when given.
+    """
     model.set_attn_implementation("sdpa")
-    cache = DynamicCache(config=model.config)
+    if static_length is None:
+        cache = DynamicCache(config=model.config)
+    else:
+        cache = StaticCache(config=model.config, max_cache_len=static_length)
     output = model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **cache_kwargs(cache))
     return cache, output.logits[:, -1]
 
 
 @torch.inference_mode()
-def decode_step(model: PreTrainedModel, cache: DynamicCache, token: torch.Tensor) -> torch.Tensor:
+def decode_step(model: PreTrainedModel, cache: Cache, token: torch.Tensor) -> torch.Tensor:
     """One decode step (``token`` is ``[batch, 1]``); returns next-token logits ``[batch, vocab]``."""
     return model(input_ids=token, use_cache=True, **cache_kwargs(cache)).logits[:, -1]
 
@@ -91,9 +102,7 @@ def passkey_prompt(
 
 
 @torch.inference_mode()
-def greedy_continue(
-    model: PreTrainedModel, cache: DynamicCache, logits: torch.Tensor, steps: int
-) -> list[int]:
+def greedy_continue(model: PreTrainedModel, cache: Cache, logits: torch.Tensor, steps: int) -> list[int]:
     """Greedy-decode ``steps`` tokens from ``logits`` with the cache; returns the token ids."""
     tokens = []
     for _ in range(steps):
@@ -127,7 +136,7 @@ def repeated_filler_trial(
 
 @torch.inference_mode()
 def _greedy_answer_prefix(
-    model: PreTrainedModel, cache: DynamicCache, logits: torch.Tensor, answer_ids: list[int]
+    model: PreTrainedModel, cache: Cache, logits: torch.Tensor, answer_ids: list[int]
 ) -> list[int]:
     """Greedy tokens from ``logits`` up to the first that differs from ``answer_ids`` (included).
 
@@ -146,6 +155,7 @@ def _greedy_answer_prefix(
 
 METHOD_NAMES = (
     "dense",
+    "dense-static",
     "adamas",
     "adamas-calibrated",
     "asymmetric",
@@ -158,7 +168,8 @@ METHOD_NAMES = (
 """Method names of the benchmarks. ``adamas*``: the paper's L1 rule; ``asymmetric*``: the
 ``adamas_asymmetric`` selector. Suffixes: none = paper thresholds (centroids implied by them),
 ``-calibrated`` = `calibrate_codes` on a calibration text (offline), ``-online`` = each prompt's
-own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``)."""
+own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``).
+``dense-static``: dense sdpa over a `StaticCache` (only the decode-speed benchmark tells it apart)."""
 
 
 def method_grid(
@@ -177,9 +188,11 @@ def method_grid(
     unknown = sorted(set(names) - set(METHOD_NAMES))
     if unknown:
         raise ValueError(f"unknown methods {unknown}; choose from {list(METHOD_NAMES)}")
-    methods = [Method("dense")] if "dense" in names else []
+    methods = [
+        Method(name, static_cache=name == "dense-static") for name in names if name.startswith("dense")
+    ]
     for name in names:
-        if name == "dense":
+        if name.startswith("dense"):
             continue
         family = name.split("-")[0]
         settings = {
@@ -297,6 +310,38 @@ def run_perplexity(
 # ---------------------------------------------------------------- decode speed
 
 
+@contextmanager
+def timed_sparse_ops() -> Iterator[dict[str, float]]:
+    """Seconds spent in key selection (estimate + top-k, one fused op on CPU) and in the sparse
+    attention over the selected keys, summed over every call in the block (CPU: synchronous)."""
+    from hf_adamas import ops
+
+    totals = {"selection": 0.0, "attention": 0.0}
+    timed = {
+        "select_by_code_distance": "selection",
+        "select_by_centroid_scores": "selection",
+        "sparse_decode_attention": "attention",
+    }
+    originals = {name: getattr(ops, name) for name in timed}
+
+    def timer(name: str):
+        def run(*args, **kwargs):
+            start = time.perf_counter()
+            result = originals[name](*args, **kwargs)
+            totals[timed[name]] += time.perf_counter() - start
+            return result
+
+        return run
+
+    for name in timed:
+        setattr(ops, name, timer(name))
+    try:
+        yield totals
+    finally:
+        for name, original in originals.items():
+            setattr(ops, name, original)
+
+
 def run_decode_speed(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
@@ -307,31 +352,36 @@ def run_decode_speed(
     """Decode tokens/s after a dense prefill of ``input_ids``, per method (model forward only).
 
     Each method gets its own fresh prefill: the Adamas path swaps cache layers for chunked ones,
-    which would otherwise also speed up the methods that run after it.
+    which would otherwise also speed up the methods that run after it. Sparse methods' records split
+    each token's time into ``selection_ms``, ``attention_ms`` and ``rest_ms`` (`timed_sparse_ops`).
     """
     input_ids = input_ids.to(model.device)
     records = []
     for method in tqdm(methods, desc="decode speed", unit="method"):
-        cache, first_logits = prefill(model, input_ids)
+        static_length = input_ids.shape[1] + warmup + steps + 1 if method.static_cache else None
+        cache, first_logits = prefill(model, input_ids, static_length)
         with attention_method(model, method):
             greedy_continue(model, cache, first_logits, warmup)
             if torch.cuda.is_available():
                 torch.cuda.synchronize()
-            start = time.perf_counter()
-            greedy_continue(model, cache, first_logits, steps)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            seconds = time.perf_counter() - start
+            with timed_sparse_ops() as spent:
+                start = time.perf_counter()
+                greedy_continue(model, cache, first_logits, steps)
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
         del cache
-        records.append(
-            {
-                "method": method.name,
-                "budget": method.budget,
-                "context": int(input_ids.shape[1]),
-                "steps": steps,
-                "seconds": seconds,
-                "tokens_per_second": steps / seconds,
-                "ms_per_token": 1000 * seconds / steps,
-            }
-        )
+        record = {
+            "method": method.name,
+            "budget": method.budget,
+            "context": int(input_ids.shape[1]),
+            "steps": steps,
+            "seconds": seconds,
+            "tokens_per_second": steps / seconds,
+            "ms_per_token": 1000 * seconds / steps,
+        }
+        if method.config is not None:
+            parts = {f"{part}_ms": 1000 * value / steps for part, value in spent.items()}
+            record |= parts | {"rest_ms": record["ms_per_token"] - sum(parts.values())}
+        records.append(record)
     return records

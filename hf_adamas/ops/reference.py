@@ -140,8 +140,17 @@ def distance_table(q_codes: torch.Tensor, k_codes: torch.Tensor, bits: int) -> t
     group = check_code_distance_inputs(q_codes, k_codes)
     check_bits(bits)
     bsz, num_kv_heads, _, packed = k_codes.shape
-    query = unpack_codes(q_codes, bits).float().view(bsz, num_kv_heads, group, packed, 1, 8 // bits)
-    return (query - _byte_codes(bits, k_codes.device)).abs().sum(-1)
+    query = unpack_codes(q_codes, bits).long().view(bsz, num_kv_heads, group, packed, 8 // bits)
+    one_hot = torch.nn.functional.one_hot(query, 2**bits).float()  # [B, Hkv, G, P, 8 // bits, 2**bits]
+    return torch.einsum("bhgpma,mav->bhgpv", one_hot, _code_gaps(bits, k_codes.device))
+
+
+@functools.lru_cache(maxsize=8)
+@torch.inference_mode(False)  # cached, as the Hadamard matrix
+def _code_gaps(bits: int, device: torch.device) -> torch.Tensor:
+    """``|a - c|`` for query code ``a`` and code ``c`` at slot ``m`` of byte value ``v``: ``[8 // bits, 2**bits, 256]``."""
+    codes = torch.arange(2**bits, device=device, dtype=torch.float32)
+    return (codes[None, :, None] - _byte_codes(bits, device).T[:, None, :]).abs()
 
 
 def centroid_scores(
