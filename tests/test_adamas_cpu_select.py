@@ -1,4 +1,4 @@
-"""The fused CPU selection op against its PyTorch twin (`reference.select_by_table`), index for index."""
+"""The fused CPU ops against their PyTorch twins: selection index for index, attention to float tolerance."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from helpers import assert_close
 
 from hf_adamas.ops import cpu, reference
 
@@ -85,3 +86,37 @@ def test_fused_op_rejects_bad_shapes() -> None:
         cpu.select_by_table_cpu(tables["l1"], k_codes, 8, valid, forced[:, :10], False)
     with pytest.raises(RuntimeError, match="disagree in shape"):
         cpu.select_by_table_cpu(tables["l1"][:, :1], k_codes, 8, valid, forced, False)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "seq_len", "head_dim", "budget", "per_query_head"),
+    [
+        (1, 3, 3, 300, 64, 32, True),
+        (2, 2, 4, 129, 32, 7, False),
+        (1, 1, 1, 5, 16, 8, True),
+        (3, 2, 2, 77, 128, 77, True),
+    ],
+)
+def test_fused_attention_equals_the_reference(
+    batch, kv_heads, group, seq_len, head_dim, budget, per_query_head
+):
+    generator = torch.Generator().manual_seed(seq_len)
+    # The filled prefix of a preallocated cache: rows contiguous, heads and batch strided.
+    key = torch.randn(batch, kv_heads, seq_len + 13, head_dim, generator=generator)[:, :, :seq_len]
+    value = torch.randn(batch, kv_heads, seq_len + 13, head_dim, generator=generator)[:, :, :seq_len]
+    query = torch.randn(batch, kv_heads * group, head_dim, generator=generator)
+    rows = kv_heads * group if per_query_head else kv_heads
+    indices = torch.randint(-1, seq_len, (batch, rows, budget), generator=generator)
+    indices[0, 0] = -1  # a row with nothing selected gives zeros
+    expected = reference.sparse_decode_attention(query, key, value, indices, head_dim**-0.5)
+    got = cpu.sparse_decode_attention_cpu(query, key, value, indices, head_dim**-0.5)
+    assert_close("sparse attention", expected, got, 1e-5)
+    assert not got[0, 0].any()
+
+
+@needs_extension
+def test_fused_attention_rejects_an_index_past_the_cache() -> None:
+    key = torch.randn(1, 1, 10, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.sparse_decode_attention_cpu(torch.randn(1, 1, 16), key, key, torch.tensor([[[3, 10]]]), 0.25)

@@ -7,7 +7,7 @@ every device, e.g. to rule out a kernel when debugging.
 Key selection (:func:`select_by_code_distance`, :func:`select_by_centroid_scores`): the Triton score
 kernels and ``torch.topk`` on CUDA; on CPU the fused C++ op of :mod:`hf_adamas.ops.cpu` (scores and an
 exact top-k in one pass over the packed codes), or :func:`reference.select_by_table` where it cannot be
-built.
+built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import torch
 from transformers.utils import logging
 
 from hf_adamas.ops import reference
-from hf_adamas.ops.cpu import cpu_extension, select_by_table_cpu
+from hf_adamas.ops.cpu import cpu_extension, select_by_table_cpu, sparse_decode_attention_cpu
 from hf_adamas.ops.reference import select_topk
 
 __all__ = [
@@ -103,7 +103,18 @@ def sparse_decode_attention(
     """Attention of one decode token over selected positions, ``[B, Hq, D]``; see :func:`reference.sparse_decode_attention`."""
     if _use_triton(query):
         return _kernels().sparse_decode_attention_triton(query, key, value, indices, scaling)
+    if (
+        _fused_cpu(key)
+        and key.dtype == value.dtype == torch.float32
+        and key.stride(3) == value.stride(3) == 1
+    ):
+        return sparse_decode_attention_cpu(query, key, value, indices, scaling)
     return reference.sparse_decode_attention(query, key, value, indices, scaling)
+
+
+def _fused_cpu(tensor: torch.Tensor) -> bool:
+    """Whether the fused C++ ops of :mod:`hf_adamas.ops.cpu` serve this CPU tensor."""
+    return tensor.device.type == "cpu" and not _force_reference and cpu_extension() is not None
 
 
 def _select_by_table(
@@ -114,7 +125,7 @@ def _select_by_table(
     forced: torch.Tensor | None,
     largest: bool,
 ) -> torch.Tensor:
-    if k_codes.device.type == "cpu" and not _force_reference and cpu_extension() is not None:
+    if _fused_cpu(k_codes):
         return select_by_table_cpu(table, k_codes, budget, valid, forced, largest)
     return reference.select_by_table(table, k_codes, budget, valid, forced, largest)
 

@@ -1,9 +1,12 @@
-"""The fused CPU selection op (`csrc/select_cpu.cpp`), compiled on first use with the C++ toolchain.
+"""The fused CPU decode ops (`csrc/select_cpu.cpp`), compiled on first use with the C++ toolchain.
 
-One decode step's estimate + top-k in a single pass over the packed key codes: per key, ``P`` byte
-lookups into the query's table (all query heads of a KV group at once), then ``std::nth_element``
-for the exact top-k with the ranking rules of `reference.select_topk`. The PyTorch twin, and the
-fallback when no compiler is found, is `reference.select_by_table`.
+- `select_by_table_cpu`: one decode step's estimate + top-k in a single pass over the packed key codes:
+  per key, ``P`` byte lookups into the query's table (all query heads of a KV group at once), then
+  ``std::nth_element`` for the exact top-k with the ranking rules of `reference.select_topk`.
+- `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
+
+Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table` and
+`reference.sparse_decode_attention`.
 
 The extension is built once per machine by `torch.utils.cpp_extension.load` (about 30 s, cached
 under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
@@ -18,7 +21,9 @@ from types import ModuleType
 import torch
 from transformers.utils import logging
 
-__all__ = ["cpu_extension", "select_by_table_cpu"]
+from hf_adamas._validation import check_attention_inputs
+
+__all__ = ["cpu_extension", "select_by_table_cpu", "sparse_decode_attention_cpu"]
 
 logger = logging.get_logger(__name__)
 
@@ -58,3 +63,14 @@ def select_by_table_cpu(
     if k_codes.stride(3) != 1:
         k_codes = k_codes.contiguous()
     return cpu_extension().select_by_table(layout, k_codes, budget, forced, valid, largest)
+
+
+def sparse_decode_attention_cpu(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """`reference.sparse_decode_attention` for float32 caches, gathering only the selected rows."""
+    check_attention_inputs(query, key, value, indices)
+    out = cpu_extension().sparse_decode_attention(
+        query.float().contiguous(), key, value, indices.contiguous(), float(scaling)
+    )
+    return out.to(query.dtype)

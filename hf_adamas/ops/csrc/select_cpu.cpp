@@ -1,11 +1,14 @@
-// Fused Adamas key selection for one decode token on CPU: per-byte table lookups over the packed key
-// codes (no unpacking), then an exact top-k with the ranking rules of hf_adamas.ops.reference.select_topk.
-// The plain-PyTorch twin is hf_adamas.ops.reference.select_by_table; tests/test_adamas_cpu_select.py
-// compares the two index for index.
+// Adamas decode ops on CPU, for one decode token:
+// - select_by_table: per-byte table lookups over the packed key codes (no unpacking), then an exact
+//   top-k with the ranking rules of hf_adamas.ops.reference.select_topk; its plain-PyTorch twin is
+//   reference.select_by_table, compared index for index in tests/test_adamas_cpu_select.py.
+// - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
+//   (possibly preallocated, strided) cache; twin reference.sparse_decode_attention.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <limits>
@@ -128,6 +131,68 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
   return out;
 }
 
+
+// query: float32 [B, Hq, D] contiguous; key/value: float32 [B, Hkv, S, D] with contiguous rows;
+// indices: int64 [B, Hq or Hkv, K] contiguous (-1 = skipped). Returns float32 [B, Hq, D].
+torch::Tensor sparse_decode_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value,
+                                      torch::Tensor indices, double scaling) {
+  TORCH_CHECK(query.dtype() == torch::kFloat32 && query.dim() == 3 && query.is_contiguous(),
+              "query must be contiguous float32 [B, Hq, D]");
+  TORCH_CHECK(key.dtype() == torch::kFloat32 && value.dtype() == torch::kFloat32 && key.dim() == 4 &&
+                  key.sizes() == value.sizes() && key.stride(3) == 1 && value.stride(3) == 1,
+              "key and value must be float32 [B, Hkv, S, D] with contiguous rows");
+  TORCH_CHECK(indices.dtype() == torch::kInt64 && indices.dim() == 3 && indices.is_contiguous(),
+              "indices must be contiguous int64 [B, H, K]");
+  const int64_t batch = query.size(0), q_heads = query.size(1), dim = query.size(2);
+  const int64_t kv_heads = key.size(1), seq_len = key.size(2), budget = indices.size(2);
+  TORCH_CHECK(key.size(0) == batch && key.size(3) == dim && q_heads % kv_heads == 0, "query and key disagree");
+  const int64_t group = q_heads / kv_heads;
+  const int64_t index_heads = indices.size(1);
+  TORCH_CHECK(index_heads == q_heads || index_heads == kv_heads, "indices must have Hq or Hkv rows");
+  auto out = torch::zeros({batch, q_heads, dim}, torch::kFloat32);
+  const float* q_ptr = query.data_ptr<float>();
+  const float* k_ptr = key.data_ptr<float>();
+  const float* v_ptr = value.data_ptr<float>();
+  const int64_t* i_ptr = indices.data_ptr<int64_t>();
+  float* o_ptr = out.data_ptr<float>();
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
+
+  at::parallel_for(0, batch * q_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(budget);
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / q_heads, hq = bq % q_heads, h = hq / group;
+      const float* q = q_ptr + bq * dim;
+      const int64_t* rows = i_ptr + (b * index_heads + (index_heads == q_heads ? hq : h)) * budget;
+      float top = -std::numeric_limits<float>::infinity();
+      for (int64_t i = 0; i < budget; ++i) {
+        const int64_t pos = rows[i];
+        if (pos < 0) continue;
+        TORCH_CHECK(pos < seq_len, "index ", pos, " out of range for ", seq_len, " cached positions");
+        const float* k = k_ptr + b * ks0 + h * ks1 + pos * ks2;
+        float dot = 0.0f;
+        for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
+        weights[i] = dot * static_cast<float>(scaling);
+        top = std::max(top, weights[i]);
+      }
+      if (top == -std::numeric_limits<float>::infinity()) continue;  // no valid index: zeros
+      float total = 0.0f;
+      float* o = o_ptr + bq * dim;
+      for (int64_t i = 0; i < budget; ++i) {
+        const int64_t pos = rows[i];
+        if (pos < 0) continue;
+        const float w = std::exp(weights[i] - top);
+        total += w;
+        const float* v = v_ptr + b * vs0 + h * vs1 + pos * vs2;
+        for (int64_t d = 0; d < dim; ++d) o[d] += w * v[d];
+      }
+      for (int64_t d = 0; d < dim; ++d) o[d] /= total;
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("select_by_table", &select_by_table, "Fused Adamas byte-table scores and exact top-k (CPU)");
+  m.def("sparse_decode_attention", &sparse_decode_attention, "Attention over selected cache rows (CPU)");
 }
