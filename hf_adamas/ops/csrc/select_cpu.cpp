@@ -68,6 +68,23 @@ void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int6
   }
 }
 
+// q . k for head_dim a multiple of 16 (check_head_dim: a power of two >= 16), in 16 independent
+// partial sums so that the compiler vectorizes it without reassociating a single running sum.
+inline float dot(const float* q, const float* k, int64_t dim) {
+  float partial[16] = {};
+  for (int64_t d = 0; d < dim; d += 16)
+    for (int64_t j = 0; j < 16; ++j) partial[j] += q[d + j] * k[d + j];
+  float total = 0.0f;
+  for (int64_t j = 0; j < 16; ++j) total += partial[j];
+  return total;
+}
+
+// Selected rows are scattered over the cache: ask for a row a few iterations before it is read.
+constexpr int64_t kAhead = 8;
+inline void prefetch_row(const float* row, int64_t dim) {
+  for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + d);
+}
+
 }  // namespace
 
 // table: float32 [B, Hkv, P, 256, C]; codes: uint8 [B, Hkv, S, P] (last dim contiguous, any row stride);
@@ -166,19 +183,18 @@ torch::Tensor sparse_decode_attention(torch::Tensor query, torch::Tensor key, to
       const int64_t* rows = i_ptr + (b * index_heads + (index_heads == q_heads ? hq : h)) * budget;
       float top = -std::numeric_limits<float>::infinity();
       for (int64_t i = 0; i < budget; ++i) {
+        if (i + kAhead < budget && rows[i + kAhead] >= 0) prefetch_row(k_ptr + b * ks0 + h * ks1 + rows[i + kAhead] * ks2, dim);
         const int64_t pos = rows[i];
         if (pos < 0) continue;
         TORCH_CHECK(pos < seq_len, "index ", pos, " out of range for ", seq_len, " cached positions");
-        const float* k = k_ptr + b * ks0 + h * ks1 + pos * ks2;
-        float dot = 0.0f;
-        for (int64_t d = 0; d < dim; ++d) dot += q[d] * k[d];
-        weights[i] = dot * static_cast<float>(scaling);
+        weights[i] = dot(q, k_ptr + b * ks0 + h * ks1 + pos * ks2, dim) * static_cast<float>(scaling);
         top = std::max(top, weights[i]);
       }
       if (top == -std::numeric_limits<float>::infinity()) continue;  // no valid index: zeros
       float total = 0.0f;
       float* o = o_ptr + bq * dim;
       for (int64_t i = 0; i < budget; ++i) {
+        if (i + kAhead < budget && rows[i + kAhead] >= 0) prefetch_row(v_ptr + b * vs0 + h * vs1 + rows[i + kAhead] * vs2, dim);
         const int64_t pos = rows[i];
         if (pos < 0) continue;
         const float w = std::exp(weights[i] - top);
