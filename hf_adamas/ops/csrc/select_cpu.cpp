@@ -117,32 +117,42 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
   const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1), cs2 = codes.stride(2);
   const int64_t keep = std::min(budget, seq_len);
 
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> scores(seq_len * columns);
-    std::vector<int64_t> keys(seq_len);
-    for (int64_t bh = begin; bh < end; ++bh) {
+  // Scores of every (batch, KV head, key), in chunks of keys so that all threads share the work.
+  constexpr int64_t kChunk = 1024;
+  const int64_t chunks = (seq_len + kChunk - 1) / kChunk;
+  std::vector<float> scores(batch * kv_heads * seq_len * columns);
+  at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / chunks, first = (item % chunks) * kChunk;
       const int64_t b = bh / kv_heads, h = bh % kv_heads;
-      const float* tab = table_ptr + bh * packed * 256 * columns;
-      score_keys(tab, codes_ptr + b * cs0 + h * cs1, cs2, seq_len, packed, columns, scores.data());
+      const uint8_t* key_codes = codes_ptr + b * cs0 + h * cs1 + first * cs2;
+      score_keys(table_ptr + bh * packed * 256 * columns, key_codes, cs2, std::min(kChunk, seq_len - first),
+                 packed, columns, scores.data() + (bh * seq_len + first) * columns);
+    }
+  });
+  // Then the exact top-k of each output row (query head, or KV group).
+  at::parallel_for(0, batch * kv_heads * columns, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int64_t> keys(seq_len);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / columns, c = row % columns, b = bh / kv_heads;
+      const float* row_scores = scores.data() + bh * seq_len * columns + c;
       const bool* is_forced = forced_ptr + b * seq_len;
       const bool* is_valid = has_valid ? valid_ptr + b * seq_len : nullptr;
-      for (int64_t c = 0; c < columns; ++c) {
-        for (int64_t s = 0; s < seq_len; ++s) {
-          const float score = scores[s * columns + c];
-          const int64_t distance = largest ? largest_first(score) : static_cast<int64_t>(score);
-          keys[s] = rank_key(distance, s, seq_len, is_forced[s], is_valid == nullptr || is_valid[s]);
-        }
-        // Keys are unique and encode their position, so the selection runs on the keys themselves.
-        std::nth_element(keys.begin(), keys.begin() + (keep - 1), keys.end());
-        int64_t* dst = out_ptr + (b * kv_heads * columns + h * columns + c) * budget;
-        int64_t kept = 0;
-        for (int64_t i = 0; i < keep; ++i) {
-          const int64_t key = keys[i];
-          if (key == std::numeric_limits<int64_t>::max()) continue;
-          dst[kept++] = key < 0 ? -1 - key : seq_len - 1 - key % seq_len;
-        }
-        std::sort(dst, dst + kept);
+      for (int64_t s = 0; s < seq_len; ++s) {
+        const float score = row_scores[s * columns];
+        const int64_t distance = largest ? largest_first(score) : static_cast<int64_t>(score);
+        keys[s] = rank_key(distance, s, seq_len, is_forced[s], is_valid == nullptr || is_valid[s]);
       }
+      // Keys are unique and encode their position, so the selection runs on the keys themselves.
+      std::nth_element(keys.begin(), keys.begin() + (keep - 1), keys.end());
+      int64_t* dst = out_ptr + row * budget;
+      int64_t kept = 0;
+      for (int64_t i = 0; i < keep; ++i) {
+        const int64_t key = keys[i];
+        if (key == std::numeric_limits<int64_t>::max()) continue;
+        dst[kept++] = key < 0 ? -1 - key : seq_len - 1 - key % seq_len;
+      }
+      std::sort(dst, dst + kept);
     }
   });
   return out;
