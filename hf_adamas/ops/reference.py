@@ -209,7 +209,10 @@ def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_gro
     weight = table.permute(0, 1, 3, 4, 2).reshape(-1, columns)  # row ((b * Hkv + h) * P + j) * 256 + byte
     first_row = torch.arange(bsz * num_kv_heads * packed, device=k_codes.device).view(-1, 1, packed) * 256
     rows = k_codes.reshape(bsz * num_kv_heads, seq_len, packed).long() + first_row
-    total = torch.nn.functional.embedding_bag(rows.view(-1, packed), weight, mode="sum")
+    if columns == 1:  # embedding_bag is ~6x slower than a plain gather-and-sum for one column on CPU
+        total = weight[:, 0][rows.view(-1, packed)].sum(-1, keepdim=True)
+    else:
+        total = torch.nn.functional.embedding_bag(rows.view(-1, packed), weight, mode="sum")
     return total.view(bsz, num_kv_heads, seq_len, columns).transpose(2, 3).reshape(bsz, -1, seq_len)
 
 
