@@ -27,3 +27,15 @@ hf-adamas passkey --output-dir results/adamas/hard --resume --trials 2 --splits 
 # A second perplexity window (tinyshakespeare from token 200000), budget 64 only, stopped at the deadline.
 hf-adamas ppl --output-dir results/adamas/hard/perplexity_window2 --resume --context 8192 --decode-tokens 64 \
   --skip-tokens 200000 --budgets 64 --methods dense asymmetric-online adamas-calibrated asymmetric-calibrated adamas
+
+# Second session (C++ CPU ops, 1 thread): 4096 and 8192 tokens, held-out split.
+hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 4096 \
+  --budgets 16 32 64 --methods dense asymmetric-online adamas streaming_llm quest
+hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 4096 \
+  --budgets 32 64 256 --methods dense asymmetric-online-kvgroup asymmetric-online
+# 8192: stopped after 12 of 30 trials (rerun to continue), then the baselines at 64 (not started).
+hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 8192 \
+  --budgets 16 32 64 --methods dense asymmetric-online
+hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 8192 \
+  --budgets 64 --methods dense adamas streaming_llm quest
+hf-adamas passkey --output-dir results/adamas/hard --report-only --splits heldout tuning
