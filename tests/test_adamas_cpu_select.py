@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
 
 import pytest
 import torch
+import torch.utils.cpp_extension
 from helpers import assert_close
 
+from hf_adamas import ops
 from hf_adamas.ops import cpu, reference
 
 HAS_TOOLCHAIN = shutil.which("c++") is not None and shutil.which("ninja") is not None
@@ -120,3 +123,26 @@ def test_fused_attention_rejects_an_index_past_the_cache() -> None:
     key = torch.randn(1, 1, 10, 16)
     with pytest.raises(RuntimeError, match="out of range"):
         cpu.sparse_decode_attention_cpu(torch.randn(1, 1, 16), key, key, torch.tensor([[[3, 10]]]), 0.25)
+
+
+def test_without_a_toolchain_the_reference_runs_and_says_so(monkeypatch, caplog) -> None:
+    """A failed build (no compiler, no ninja) is said once and decoding falls back to the reference."""
+
+    def no_ninja(*args, **kwargs):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load", no_ninja)
+    cpu.cpu_extension.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="hf_adamas"):
+            assert cpu.cpu_extension() is None
+            _, k_codes, valid, forced = _case(1, 2, 2, 40, 32, 3, False, False)
+            query = torch.randn(1, 4, 32)
+            centroids = torch.tensor([[-1.0, -0.3, 0.3, 1.0]] * 2)
+            got = ops.select_by_centroid_scores(query, k_codes, centroids, 2, False, 8, valid, forced)
+        table = reference.centroid_table(query, k_codes, centroids, 2)
+        assert torch.equal(got, reference.select_by_table(table, k_codes, 8, valid, forced, True))
+        assert "could not be built (Ninja is required" in caplog.text
+    finally:
+        monkeypatch.undo()
+        cpu.cpu_extension.cache_clear()
