@@ -365,7 +365,7 @@ COMMANDS = (
     ),
     Command(
         "bench",
-        "End-to-end decode tokens/s at a long context, adamas vs dense.",
+        "Decode tokens/s at long contexts (default 4K and 8K): sparse methods vs sdpa over a DynamicCache and a StaticCache, each sparse token split into selection / attention / rest (JSON, Markdown, PNG).",
         _add_bench_arguments,
         _run_bench,
     ),
