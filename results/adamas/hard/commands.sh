@@ -33,7 +33,7 @@ hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits
   --budgets 16 32 64 --methods dense asymmetric-online adamas streaming_llm quest
 hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 4096 \
   --budgets 32 64 256 --methods dense asymmetric-online-kvgroup asymmetric-online
-# 8192: stopped after 12 of 30 trials (rerun to continue), then the baselines at 64 (not started).
+# 8192 (30 trials; the run was stopped once after 12 trials and resumed), then the baselines at 64 (not run).
 hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 8192 \
   --budgets 16 32 64 --methods dense asymmetric-online
 hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 8192 \
