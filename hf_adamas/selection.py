@@ -3,8 +3,9 @@
 Every selector returns ``int64`` indices ``[batch, heads, token_budget]`` (``heads`` is the number
 of query heads, or of KV heads when a KV group shares one selection), sorted by position, ``-1``
 where fewer valid positions than the budget exist. All rank positions with an integer
-"distance" and hand it to the same deterministic top-k (`ops.select_topk`), so they differ only in
-the ranking (and all keep the same forced tokens):
+"distance" under the same deterministic top-k rules (`ops.select_topk`; on CPU the two Adamas rules
+run it fused with their scores, `ops.select_by_code_distance` / `ops.select_by_centroid_scores`), so
+they differ only in the ranking (and all keep the same forced tokens):
 
 - ``adamas``: Manhattan distance between the 2-bit Hadamard codes of the query and of each key
   (the paper's rule);

@@ -120,11 +120,14 @@ def _fused_cpu(tensor: torch.Tensor) -> bool:
 def _select_by_table(
     table: torch.Tensor,
     k_codes: torch.Tensor,
+    shared_per_kv_group: bool,
     budget: int,
     valid: torch.Tensor | None,
     forced: torch.Tensor | None,
     largest: bool,
 ) -> torch.Tensor:
+    """The CPU selection from a ``[B, Hkv, G, P, 256]`` table; a shared KV group sums its G tables first."""
+    table = table.sum(2, keepdim=True) if shared_per_kv_group else table
     if _fused_cpu(k_codes):
         return select_by_table_cpu(table, k_codes, budget, valid, forced, largest)
     return reference.select_by_table(table, k_codes, budget, valid, forced, largest)
@@ -144,8 +147,7 @@ def select_by_code_distance(
         distance = _kernels().code_distance_triton(q_codes, k_codes, bits, shared_per_kv_group)
         return select_topk(distance, budget, valid, forced)
     table = reference.distance_table(q_codes, k_codes, bits)
-    table = table.sum(2, keepdim=True) if shared_per_kv_group else table
-    return _select_by_table(table, k_codes, budget, valid, forced, largest=False)
+    return _select_by_table(table, k_codes, shared_per_kv_group, budget, valid, forced, largest=False)
 
 
 def select_by_centroid_scores(
@@ -163,5 +165,4 @@ def select_by_centroid_scores(
         scores = _kernels().centroid_scores_triton(query, k_codes, centroids, bits, shared_per_kv_group)
         return select_topk(reference.largest_first(scores), budget, valid, forced)
     table = reference.centroid_table(query, k_codes, centroids, bits)
-    table = table.sum(2, keepdim=True) if shared_per_kv_group else table
-    return _select_by_table(table, k_codes, budget, valid, forced, largest=True)
+    return _select_by_table(table, k_codes, shared_per_kv_group, budget, valid, forced, largest=True)
