@@ -1,4 +1,4 @@
-"""The ``hf-scylla`` command line: train, bench, sweep, stage, publish, eval (plus demo and env)."""
+"""The ``hf-scylla`` command line: make-data, train, bench, sweep, stage, publish, eval (plus demo and env)."""
 
 from __future__ import annotations
 
@@ -186,15 +186,15 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_conversations(path: Path, limit: int) -> list[tuple[str, str]]:
+def _read_conversations(path: Path, limit: int, flag: str = "--data") -> list[tuple[str, str]]:
     from hf_scylla.data import read_conversations
 
     try:
         return read_conversations(path, limit)
     except FileNotFoundError as error:
-        raise CommandError(f"{error} (pass another with --data)") from None
+        raise CommandError(f"{error} (pass another with {flag})") from None
     except (ValueError, KeyError) as error:
-        raise CommandError(f"--data {path} is not JSONL of prompt/response records: {error}") from None
+        raise CommandError(f"{flag} {path} is not JSONL of prompt/response records: {error}") from None
 
 
 def _add_stage_option(parser: argparse.ArgumentParser, finetune: str) -> None:
@@ -680,9 +680,92 @@ def _run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_make_data_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_scylla.self_distill import SelfDistillSettings
+
+    defaults = SelfDistillSettings()
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--user-turns", type=int, default=defaults.user_turns, help="User turns the target samples (Magpie)."
+    )
+    parser.add_argument(
+        "--seed-prompts",
+        type=Path,
+        action="append",
+        default=[],
+        help="JSONL of prompts (question/answer or turns records) the target also answers (repeatable); "
+        "never pass a prompt set you will benchmark on.",
+    )
+    parser.add_argument(
+        "--seed-samples", type=int, default=256, help="Prompts read from each --seed-prompts."
+    )
+    parser.add_argument(
+        "--user-turn-tokens",
+        type=int,
+        default=defaults.user_turn_tokens,
+        help="Most tokens of a sampled turn.",
+    )
+    parser.add_argument(
+        "--response-tokens", type=int, default=defaults.response_tokens, help="Most tokens of an answer."
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=defaults.batch_size, help="Sequences per generate()."
+    )
+    parser.add_argument("--temperature", type=float, default=defaults.temperature, help="User-turn sampling.")
+    parser.add_argument("--top-p", type=float, default=defaults.top_p, help="User-turn nucleus sampling.")
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="Seed of the first user-turn batch.")
+    parser.add_argument(
+        "--output-dir",
+        type=Path,
+        default=RUNS_DIR / "scylla" / "self-distill",
+        help="Run folder: journals, settings.json and the final dataset/ (rerun the same command to resume).",
+    )
+
+
+def _run_make_data(args: argparse.Namespace) -> int:
+    from hf_common.default_model import load_model_and_tokenizer
+    from hf_scylla.self_distill import SelfDistillSettings, self_distilled_conversations
+
+    try:
+        settings = SelfDistillSettings(
+            user_turns=args.user_turns,
+            user_turn_tokens=args.user_turn_tokens,
+            response_tokens=args.response_tokens,
+            batch_size=args.batch_size,
+            temperature=args.temperature,
+            top_p=args.top_p,
+            seed=args.seed,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    if args.seed_samples < 1:
+        raise CommandError(f"--seed-samples must be >= 1, got {args.seed_samples}")
+    seeds = [
+        prompt
+        for path in args.seed_prompts
+        for prompt, _ in _read_conversations(path, args.seed_samples, "--seed-prompts")
+    ]
+    target, tokenizer = load_model_and_tokenizer(args.model)
+    try:
+        dataset = self_distilled_conversations(
+            target, tokenizer, args.output_dir, settings, seed_prompts=seeds, target_name=args.model
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    print(f"{len(dataset)} conversations saved to {args.output_dir / 'dataset'} (train with --data on it)")
+    return 0
+
+
 COMMANDS = (
     *COMMON_COMMANDS,
     demo_command("Scylla demo: a chat answer, greedy vs the staged draft, checked equal.", "hf_scylla.demo"),
+    Command(
+        "make-data",
+        "Training conversations the target writes itself: sampled user turns (Magpie) and its greedy "
+        "answers, batched, resumable, saved as a datasets folder.",
+        _add_make_data_arguments,
+        _run_make_data,
+    ),
     Command(
         "train",
         "Train a Scylla draft for a target on cached target features (EAGLE loss, Trainer, resumable).",

@@ -11,11 +11,11 @@ Two stages, as in the Scylla and EAGLE recipes:
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import sysconfig
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -27,11 +27,15 @@ from hf_common.data import SHARED_DATA_DIR
 
 __all__ = [
     "TEXT_SUFFIXES",
+    "append_journal",
     "default_text_sources",
     "encode_prompt",
+    "generate_continuations",
     "read_conversations",
+    "read_journal",
     "regenerate_responses",
     "sources_fingerprint",
+    "stop_token_ids",
     "text_token_chunks",
 ]
 
@@ -49,9 +53,18 @@ def encode_prompt(tokenizer: PreTrainedTokenizerBase, question: str) -> torch.Te
 
 
 def read_conversations(path: str | os.PathLike, limit: int | None = None) -> list[tuple[str, str]]:
-    """(prompt, response) pairs from GSM8K-style ``question``/``answer`` or EAGLE-style ``turns``/``reference``
-    JSONL records (records with neither are skipped); at most ``limit``."""
+    """(prompt, response) pairs, at most ``limit``, from GSM8K-style ``question``/``answer`` or EAGLE-style
+    ``turns``/``reference`` JSONL records (records with neither are skipped), or from a `datasets` folder
+    of ``prompt``/``response`` rows (``hf-scylla make-data``)."""
     path = Path(path)
+    if _is_dataset_folder(path):
+        import datasets
+
+        rows = datasets.load_from_disk(str(path))
+        if not {"prompt", "response"} <= set(rows.column_names):
+            raise ValueError(f"{path} has columns {rows.column_names}, not prompt/response")
+        rows = rows.select(range(min(len(rows), limit))) if limit is not None else rows
+        return list(zip(rows["prompt"], rows["response"], strict=True))
     if not path.is_file():
         raise FileNotFoundError(f"training data {path} not found")
     pairs = []
@@ -67,6 +80,83 @@ def read_conversations(path: str | os.PathLike, limit: int | None = None) -> lis
     return pairs
 
 
+def _is_dataset_folder(path: Path) -> bool:
+    return (path / "dataset_info.json").is_file()
+
+
+def read_journal(path: str | os.PathLike) -> list[dict]:
+    """Records of a JSONL journal that a long job appends to; a last line cut by an interrupted run is
+    removed from the file (so the run can append after it), a bad line elsewhere is an error."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    text = path.read_text()
+    lines = text.split("\n")
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline after it: the write was interrupted
+                path.write_text(text[: len(text) - len(line)])
+                break
+            raise ValueError(
+                f"{path} line {number} is not JSON: the journal is corrupt (delete it to start again)"
+            ) from None
+    return records
+
+
+def append_journal(path: str | os.PathLike, records: Sequence[dict]) -> None:
+    """Append ``records`` to a JSONL journal and make them durable before returning."""
+    with open(path, "a") as sink:
+        sink.write("".join(json.dumps(record) + "\n" for record in records))
+        sink.flush()
+        os.fsync(sink.fileno())
+
+
+def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """Ids that end a chat turn: EOS and, where the vocabulary has it, ``<|im_end|>``."""
+    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    return sorted(i for i in ids if isinstance(i, int) and i != tokenizer.unk_token_id)
+
+
+def generate_continuations(
+    target: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    texts: Sequence[str],
+    max_new_tokens: int,
+    **sampling,
+) -> list[tuple[list[int], bool]]:
+    """One left-padded ``generate()`` over ``texts``: each continuation's new ids (up to its stop token)
+    and whether it stopped by itself within ``max_new_tokens``.
+
+    Stop tokens are `stop_token_ids`, else the target's generation config's EOS.
+    """
+    encoded = [tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+    width = max(len(ids) for ids in encoded)
+    stop = stop_token_ids(tokenizer)
+    configured = target.generation_config.eos_token_id
+    stop_set = set(stop or ([configured] if isinstance(configured, int) else configured or []))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(stop_set, default=0)
+    input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in encoded], device=target.device)
+    mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=target.device)
+    output = target.generate(
+        input_ids=input_ids,
+        attention_mask=mask,
+        max_new_tokens=max_new_tokens,
+        pad_token_id=pad,
+        **({"eos_token_id": stop} if stop else {}),
+        **sampling,
+    )[:, width:].tolist()
+    results = []
+    for ids in output:
+        ends = [index for index, token in enumerate(ids) if token in stop_set]
+        results.append((ids[: ends[0]] if ends else ids, bool(ends)))
+    return results
+
+
 @torch.no_grad()
 def regenerate_responses(
     target: PreTrainedModel,
@@ -74,41 +164,49 @@ def regenerate_responses(
     prompts: Sequence[str],
     max_new_tokens: int = 256,
     cache_path: str | os.PathLike | None = None,
+    batch_size: int = 1,
 ) -> list[tuple[str, str]]:
-    """The target's own greedy answer to each prompt (chat template applied), as (prompt, response) pairs.
+    """The target's own greedy answer to each prompt (chat template applied), as (prompt, response) pairs,
+    ``batch_size`` prompts per left-padded ``generate()``.
 
-    With ``cache_path`` (JSONL), answers already there are reused and each new one is appended as soon
-    as it is generated, so an interrupted run resumes where it stopped; a cache written with another
-    ``max_new_tokens`` is an error rather than silently mixed.
+    With ``cache_path`` (a JSONL journal), answers already there are reused and each batch is appended
+    as soon as it is generated, so an interrupted run resumes where it stopped; a cache written with
+    another ``max_new_tokens`` is an error rather than silently mixed.
     """
     cached: dict[str, str] = {}
-    if cache_path is not None and Path(cache_path).is_file():
-        for line in Path(cache_path).read_text().splitlines():
-            record = json.loads(line)
-            if record["max_new_tokens"] != max_new_tokens:
-                raise ValueError(
-                    f"{cache_path} holds responses of up to {record['max_new_tokens']} new tokens, "
-                    f"not {max_new_tokens}: pass the same --regenerate-tokens or another cache"
-                )
-            cached[record["prompt"]] = record["response"]
-    pending = [prompt for prompt in dict.fromkeys(prompts) if prompt not in cached]
-    with open(cache_path, "a") if cache_path is not None else contextlib.nullcontext() as sink:
-        for prompt in tqdm(pending, desc="regenerating", unit="prompt"):
-            ids = encode_prompt(tokenizer, prompt).to(target.device)
-            output = target.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=tokenizer.pad_token_id
-                if tokenizer.pad_token_id is not None
-                else tokenizer.eos_token_id,
+    for record in read_journal(cache_path) if cache_path is not None else ():
+        if record["max_new_tokens"] != max_new_tokens:
+            raise ValueError(
+                f"{cache_path} holds responses of up to {record['max_new_tokens']} new tokens, "
+                f"not {max_new_tokens}: pass the same --regenerate-tokens or another cache"
             )
-            cached[prompt] = tokenizer.decode(output[0, ids.shape[1] :], skip_special_tokens=True).strip()
-            if sink is not None:
-                record = {"prompt": prompt, "response": cached[prompt], "max_new_tokens": max_new_tokens}
-                sink.write(json.dumps(record) + "\n")
-                sink.flush()
+        cached[record["prompt"]] = record["response"]
+    pending = [prompt for prompt in dict.fromkeys(prompts) if prompt not in cached]
+    generated, began = 0, time.perf_counter()
+    with tqdm(total=len(pending), desc="answering", unit="prompt") as progress:
+        for start in range(0, len(pending), batch_size):
+            chunk = pending[start : start + batch_size]
+            texts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+                )
+                for prompt in chunk
+            ]
+            outputs = generate_continuations(target, tokenizer, texts, max_new_tokens, do_sample=False)
+            records = [
+                {
+                    "prompt": prompt,
+                    "response": tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                    "max_new_tokens": max_new_tokens,
+                }
+                for prompt, (ids, _) in zip(chunk, outputs, strict=True)
+            ]
+            if cache_path is not None:
+                append_journal(cache_path, records)
+            cached.update((record["prompt"], record["response"]) for record in records)
+            generated += sum(len(ids) for ids, _ in outputs)
+            progress.set_postfix(tok_per_s=f"{generated / (time.perf_counter() - began):.0f}")
+            progress.update(len(chunk))
     return [(prompt, cached[prompt]) for prompt in prompts]
 
 
@@ -120,6 +218,8 @@ def default_text_sources() -> list[Path]:
 def _files_of(source: Path) -> list[Path]:
     if source.is_file():
         return [source]
+    if _is_dataset_folder(source):
+        return sorted(path for path in source.iterdir() if path.is_file())
     if not source.is_dir():
         raise FileNotFoundError(f"text source {source} not found (pass files or folders with --text)")
     files = sorted(
