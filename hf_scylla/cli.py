@@ -253,6 +253,12 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         default=0.1,
         help="Weight of the LM-head distillation term (0: feature loss only).",
     )
+    parser.add_argument(
+        "--draft-vocab-size",
+        type=int,
+        help="After training, give the draft its own LM head over this many most frequent tokens of the "
+        "training data (FR-Spec; e.g. 8192), saved with the draft.",
+    )
     add_output_arguments(parser, RUNS_DIR / "scylla" / "draft", "draft, checkpoints and cached features")
     parser.add_argument(
         "--resume", action="store_true", help="Continue from the last checkpoint in --output-dir."
@@ -325,6 +331,8 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
             raise CommandError(f"{flag} must be a positive number, got {value}")
     if not math.isfinite(args.token_weight) or args.token_weight < 0:
         raise CommandError(f"--token-weight must be >= 0, got {args.token_weight}")
+    if args.draft_vocab_size is not None and (args.draft_vocab_size < 1 or args.standalone):
+        raise CommandError("--draft-vocab-size must be >= 1 and applies to Scylla drafts, not --standalone")
     if args.features is None:
         _check_data_sources(args)
 
@@ -340,6 +348,22 @@ def _check_data_sources(args: argparse.Namespace) -> None:
         sources_fingerprint(args.text or [])
     except FileNotFoundError as error:
         raise CommandError(str(error)) from None
+
+
+def _reduce_trained_draft(draft, features, tokenizer, size: int, output_dir: Path) -> None:
+    """Replace the saved draft by one whose LM head covers the ``size`` tokens it learned most often."""
+    from hf_scylla.training import trained_token_counts
+    from hf_scylla.vocab import frequent_draft_vocabulary, reduce_draft_vocabulary
+
+    try:
+        subset = frequent_draft_vocabulary(
+            trained_token_counts(features, draft.config.target_vocab_size), size, tokenizer
+        )
+        reduce_draft_vocabulary(draft, subset, tokenizer)
+    except ValueError as error:
+        raise CommandError(f"--draft-vocab-size {size}: {error}") from None
+    draft.save_pretrained(output_dir)
+    print(f"draft LM head reduced to the {size} most frequent trained tokens")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -370,6 +394,8 @@ def _run_train(args: argparse.Namespace) -> int:
         draft = make_draft(target, tokenizer, args.depth, args.init_draft)
         train_settings = {"unroll_steps": args.unroll_steps, "token_weight": args.token_weight}
         result = train_draft(draft, features, args.output_dir, **train_settings, **settings)
+        if args.draft_vocab_size is not None:
+            _reduce_trained_draft(draft, features, tokenizer, args.draft_vocab_size, args.output_dir)
     kind = "standalone draft LM" if args.standalone else "draft"
     print(
         f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; {kind} saved to {args.output_dir}"

@@ -35,6 +35,7 @@ from hf_scylla.data import (
     text_token_chunks,
 )
 from hf_scylla.modeling import ScyllaDraftModel
+from hf_scylla.vocab import count_tokens
 
 __all__ = [
     "EagleLoss",
@@ -51,6 +52,7 @@ __all__ = [
     "pad_records",
     "train_draft",
     "trained_positions",
+    "trained_token_counts",
     "trainer_defaults",
     "weights_fingerprint",
 ]
@@ -292,6 +294,13 @@ def make_draft(
     return draft.to(target.device)
 
 
+def trained_token_counts(features: FeatureDataset, vocab_size: int) -> torch.Tensor:
+    """How often each id is a learned token of ``features`` (the corpus a reduced draft head is ranked on)."""
+    return count_tokens(
+        (record["input_ids"][record["loss_mask"].bool()].tolist() for record in features.records), vocab_size
+    )
+
+
 def trained_positions(features: FeatureDataset) -> int:
     """How many (pair, target) positions the EAGLE loss learns from (masked-in tokens after the first)."""
     return sum(int(record["loss_mask"][1:].sum()) for record in features.records)
@@ -300,7 +309,9 @@ def trained_positions(features: FeatureDataset) -> int:
 def _feature_record(
     target: PreTrainedModel, ids: torch.LongTensor, loss_mask: torch.Tensor, dtype: torch.dtype
 ) -> dict[str, torch.Tensor]:
-    hidden = target(ids[None].to(target.device), output_hidden_states=[-1]).hidden_states[-1][0]
+    hidden = target(ids[None].to(target.device), output_hidden_states=[-1], logits_to_keep=1).hidden_states[
+        -1
+    ][0]
     return {"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask}
 
 

@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_DRAFT_VOCAB_SIZE",
     "check_vocabulary_mapping",
     "count_tokens",
+    "frequent_draft_vocabulary",
     "full_vocabulary_logits",
     "most_frequent_tokens",
     "reduce_draft_vocabulary",
@@ -104,6 +105,15 @@ def full_vocabulary_logits(
     target_ids = torch.arange(len(d2t), device=d2t.device) + d2t
     full = draft_logits.new_full((*draft_logits.shape[:-1], target_vocab_size), float("-inf"))
     return full.index_copy_(-1, target_ids, draft_logits)
+
+
+def frequent_draft_vocabulary(
+    counts: torch.Tensor, size: int, tokenizer: PreTrainedTokenizerBase
+) -> torch.LongTensor:
+    """The ``size`` most frequent ids of ``counts``, always including the tokenizer's special tokens
+    (EOS and the chat template's markers must stay draftable)."""
+    special = {*tokenizer.all_special_ids, tokenizer.eos_token_id} - {None}
+    return most_frequent_tokens(counts, size, always_include=sorted(special))
 
 
 @torch.no_grad()

@@ -38,9 +38,10 @@ def test_train_then_bench(tmp_path: Path) -> None:
     assert main([*train, "--output-dir", str(draft_dir)]) == 0
     assert (draft_dir / "model.safetensors").is_file()
     (features,) = draft_dir.glob("features-8x16-*.pt")  # cached target features, reused by a rerun
-    tuned_dir = tmp_path / "tuned"
-    assert main([*train, "--init-draft", str(draft_dir), "--output-dir", str(tuned_dir)]) == 0
-    assert (tuned_dir / "model.safetensors").is_file()
+    tuned_dir = tmp_path / "tuned"  # fine-tuned, then its head reduced to the 32 most trained tokens
+    tune = [*train, "--init-draft", str(draft_dir), "--draft-vocab-size", "32"]
+    assert main([*tune, "--output-dir", str(tuned_dir)]) == 0
+    assert json.loads((tuned_dir / "config.json").read_text())["draft_vocab_size"] == 32
 
     standalone_dir = tmp_path / "standalone"  # the baseline, on the draft's cached features
     standalone = [*train, "--standalone", "--features", str(features)]
@@ -49,14 +50,14 @@ def test_train_then_bench(tmp_path: Path) -> None:
     assert (standalone_dir / "model.safetensors").is_file() and (standalone_dir / "tokenizer.json").is_file()
 
     results = tmp_path / "results"
-    bench = ["bench", *common, "--draft", str(draft_dir), "--prompts-dir", str(prompts), "--limit", "1"]
+    bench = ["bench", *common, "--draft", str(tuned_dir), "--prompts-dir", str(prompts), "--limit", "1"]
     bench += ["--assistant", str(standalone_dir)]
     assert main([*bench, "--max-new-tokens", "8", "--output-dir", str(results)]) == 0
     rows = json.loads((results / "bench.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {
         "greedy",
         "prompt_lookup_10",
-        "scylla:draft",
+        "scylla:tuned",
         "assisted:standalone",
     }
     assert all(row["lossless"] for row in rows)
@@ -104,6 +105,7 @@ def test_pretrain_on_text_then_finetune_on_regenerated_answers(tmp_path: Path) -
         (["--samples", "0"], "--samples must be >= 1"),
         (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
         (["--epochs", "0"], "--epochs must be a positive number"),
+        (["--draft-vocab-size", "0"], "--draft-vocab-size must be >= 1"),
     ],
 )
 def test_train_rejects_bad_arguments_before_loading_the_model(

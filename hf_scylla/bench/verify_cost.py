@@ -25,7 +25,7 @@ from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import load_model_and_tokenizer
 from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.vocab import count_tokens, most_frequent_tokens, reduce_draft_vocabulary
+from hf_scylla.vocab import count_tokens, frequent_draft_vocabulary, reduce_draft_vocabulary
 
 __all__ = [
     "DRAFT_TRAINING_SOURCES",
@@ -102,8 +102,7 @@ def reduced_draft(
     size: int,
 ) -> ScyllaDraftModel:
     """A copy of ``draft`` whose head covers the ``size`` most frequent tokens (plus the special tokens)."""
-    special = set(tokenizer.all_special_ids) | {tokenizer.eos_token_id}
-    subset = most_frequent_tokens(counts, size, always_include=sorted(i for i in special if i is not None))
+    subset = frequent_draft_vocabulary(counts, size, tokenizer)
     return reduce_draft_vocabulary(clone_draft(draft, target), subset, tokenizer)
 
 
