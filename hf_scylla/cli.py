@@ -157,6 +157,14 @@ def _add_verify_cost_arguments(parser: argparse.ArgumentParser) -> None:
         help="Held-out *.jsonl prompt sets for the agreement.",
     )
     parser.add_argument("--limit", type=int, default=8, help="Prompts per set for the agreement (0: all).")
+    parser.add_argument(
+        "--vocab-corpus",
+        type=Path,
+        action="append",
+        help="The draft's training data, whose most frequent tokens the reduced heads keep: text files, "
+        "conversation JSONL or a make-data dataset folder (repeatable; default: the staged D1 draft's "
+        "tinyshakespeare + GSM8K train).",
+    )
     add_output_arguments(parser, Path("runs/scylla/verify-cost"))
 
 
@@ -181,6 +189,7 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
             context_tokens=args.context_tokens,
             repeats=args.repeats,
             limit=args.limit or None,
+            **({"vocab_corpus": args.vocab_corpus} if args.vocab_corpus else {}),
         )
     )
     return 0

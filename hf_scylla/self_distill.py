@@ -185,6 +185,11 @@ def self_distilled_conversations(
         for prompt, response in answers
         if response
     ]
+    if not rows:
+        raise ValueError(
+            "no conversation to save: no sampled turn closed within user_turn_tokens and no seed prompt "
+            "got a non-empty answer (raise user_turn_tokens or pass seed prompts)"
+        )
     dataset = datasets.Dataset.from_list(rows)
     staging = output_dir / "dataset.partial"
     if staging.exists():

@@ -141,7 +141,36 @@ def test_make_data_rejects_bad_arguments_before_loading_the_model(
 
 
 def test_settings_file_records_what_the_run_was_made_with(target, tokenizer, tmp_path: Path) -> None:
-    self_distilled_conversations(target, tokenizer, tmp_path, SETTINGS, target_name="tiny")
+    self_distilled_conversations(target, tokenizer, tmp_path, SETTINGS, ["w5"], target_name="tiny")
     recorded = json.loads((tmp_path / "settings.json").read_text())
     assert recorded["target"] == "tiny" and recorded["response_tokens"] == 4 and recorded["seed"] == 0
     assert torch.is_tensor(target.model.embed_tokens.weight)  # the target itself is untouched
+
+
+def test_reduced_head_corpus_counts_text_jsonl_and_a_dataset_folder_alike(
+    target, tokenizer, tmp_path: Path
+) -> None:
+    from hf_scylla.bench.verify_cost import training_token_counts
+
+    text, jsonl = tmp_path / "text.txt", tmp_path / "chats.jsonl"
+    text.write_text("w47 w47 w58")
+    jsonl.write_text(json.dumps({"question": "w69", "answer": "w72 w72"}) + "\n")
+    dataset = self_distilled_conversations(target, tokenizer, tmp_path / "run", SETTINGS, seed_prompts=["w5"])
+    counts = training_token_counts(tokenizer, [text, jsonl, tmp_path / "run" / "dataset"])
+    assert counts[47] == 2 and counts[58] == 1 and counts[72] >= 2
+    chats = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+            tokenize=True,
+            return_dict=True,
+        )["input_ids"]
+        for p, r in [("w69", "w72 w72"), *zip(dataset["prompt"], dataset["response"], strict=True)]
+    ]
+    assert int(counts.sum()) == 3 + sum(len(ids) for ids in chats)
+
+
+def test_a_run_that_yields_no_conversation_says_why(target, tokenizer, tmp_path: Path) -> None:
+    cut_short = SelfDistillSettings(user_turns=2, user_turn_tokens=1, response_tokens=2, batch_size=2)
+    with pytest.raises(ValueError, match="no conversation to save"):
+        self_distilled_conversations(target, tokenizer, tmp_path, cut_short)
+    assert not (tmp_path / "dataset").exists()

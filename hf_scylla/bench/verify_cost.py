@@ -24,6 +24,7 @@ from hf_common.compat import cache_kwargs, crop_cache
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import load_model_and_tokenizer
 from hf_common.reporting import markdown_table, plot_series, write_report
+from hf_scylla.data import read_conversations
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.vocab import count_tokens, frequent_draft_vocabulary, reduce_draft_vocabulary
 
@@ -49,21 +50,18 @@ DRAFT_TRAINING_SOURCES = (
 def training_token_counts(
     tokenizer: PreTrainedTokenizerBase, sources: Sequence[Path] = DRAFT_TRAINING_SOURCES
 ):
-    """Token counts over plain-text files and GSM8K-style ``question``/``answer`` JSONL (as one-turn chats)."""
+    """Token counts over plain-text files and conversations (JSONL or a `datasets` folder, read by
+    `hf_scylla.data.read_conversations`, as one-turn chats)."""
     token_lists = []
-    for path in sources:
-        if path.suffix == ".jsonl":
-            for line in path.read_text().splitlines():
-                record = json.loads(line)
-                messages = [
-                    {"role": "user", "content": record["question"]},
-                    {"role": "assistant", "content": record["answer"]},
-                ]
-                token_lists.append(
-                    tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
-                )
-        else:
+    for path in map(Path, sources):
+        if path.is_file() and path.suffix != ".jsonl":
             token_lists.append(tokenizer(path.read_text())["input_ids"])
+            continue
+        for prompt, response in read_conversations(path):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+            token_lists.append(
+                tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True)["input_ids"]
+            )
     return count_tokens(token_lists, len(tokenizer))
 
 
@@ -198,13 +196,15 @@ def verify_cost_report(
     context_tokens: int,
     repeats: int,
     limit: int | None,
+    vocab_corpus: Sequence[Path] = DRAFT_TRAINING_SOURCES,
 ) -> str:
-    """Measure the verification-cost curve, draft step times per head and teacher-forced agreement;
-    writes ``stem`` .json/.md/.png and returns the Markdown body."""
+    """Measure the verification-cost curve, draft step times per head (heads over the most frequent
+    tokens of ``vocab_corpus``) and teacher-forced agreement; writes ``stem`` .json/.md/.png and
+    returns the Markdown body."""
     load_before = os.getloadavg()
     target, tokenizer = load_model_and_tokenizer(model_name)
     draft = ScyllaDraftModel.from_pretrained(draft_folder, target=target, target_tokenizer=tokenizer).eval()
-    counts = training_token_counts(tokenizer)
+    counts = training_token_counts(tokenizer, vocab_corpus)
     drafts = {"full": draft} | {
         f"vocab{size}": reduced_draft(draft, target, tokenizer, counts, size) for size in vocab_sizes
     }
