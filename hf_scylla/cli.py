@@ -791,6 +791,50 @@ def _run_make_data(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_agreement_arguments(parser: argparse.ArgumentParser) -> None:
+    from hf_scylla.bench.speed import PROMPTS_DIR
+
+    parser.add_argument("--model", default=DEFAULT_MODEL_ID, help="Hub ID or local folder of the target.")
+    parser.add_argument(
+        "--draft", type=Path, action="append", required=True, help="A saved Scylla draft (repeatable)."
+    )
+    parser.add_argument(
+        "--prompts-dir",
+        type=Path,
+        action="append",
+        help=f"Folder of *.jsonl prompt sets (repeatable; default {PROMPTS_DIR}).",
+    )
+    parser.add_argument("--limit", type=int, default=8, help="Prompts per set (0: all).")
+    add_output_arguments(parser, RUNS_DIR / "scylla" / "agreement")
+
+
+def _run_agreement(args: argparse.Namespace) -> int:
+    from hf_scylla.bench.agreement import agreement_report
+    from hf_scylla.bench.speed import PROMPTS_DIR
+
+    prompts_dirs = args.prompts_dir or [PROMPTS_DIR]
+    for folder in [*args.draft, *prompts_dirs]:
+        if not folder.is_dir():
+            raise CommandError(f"{folder} is not a folder")
+    if args.limit < 0:
+        raise CommandError(f"--limit must be >= 0 (0: all prompts), got {args.limit}")
+    claim_outputs([args.output_dir / f"agreement.{suffix}" for suffix in ("json", "md")], args.overwrite)
+    try:
+        rows = agreement_report(
+            args.model,
+            args.draft,
+            prompts_dirs,
+            args.output_dir,
+            command_line("hf-scylla", getattr(args, "argv", [])),
+            limit=args.limit or None,
+        )
+    except ValueError as error:
+        raise CommandError(str(error)) from None
+    for row in rows:
+        print(f"{row['set']:>12} {row['draft']:>40} {row['agreement']:.4f} ({row['positions']} positions)")
+    return 0
+
+
 COMMANDS = (
     *COMMON_COMMANDS,
     demo_command("Scylla demo: a chat answer, greedy vs the staged draft, checked equal.", "hf_scylla.demo"),
@@ -819,6 +863,12 @@ COMMANDS = (
         "agreement, and the speed-up ceiling they imply (JSON, Markdown, PNG).",
         _add_verify_cost_arguments,
         _run_verify_cost,
+    ),
+    Command(
+        "agreement",
+        "Teacher-forced top-1 agreement of drafts with the target on prompt sets, side by side (JSON, Markdown).",
+        _add_agreement_arguments,
+        _run_agreement,
     ),
     Command(
         "sweep",

@@ -58,3 +58,31 @@ def test_benchmark_rows_are_lossless_with_speedups(prompt_dir: Path) -> None:
     assert by_method["copy", "oracle"]["tokens_per_target_forward"] > 1.5
     assert by_method["copy", "oracle"]["tau"] > 1.5
     assert by_method["copy", "oracle"]["new_tokens"] == 2 * 16
+
+
+def test_agreement_command_compares_drafts_per_set(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from hf_scylla.cli import main
+
+    target_dir, prompts = tmp_path / "target", tmp_path / "prompts"
+    target = make_target(context_scale=0.3)
+    target.save_pretrained(target_dir)
+    chat_word_tokenizer().save_pretrained(target_dir)
+    make_draft(target, oracle=True).save_pretrained(tmp_path / "oracle")
+    make_draft(target).save_pretrained(tmp_path / "random")
+    prompts.mkdir()
+    (prompts / "tiny.jsonl").write_text(
+        json.dumps({"turns": ["w7 w8 w9 w10"], "reference": ["w11 w12 w13"]}) + "\n"
+    )
+    command = ["agreement", "--model", str(target_dir), "--prompts-dir", str(prompts)]
+    command += ["--draft", str(tmp_path / "oracle"), "--draft", str(tmp_path / "random")]
+    command += ["--output-dir", str(tmp_path / "out")]
+    assert main(command) == 0
+    rows = {
+        row["draft"]: row for row in json.loads((tmp_path / "out" / "agreement.json").read_text())["rows"]
+    }
+    assert rows["oracle"]["agreement"] > rows["random"]["agreement"]  # the oracle draft mostly agrees
+    assert rows["oracle"]["positions"] == rows["random"]["positions"] > 0
+    assert main(command) == 2 and "already exist" in capsys.readouterr().err  # never replaced unasked
+    assert main([*command[:5], "--draft", str(tmp_path / "absent")]) == 2
