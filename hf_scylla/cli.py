@@ -617,7 +617,7 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         "--eval-results",
         type=Path,
         help="JSON with measured tau and/or speedup plus dataset_name, dataset_type (optional dataset_split, "
-        "setting); without it the card says 'not evaluated yet'.",
+        "setting), or a list of such objects, one per prompt set; without it the card says 'not evaluated yet'.",
     )
     parser.add_argument(
         "--dataset", action="append", default=[], help="Training dataset Hub ID (repeatable)."

@@ -42,6 +42,7 @@ __all__ = [
     "check_staged_folder",
     "eval_result_entries",
     "load_draft_config",
+    "measured_sets",
     "publish",
     "read_eval_results",
     "stage_checkpoint",
@@ -162,27 +163,39 @@ def _check_eval_results(eval_results: dict) -> None:
         raise ValueError(f"speedup must be positive, got {metrics['speedup']}")
 
 
-def eval_result_entries(eval_results: dict) -> list[EvalResult]:
+def measured_sets(eval_results: dict | list[dict]) -> list[dict]:
+    """``eval_results`` as a list, one checked entry per prompt set it was measured on."""
+    entries = [eval_results] if isinstance(eval_results, dict) else list(eval_results)
+    if not entries or not all(isinstance(entry, dict) for entry in entries):
+        raise ValueError(
+            "eval_results must be a JSON object or a non-empty list of them (one per prompt set)"
+        )
+    for entry in entries:
+        _check_eval_results(entry)
+    return entries
+
+
+def eval_result_entries(eval_results: dict | list[dict]) -> list[EvalResult]:
     """Model-index entries of measured ``tau`` / ``speedup`` (``eval_results`` as in `stage_draft`), checked."""
-    _check_eval_results(eval_results)
     return [
         EvalResult(
             task_type="text-generation",
             task_name="Speculative decoding",
-            dataset_type=eval_results["dataset_type"],
-            dataset_name=eval_results["dataset_name"],
-            dataset_split=eval_results.get("dataset_split"),
+            dataset_type=entry["dataset_type"],
+            dataset_name=entry["dataset_name"],
+            dataset_split=entry.get("dataset_split"),
             metric_type=metric_type,
             metric_name=metric_name,
-            metric_value=float(eval_results[key]),
+            metric_value=float(entry[key]),
         )
+        for entry in measured_sets(eval_results)
         for key, (metric_type, metric_name) in EVAL_METRICS.items()
-        if key in eval_results
+        if key in entry
     ]
 
 
 def _card_data(
-    config: ScyllaDraftConfig, repo_name: str, eval_results: dict | None, datasets: list[str]
+    config: ScyllaDraftConfig, repo_name: str, eval_results: dict | list[dict] | None, datasets: list[str]
 ) -> ModelCardData:
     model_index = eval_result_entries(eval_results) if eval_results else None
     return ModelCardData(
@@ -201,28 +214,27 @@ RESULTS_PLACEHOLDER = "Not evaluated yet: no acceptance length or speedup has be
 """The card's "## Results" line until results exist; ``hf-scylla eval --card`` replaces it."""
 
 
-def _results_section(eval_results: dict | None) -> str:
+def _results_section(eval_results: dict | list[dict] | None) -> str:
+    """One table row per measured prompt set, then the settings they were measured in."""
     if not eval_results:
         return f"{RESULTS_PLACEHOLDER}\n"
-    rows = [
-        f"| {metric_name} | {float(eval_results[key]):.3g} |"
-        for key, (_, metric_name) in EVAL_METRICS.items()
-        if key in eval_results
-    ]
-    dataset = eval_results["dataset_name"]
-    if eval_results.get("dataset_split"):
-        dataset += f" ({eval_results['dataset_split']} split)"
-    setting = f" Setting: {eval_results['setting']}." if eval_results.get("setting") else ""
-    return (
-        f"Measured on {dataset} (`{eval_results['dataset_type']}`).{setting}\n\n"
-        "| Metric | Value |\n|---|---|\n" + "\n".join(rows) + "\n"
-    )
+    entries = measured_sets(eval_results)
+    header = "| Prompt set | " + " | ".join(name for _, name in EVAL_METRICS.values()) + " |"
+    rows = [header, "|---|" + "---|" * len(EVAL_METRICS)]
+    for entry in entries:
+        dataset = f"{entry['dataset_name']} (`{entry['dataset_type']}`"
+        dataset += f", {entry['dataset_split']} split)" if entry.get("dataset_split") else ")"
+        values = [f"{float(entry[key]):.3g}" if key in entry else "-" for key in EVAL_METRICS]
+        rows.append(f"| {dataset} | " + " | ".join(values) + " |")
+    settings = list(dict.fromkeys(entry["setting"] for entry in entries if entry.get("setting")))
+    setting = "".join(f"\nSetting: {text}.\n" for text in settings)
+    return "\n".join(rows) + "\n" + setting
 
 
 def _card_body(
     config: ScyllaDraftConfig,
     repo_name: str,
-    eval_results: dict | None,
+    eval_results: dict | list[dict] | None,
     datasets: list[str],
     training_notes: str | None,
 ) -> str:
@@ -295,7 +307,7 @@ def stage_draft(
     output_dir: str | os.PathLike,
     *,
     repo_name: str,
-    eval_results: dict | None = None,
+    eval_results: dict | list[dict] | None = None,
     datasets: list[str] | tuple[str, ...] = (),
     base_model: str | None = None,
     training_notes: str | None = None,
@@ -305,7 +317,8 @@ def stage_draft(
 
     ``repo_name`` (``<org>/<name>``) is written into ``custom_generate/draft_repo.py``, so the recipe loads the
     draft from that repository. ``eval_results`` holds measured ``tau`` and/or ``speedup`` with
-    ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``); without it the card
+    ``dataset_name``/``dataset_type`` (optional ``dataset_split``, ``setting``), or a list of such
+    entries, one per prompt set (one card row each); without it the card
     says "not evaluated yet". ``base_model`` (the target's Hub id) defaults to
     ``config.target_name_or_path``; it and the tokenizer fingerprint are recorded in ``draft.config``,
     so the saved config pins the target. ``training_notes`` (objective, steps, hyperparameters) goes
@@ -322,7 +335,7 @@ def stage_draft(
     if not base_model:
         raise ValueError("The draft's config names no target model: pass base_model='<org>/<target>'")
     if eval_results:
-        _check_eval_results(eval_results)
+        measured_sets(eval_results)
     config = draft.config
     fingerprint = tokenizer_fingerprint(target_tokenizer)
     if config.target_tokenizer_hash not in (None, fingerprint):
@@ -371,7 +384,7 @@ def stage_draft(
     return output_dir
 
 
-def read_eval_results(path: str | os.PathLike) -> dict:
+def read_eval_results(path: str | os.PathLike) -> dict | list[dict]:
     """A JSON file of measured results for the card, checked as `stage_draft` will use it.
 
     Raises ``FileNotFoundError`` or a ``ValueError`` saying what is wrong, before anything is loaded.
@@ -383,10 +396,8 @@ def read_eval_results(path: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"file {path} not found") from None
     except (OSError, ValueError) as error:
         raise ValueError(f"{path} is not a JSON file: {error}") from None
-    if not isinstance(eval_results, dict):
-        raise ValueError(f"{path} must hold a JSON object, got {type(eval_results).__name__}")
     try:
-        eval_result_entries(eval_results)
+        measured_sets(eval_results)
     except ValueError as error:
         raise ValueError(f"{path}: {error}") from None
     return eval_results
@@ -410,7 +421,7 @@ def stage_checkpoint(
     repo_name: str,
     target: str | None = None,
     base_model: str | None = None,
-    eval_results: dict | None = None,
+    eval_results: dict | list[dict] | None = None,
     datasets: list[str] | tuple[str, ...] = (),
     training_notes: str | None = None,
     max_draft_tokens: int | None = None,
@@ -503,7 +514,7 @@ def _write_staged_files(
     target_tokenizer: PreTrainedTokenizerBase,
     folder: Path,
     repo_name: str,
-    eval_results: dict | None,
+    eval_results: dict | list[dict] | None,
     datasets: list[str],
     training_notes: str | None,
 ) -> None:

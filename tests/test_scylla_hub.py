@@ -181,9 +181,28 @@ def test_model_card_metadata_holds_the_measured_results(draft, tokenizer, tmp_pa
     assert metrics == {"mean_accepted_tokens": 3.25, "speedup": 1.75}
     assert {result.dataset_type for result in card.data.eval_results} == {"HuggingFaceH4/mt_bench_prompts"}
     assert f'custom_generate="{REPO_ID}"' in card.text
-    assert "| 3.25 |" in card.text and "| 1.75 |" in card.text
+    assert "| 3.25 | 1.75 |" in card.text
     assert "Not evaluated yet" not in card.text
     assert "No further training details" in card.text
+
+
+def test_model_card_holds_one_result_row_per_prompt_set(draft, tokenizer, tmp_path: Path) -> None:
+    held_out = {
+        "tau": 1.5,
+        "speedup": 0.9,
+        "dataset_name": "held-out prompts",
+        "dataset_type": "local/heldout",
+    }
+    held_out["setting"] = "greedy, 2-core CPU"
+    folder = stage(draft, tokenizer, tmp_path / "staged", eval_results=[EVAL_RESULTS, held_out])
+    card = ModelCard.load(folder / "README.md")
+    by_set = {(r.dataset_type, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert (
+        by_set[("local/heldout", "speedup")] == 0.9
+        and by_set[("HuggingFaceH4/mt_bench_prompts", "speedup")] == 1.75
+    )
+    assert "| held-out prompts (`local/heldout`) | 1.5 | 0.9 |" in card.text
+    assert "Setting: greedy, CPU, 12 new tokens." in card.text and "Setting: greedy, 2-core CPU." in card.text
 
 
 def test_model_card_carries_the_training_notes(draft, tokenizer, tmp_path: Path) -> None:
@@ -197,7 +216,7 @@ def test_model_card_without_results_invents_no_numbers(draft, tokenizer, tmp_pat
     assert "Not evaluated yet" in card.text
     assert card.data.eval_results is None
     assert "model-index" not in card.content
-    assert "| Metric |" not in card.text
+    assert "| Prompt set |" not in card.text
 
 
 @pytest.mark.parametrize(
@@ -623,7 +642,7 @@ def test_cli_publish_dry_run_refuses_a_bad_repo_id_or_tag(
     [
         (None, "not found"),
         ('{"tau": 3.0,', "is not a JSON file"),
-        ("[3.0]", "must hold a JSON object"),
+        ("[3.0]", "a JSON object or a non-empty list of them"),
         ('{"tau": 3.0}', "missing \\['dataset_name', 'dataset_type'\\]"),
     ],
 )
