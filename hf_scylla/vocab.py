@@ -26,6 +26,7 @@ __all__ = [
     "check_vocabulary_mapping",
     "count_tokens",
     "frequent_draft_vocabulary",
+    "full_vocabulary_draft",
     "full_vocabulary_logits",
     "most_frequent_tokens",
     "reduce_draft_vocabulary",
@@ -154,3 +155,18 @@ def reduce_draft_vocabulary(
     draft.register_buffer("t2d", t2d.to(weight.device))
     config.draft_vocab_size = len(token_ids)
     return draft
+
+
+def full_vocabulary_draft(draft: ScyllaDraftModel, target) -> ScyllaDraftModel:
+    """A copy of a reduced-head ``draft`` that reads out through the target's full LM head instead (the
+    inverse of `reduce_draft_vocabulary`: its head rows are the target's), attached to ``target``."""
+    from hf_scylla.modeling import ScyllaDraftModel
+
+    if draft.config.draft_vocab_size is None:
+        raise ValueError("the draft already reads out through the target's full vocabulary")
+    config = type(draft.config).from_dict({**draft.config.to_dict(), "draft_vocab_size": None})
+    full = ScyllaDraftModel(config)
+    own = {"lm_head.weight", "d2t", "t2d", "embed_tokens.weight"}
+    full.load_state_dict({k: v for k, v in draft.state_dict().items() if k not in own}, strict=False)
+    full.attach_target(target)
+    return full.to(device=draft.device, dtype=draft.dtype).eval()

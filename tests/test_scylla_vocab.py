@@ -9,8 +9,9 @@ from scylla_models import make_draft, make_target, peaky_sampling_pair
 from test_scylla_model import word_tokenizer
 
 from hf_scylla import ScyllaDraftModel, ScyllaStats, generate, reference_speculative_decode
+from hf_scylla.bench.verify_cost import clone_draft
 from hf_scylla.distribution import chi_square_p_value, draft_chain_logits, exact_sequence_law, sequence_cell
-from hf_scylla.vocab import count_tokens, most_frequent_tokens, reduce_draft_vocabulary
+from hf_scylla.vocab import count_tokens, full_vocabulary_draft, most_frequent_tokens, reduce_draft_vocabulary
 
 
 def prompt(seed: int, length: int = 7, vocab_size: int = 128) -> torch.Tensor:
@@ -114,3 +115,16 @@ def test_speculative_sampling_with_reduced_vocabulary_keeps_the_target_distribut
     assert chi_square_p_value(samples, broken) < 1e-6
     # Token 2 is outside the draft's subset, yet the target still emits it.
     assert any(2 in [cell // vocab**p % vocab for p in range(new_tokens)] for cell in samples.tolist())
+
+
+def test_full_vocabulary_draft_undoes_the_reduction() -> None:
+    target = make_target()
+    draft = make_draft(target)
+    ids, features = prompt(2), torch.randn(1, 7, target.config.hidden_size)
+    expected = draft(ids, features).logits
+    reduced = reduce_draft_vocabulary(clone_draft(draft, target), torch.arange(0, 128, 5))
+    full = full_vocabulary_draft(reduced, target)
+    assert full.config.draft_vocab_size is None and full.lm_head is target.get_output_embeddings()
+    torch.testing.assert_close(full(ids, features).logits, expected)
+    with pytest.raises(ValueError, match="already reads out through the target's full vocabulary"):
+        full_vocabulary_draft(full, target)

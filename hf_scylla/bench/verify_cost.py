@@ -26,7 +26,12 @@ from hf_common.default_model import load_model_and_tokenizer
 from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla.data import read_conversations
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.vocab import count_tokens, frequent_draft_vocabulary, reduce_draft_vocabulary
+from hf_scylla.vocab import (
+    count_tokens,
+    frequent_draft_vocabulary,
+    full_vocabulary_draft,
+    reduce_draft_vocabulary,
+)
 
 __all__ = [
     "DRAFT_TRAINING_SOURCES",
@@ -204,8 +209,12 @@ def verify_cost_report(
     load_before = os.getloadavg()
     target, tokenizer = load_model_and_tokenizer(model_name)
     draft = ScyllaDraftModel.from_pretrained(draft_folder, target=target, target_tokenizer=tokenizer).eval()
+    own_head = {}
+    if draft.config.draft_vocab_size is not None:  # measure its own head next to the full one
+        own_head = {f"own{draft.config.draft_vocab_size}": draft}
+        draft = full_vocabulary_draft(draft, target)
     counts = training_token_counts(tokenizer, vocab_corpus)
-    drafts = {"full": draft} | {
+    drafts = {"full": draft, **own_head} | {
         f"vocab{size}": reduced_draft(draft, target, tokenizer, counts, size) for size in vocab_sizes
     }
     sets = agreement_sequences(prompts_dir, tokenizer, limit)
