@@ -265,8 +265,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--draft-vocab-size",
         type=int,
-        help="After training, give the draft its own LM head over this many most frequent tokens of the "
-        "training data (FR-Spec; e.g. 8192), saved with the draft.",
+        help="Give the draft its own LM head over this many most frequent tokens of the training data "
+        "(FR-Spec; e.g. 8192) before training, so the token loss runs on that subset; saved with the draft.",
     )
     add_output_arguments(parser, RUNS_DIR / "scylla" / "draft", "draft, checkpoints and cached features")
     parser.add_argument(
@@ -359,11 +359,16 @@ def _check_data_sources(args: argparse.Namespace) -> None:
         raise CommandError(str(error)) from None
 
 
-def _reduce_trained_draft(draft, features, tokenizer, size: int, output_dir: Path) -> None:
-    """Replace the saved draft by one whose LM head covers the ``size`` tokens it learned most often."""
+def _reduce_draft_head(draft, features, tokenizer, size: int) -> None:
+    """Give the draft its own LM head over the ``size`` tokens it will learn most often, before training
+    (the token loss is then computed on that subset)."""
     from hf_scylla.training import trained_token_counts
     from hf_scylla.vocab import frequent_draft_vocabulary, reduce_draft_vocabulary
 
+    if draft.config.draft_vocab_size is not None:
+        raise CommandError(
+            f"--init-draft already has a reduced head of {draft.config.draft_vocab_size} tokens"
+        )
     try:
         subset = frequent_draft_vocabulary(
             trained_token_counts(features, draft.config.target_vocab_size), size, tokenizer
@@ -371,8 +376,7 @@ def _reduce_trained_draft(draft, features, tokenizer, size: int, output_dir: Pat
         reduce_draft_vocabulary(draft, subset, tokenizer)
     except ValueError as error:
         raise CommandError(f"--draft-vocab-size {size}: {error}") from None
-    draft.save_pretrained(output_dir)
-    print(f"draft LM head reduced to the {size} most frequent trained tokens")
+    print(f"draft LM head: the {size} most frequent trained tokens")
 
 
 def _run_train(args: argparse.Namespace) -> int:
@@ -401,10 +405,10 @@ def _run_train(args: argparse.Namespace) -> int:
         result = train_standalone_draft(model, features, args.output_dir, tokenizer=tokenizer, **settings)
     else:  # --init-draft: e.g. fine-tune a feature-only draft with the distillation term
         draft = make_draft(target, tokenizer, args.depth, args.init_draft)
+        if args.draft_vocab_size is not None:
+            _reduce_draft_head(draft, features, tokenizer, args.draft_vocab_size)
         train_settings = {"unroll_steps": args.unroll_steps, "token_weight": args.token_weight}
         result = train_draft(draft, features, args.output_dir, **train_settings, **settings)
-        if args.draft_vocab_size is not None:
-            _reduce_trained_draft(draft, features, tokenizer, args.draft_vocab_size, args.output_dir)
     kind = "standalone draft LM" if args.standalone else "draft"
     print(
         f"trained {result.global_step} steps, mean loss {result.training_loss:.4f}; {kind} saved to {args.output_dir}"

@@ -104,6 +104,13 @@ def eagle_loss(
     mask = (loss_mask if loss_mask is not None else torch.ones_like(input_ids))[:, 1:].to(hidden_states.dtype)
     tokens, features_in, next_features = input_ids[:, 1:], hidden_states[:, :-1], hidden_states[:, 1:]
     distil = token_weight > 0
+    # A reduced head (FR-Spec, EAGLE-3) distils the target's distribution renormalized on its subset,
+    # so the token term costs draft_vocab_size / vocab_size of a full one.
+    subset = (
+        draft.d2t + torch.arange(len(draft.d2t), device=draft.d2t.device)
+        if draft.config.draft_vocab_size
+        else None
+    )
     if distil:
         with torch.no_grad():
             target_log_probs = draft.lm_head(next_features).float().log_softmax(dim=-1)
@@ -118,7 +125,8 @@ def eagle_loss(
         )
         step_loss = feature_weight * feature_loss
         if distil:
-            log_probs = out.logits.float().log_softmax(dim=-1)
+            logits = out.logits if subset is None else out.logits.index_select(-1, subset)
+            log_probs = logits.float().log_softmax(dim=-1)
             step_token_loss = _masked_mean(-(target_log_probs.exp() * log_probs).sum(-1), mask)
             step_loss = step_loss + token_weight * step_token_loss
         total = total + step_decay**step * step_loss

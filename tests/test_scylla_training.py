@@ -120,3 +120,27 @@ def test_feature_only_loss_skips_the_lm_head(target, features) -> None:
     assert torch.equal(feature_only.loss, feature_only.feature_loss)
     assert torch.isnan(feature_only.token_loss)
     assert torch.isclose(full.loss, full.feature_loss + 0.1 * full.token_loss)
+
+
+@torch.no_grad()
+def test_reduced_head_distils_the_target_renormalized_on_its_subset(target, features) -> None:
+    from hf_scylla.bench.verify_cost import clone_draft
+    from hf_scylla.vocab import reduce_draft_vocabulary
+
+    draft = make_draft(target)
+    batch = collate_features([features[0], features[1]])
+    full = eagle_loss(draft, **batch, token_weight=1.0)
+    everything = reduce_draft_vocabulary(clone_draft(draft, target), torch.arange(128))
+    torch.testing.assert_close(eagle_loss(everything, **batch, token_weight=1.0).loss, full.loss)
+
+    subset = torch.arange(0, 128, 4)
+    reduced = eagle_loss(
+        reduce_draft_vocabulary(clone_draft(draft, target), subset), **batch, token_weight=1.0
+    )
+    out = draft(batch["input_ids"][:, 1:], batch["hidden_states"][:, :-1])
+    target_logits = target.get_output_embeddings()(batch["hidden_states"][:, 1:])
+    teacher = target_logits[..., subset].log_softmax(-1).exp()
+    student = out.logits[..., subset].log_softmax(-1)
+    mask = batch["loss_mask"][:, 1:].float()
+    expected = ((-(teacher * student).sum(-1)) * mask).sum() / mask.sum()
+    torch.testing.assert_close(reduced.token_loss, expected)
