@@ -659,3 +659,23 @@ def test_cli_stage_refuses_malformed_eval_results(
     assert scylla_main(arguments) == 2
     assert re.search(message, capsys.readouterr().err)
     assert not (tmp_path / "staged").exists()
+
+
+def test_card_results_script_keeps_one_chain_row_per_set(draft, tokenizer, tmp_path: Path) -> None:
+    from conftest import load_script
+
+    script = load_script("scylla_card_results")
+    rows = [
+        {"set": "gsm8k", "method": "greedy", "prompts": 4, "tau": None, "speedup": 1.0},
+        {"set": "gsm8k", "method": "scylla:d", "prompts": 4, "tau": 1.5912, "speedup": 1.1921},
+        {"set": "gsm8k", "method": "scylla:d+tree4x2x8", "prompts": 4, "tau": 1.83, "speedup": 0.77},
+        {"set": "mine", "method": "scylla:d", "prompts": 2, "tau": 1.2, "speedup": 0.9},
+    ]
+    entries = script.card_results({"rows": rows}, "greedy, CPU")
+    assert [(e["dataset_type"], e["tau"], e["speedup"]) for e in entries] == [
+        ("openai/gsm8k", 1.591, 1.192),
+        ("local/mine", 1.2, 0.9),
+    ]
+    assert entries[1]["dataset_name"] == "mine (first 2)"
+    card = ModelCard.load(stage(draft, tokenizer, tmp_path / "staged", eval_results=entries) / "README.md")
+    assert len(card.data.eval_results) == 4  # tau and speed-up of each set
