@@ -203,7 +203,7 @@ def _read_conversations(path: Path, limit: int, flag: str = "--data") -> list[tu
     except FileNotFoundError as error:
         raise CommandError(f"{error} (pass another with {flag})") from None
     except (ValueError, KeyError) as error:
-        raise CommandError(f"{flag} {path} is not JSONL of prompt/response records: {error}") from None
+        raise CommandError(f"{flag} {path} is not readable prompt/response data: {error}") from None
 
 
 def _add_stage_option(parser: argparse.ArgumentParser, finetune: str) -> None:

@@ -60,7 +60,12 @@ def read_conversations(path: str | os.PathLike, limit: int | None = None) -> lis
     if _is_dataset_folder(path):
         import datasets
 
-        rows = datasets.load_from_disk(str(path))
+        try:
+            rows = datasets.load_from_disk(str(path))
+        except Exception as error:  # pyarrow and datasets raise many types for a damaged folder
+            raise ValueError(
+                f"{path} is not a readable datasets folder (a shard is corrupt or missing: {error})"
+            ) from None
         if not {"prompt", "response"} <= set(rows.column_names):
             raise ValueError(f"{path} has columns {rows.column_names}, not prompt/response")
         rows = rows.select(range(min(len(rows), limit))) if limit is not None else rows

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -157,7 +158,13 @@ class FeatureDataset(Dataset):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> FeatureDataset:
-        return cls(torch.load(path, weights_only=True))
+        """Read a saved file; a truncated or otherwise unreadable one is a `ValueError` naming it."""
+        try:
+            return cls(torch.load(path, weights_only=True))
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise ValueError(
+                f"feature cache {path} is corrupt or truncated ({error}); delete it and rerun to rebuild it"
+            ) from None
 
     @classmethod
     def cached(

@@ -177,6 +177,20 @@ def test_features_file_built_from_other_inputs_is_refused(
     assert "was built from other inputs (differing: max_length" in capsys.readouterr().err
 
 
+def test_a_truncated_feature_cache_is_a_clear_error_and_is_kept(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    model_dir, data = tiny_target_and_data(tmp_path)
+    train = ["train", "--model", str(model_dir), "--data", str(data), "--samples", "4", "--batch-size", "4"]
+    train += ["--max-length", "16", "--output-dir", str(tmp_path / "a")]
+    assert main(train) == 0
+    (features,) = (tmp_path / "a").glob("features-*.pt")
+    features.write_bytes(features.read_bytes()[:200])  # a kill while it was written, a bad disk...
+    assert main([*train, "--overwrite"]) == 2
+    assert f"feature cache {features} is corrupt or truncated" in capsys.readouterr().err
+    assert features.stat().st_size == 200  # left for the user to look at
+
+
 def test_max_length_inside_the_prompt_is_refused(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Issue 16 item 6: every loss mask was 0 and the run reported "mean loss 0.0000; draft saved"."""
     model_dir, data = tiny_target_and_data(tmp_path)

@@ -174,3 +174,14 @@ def test_a_run_that_yields_no_conversation_says_why(target, tokenizer, tmp_path:
     with pytest.raises(ValueError, match="no conversation to save"):
         self_distilled_conversations(target, tokenizer, tmp_path, cut_short)
     assert not (tmp_path / "dataset").exists()
+
+
+def test_a_corrupt_dataset_shard_is_a_clear_error(target, tokenizer, tmp_path: Path, capsys) -> None:
+    self_distilled_conversations(target, tokenizer, tmp_path / "run", SETTINGS, ["w5"])
+    (shard,) = (tmp_path / "run" / "dataset").glob("*.arrow")
+    shard.write_bytes(shard.read_bytes()[:64])
+    with pytest.raises(ValueError, match="not a readable datasets folder"):
+        read_conversations(tmp_path / "run" / "dataset")
+    command = ["train", "--model", str(tmp_path / "no-target"), "--data", str(tmp_path / "run" / "dataset")]
+    assert main([*command, "--output-dir", str(tmp_path / "out")]) == 2
+    assert "a shard is corrupt or missing" in capsys.readouterr().err
