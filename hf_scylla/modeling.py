@@ -28,12 +28,9 @@ from hf_scylla.vocab import check_vocabulary_mapping, full_vocabulary_logits
 __all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target", "check_finite_weights"]
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
-"""State-dict keys that belong to the target and are saved only with ``config.save_embeddings``."""
-
-
-def shared_with_target(config: ScyllaDraftConfig) -> tuple[str, ...]:
-    """The keys of `SHARED_WITH_TARGET` this draft shares: a reduced-vocabulary head is the draft's own."""
-    return SHARED_WITH_TARGET if config.draft_vocab_size is None else ("embed_tokens.weight",)
+"""State-dict keys that belong to the target and are saved only with ``config.save_embeddings``: the
+embedding and the LM head, or, for a reduced-vocabulary head, the target's head rows it is made of
+(rebuilt from ``d2t`` by `ScyllaDraftModel.attach_target`)."""
 
 
 @dataclass
@@ -133,7 +130,7 @@ class ScyllaDraftModel(PreTrainedModel):
         self.post_init()
         if not config.save_embeddings:  # absent by design: no "newly initialized" warning on load
             self._keys_to_ignore_on_load_missing = {
-                rf"^{key}$".replace(".", r"\.") for key in shared_with_target(config)
+                rf"^{key}$".replace(".", r"\.") for key in SHARED_WITH_TARGET
             }
 
     def get_input_embeddings(self) -> nn.Embedding:
@@ -145,11 +142,17 @@ class ScyllaDraftModel(PreTrainedModel):
     def attach_target(
         self, target: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None = None
     ) -> None:
-        """Share the target's embedding and LM head (the same tensors, not copies) after checking they fit."""
+        """Share the target's embedding and LM head (the same tensors, not copies) after checking they fit;
+        a reduced head gets the target's rows of its subset (``d2t``), which is all it is."""
         check_draft_matches_target(self.config, target.config, tokenizer)
         self.embed_tokens = target.get_input_embeddings()
+        head = target.get_output_embeddings()
         if self.config.draft_vocab_size is None:
-            self.lm_head = target.get_output_embeddings()
+            self.lm_head = head
+        else:
+            subset = self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
+            with torch.no_grad():
+                self.lm_head.weight.copy_(head.weight[subset.to(head.weight.device)])
         self.is_attached = True
 
     def new_cache(self) -> DynamicCache:
@@ -209,7 +212,7 @@ class ScyllaDraftModel(PreTrainedModel):
         """Save the draft; the target's embedding and LM head only if ``config.save_embeddings``."""
         state_dict = kwargs.pop("state_dict", None) or self.state_dict()
         if not self.config.save_embeddings:
-            shared = shared_with_target(self.config)
+            shared = SHARED_WITH_TARGET
             state_dict = {key: value for key, value in state_dict.items() if key not in shared}
         elif (
             self.config.draft_vocab_size is None
@@ -252,7 +255,7 @@ class ScyllaDraftModel(PreTrainedModel):
             raise ValueError(
                 f"Could not read the Scylla draft checkpoint at {pretrained_model_name_or_path}: {error}"
             ) from error
-        shared = shared_with_target(model.config)
+        shared = SHARED_WITH_TARGET
         missing_draft_weights = sorted(set(info["missing_keys"]) - set(shared))
         if missing_draft_weights:
             raise ValueError(
