@@ -29,6 +29,7 @@ __all__ = [
     "TEXT_SUFFIXES",
     "append_journal",
     "default_text_sources",
+    "differing_keys",
     "encode_prompt",
     "generate_continuations",
     "read_conversations",
@@ -87,6 +88,11 @@ def read_conversations(path: str | os.PathLike, limit: int | None = None) -> lis
 
 def _is_dataset_folder(path: Path) -> bool:
     return (path / "dataset_info.json").is_file()
+
+
+def differing_keys(expected: dict, recorded: dict) -> list[str]:
+    """The sorted keys on which two descriptions of a run (settings, inputs) disagree, absent ones included."""
+    return sorted(key for key in expected.keys() | recorded.keys() if expected.get(key) != recorded.get(key))
 
 
 def read_journal(path: str | os.PathLike) -> list[dict]:

@@ -23,7 +23,7 @@ from transformers.utils import ModelOutput
 
 from hf_common.compat import cache_kwargs
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
-from hf_scylla.vocab import check_vocabulary_mapping, full_vocabulary_logits
+from hf_scylla.vocab import check_vocabulary_mapping, draft_target_ids, full_vocabulary_logits
 
 __all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target", "check_finite_weights"]
 
@@ -150,7 +150,7 @@ class ScyllaDraftModel(PreTrainedModel):
         if self.config.draft_vocab_size is None:
             self.lm_head = head
         else:
-            subset = self.d2t + torch.arange(len(self.d2t), device=self.d2t.device)
+            subset = draft_target_ids(self.d2t)
             with torch.no_grad():
                 self.lm_head.weight.copy_(head.weight[subset.to(head.weight.device)])
         self.is_attached = True

@@ -29,7 +29,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from hf_scylla.data import append_journal, generate_continuations, read_journal, regenerate_responses
+from hf_scylla.data import (
+    append_journal,
+    differing_keys,
+    generate_continuations,
+    read_journal,
+    regenerate_responses,
+)
 
 __all__ = [
     "SelfDistillSettings",
@@ -120,10 +126,7 @@ def sample_user_turns(
 
 def _check_settings(path: Path, recorded: dict) -> None:
     if path.is_file():
-        previous = json.loads(path.read_text())
-        changed = sorted(
-            key for key in previous.keys() | recorded.keys() if previous.get(key) != recorded.get(key)
-        )
+        changed = differing_keys(recorded, json.loads(path.read_text()))
         if changed:
             raise ValueError(
                 f"{path.parent} was started with other settings (differing: {', '.join(changed)}): "

@@ -29,6 +29,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase, Trainer, Trai
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.data import (
     default_text_sources,
+    differing_keys,
     encode_prompt,
     read_conversations,
     regenerate_responses,
@@ -36,7 +37,7 @@ from hf_scylla.data import (
     text_token_chunks,
 )
 from hf_scylla.modeling import ScyllaDraftModel
-from hf_scylla.vocab import count_tokens
+from hf_scylla.vocab import count_tokens, draft_target_ids
 
 __all__ = [
     "EagleLoss",
@@ -107,11 +108,7 @@ def eagle_loss(
     distil = token_weight > 0
     # A reduced head (FR-Spec, EAGLE-3) distils the target's distribution renormalized on its subset,
     # so the token term costs draft_vocab_size / vocab_size of a full one.
-    subset = (
-        draft.d2t + torch.arange(len(draft.d2t), device=draft.d2t.device)
-        if draft.config.draft_vocab_size
-        else None
-    )
+    subset = draft_target_ids(draft.d2t) if draft.config.draft_vocab_size else None
     if distil:
         with torch.no_grad():
             target_log_probs = draft.lm_head(next_features).float().log_softmax(dim=-1)
@@ -179,12 +176,7 @@ class FeatureDataset(Dataset):
         sidecar = path.with_suffix(".json")
         if path.is_file():
             if description is not None and sidecar.is_file():
-                recorded = json.loads(sidecar.read_text())
-                changed = sorted(
-                    key
-                    for key in description.keys() | recorded.keys()
-                    if description.get(key) != recorded.get(key)
-                )
+                changed = differing_keys(description, json.loads(sidecar.read_text()))
                 if changed:
                     raise ValueError(
                         f"{path} was built from other inputs (differing: {', '.join(changed)}; see {sidecar}): "

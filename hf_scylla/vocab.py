@@ -25,6 +25,7 @@ __all__ = [
     "DEFAULT_DRAFT_VOCAB_SIZE",
     "check_vocabulary_mapping",
     "count_tokens",
+    "draft_target_ids",
     "frequent_draft_vocabulary",
     "full_vocabulary_draft",
     "full_vocabulary_logits",
@@ -76,6 +77,11 @@ def most_frequent_tokens(
     return chosen.nonzero().flatten()
 
 
+def draft_target_ids(d2t: torch.Tensor) -> torch.LongTensor:
+    """The target id of each reduced-head entry: ``i + d2t[i]`` (EAGLE-3's layout)."""
+    return torch.arange(len(d2t), device=d2t.device) + d2t
+
+
 def check_vocabulary_mapping(d2t: torch.Tensor, t2d: torch.Tensor, target_vocab_size: int) -> None:
     """Raise a `ValueError` unless ``d2t``/``t2d`` describe the same increasing subset of the target's ids."""
     if t2d.shape != (target_vocab_size,):
@@ -83,7 +89,7 @@ def check_vocabulary_mapping(d2t: torch.Tensor, t2d: torch.Tensor, target_vocab_
             f"Draft vocabulary mapping t2d covers {tuple(t2d.shape)} target ids, but the target's vocabulary "
             f"has {target_vocab_size} tokens"
         )
-    target_ids = torch.arange(len(d2t), device=d2t.device) + d2t
+    target_ids = draft_target_ids(d2t)
     if len(target_ids) and (target_ids.min() < 0 or target_ids.max() >= target_vocab_size):
         raise ValueError(
             f"Draft vocabulary mapping d2t maps to target ids {int(target_ids.min())}..{int(target_ids.max())}, "
@@ -103,7 +109,7 @@ def full_vocabulary_logits(
     The draft distribution is then exactly zero outside the subset, so the speculative-sampling rule,
     the logits processors and transformers' candidate logits all see the target's vocabulary.
     """
-    target_ids = torch.arange(len(d2t), device=d2t.device) + d2t
+    target_ids = draft_target_ids(d2t)
     full = draft_logits.new_full((*draft_logits.shape[:-1], target_vocab_size), float("-inf"))
     return full.index_copy_(-1, target_ids, draft_logits)
 

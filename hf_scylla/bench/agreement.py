@@ -32,6 +32,8 @@ def agreement_report(
     limit: int | None = None,
 ) -> list[dict]:
     """One row per (prompt set, draft): agreement and positions; writes ``agreement.{json,md}``."""
+    if len({folder.name for folder in drafts}) != len(drafts):
+        raise ValueError("two --draft folders have the same name; rename one")
     target, tokenizer = load_model_and_tokenizer(model_name)
     loaded = {
         folder.name: ScyllaDraftModel.from_pretrained(
@@ -39,8 +41,6 @@ def agreement_report(
         ).eval()
         for folder in drafts
     }
-    if len(loaded) != len(drafts):
-        raise ValueError("two --draft folders have the same name; rename one")
     rows = []
     for prompts_dir in prompts_dirs:
         sets = agreement_sequences(prompts_dir, tokenizer, limit)
