@@ -82,6 +82,37 @@ def test_fused_op_reads_strided_codes_of_a_preallocated_cache() -> None:
     assert torch.equal(cpu.select_by_table_cpu(table, view, 32, valid, forced, True), expected)
 
 
+def _skewed_table(kind: str, seq_len: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """A one-head table and codes whose scores stress the top-k's histogram pruning."""
+    k_codes = torch.randint(0, 256, (1, 1, seq_len, 4), dtype=torch.uint8, generator=generator)
+    table = torch.randn(1, 1, 1, 4, 256, generator=generator)
+    if kind == "one outlier":  # every other score falls into the best or the worst bucket
+        table[..., 0, int(k_codes[0, 0, 7, 0])] = 1e6
+    elif kind == "all tied":
+        table = torch.ones_like(table)
+    elif kind == "few distinct":  # integer distances with many ties, as the L1 rule gives
+        table = torch.randint(0, 3, table.shape, generator=generator).float()
+    return table, k_codes
+
+
+@needs_extension
+@pytest.mark.parametrize("kind", ["gaussian", "one outlier", "all tied", "few distinct"])
+@pytest.mark.parametrize("largest", [True, False])
+@pytest.mark.parametrize("budget", [1, 40, 1999, 2000, 2500])
+def test_pruned_topk_is_exact_on_skewed_scores(kind, largest, budget) -> None:
+    generator = torch.Generator().manual_seed(budget)
+    seq_len = 2000
+    table, k_codes = _skewed_table(kind, seq_len, generator)
+    if not largest:  # the L1 rule's scores are non-negative integers
+        table = table.abs().round()
+    forced = torch.zeros(1, seq_len, dtype=torch.bool)
+    forced[:, -5:] = True
+    valid = torch.rand(1, seq_len, generator=generator) > 0.1
+    for mask in (None, valid):
+        expected = reference.select_by_table(table, k_codes, budget, mask, forced, largest)
+        assert torch.equal(cpu.select_by_table_cpu(table, k_codes, budget, mask, forced, largest), expected)
+
+
 @needs_extension
 def test_fused_op_rejects_bad_shapes() -> None:
     tables, k_codes, valid, forced = _case(1, 2, 2, 50, 32, 2, False, False)

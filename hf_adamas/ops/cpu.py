@@ -36,7 +36,13 @@ def cpu_extension() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     try:
-        return load(name="hf_adamas_select_cpu", sources=[str(SOURCE)], extra_cflags=["-O3"], verbose=False)
+        return load(
+            name="hf_adamas_select_cpu",
+            sources=[str(SOURCE)],
+            extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for runs serially without OpenMP
+            extra_ldflags=["-fopenmp"],
+            verbose=False,
+        )
     except (OSError, RuntimeError, ImportError) as error:  # no compiler / ninja, or a failed build
         logger.warning(
             "Adamas: the fused CPU selection op could not be built (%s); decoding uses the PyTorch "

@@ -33,38 +33,83 @@ inline int64_t largest_first(float score) {
 }
 
 // Per key, the sum over its P code bytes of the table entries they pick, for C columns at once.
+// Column c of key s goes to scores[c * column_stride + s]: each output row's scores are contiguous.
 template <int64_t C>
-void score_keys_fixed(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t seq_len,
-                      int64_t packed, float* scores) {
-  for (int64_t s = 0; s < seq_len; ++s) {
+void score_keys_fixed(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t count,
+                      int64_t packed, float* scores, int64_t column_stride) {
+  for (int64_t s = 0; s < count; ++s) {
     const uint8_t* row = codes + s * row_stride;
     float acc[C] = {};
     for (int64_t p = 0; p < packed; ++p) {
       const float* entry = tab + (p * 256 + row[p]) * C;
       for (int64_t c = 0; c < C; ++c) acc[c] += entry[c];
     }
-    for (int64_t c = 0; c < C; ++c) scores[s * C + c] = acc[c];
+    for (int64_t c = 0; c < C; ++c) scores[c * column_stride + s] = acc[c];
   }
 }
 
-void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t seq_len, int64_t packed,
-                int64_t columns, float* scores) {
+void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t count, int64_t packed,
+                int64_t columns, float* scores, int64_t column_stride) {
   switch (columns) {
-    case 1: return score_keys_fixed<1>(tab, codes, row_stride, seq_len, packed, scores);
-    case 2: return score_keys_fixed<2>(tab, codes, row_stride, seq_len, packed, scores);
-    case 3: return score_keys_fixed<3>(tab, codes, row_stride, seq_len, packed, scores);
-    case 4: return score_keys_fixed<4>(tab, codes, row_stride, seq_len, packed, scores);
-    case 8: return score_keys_fixed<8>(tab, codes, row_stride, seq_len, packed, scores);
+    case 1: return score_keys_fixed<1>(tab, codes, row_stride, count, packed, scores, column_stride);
+    case 2: return score_keys_fixed<2>(tab, codes, row_stride, count, packed, scores, column_stride);
+    case 3: return score_keys_fixed<3>(tab, codes, row_stride, count, packed, scores, column_stride);
+    case 4: return score_keys_fixed<4>(tab, codes, row_stride, count, packed, scores, column_stride);
+    case 8: return score_keys_fixed<8>(tab, codes, row_stride, count, packed, scores, column_stride);
     default:
-      for (int64_t s = 0; s < seq_len; ++s) {
+      for (int64_t s = 0; s < count; ++s) {
         const uint8_t* row = codes + s * row_stride;
-        float* acc = scores + s * columns;
-        for (int64_t c = 0; c < columns; ++c) acc[c] = 0.0f;
-        for (int64_t p = 0; p < packed; ++p) {
-          const float* entry = tab + (p * 256 + row[p]) * columns;
-          for (int64_t c = 0; c < columns; ++c) acc[c] += entry[c];
+        for (int64_t c = 0; c < columns; ++c) {
+          float acc = 0.0f;
+          for (int64_t p = 0; p < packed; ++p) acc += tab[(p * 256 + row[p]) * columns + c];
+          scores[c * column_stride + s] = acc;
         }
       }
+  }
+}
+
+// Top-k by candidate pruning. Each row's "badness" (the L1 distance, or minus the score: smaller is
+// better) is mapped to one of kBuckets buckets by a monotone function of it; a histogram finds the
+// bucket that holds the need-th best competing position, and only positions in that bucket or better
+// (plus the forced ones) go through the exact nth_element. Every position left out is worse than all
+// kept ones and at least `need` are kept, so the result is the exact top-k.
+constexpr int64_t kBuckets = 1024;
+
+// Extent (lowest, highest) of the competing positions' badness; penalty is 0 where a position
+// competes and +inf where it does not (forced or invalid). Eight independent lanes, so that it
+// vectorizes (AVX2 clone where the CPU has it).
+__attribute__((target_clones("avx2", "default")))
+void badness_extent(const float* scores, const float* penalty, float sign, int64_t n, float* lowest,
+                    float* highest) {
+  constexpr int64_t kLanes = 8;
+  float low[kLanes], high[kLanes];
+  for (int64_t j = 0; j < kLanes; ++j) {
+    low[j] = std::numeric_limits<float>::infinity();
+    high[j] = -low[j];
+  }
+  int64_t s = 0;
+  for (; s + kLanes <= n; s += kLanes)
+    for (int64_t j = 0; j < kLanes; ++j) {
+      const float value = sign * scores[s + j];
+      low[j] = std::min(low[j], value + penalty[s + j]);
+      high[j] = std::max(high[j], value - penalty[s + j]);
+    }
+  for (; s < n; ++s) {
+    const float value = sign * scores[s];
+    low[0] = std::min(low[0], value + penalty[s]);
+    high[0] = std::max(high[0], value - penalty[s]);
+  }
+  *lowest = *std::min_element(low, low + kLanes);
+  *highest = *std::max_element(high, high + kLanes);
+}
+
+// Bucket of each position (kBuckets for positions that do not compete), into buckets[].
+__attribute__((target_clones("avx2", "default")))
+void badness_buckets(const float* scores, const float* penalty, float sign, float lowest, float scale, int64_t n,
+                     int32_t* buckets) {
+  for (int64_t s = 0; s < n; ++s) {
+    const float scaled = (sign * scores[s] - lowest) * scale + penalty[s];  // +inf stays +inf if scale is 0
+    buckets[s] = static_cast<int32_t>(std::min(scaled, static_cast<float>(kBuckets)));
   }
 }
 
@@ -117,40 +162,68 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
   const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1), cs2 = codes.stride(2);
   const int64_t keep = std::min(budget, seq_len);
 
-  // Scores of every (batch, KV head, key), in chunks of keys so that all threads share the work.
+  // Scores of every (batch, KV head, key), in chunks of keys so that all threads share the work;
+  // output row (bh, c) holds its seq_len scores contiguously.
   constexpr int64_t kChunk = 1024;
   const int64_t chunks = (seq_len + kChunk - 1) / kChunk;
-  std::vector<float> scores(batch * kv_heads * seq_len * columns);
+  std::vector<float> scores(batch * kv_heads * columns * seq_len);
   at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / chunks, first = (item % chunks) * kChunk;
       const int64_t b = bh / kv_heads, h = bh % kv_heads;
       const uint8_t* key_codes = codes_ptr + b * cs0 + h * cs1 + first * cs2;
       score_keys(table_ptr + bh * packed * 256 * columns, key_codes, cs2, std::min(kChunk, seq_len - first),
-                 packed, columns, scores.data() + (bh * seq_len + first) * columns);
+                 packed, columns, scores.data() + bh * columns * seq_len + first, seq_len);
     }
   });
-  // Then the exact top-k of each output row (query head, or KV group).
+  // Per batch row: which positions compete for the budget (penalty 0), and the forced valid ones.
+  std::vector<float> penalty(batch * seq_len);
+  std::vector<std::vector<int64_t>> forced_positions(batch);
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t s = 0; s < seq_len; ++s) {
+      const bool is_valid = !has_valid || valid_ptr[b * seq_len + s];
+      const bool is_forced = forced_ptr[b * seq_len + s];
+      penalty[b * seq_len + s] = is_valid && !is_forced ? 0.0f : std::numeric_limits<float>::infinity();
+      if (is_valid && is_forced) forced_positions[b].push_back(s);
+    }
+  }
+  const float sign = largest ? -1.0f : 1.0f;
+  // Then the exact top-k of each output row (query head, or KV group), on the pruned candidates.
   at::parallel_for(0, batch * kv_heads * columns, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int64_t> keys(seq_len);
+    std::vector<int32_t> buckets(seq_len), histogram(kBuckets + 1);
+    std::vector<int64_t> keys;
+    keys.reserve(seq_len);
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t bh = row / columns, c = row % columns, b = bh / kv_heads;
-      const float* row_scores = scores.data() + bh * seq_len * columns + c;
-      const bool* is_forced = forced_ptr + b * seq_len;
-      const bool* is_valid = has_valid ? valid_ptr + b * seq_len : nullptr;
-      for (int64_t s = 0; s < seq_len; ++s) {
-        const float score = row_scores[s * columns];
-        const int64_t distance = largest ? largest_first(score) : static_cast<int64_t>(score);
-        keys[s] = rank_key(distance, s, seq_len, is_forced[s], is_valid == nullptr || is_valid[s]);
+      const int64_t b = row / (kv_heads * columns);
+      const float* row_scores = scores.data() + row * seq_len;
+      const float* row_penalty = penalty.data() + b * seq_len;
+      auto rank = [&](int64_t s, bool is_forced) {
+        const float score = row_scores[s];
+        return rank_key(largest ? largest_first(score) : static_cast<int64_t>(score), s, seq_len, is_forced, true);
+      };
+      keys.clear();
+      for (const int64_t s : forced_positions[b]) keys.push_back(rank(s, true));
+      const int64_t need = keep - static_cast<int64_t>(keys.size());
+      float lowest, highest;
+      badness_extent(row_scores, row_penalty, sign, seq_len, &lowest, &highest);
+      if (need > 0 && lowest <= highest) {  // some position competes
+        // The best competing position lands in bucket 0, the worst in kBuckets - 1 (at most).
+        const float scale = highest > lowest ? static_cast<float>(kBuckets - 1) / (highest - lowest) : 0.0f;
+        badness_buckets(row_scores, row_penalty, sign, lowest, scale, seq_len, buckets.data());
+        std::fill(histogram.begin(), histogram.end(), 0);
+        for (int64_t s = 0; s < seq_len; ++s) ++histogram[buckets[s]];
+        int64_t cutoff = 0, seen = histogram[0];
+        while (seen < need && cutoff < kBuckets - 1) seen += histogram[++cutoff];
+        for (int64_t s = 0; s < seq_len; ++s)
+          if (buckets[s] <= cutoff) keys.push_back(rank(s, false));
       }
       // Keys are unique and encode their position, so the selection runs on the keys themselves.
-      std::nth_element(keys.begin(), keys.begin() + (keep - 1), keys.end());
+      const int64_t kept = std::min<int64_t>(keep, keys.size());
+      if (kept > 0) std::nth_element(keys.begin(), keys.begin() + (kept - 1), keys.end());
       int64_t* dst = out_ptr + row * budget;
-      int64_t kept = 0;
-      for (int64_t i = 0; i < keep; ++i) {
+      for (int64_t i = 0; i < kept; ++i) {
         const int64_t key = keys[i];
-        if (key == std::numeric_limits<int64_t>::max()) continue;
-        dst[kept++] = key < 0 ? -1 - key : seq_len - 1 - key % seq_len;
+        dst[i] = key < 0 ? -1 - key : seq_len - 1 - key % seq_len;
       }
       std::sort(dst, dst + kept);
     }
