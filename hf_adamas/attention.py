@@ -19,7 +19,7 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging
 
 from hf_adamas import ops
-from hf_adamas.cache import CAPACITY_ATTRIBUTE, AdamasLayer
+from hf_adamas.cache import CAPACITY_ATTRIBUTE, AdamasLayer, PreallocatedLayer
 from hf_adamas.calibration import OnlineCalibratedLayer
 from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
 from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS
@@ -50,10 +50,12 @@ def settings_for(module: torch.nn.Module) -> AdamasConfig:
 
 
 def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-    """Forward pre-hook: find this layer's cache and give it an `AdamasLayer` if it has a plain one.
+    """Forward pre-hook: find this layer's cache and swap a plain `DynamicLayer` for Adamas' own.
 
-    The attention function receives keys and values but not the cache, so this hook (on each
-    attention module) stashes the layer where the function finds it.
+    Sparse layers get an `AdamasLayer` (codes next to the keys), dense ones a `PreallocatedLayer`
+    (no ``torch.cat`` of the whole cache per step). The attention function receives keys and values
+    but not the cache, so this hook (on each attention module) stashes the layer where the function
+    finds it.
     """
     cache = kwargs.get(CACHE_ARGUMENT)
     layer = None
@@ -62,16 +64,19 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
         settings = settings_for(module)
         thresholds = settings.thresholds_for_layer(module.layer_idx)
         layer_type = OnlineCalibratedLayer if settings.calibration == "online" else AdamasLayer
-        plain = type(layer) is DynamicLayer
+        sparse_layer = module.layer_idx >= settings.dense_layers
+        plain = type(layer) is DynamicLayer or (sparse_layer and type(layer) is PreallocatedLayer)
         stale = isinstance(layer, AdamasLayer) and not (
             type(layer) is layer_type and layer.encodes_with(thresholds, settings.bits)
         )
-        sparse_layer = module.layer_idx >= settings.dense_layers
         capacity = getattr(cache, CAPACITY_ATTRIBUTE, None)
-        if sparse_layer and (plain or stale) and module.config._attn_implementation == ATTENTION_NAME:
-            layer = layer_type.from_layer(layer, thresholds, settings.bits, capacity)
+        if module.config._attn_implementation == ATTENTION_NAME and (plain or stale):
+            if sparse_layer:
+                layer = layer_type.from_layer(layer, thresholds, settings.bits, capacity)
+            else:
+                layer = PreallocatedLayer.from_layer(layer, capacity)
             cache.layers[module.layer_idx] = layer
-        elif isinstance(layer, AdamasLayer) and capacity is not None:
+        elif isinstance(layer, PreallocatedLayer) and capacity is not None:
             layer.capacity = capacity
     setattr(module, CACHE_LAYER_ATTRIBUTE, layer)
 

@@ -1,4 +1,4 @@
-"""The code cache: key codes stored next to the KV cache, computed once per key as it enters.
+"""The code cache: key codes stored next to the KV cache, built from the cached keys when first needed.
 
 Layout. `AdamasLayer` keeps, per layer, keys and values ``[batch, kv_heads, seq, head_dim]`` (as
 `transformers.DynamicLayer`) plus packed key codes ``[batch, kv_heads, seq, head_dim * bits / 8]``
@@ -6,20 +6,28 @@ Layout. `AdamasLayer` keeps, per layer, keys and values ``[batch, kv_heads, seq,
 ``2*(i % 4) + 1`` (8 one-bit codes per byte with ``bits=1``). At 2 bits a key's codes take 1/8 of
 its bf16 key, i.e. 1/16 of its bf16 key and value (1/32 of an fp32 K+V cache).
 
-Memory. Storage is preallocated instead of the ``torch.cat`` that `DynamicLayer` does on every
-step, which copies the whole cache each decoded token; `keys`/`values`/`key_codes` are views of the
-filled part. When ``generate()`` says how long the sequence will get (prompt + ``max_new_tokens``,
-recorded on the cache by `apply_adamas`), the first update reserves exactly that; otherwise the
-capacity grows by a quarter (``GROWTH``) when full, so at most 25% of the cache is reserved but
-unused, and a regrowth briefly holds the old and the new buffer of one layer. Per token and layer
-the cache holds ``kv_heads * head_dim * (2 * element_size + bits / 8)`` bytes: at head_dim 64,
-3 KV heads, fp32 K/V and 2-bit codes, 1536 B of K/V plus 48 B of codes (3.1%). Cropping (assisted decoding), reordering (beam search) and batch
+Codes are built lazily: `AdamasLayer.key_codes` encodes the keys stored since its last call. So a
+prefill stores keys and values only, and the codes of the whole prompt are made at the first sparse
+decode step, after the prefill's activations are freed; the code buffer is therefore not part of
+the prefill's memory peak, which is what sets a long generation's peak (see
+``results/adamas/memory``). A cache that never decodes sparsely never builds codes.
+
+Memory. Storage is preallocated (`PreallocatedLayer`, also used for the dense layers) instead of the
+``torch.cat`` that `DynamicLayer` does on every step, which copies the whole cache each decoded
+token; `keys`/`values`/`key_codes` are views of the filled part. The prefill is stored exactly.
+When ``generate()`` says how long the sequence will get (prompt + ``max_new_tokens``, recorded on
+the cache by `apply_adamas`), the first decoded token reserves exactly that; otherwise the capacity
+grows by a quarter (``GROWTH``) when full, so at most 25% of the cache is reserved but unused, and a
+regrowth briefly holds the old and the new buffer of one layer. Per token and layer the cache holds ``kv_heads * head_dim * (2 *
+element_size + bits / 8)`` bytes: at head_dim 64, 3 KV heads, fp32 K/V and 2-bit codes, 1536 B of
+K/V plus 48 B of codes (3.1%). Cropping (assisted decoding), reordering (beam search) and batch
 selection keep the codes row- and position-aligned with the keys.
 
 Two ways to get it:
-- plain ``model.generate()``: the Adamas attention function swaps each sparse layer's
-  `DynamicLayer` in the `DynamicCache` that ``generate`` builds for an `AdamasLayer` holding the
-  same tensors (see `hf_adamas.attention`), so nothing needs building;
+- plain ``model.generate()``: the Adamas attention function swaps each layer's `DynamicLayer` in the
+  `DynamicCache` that ``generate`` builds for an `AdamasLayer` (sparse layers) or a
+  `PreallocatedLayer` (dense ones) holding the same tensors (see `hf_adamas.attention`), so nothing
+  needs building;
 - ``cache=AdamasCache(model.config)`` (``past_key_values=`` before transformers 5.24) built by the user, e.g. to reuse across calls.
 """
 
@@ -34,39 +42,33 @@ from hf_adamas.config import AdamasConfig, check_model_config
 
 _MIN_CAPACITY = 256
 GROWTH = 1.25
-"""Factor by which a full `AdamasLayer` grows when no final length is known."""
+"""Factor by which a full `PreallocatedLayer` grows when no final length is known."""
 
 CAPACITY_ATTRIBUTE = "adamas_capacity"
 """Attribute of a `Cache` holding the final sequence length ``generate()`` announced (see `apply_adamas`)."""
 
 
-class AdamasLayer(DynamicLayer):
-    """A `DynamicLayer` that also stores the packed Hadamard codes of its keys."""
+class PreallocatedLayer(DynamicLayer):
+    """A `DynamicLayer` whose keys and values live in buffers that grow rarely, not by ``torch.cat`` per step."""
 
-    def __init__(self, thresholds: list[float], bits: int, capacity: int | None = None, **kwargs) -> None:
+    def __init__(self, capacity: int | None = None, **kwargs) -> None:
         super().__init__(**kwargs)
         self.capacity = capacity  # the final length if known: reserved at once instead of grown
-        self.threshold_values = list(thresholds)
-        # Stays on the CPU: the kernels take thresholds as scalars, a device tensor would sync.
-        self.thresholds = torch.tensor(thresholds, dtype=torch.float32)
-        self.bits = bits
-        self._buffers: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._length = 0
 
-    def encodes_with(self, thresholds: list[float], bits: int) -> bool:
-        """Whether this layer's codes were made with these settings (else they must be rebuilt)."""
-        return bits == self.bits and list(thresholds) == self.threshold_values
+    def _adopt(self, layer: DynamicLayer) -> None:
+        """Take ``layer``'s keys and values (the swap of a layer that ``generate()`` built)."""
+        if layer.is_initialized and layer.get_seq_length() > 0:
+            self.update(layer.keys, layer.values)
+        elif layer.is_initialized:
+            self.lazy_initialization(layer.keys, layer.values)
 
     @classmethod
-    def from_layer(
-        cls, layer: DynamicLayer, thresholds: list[float], bits: int, capacity: int | None = None
-    ) -> AdamasLayer:
-        """An `AdamasLayer` holding ``layer``'s keys and values, with codes computed for them once."""
-        new = cls(thresholds, bits, capacity)
-        if layer.is_initialized and layer.get_seq_length() > 0:  # also re-encodes a stale AdamasLayer
-            new.update(layer.keys, layer.values)
-        elif layer.is_initialized:
-            new.lazy_initialization(layer.keys, layer.values)
+    def from_layer(cls, layer: DynamicLayer, capacity: int | None = None) -> PreallocatedLayer:
+        """A `PreallocatedLayer` holding ``layer``'s keys and values."""
+        new = cls(capacity)
+        new._adopt(layer)
         return new
 
     # The filled part of the buffers, under the names the rest of transformers reads.
@@ -76,7 +78,7 @@ class AdamasLayer(DynamicLayer):
 
     @keys.setter
     def keys(self, value: torch.Tensor | None) -> None:
-        self._assign(0, value)
+        self._assign(value)
 
     @property
     def values(self) -> torch.Tensor | None:
@@ -84,38 +86,40 @@ class AdamasLayer(DynamicLayer):
 
     @values.setter
     def values(self, value: torch.Tensor | None) -> None:
-        self._assign(1, value)
+        self._assign(value)
 
-    @property
-    def key_codes(self) -> torch.Tensor | None:
-        return None if self._buffers is None else self._buffers[2][:, :, : self._length]
-
-    def _assign(self, slot: int, value: torch.Tensor | None) -> None:
+    def _assign(self, value: torch.Tensor | None) -> None:
         """Only `None` (reset) and the empty tensors of `lazy_initialization` may be assigned directly."""
         if value is None or value.numel() == 0:
             self._buffers, self._length = None, 0
             return
-        raise AttributeError("AdamasLayer stores keys and values through update(); do not assign them.")
+        raise AttributeError(
+            f"{type(self).__name__} stores keys and values through update(); do not assign them."
+        )
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         self.dtype, self.device = key_states.dtype, key_states.device
         self.is_initialized = True
 
     def _reserve(self, key_states: torch.Tensor, value_states: torch.Tensor, needed: int) -> None:
-        """Make room for ``needed`` positions: the announced final length, else 1.25x (amortised O(1) appends)."""
+        """Make room for ``needed`` positions: the announced final length, else 1.25x (amortised O(1) appends).
+
+        The first update (the prefill) is stored exactly, even when a final length is announced: the
+        prefill's activations set a long generation's memory peak, and a buffer no larger than a
+        `DynamicLayer`'s keeps that peak where sdpa has it. The first decoded token then reserves the
+        announced length, after those activations are freed.
+        """
         capacity = 0 if self._buffers is None else self._buffers[0].shape[2]
         if needed <= capacity:
             return
         if self.capacity is not None and needed <= self.capacity:
-            capacity = self.capacity
+            capacity = self.capacity if self._buffers is not None else needed
         else:
             capacity = max(_MIN_CAPACITY, needed, int(capacity * GROWTH))
         batch, heads, _, head_dim = key_states.shape
-        packed = head_dim * self.bits // 8
         new = (
             key_states.new_empty(batch, heads, capacity, head_dim),
             value_states.new_empty(batch, heads, capacity, value_states.shape[-1]),
-            torch.empty(batch, heads, capacity, packed, dtype=torch.uint8, device=key_states.device),
         )
         if self._buffers is not None:
             for old, fresh in zip(self._buffers, new, strict=True):
@@ -125,15 +129,14 @@ class AdamasLayer(DynamicLayer):
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append keys, values and the new keys' codes; return all keys and values (views)."""
+        """Append keys and values; return all keys and values (views)."""
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, added = self._length, key_states.shape[2]
         self._reserve(key_states, value_states, start + added)
-        keys, values, codes = self._buffers
+        keys, values = self._buffers
         keys[:, :, start : start + added] = key_states
         values[:, :, start : start + added] = value_states
-        codes[:, :, start : start + added] = ops.hadamard_codes(key_states, self.thresholds, self.bits)
         self._length = start + added
         return self.keys, self.values
 
@@ -145,29 +148,93 @@ class AdamasLayer(DynamicLayer):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
         self._length = max(0, self._length + tokens_to_remove)
 
-    def _select_rows(self, rows: torch.Tensor) -> None:
+    def _map_buffers(self, change) -> None:
+        """Apply ``change`` to every buffer (row selection and repetition along the batch)."""
         if self._buffers is not None:
-            self._buffers = tuple(buffer[rows.to(buffer.device)] for buffer in self._buffers)
+            self._buffers = tuple(change(buffer) for buffer in self._buffers)
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._select_rows(beam_idx)
+        self._map_buffers(lambda buffer: buffer[beam_idx.to(buffer.device)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._select_rows(indices)
+        self._map_buffers(lambda buffer: buffer[indices.to(buffer.device)])
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        if self._buffers is not None:
-            self._buffers = tuple(buffer.repeat_interleave(repeats, dim=0) for buffer in self._buffers)
+        self._map_buffers(lambda buffer: buffer.repeat_interleave(repeats, dim=0))
 
     def offload(self) -> None:
-        raise NotImplementedError("AdamasLayer does not support cache offloading.")
+        raise NotImplementedError(f"{type(self).__name__} does not support cache offloading.")
 
     def prefetch(self) -> None:
-        raise NotImplementedError("AdamasLayer does not support cache offloading.")
+        raise NotImplementedError(f"{type(self).__name__} does not support cache offloading.")
+
+
+class AdamasLayer(PreallocatedLayer):
+    """A `PreallocatedLayer` that also stores the packed Hadamard codes of its keys, built when first read."""
+
+    def __init__(self, thresholds: list[float], bits: int, capacity: int | None = None, **kwargs) -> None:
+        super().__init__(capacity, **kwargs)
+        self.threshold_values = list(thresholds)
+        # Stays on the CPU: the kernels take thresholds as scalars, a device tensor would sync.
+        self._thresholds = torch.tensor(thresholds, dtype=torch.float32)
+        self.bits = bits
+        self._codes: torch.Tensor | None = None  # as long as the key buffer once built
+        self._coded = 0  # positions whose codes are in _codes
+
+    @property
+    def thresholds(self) -> torch.Tensor:
+        """The bucket edges the codes are made with (CPU float32)."""
+        return self._thresholds
+
+    def encodes_with(self, thresholds: list[float], bits: int) -> bool:
+        """Whether this layer's codes were made with these settings (else they must be rebuilt)."""
+        return bits == self.bits and list(thresholds) == self.threshold_values
+
+    @classmethod
+    def from_layer(
+        cls, layer: DynamicLayer, thresholds: list[float], bits: int, capacity: int | None = None
+    ) -> AdamasLayer:
+        """An `AdamasLayer` holding ``layer``'s keys and values (a stale `AdamasLayer`'s codes are dropped)."""
+        new = cls(thresholds, bits, capacity)
+        new._adopt(layer)
+        return new
+
+    @property
+    def key_codes(self) -> torch.Tensor | None:
+        """Codes of the stored keys ``[B, Hkv, S, P]`` (a view); encodes those stored since the last call."""
+        if self._buffers is None:
+            return None
+        keys = self._buffers[0]
+        if self._codes is None or self._codes.shape != keys.shape[:3] + self._codes.shape[3:]:
+            packed = keys.shape[-1] * self.bits // 8
+            fresh = torch.empty(*keys.shape[:3], packed, dtype=torch.uint8, device=keys.device)
+            if self._codes is not None:  # the key buffer grew or changed rows: keep what is coded
+                fresh[:, :, : self._coded] = self._codes[:, :, : self._coded]
+            self._codes = fresh
+        if self._coded < self._length:
+            new_keys = keys[:, :, self._coded : self._length]
+            self._codes[:, :, self._coded : self._length] = ops.hadamard_codes(
+                new_keys, self.thresholds, self.bits
+            )
+            self._coded = self._length
+        return self._codes[:, :, : self._length]
+
+    def crop(self, tokens_to_remove: int) -> None:
+        super().crop(tokens_to_remove)
+        self._coded = min(self._coded, self._length)
+
+    def _map_buffers(self, change) -> None:
+        super()._map_buffers(change)
+        if self._codes is not None:
+            self._codes = change(self._codes)
+
+    def _assign(self, value: torch.Tensor | None) -> None:
+        super()._assign(value)
+        self._codes, self._coded = None, 0
 
 
 class AdamasCache(Cache):
-    """A cache for a whole model: `AdamasLayer` for sparse layers, `DynamicLayer` for dense ones.
+    """A cache for a whole model: `AdamasLayer` for sparse layers, `PreallocatedLayer` for dense ones.
 
     Pass it as ``cache=AdamasCache(model.config)`` (``past_key_values=`` before transformers 5.24); the settings come from
     ``model.config.adamas_config`` unless ``adamas_config`` is given.
@@ -178,7 +245,7 @@ class AdamasCache(Cache):
         settings = adamas_config or AdamasConfig.from_model_config(text_config)
         check_model_config(config, settings, type(config).__name__)
         layers = [
-            DynamicLayer()
+            PreallocatedLayer()
             if index < settings.dense_layers
             else AdamasLayer(settings.thresholds_for_layer(index), settings.bits)
             for index in range(text_config.num_hidden_layers)

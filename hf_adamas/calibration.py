@@ -132,9 +132,10 @@ def calibrate_codes(
 class OnlineCalibratedLayer(AdamasLayer):
     """An `AdamasLayer` whose code book comes from the first keys it stores: the prompt's prefill.
 
-    Thresholds and centroids (`code_book`) are computed before those keys are encoded and then
-    kept for every later key; cropping the layer back to empty forgets them, so a reused cache
-    calibrates on its next prompt. Used for ``AdamasConfig(calibration="online")``.
+    Thresholds and centroids (`code_book`) are computed from the keys of the first update, when
+    first asked for (the first sparse step, with the codes), and then kept for every later key;
+    cropping the layer back to empty forgets them, so a reused cache calibrates on its next prompt.
+    Used for ``AdamasConfig(calibration="online")``.
     """
 
     def __init__(
@@ -142,21 +143,48 @@ class OnlineCalibratedLayer(AdamasLayer):
     ) -> None:
         del thresholds  # computed from the data
         super().__init__([], bits, capacity)
-        self.centroids: torch.Tensor | None = None
+        self._code_book: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._calibration_length = 0  # the first update's keys: those the code book is made from
 
     def encodes_with(self, thresholds: list[float] | None, bits: int) -> bool:
         """Online codes depend only on the code width (the thresholds are the data's)."""
         return bits == self.bits
 
+    def _book(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        if self._code_book is None and self._calibration_length > 0:
+            self._code_book = code_book(self.keys[:, :, : self._calibration_length], self.bits)
+            self.threshold_values = self._code_book[0].tolist()
+        return self._code_book
+
+    @property
+    def thresholds(self) -> torch.Tensor | None:
+        book = self._book()
+        return None if book is None else book[0]
+
+    @property
+    def centroids(self) -> torch.Tensor | None:
+        """Per-KV-head bucket means ``[kv_heads, 2**bits]``, or None before any key is stored."""
+        book = self._book()
+        return None if book is None else book[1]
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.centroids is None and key_states.shape[2] > 0:
-            self.thresholds, self.centroids = code_book(key_states, self.bits)
-            self.threshold_values = self.thresholds.tolist()
+        if self._calibration_length == 0:
+            self._calibration_length = key_states.shape[2]
         return super().update(key_states, value_states, *args, **kwargs)
 
     def crop(self, tokens_to_remove: int) -> None:
+        if 0 < self.get_seq_length() + tokens_to_remove < self._calibration_length:
+            self._book()  # made before the keys it is made from are cut
         super().crop(tokens_to_remove)
         if self.get_seq_length() == 0:
-            self.centroids = None
+            self._code_book, self._calibration_length = None, 0
+
+    def _map_buffers(self, change) -> None:
+        self._book()  # from the rows it was stored with
+        super()._map_buffers(change)
+
+    def _assign(self, value: torch.Tensor | None) -> None:
+        super()._assign(value)
+        self._code_book, self._calibration_length = None, 0

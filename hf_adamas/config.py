@@ -23,7 +23,7 @@ CONFIG_ATTRIBUTE = "adamas_config"
 PAPER_THRESHOLDS = {2: (-10.0, 0.0, 10.0), 1: (0.0,)}
 """Fixed bucket edges of the official code (tuned on Llama-2 activations), per code width."""
 
-Selector = Literal["adamas", "adamas_asymmetric", "streaming_llm", "quest"]
+Selector = Literal["adamas", "adamas_asymmetric", "streaming_llm", "quest", "oracle"]
 GqaSelection = Literal["per_query_head", "shared_per_kv_group"]
 Calibration = Literal["fixed", "online"]
 
@@ -67,7 +67,13 @@ class AdamasConfig:
             each key code's bucket centroids, largest first; same key codes and memory, see
             `hf_adamas.selection`); or the baselines ``"streaming_llm"``
             (``sink_tokens`` sinks plus the most recent tokens) and ``"quest"`` (pages of
-            ``quest_page_size`` tokens scored by per-channel key min/max), run through the same code.
+            ``quest_page_size`` tokens scored by per-channel key min/max), run through the same code;
+            ``"oracle"`` ranks by the exact ``q · k`` over the full keys: the best any top-k selection can
+            do at a budget (an accuracy bound for evaluations; it reads every key, so it saves no time).
+        rescore_factor (`int`, *optional*, defaults to `1`):
+            For ``"adamas"`` and ``"adamas_asymmetric"``: with ``F > 1`` the code estimate proposes
+            ``F * token_budget`` keys and their exact ``q · k`` keeps the ``token_budget`` best (a second
+            stage that reads the candidates' full keys, ``F`` times the rows attention reads). 1 = off.
         quest_page_size (`int`, *optional*, defaults to `16`):
             Page size of the Quest baseline.
         calibration (`str`, *optional*):
@@ -95,7 +101,11 @@ class AdamasConfig:
     sink_tokens: int = field(default=0, metadata={"help": "Leading tokens always kept."})
     recent_tokens: int = field(default=0, metadata={"help": "Recent tokens always kept."})
     selector: Selector = field(
-        default="adamas_asymmetric", metadata={"help": "adamas_asymmetric, adamas, streaming_llm or quest."}
+        default="adamas_asymmetric",
+        metadata={"help": "adamas_asymmetric, adamas, streaming_llm, quest or oracle (exact top-k)."},
+    )
+    rescore_factor: int = field(
+        default=1, metadata={"help": "Candidates per kept key rescored exactly (1 = the estimate alone)."}
     )
     quest_page_size: int = field(default=16, metadata={"help": "Page size of the Quest baseline."})
     calibration: Calibration | None = field(
@@ -112,6 +122,12 @@ class AdamasConfig:
         _check_int("sink_tokens", self.sink_tokens, minimum=0)
         _check_int("recent_tokens", self.recent_tokens, minimum=0)
         _check_int("quest_page_size", self.quest_page_size, minimum=1)
+        _check_int("rescore_factor", self.rescore_factor, minimum=1)
+        if self.rescore_factor > 1 and self.selector not in ("adamas", "adamas_asymmetric"):
+            raise ValueError(
+                f"rescore_factor={self.rescore_factor} rescores a code estimate; selector={self.selector!r} has "
+                "none (use 'adamas' or 'adamas_asymmetric', or rescore_factor=1)."
+            )
         check_bits(self.bits)
         _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
         _check_choice("selector", self.selector, Selector)

@@ -14,6 +14,8 @@ they differ only in the ranking (and all keep the same forced tokens):
   the query is not quantized, so the score estimates ``q · k`` instead of comparing two codes. Its
   per-byte lookup table has 256 float entries per query head, as the L1 table has integer ones;
 - ``streaming_llm``: recency, with ``sink_tokens`` leading tokens forced (StreamingLLM);
+- ``oracle``: the exact ``q · k`` over the full keys, largest first: the best any top-k selection
+  can do at the budget, the bound the estimators are measured against (it reads every key);
 - ``quest``: pages of ``quest_page_size`` tokens ranked by the upper bound
   ``sum_i max(q_i * min_i, q_i * max_i)`` over the page's per-channel key min/max (Quest), the
   current page forced. Page statistics are computed from the keys each step: the baseline is for
@@ -30,6 +32,7 @@ import torch.nn.functional as F
 from hf_adamas import ops
 from hf_adamas.calibration import OnlineCalibratedLayer, code_book, threshold_centroids
 from hf_adamas.config import AdamasConfig
+from hf_adamas.ops.reference import largest_first
 
 KeyCodes = Callable[[torch.Tensor], torch.Tensor]
 
@@ -58,6 +61,22 @@ def thresholds_tensor(settings: AdamasConfig, layer_idx: int) -> torch.Tensor:
     return cache[layer_idx]
 
 
+def _estimate_then_rescore(
+    settings: AdamasConfig,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    estimate: Callable[[int, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``estimate(budget, forced)``'s selection, or with ``rescore_factor > 1`` its larger candidate
+    set narrowed to the budget by the exact scores (`ops.rescore_selection`)."""
+    forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
+    if settings.rescore_factor == 1:
+        return estimate(settings.token_budget, forced)
+    candidates = estimate(settings.token_budget * settings.rescore_factor, forced)
+    return ops.rescore_selection(query, key, candidates, settings.token_budget, forced)
+
+
 def select_adamas(
     settings: AdamasConfig,
     module: torch.nn.Module,
@@ -67,14 +86,17 @@ def select_adamas(
     key_codes: KeyCodes,
 ) -> torch.Tensor:
     thresholds = thresholds_tensor(settings, module.layer_idx)
-    return ops.select_by_code_distance(
-        ops.hadamard_codes(query, thresholds, settings.bits),
-        key_codes(thresholds),
-        settings.bits,
-        settings.gqa_selection == "shared_per_kv_group",
-        settings.token_budget,
+    shared = settings.gqa_selection == "shared_per_kv_group"
+    q_codes = ops.hadamard_codes(query, thresholds, settings.bits)
+    codes = key_codes(thresholds)
+    return _estimate_then_rescore(
+        settings,
+        query,
+        key,
         valid,
-        forced_positions(settings, valid, key.shape[0], key.shape[2], key.device),
+        lambda budget, forced: ops.select_by_code_distance(
+            q_codes, codes, settings.bits, shared, budget, valid, forced
+        ),
     )
 
 
@@ -112,15 +134,36 @@ def select_adamas_asymmetric(
     key_codes: KeyCodes,
 ) -> torch.Tensor:
     thresholds, centroids = code_book_for(settings, module, key)
-    return ops.select_by_centroid_scores(
+    shared = settings.gqa_selection == "shared_per_kv_group"
+    codes = key_codes(thresholds)
+    return _estimate_then_rescore(
+        settings,
         query,
-        key_codes(thresholds),
-        centroids,
-        settings.bits,
-        settings.gqa_selection == "shared_per_kv_group",
-        settings.token_budget,
+        key,
         valid,
-        forced_positions(settings, valid, key.shape[0], key.shape[2], key.device),
+        lambda budget, forced: ops.select_by_centroid_scores(
+            query, codes, centroids, settings.bits, shared, budget, valid, forced
+        ),
+    )
+
+
+def select_oracle(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    key_codes: KeyCodes,
+) -> torch.Tensor:
+    batch, q_heads, head_dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    grouped = query.float().view(batch, kv_heads, q_heads // kv_heads, head_dim)
+    scores = grouped @ key.float().transpose(2, 3)  # [B, Hkv, G, S]
+    if settings.gqa_selection == "shared_per_kv_group":
+        scores = scores.sum(2, keepdim=True)
+    forced = forced_positions(settings, valid, batch, length, key.device)
+    return ops.select_topk(
+        largest_first(scores.reshape(batch, -1, length)), settings.token_budget, valid, forced
     )
 
 
@@ -176,4 +219,5 @@ SELECTORS: dict[str, Callable[..., torch.Tensor]] = {
     "adamas_asymmetric": select_adamas_asymmetric,
     "streaming_llm": select_streaming_llm,
     "quest": select_quest,
+    "oracle": select_oracle,
 }

@@ -77,7 +77,9 @@ def _cache_bytes(cache) -> dict[str, int]:
     allocated = filled = codes = 0
     for layer in cache.layers:
         buffers = getattr(layer, "_buffers", None)
-        tensors = buffers if buffers is not None else (layer.keys, layer.values)
+        tensors = list(buffers) if buffers is not None else [layer.keys, layer.values]
+        if getattr(layer, "_codes", None) is not None:
+            tensors.append(layer._codes)
         allocated += sum(t.untyped_storage().nbytes() for t in tensors)
         views = (layer.keys, layer.values, getattr(layer, "key_codes", None))
         filled += sum(t.numel() * t.element_size() for t in views if t is not None)

@@ -155,6 +155,28 @@ def test_online_layer_calibrates_on_its_first_keys_and_forgets_them_when_emptied
     assert not torch.equal(layer.thresholds, thresholds)
 
 
+@pytest.mark.parametrize(
+    "change",
+    [
+        lambda layer: layer.crop(-30),  # cuts into the prefill keys the book is made from
+        lambda layer: layer.batch_select_indices(torch.tensor([1])),  # drops a row it pools over
+    ],
+    ids=["crop", "batch_select"],
+)
+def test_online_book_is_that_of_the_prefill_whenever_it_is_first_read(change) -> None:
+    """The book is made lazily (with the codes); a change to the stored prefill first makes it."""
+    generator = torch.Generator().manual_seed(6)
+    prefill = torch.randn(2, 2, 50, 64, generator=generator)
+    layer = OnlineCalibratedLayer(bits=2)
+    layer.update(prefill, prefill)
+    assert layer._code_book is None  # nothing computed until asked for
+    change(layer)
+    later = torch.randn(layer.keys.shape[0], 2, 40, 64, generator=generator) * 3
+    layer.update(later, later)
+    thresholds, centroids = code_book(prefill, 2)
+    assert torch.equal(layer.thresholds, thresholds) and torch.equal(layer.centroids, centroids)
+
+
 @pytest.mark.parametrize("calibration", ["fixed", "online"])
 def test_asymmetric_generate_equals_sdpa_when_the_budget_covers_it(calibration: str) -> None:
     torch.manual_seed(0)
@@ -184,7 +206,7 @@ def test_online_calibration_fills_online_layers_during_generate() -> None:
     assert torch.isfinite(output.logits).all()
 
 
-@pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric", "streaming_llm", "quest"])
+@pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric", "streaming_llm", "quest", "oracle"])
 def test_every_selector_refuses_more_forced_tokens_than_the_budget(selector: str) -> None:
     with pytest.raises(ValueError, match="exceeds token_budget=4"):
         AdamasConfig(token_budget=4, sink_tokens=4, selector=selector)

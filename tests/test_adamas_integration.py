@@ -11,6 +11,7 @@ from transformers import AutoModelForCausalLM, Gemma2Config, GPTNeoConfig
 import hf_adamas
 from hf_adamas import AdamasCache, AdamasConfig, AdamasLayer, apply_adamas, ops
 from hf_adamas.bench.evaluation import Method, attention_method, decode_step, prefill
+from hf_adamas.cache import PreallocatedLayer
 from hf_common.compat import cache_kwargs, crop_cache, output_cache
 
 
@@ -46,7 +47,7 @@ def test_budget_covering_the_sequence_equals_sdpa(tiny_model) -> None:
 
 
 @pytest.mark.parametrize("gqa_selection", ["per_query_head", "shared_per_kv_group"])
-@pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric", "streaming_llm", "quest"])
+@pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric", "streaming_llm", "quest", "oracle"])
 def test_sparse_step_matches_masked_dense_attention(tiny_config, gqa_selection, selector) -> None:
     """A sparse decode step equals dense attention with every unselected key masked out."""
     torch.manual_seed(0)
@@ -103,7 +104,7 @@ def test_generate_fills_code_cache_that_matches_keys() -> None:
         input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=6, return_dict_in_generate=True
     )
     layers = output_cache(output).layers
-    assert type(layers[0]).__name__ == "DynamicLayer"
+    assert type(layers[0]) is PreallocatedLayer  # a dense layer: no codes, no torch.cat per step
     for layer in layers[1:]:
         assert isinstance(layer, AdamasLayer)
         assert torch.equal(layer.key_codes, ops.hadamard_codes(layer.keys, layer.thresholds, 2))

@@ -169,6 +169,33 @@ def test_generate_reserves_the_announced_length_once() -> None:
         assert layer.get_seq_length() == 300 + 20 - 1
 
 
+def test_codes_are_built_when_first_read_not_at_prefill() -> None:
+    """A prefill stores keys and values only, so the code buffer is not part of the prefill's peak."""
+    layer = AdamasLayer([-1.0, 0.0, 1.0], bits=2)
+    keys = torch.randn(1, 2, 300, 64)
+    layer.update(keys, keys)
+    assert layer._codes is None
+    assert torch.equal(layer.key_codes, ops.hadamard_codes(keys, layer.thresholds, 2))
+    step = torch.randn(1, 2, 1, 64)
+    layer.update(step, step)  # grows the key buffer: the codes follow on the next read
+    assert torch.equal(layer.key_codes, ops.hadamard_codes(torch.cat([keys, step], 2), layer.thresholds, 2))
+    layer.crop(-10)
+    other = torch.randn(1, 2, 4, 64)
+    layer.update(other, other)  # overwrites cropped positions, whose codes must be rebuilt
+    assert torch.equal(layer.key_codes, ops.hadamard_codes(layer.keys, layer.thresholds, 2))
+
+
+def test_an_announced_length_is_reserved_at_the_first_decoded_token() -> None:
+    """The prefill is stored exactly (the generation's memory peak stays sdpa's), then the rest is reserved."""
+    layer = AdamasLayer([-1.0, 0.0, 1.0], bits=2, capacity=1100)
+    keys = torch.randn(1, 2, 1000, 64)
+    layer.update(keys, keys)
+    assert layer._buffers[0].shape[2] == 1000
+    layer.update(keys[:, :, :1], keys[:, :, :1])
+    assert layer._buffers[0].shape[2] == 1100
+    assert torch.equal(layer.keys[:, :, :1000], keys)
+
+
 def test_unannounced_code_cache_grows_by_a_quarter() -> None:
     layer = AdamasLayer([-1.0, 0.0, 1.0], bits=2)
     keys = torch.randn(1, 2, 1000, 64)

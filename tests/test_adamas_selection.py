@@ -1,4 +1,4 @@
-"""The three selectors against loop-based brute force: what each one keeps for a decode query."""
+"""The selectors against loop-based brute force: what each one keeps for a decode query."""
 
 from __future__ import annotations
 
@@ -7,7 +7,13 @@ import torch
 
 from hf_adamas import AdamasConfig
 from hf_adamas.ops.reference import hadamard_codes, unpack_codes
-from hf_adamas.selection import select_adamas, select_quest, select_streaming_llm
+from hf_adamas.selection import (
+    select_adamas,
+    select_adamas_asymmetric,
+    select_oracle,
+    select_quest,
+    select_streaming_llm,
+)
 
 
 class _Layer(torch.nn.Module):
@@ -97,3 +103,68 @@ def test_quest_keeps_the_pages_with_the_highest_bound() -> None:
                     break
                 expected |= page
             assert expected <= chosen[b][h] and len(chosen[b][h]) == 16
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_oracle_keeps_the_largest_exact_scores(shared: bool) -> None:
+    query, key, valid = _inputs(seed=3)
+    settings = AdamasConfig(
+        token_budget=9, selector="oracle", recent_tokens=2,
+        gqa_selection="shared_per_kv_group" if shared else "per_query_head",
+    )  # fmt: skip
+    chosen = _as_sets(_select(select_oracle, settings, query, key, valid))
+    length, group = key.shape[2], 2
+    for b in range(2):
+        for row in range(2 if shared else 4):
+            heads = range(row * group, row * group + group) if shared else [row]
+            kv = row if shared else row // group
+            score = {
+                p: sum(float(query[b, h] @ key[b, kv, p]) for h in heads)
+                for p in range(length)
+                if valid[b, p]
+            }
+            forced = set(range(length - 3, length))
+            ranked = sorted((p for p in score if p not in forced), key=lambda p: -score[p])
+            assert chosen[b][row] == forced | set(ranked[: 9 - len(forced)])
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_rescoring_keeps_the_best_exact_scores_among_the_candidates(shared: bool) -> None:
+    query, key, valid = _inputs(seed=4)
+    common = {
+        "thresholds": [-1.0, 0.0, 1.0], "sink_tokens": 1,
+        "gqa_selection": "shared_per_kv_group" if shared else "per_query_head",
+    }  # fmt: skip
+    candidates = _as_sets(_select(select_adamas, AdamasConfig(token_budget=24, **common), query, key, valid))
+    chosen = _as_sets(
+        _select(select_adamas, AdamasConfig(token_budget=8, rescore_factor=3, **common), query, key, valid)
+    )
+    length, group = key.shape[2], 2
+    for b in range(2):
+        first_valid = int(valid[b].long().argmax())
+        forced = {first_valid, length - 1}
+        for row in range(2 if shared else 4):
+            heads = range(row * group, row * group + group) if shared else [row]
+            kv = row if shared else row // group
+
+            def score(p, heads=heads, kv=kv, b=b):
+                return sum(float(query[b, h] @ key[b, kv, p]) for h in heads)
+
+            ranked = sorted(candidates[b][row] - forced, key=lambda p: -score(p))
+            assert chosen[b][row] == forced | set(ranked[: 8 - len(forced)])
+
+
+@pytest.mark.parametrize("selector", [select_adamas, select_adamas_asymmetric])
+def test_rescoring_every_key_is_the_oracle(selector) -> None:
+    """With F * budget >= the cache length every key is a candidate: the exact top-k."""
+    query, key, valid = _inputs(seed=5)
+    oracle = _select(select_oracle, AdamasConfig(token_budget=7, selector="oracle"), query, key, valid)
+    settings = AdamasConfig(token_budget=7, rescore_factor=8, thresholds=[-1.0, 0.0, 1.0])
+    assert torch.equal(_select(selector, settings, query, key, valid), oracle)
+
+
+def test_rescoring_needs_a_code_estimate() -> None:
+    with pytest.raises(ValueError, match="has none"):
+        AdamasConfig(selector="quest", rescore_factor=2)
+    with pytest.raises(ValueError, match="rescore_factor"):
+        AdamasConfig(rescore_factor=0)

@@ -162,14 +162,23 @@ METHOD_NAMES = (
     "asymmetric-calibrated",
     "asymmetric-online",
     "asymmetric-online-kvgroup",
+    "asymmetric-online-rescore",
     "streaming_llm",
     "quest",
+    "oracle",
 )
 """Method names of the benchmarks. ``adamas*``: the paper's L1 rule; ``asymmetric*``: the
 ``adamas_asymmetric`` selector. Suffixes: none = paper thresholds (centroids implied by them),
 ``-calibrated`` = `calibrate_codes` on a calibration text (offline), ``-online`` = each prompt's
-own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``).
-``dense-static``: dense sdpa over a `StaticCache` (only the decode-speed benchmark tells it apart)."""
+own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``); ``-rescore`` =
+``rescore_factor=RESCORE_FACTOR`` (the code estimate proposes that many keys per kept one, the exact
+``q · k`` keeps the best).
+``dense-static``: dense sdpa over a `StaticCache` (only the decode-speed benchmark tells it apart).
+``oracle``: exact ``q · k`` top-k, the accuracy bound of every top-k selector at a budget."""
+
+
+RESCORE_FACTOR = 4
+"""``rescore_factor`` of the ``-rescore`` methods."""
 
 
 def method_grid(
@@ -199,6 +208,7 @@ def method_grid(
             "selector": "adamas_asymmetric" if family == "asymmetric" else family,
             "gqa_selection": "shared_per_kv_group" if name.endswith("-kvgroup") else gqa_selection,
             "calibration": "online" if "-online" in name else "fixed",
+            "rescore_factor": RESCORE_FACTOR if name.endswith("-rescore") else 1,
         }
         if name.endswith("-calibrated") and calibrated is not None:
             settings["thresholds"] = calibrated["thresholds"]

@@ -8,6 +8,7 @@ Key selection (:func:`select_by_code_distance`, :func:`select_by_centroid_scores
 kernels and ``torch.topk`` on CUDA; on CPU the fused C++ op of :mod:`hf_adamas.ops.cpu` (scores and an
 exact top-k in one pass over the packed codes), or :func:`reference.select_by_table` where it cannot be
 built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
+:func:`rescore_selection` (the optional exact second stage) is the PyTorch reference on every device.
 """
 
 from __future__ import annotations
@@ -21,13 +22,14 @@ from transformers.utils import logging
 
 from hf_adamas.ops import reference
 from hf_adamas.ops.cpu import cpu_extension, select_by_table_cpu, sparse_decode_attention_cpu
-from hf_adamas.ops.reference import select_topk
+from hf_adamas.ops.reference import rescore_selection, select_topk
 
 __all__ = [
     "centroid_scores",
     "code_distance",
     "force_reference",
     "hadamard_codes",
+    "rescore_selection",
     "select_by_centroid_scores",
     "select_by_code_distance",
     "select_topk",

@@ -291,6 +291,49 @@ def select_topk(
     return chosen
 
 
+def rescore_selection(
+    query: torch.Tensor, key: torch.Tensor, candidates: torch.Tensor, budget: int, forced: torch.Tensor | None
+) -> torch.Tensor:
+    """Keep the ``budget`` candidates with the largest exact ``q · k`` (forced ones first): a second stage.
+
+    Args:
+        query: ``[B, Hq, D]``.
+        key: ``[B, Hkv, S, D]``.
+        candidates: int64 ``[B, Hq or Hkv, R]`` from an estimator's selection (`select_topk` layout:
+            ``-1`` for empty slots); a KV-group row scores with the sum of its query heads.
+        budget: positions kept per row.
+        forced: bool ``[B, S]`` of positions kept whatever their score (they rank first, the more
+            recent first), or None.
+
+    Returns:
+        int64 ``[B, Hq or Hkv, budget]`` in `select_topk`'s layout, ties to the more recent position.
+    """
+    bsz, num_kv_heads, seq_len, _ = key.shape
+    rows = candidates.shape[1]
+    per_row = rows // num_kv_heads  # G if each query head has its own candidates, else 1
+    safe = candidates.clamp(min=0)
+    k_sel = _gather_positions(key, safe.reshape(bsz, num_kv_heads, -1)).float()  # [B, Hkv, per_row * R, D]
+    k_sel = k_sel.unflatten(2, (per_row, -1))  # [B, Hkv, per_row, R, D]
+    q = query.float().unflatten(1, (num_kv_heads, -1))  # [B, Hkv, G, D]
+    if per_row == 1:
+        q = q.sum(2, keepdim=True)  # the sum of the group's scores is the score of the summed query
+    scores = (k_sel @ q.unsqueeze(-1)).squeeze(-1).reshape(bsz, rows, -1)  # [B, rows, R]
+    # Rank keys of select_topk over the candidates' own positions.
+    key_rank = largest_first(scores) * seq_len + (seq_len - 1 - safe)
+    if forced is not None:
+        is_forced = forced.gather(1, safe.flatten(1)).view_as(safe)
+        key_rank = torch.where(is_forced, -1 - safe, key_rank)
+    never = torch.iinfo(torch.int64).max
+    key_rank = key_rank.masked_fill(candidates < 0, never)
+    keep = min(budget, candidates.shape[-1])
+    chosen_rank, order = torch.topk(key_rank, keep, dim=-1, largest=False)
+    chosen = safe.gather(-1, order).masked_fill(chosen_rank == never, seq_len).sort(dim=-1).values
+    chosen = chosen.masked_fill(chosen == seq_len, -1)
+    if budget > keep:
+        chosen = torch.cat([chosen, chosen.new_full((bsz, rows, budget - keep), -1)], dim=-1)
+    return chosen
+
+
 def _gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``states[b, h, positions[b, h, i]]`` for ``states [B, H, S, D]``, ``positions [B, H, N]``.
 
