@@ -305,14 +305,20 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--contexts", type=int, nargs="+", default=[4096, 8192], help="Prefilled context lengths (tokens)."
     )
-    parser.add_argument("--steps", type=int, default=16, help="Timed decode steps per method.")
+    parser.add_argument("--steps", type=int, default=16, help="Timed decode steps per method and round.")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=5,
+        help="Rounds in which every method decodes --steps tokens in turn; records hold the median round.",
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
     from hf_adamas.bench.evaluation import run_decode_speed
 
-    if args.steps < 1:
-        raise CommandError(f"--steps must be >= 1, got {args.steps}")
+    if args.steps < 1 or args.rounds < 1:
+        raise CommandError(f"--steps and --rounds must be >= 1, got {args.steps} and {args.rounds}")
     _require_file(args.text, "--text")
     _check_method_arguments(args, min(args.contexts), "shortest --contexts")
     _claim_report(args, "decode_speed")
@@ -325,7 +331,7 @@ def _run_bench(args: argparse.Namespace) -> int:
     methods = _build_methods(args, model, tokenizer)
     records = []
     for context in args.contexts:
-        measured = run_decode_speed(model, text_ids[:, :context], methods, args.steps)
+        measured = run_decode_speed(model, text_ids[:, :context], methods, args.steps, rounds=args.rounds)
         fastest_dense = max((r["tokens_per_second"] for r in measured if r["budget"] is None), default=None)
         for record in measured:
             record["speedup_vs_fastest_dense"] = (

@@ -23,7 +23,8 @@ def adamas_long_context(
     """A pass key hidden in ``length`` tokens of filler, retrieved with dense and with Adamas attention.
 
     Answers come from plain ``generate()``; the decode speed from `run_decode_speed` (dense prefill
-    once per method, then timed decode steps), since ``generate``'s time is mostly prefill here.
+    once per method, then timed decode steps, the methods taking turns over 3 rounds), since
+    ``generate``'s time is mostly prefill here.
     """
     input_ids, _ = passkey_prompt(tokenizer, length, depth=0.4, passkey="68217")
     print(f"Long context: pass key 68217 hidden in {input_ids.shape[1]} tokens of filler.", flush=True)
@@ -32,7 +33,7 @@ def adamas_long_context(
     for method in methods:
         with attention_method(model, method):
             answers.append(timed_generation(model, tokenizer, {"input_ids": input_ids}, 8, method.name).text)
-    speeds = run_decode_speed(model, input_ids, methods, steps=16)
+    speeds = run_decode_speed(model, input_ids, methods, steps=8, rounds=3)
     return [
         GenerationResult(
             label=f"{input_ids.shape[1]}-token context, {method.name}",

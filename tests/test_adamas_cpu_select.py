@@ -177,3 +177,37 @@ def test_without_a_toolchain_the_reference_runs_and_says_so(monkeypatch, caplog)
     finally:
         monkeypatch.undo()
         cpu.cpu_extension.cache_clear()
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "seq_len", "head_dim", "count", "budget", "per_query_head"),
+    [
+        (1, 3, 3, 300, 64, 64, 16, True),
+        (2, 2, 4, 129, 32, 40, 7, False),
+        (1, 1, 1, 5, 16, 8, 8, True),  # fewer candidates than the budget: -1 fill
+        (3, 2, 2, 77, 128, 77, 20, True),
+    ],
+)
+def test_fused_rescoring_equals_the_reference(
+    batch, kv_heads, group, seq_len, head_dim, count, budget, per_query_head
+):
+    generator = torch.Generator().manual_seed(seq_len + count)
+    key = torch.randn(batch, kv_heads, seq_len + 9, head_dim, generator=generator)[:, :, :seq_len]
+    query = torch.randn(batch, kv_heads * group, head_dim, generator=generator)
+    rows = kv_heads * group if per_query_head else kv_heads
+    candidates = torch.rand(batch, rows, seq_len, generator=generator).argsort(-1)[..., :count]
+    candidates[..., -2:] = -1  # empty slots, as an estimate leaves them
+    forced = torch.zeros(batch, seq_len, dtype=torch.bool)
+    forced[:, -1] = True
+    candidates[..., 0] = seq_len - 1  # the forced current token is always a candidate
+    for mask in (None, forced):
+        expected = reference.rescore_selection(query, key, candidates, budget, mask)
+        assert torch.equal(cpu.rescore_selection_cpu(query, key, candidates, budget, mask), expected)
+
+
+@needs_extension
+def test_fused_rescoring_rejects_a_candidate_past_the_cache() -> None:
+    key = torch.randn(1, 1, 10, 16)
+    with pytest.raises(RuntimeError, match="out of range"):
+        cpu.rescore_selection_cpu(torch.randn(1, 1, 16), key, torch.tensor([[[3, 10]]]), 1, None)

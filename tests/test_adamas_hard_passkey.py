@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import statistics
+
 import json
 import random
 from pathlib import Path
@@ -127,8 +129,11 @@ def test_decode_speed_splits_sparse_tokens_and_runs_a_static_dense_baseline() ->
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(make_tiny_config("llama")).eval()
     methods = method_grid(["dense", "dense-static", "asymmetric-online", "adamas"], [8])
-    records = run_decode_speed(model, torch.randint(3, 128, (1, 40)), methods, steps=3)
+    records = run_decode_speed(model, torch.randint(3, 128, (1, 40)), methods, steps=3, rounds=3)
     assert [r["method"] for r in records] == ["dense", "dense-static", "asymmetric-online", "adamas"]
+    for record in records:  # the median of the methods' interleaved rounds
+        assert len(record["round_ms_per_token"]) == 3
+        assert record["ms_per_token"] == pytest.approx(statistics.median(record["round_ms_per_token"]))
     for record in records[2:]:
         assert record["selection_ms"] > 0 and record["attention_ms"] > 0
         parts = record["selection_ms"] + record["attention_ms"] + record["rest_ms"]

@@ -290,7 +290,8 @@ def no_model_load(monkeypatch) -> None:
             ["ppl", "--context", "128", "--decode-tokens", "16", "--budgets", "256"],
             "cover the whole --context",
         ),
-        (["bench", "--steps", "0"], "--steps must be >= 1"),
+        (["bench", "--steps", "0"], "--steps and --rounds must be >= 1"),
+        (["bench", "--rounds", "0"], "--steps and --rounds must be >= 1"),
         (["calibrate", "--num-tokens", "0"], "--num-tokens must be >= 16"),
         (
             ["passkey", "--depths", "1.5"],

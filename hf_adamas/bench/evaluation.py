@@ -11,6 +11,7 @@ A *method* is a name and an `AdamasConfig` (``None`` = dense sdpa attention).
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -322,14 +323,16 @@ def run_perplexity(
 
 @contextmanager
 def timed_sparse_ops() -> Iterator[dict[str, float]]:
-    """Seconds spent in key selection (estimate + top-k, one fused op on CPU) and in the sparse
-    attention over the selected keys, summed over every call in the block (CPU: synchronous)."""
+    """Seconds spent in key selection (estimate + top-k, one fused op on CPU, plus the optional exact
+    rescoring) and in the sparse attention over the selected keys, summed over every call in the
+    block (CPU: synchronous)."""
     from hf_adamas import ops
 
     totals = {"selection": 0.0, "attention": 0.0}
     timed = {
         "select_by_code_distance": "selection",
         "select_by_centroid_scores": "selection",
+        "rescore_selection": "selection",
         "sparse_decode_attention": "attention",
     }
     originals = {name: getattr(ops, name) for name in timed}
@@ -358,40 +361,56 @@ def run_decode_speed(
     methods: Sequence[Method],
     steps: int,
     warmup: int = 2,
+    rounds: int = 1,
 ) -> list[dict]:
     """Decode tokens/s after a dense prefill of ``input_ids``, per method (model forward only).
 
-    Each method gets its own fresh prefill: the Adamas path swaps cache layers for chunked ones,
-    which would otherwise also speed up the methods that run after it. Sparse methods' records split
-    each token's time into ``selection_ms``, ``attention_ms`` and ``rest_ms`` (`timed_sparse_ops`).
+    Each method gets its own fresh prefill (the Adamas path swaps cache layers for preallocated
+    ones, which would otherwise also speed up the methods that run after it), and all caches are
+    kept. Then ``rounds`` rounds each time ``steps`` greedy steps of every method in turn, so that
+    a slow spell of a shared machine hits all methods alike; a record holds the median over rounds
+    (``round_ms_per_token`` lists them all). Sparse methods' records split each token's time into
+    ``selection_ms``, ``attention_ms`` and ``rest_ms`` (`timed_sparse_ops`, medians over rounds).
     """
     input_ids = input_ids.to(model.device)
-    records = []
-    for method in tqdm(methods, desc="decode speed", unit="method"):
-        static_length = input_ids.shape[1] + warmup + steps + 1 if method.static_cache else None
+    states = []
+    for method in tqdm(methods, desc="prefill per method", unit="method"):
+        static_length = input_ids.shape[1] + warmup + rounds * steps + 1 if method.static_cache else None
         cache, first_logits = prefill(model, input_ids, static_length)
         with attention_method(model, method):
             greedy_continue(model, cache, first_logits, warmup)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            with timed_sparse_ops() as spent:
+        states.append((cache, first_logits))
+    timings: list[list[dict[str, float]]] = [[] for _ in methods]
+    for _ in tqdm(range(rounds), desc="decode rounds", unit="round"):
+        for method, (cache, first_logits), spent_per_round in zip(methods, states, timings, strict=True):
+            with attention_method(model, method), timed_sparse_ops() as spent:
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
                 start = time.perf_counter()
                 greedy_continue(model, cache, first_logits, steps)
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
-                seconds = time.perf_counter() - start
-        del cache
+                spent_per_round.append({"total": time.perf_counter() - start, **spent})
+    del states
+    records = []
+    for method, spent_per_round in zip(methods, timings, strict=True):
+        per_token = {
+            part: 1000 * statistics.median(round_[part] for round_ in spent_per_round) / steps
+            for part in spent_per_round[0]
+        }
         record = {
             "method": method.name,
             "budget": method.budget,
             "context": int(input_ids.shape[1]),
             "steps": steps,
-            "seconds": seconds,
-            "tokens_per_second": steps / seconds,
-            "ms_per_token": 1000 * seconds / steps,
+            "rounds": rounds,
+            "seconds": per_token["total"] * steps / 1000,
+            "tokens_per_second": 1000 / per_token["total"],
+            "ms_per_token": per_token["total"],
+            "round_ms_per_token": [1000 * round_["total"] / steps for round_ in spent_per_round],
         }
         if method.config is not None:
-            parts = {f"{part}_ms": 1000 * value / steps for part, value in spent.items()}
+            parts = {f"{part}_ms": per_token[part] for part in ("selection", "attention")}
             record |= parts | {"rest_ms": record["ms_per_token"] - sum(parts.values())}
         records.append(record)
     return records

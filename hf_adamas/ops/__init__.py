@@ -8,7 +8,8 @@ Key selection (:func:`select_by_code_distance`, :func:`select_by_centroid_scores
 kernels and ``torch.topk`` on CUDA; on CPU the fused C++ op of :mod:`hf_adamas.ops.cpu` (scores and an
 exact top-k in one pass over the packed codes), or :func:`reference.select_by_table` where it cannot be
 built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
-:func:`rescore_selection` (the optional exact second stage) is the PyTorch reference on every device.
+:func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
+caches and the PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -21,8 +22,8 @@ import torch
 from transformers.utils import logging
 
 from hf_adamas.ops import reference
-from hf_adamas.ops.cpu import cpu_extension, select_by_table_cpu, sparse_decode_attention_cpu
-from hf_adamas.ops.reference import rescore_selection, select_topk
+from hf_adamas.ops.cpu import cpu_extension, rescore_selection_cpu, select_by_table_cpu, sparse_decode_attention_cpu
+from hf_adamas.ops.reference import select_topk
 
 __all__ = [
     "centroid_scores",
@@ -112,6 +113,15 @@ def sparse_decode_attention(
     ):
         return sparse_decode_attention_cpu(query, key, value, indices, scaling)
     return reference.sparse_decode_attention(query, key, value, indices, scaling)
+
+
+def rescore_selection(
+    query: torch.Tensor, key: torch.Tensor, candidates: torch.Tensor, budget: int, forced: torch.Tensor | None
+) -> torch.Tensor:
+    """The exact second stage over an estimate's candidates, ``[B, H, budget]``; see :func:`reference.rescore_selection`."""
+    if _fused_cpu(key) and key.dtype == torch.float32 and key.stride(3) == 1:
+        return rescore_selection_cpu(query, key, candidates, budget, forced)
+    return reference.rescore_selection(query, key, candidates, budget, forced)
 
 
 def _fused_cpu(tensor: torch.Tensor) -> bool:

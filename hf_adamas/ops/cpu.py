@@ -3,10 +3,12 @@
 - `select_by_table_cpu`: one decode step's estimate + top-k in a single pass over the packed key codes:
   per key, ``P`` byte lookups into the query's table (all query heads of a KV group at once), then
   ``std::nth_element`` for the exact top-k with the ranking rules of `reference.select_topk`.
+- `rescore_selection_cpu`: the exact ``q · k`` of the candidates an estimate selected, read in place
+  from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
 
-Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table` and
-`reference.sparse_decode_attention`.
+Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table`,
+`reference.rescore_selection` and `reference.sparse_decode_attention`.
 
 The extension is built once per machine by `torch.utils.cpp_extension.load` (about 30 s, cached
 under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
@@ -23,7 +25,7 @@ from transformers.utils import logging
 
 from hf_adamas._validation import check_attention_inputs
 
-__all__ = ["cpu_extension", "select_by_table_cpu", "sparse_decode_attention_cpu"]
+__all__ = ["cpu_extension", "rescore_selection_cpu", "select_by_table_cpu", "sparse_decode_attention_cpu"]
 
 logger = logging.get_logger(__name__)
 
@@ -69,6 +71,14 @@ def select_by_table_cpu(
     if k_codes.stride(3) != 1:
         k_codes = k_codes.contiguous()
     return cpu_extension().select_by_table(layout, k_codes, budget, forced, valid, largest)
+
+
+def rescore_selection_cpu(
+    query: torch.Tensor, key: torch.Tensor, candidates: torch.Tensor, budget: int, forced: torch.Tensor | None
+) -> torch.Tensor:
+    """`reference.rescore_selection` for float32 caches with contiguous rows; the extension must be available."""
+    forced = torch.empty(0, dtype=torch.bool) if forced is None else forced.contiguous()
+    return cpu_extension().rescore_selection(query.float().contiguous(), key, candidates.contiguous(), budget, forced)
 
 
 def sparse_decode_attention_cpu(

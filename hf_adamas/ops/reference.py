@@ -312,12 +312,14 @@ def rescore_selection(
     rows = candidates.shape[1]
     per_row = rows // num_kv_heads  # G if each query head has its own candidates, else 1
     safe = candidates.clamp(min=0)
-    k_sel = _gather_positions(key, safe.reshape(bsz, num_kv_heads, -1)).float()  # [B, Hkv, per_row * R, D]
+    # Scores in float64, rounded to float32 for the ranking: the fused CPU op sums in another order,
+    # and both round to the same float32 (but for a tie within 1e-16).
+    k_sel = _gather_positions(key, safe.reshape(bsz, num_kv_heads, -1)).double()  # [B, Hkv, per_row * R, D]
     k_sel = k_sel.unflatten(2, (per_row, -1))  # [B, Hkv, per_row, R, D]
-    q = query.float().unflatten(1, (num_kv_heads, -1))  # [B, Hkv, G, D]
+    q = query.double().unflatten(1, (num_kv_heads, -1))  # [B, Hkv, G, D]
     if per_row == 1:
         q = q.sum(2, keepdim=True)  # the sum of the group's scores is the score of the summed query
-    scores = (k_sel @ q.unsqueeze(-1)).squeeze(-1).reshape(bsz, rows, -1)  # [B, rows, R]
+    scores = (k_sel @ q.unsqueeze(-1)).squeeze(-1).reshape(bsz, rows, -1).float()  # [B, rows, R]
     # Rank keys of select_topk over the candidates' own positions.
     key_rank = largest_first(scores) * seq_len + (seq_len - 1 - safe)
     if forced is not None:

@@ -2,6 +2,8 @@
 // - select_by_table: per-byte table lookups over the packed key codes (no unpacking), then an exact
 //   top-k with the ranking rules of hf_adamas.ops.reference.select_topk; its plain-PyTorch twin is
 //   reference.select_by_table, compared index for index in tests/test_adamas_cpu_select.py.
+// - rescore_selection: the exact q . k of an estimate's candidates, read in place, and their top-k;
+//   twin reference.rescore_selection.
 // - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
 //   (possibly preallocated, strided) cache; twin reference.sparse_decode_attention.
 #include <torch/extension.h>
@@ -124,6 +126,18 @@ inline float dot(const float* q, const float* k, int64_t dim) {
   return total;
 }
 
+// q . k in double, for head_dim a multiple of 16, in 8 independent partial sums (vectorizable): it
+// rounds to the same float32 as any other double summation order, but for a tie within 1e-16.
+__attribute__((target_clones("avx2", "default")))
+double dot_double(const double* q, const float* k, int64_t dim) {
+  double partial[8] = {};
+  for (int64_t d = 0; d < dim; d += 8)
+    for (int64_t j = 0; j < 8; ++j) partial[j] += q[d + j] * static_cast<double>(k[d + j]);
+  double total = 0.0;
+  for (int64_t j = 0; j < 8; ++j) total += partial[j];
+  return total;
+}
+
 // Selected rows are scattered over the cache: ask for a row a few iterations before it is read.
 constexpr int64_t kAhead = 8;
 inline void prefetch_row(const float* row, int64_t dim) {
@@ -166,14 +180,20 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
   // output row (bh, c) holds its seq_len scores contiguously.
   constexpr int64_t kChunk = 1024;
   const int64_t chunks = (seq_len + kChunk - 1) / kChunk;
-  std::vector<float> scores(batch * kv_heads * columns * seq_len);
+  // Reused across calls (one buffer per calling thread): a fresh vector of this size would be
+  // zero-filled and, above the allocator's mmap threshold, page-faulted in on every decode step.
+  // Worker threads must reach it through this pointer: inside the lambdas the name `buffer` would
+  // be each worker's own (empty) thread_local.
+  static thread_local std::vector<float> buffer;
+  buffer.resize(std::max<size_t>(buffer.size(), batch * kv_heads * columns * seq_len));
+  float* const scores = buffer.data();
   at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / chunks, first = (item % chunks) * kChunk;
       const int64_t b = bh / kv_heads, h = bh % kv_heads;
       const uint8_t* key_codes = codes_ptr + b * cs0 + h * cs1 + first * cs2;
       score_keys(table_ptr + bh * packed * 256 * columns, key_codes, cs2, std::min(kChunk, seq_len - first),
-                 packed, columns, scores.data() + bh * columns * seq_len + first, seq_len);
+                 packed, columns, scores + bh * columns * seq_len + first, seq_len);
     }
   });
   // Per batch row: which positions compete for the budget (penalty 0), and the forced valid ones.
@@ -190,12 +210,13 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
   const float sign = largest ? -1.0f : 1.0f;
   // Then the exact top-k of each output row (query head, or KV group), on the pruned candidates.
   at::parallel_for(0, batch * kv_heads * columns, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> buckets(seq_len), histogram(kBuckets + 1);
-    std::vector<int64_t> keys;
+    static thread_local std::vector<int32_t> buckets, histogram(kBuckets + 1);
+    static thread_local std::vector<int64_t> keys;
+    buckets.resize(std::max<size_t>(buckets.size(), seq_len));
     keys.reserve(seq_len);
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / (kv_heads * columns);
-      const float* row_scores = scores.data() + row * seq_len;
+      const float* row_scores = scores + row * seq_len;
       const float* row_penalty = penalty.data() + b * seq_len;
       auto rank = [&](int64_t s, bool is_forced) {
         const float score = row_scores[s];
@@ -291,7 +312,76 @@ torch::Tensor sparse_decode_attention(torch::Tensor query, torch::Tensor key, to
   return out;
 }
 
+// query: float32 [B, Hq, D] contiguous; key: float32 [B, Hkv, S, D] with contiguous rows; candidates:
+// int64 [B, H, R] contiguous (H = Hq, or Hkv: a KV group scores with its summed query; -1 = empty);
+// forced: bool [B, S] contiguous or empty. Keeps per row the `budget` candidates with the largest
+// exact q . k (summed in double, ranked as float32), forced first; twin reference.rescore_selection.
+torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::Tensor candidates, int64_t budget,
+                                torch::Tensor forced) {
+  TORCH_CHECK(query.dtype() == torch::kFloat32 && query.dim() == 3 && query.is_contiguous(),
+              "query must be contiguous float32 [B, Hq, D]");
+  TORCH_CHECK(key.dtype() == torch::kFloat32 && key.dim() == 4 && key.stride(3) == 1,
+              "key must be float32 [B, Hkv, S, D] with contiguous rows");
+  TORCH_CHECK(candidates.dtype() == torch::kInt64 && candidates.dim() == 3 && candidates.is_contiguous(),
+              "candidates must be contiguous int64 [B, H, R]");
+  TORCH_CHECK(budget >= 1, "budget must be >= 1");
+  const int64_t batch = query.size(0), q_heads = query.size(1), dim = query.size(2);
+  const int64_t kv_heads = key.size(1), seq_len = key.size(2);
+  const int64_t rows = candidates.size(1), count = candidates.size(2);
+  TORCH_CHECK(key.size(0) == batch && key.size(3) == dim && q_heads % kv_heads == 0 &&
+                  (rows == q_heads || rows == kv_heads), "query, key and candidates disagree");
+  const bool has_forced = forced.numel() > 0;
+  TORCH_CHECK(!has_forced || (forced.dtype() == torch::kBool && forced.is_contiguous() && forced.size(0) == batch &&
+                              forced.size(1) == seq_len), "forced must be contiguous bool [B, S] or empty");
+  const int64_t group = q_heads / kv_heads;
+  auto out = torch::full({batch, rows, budget}, -1, torch::kInt64);
+  const float* q_ptr = query.data_ptr<float>();
+  const float* k_ptr = key.data_ptr<float>();
+  const int64_t* c_ptr = candidates.data_ptr<int64_t>();
+  const bool* f_ptr = has_forced ? forced.data_ptr<bool>() : nullptr;
+  int64_t* o_ptr = out.data_ptr<int64_t>();
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
+
+  at::parallel_for(0, batch * rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> q(dim);
+    std::vector<int64_t> keys;
+    keys.reserve(count);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t b = row / rows, h = row % rows;
+      const int64_t kv = rows == q_heads ? h / group : h;
+      const int64_t first = rows == q_heads ? h : h * group, heads = rows == q_heads ? 1 : group;
+      for (int64_t d = 0; d < dim; ++d) {
+        double total = 0.0;
+        for (int64_t g = 0; g < heads; ++g) total += q_ptr[(b * q_heads + first + g) * dim + d];
+        q[d] = total;
+      }
+      const int64_t* picks = c_ptr + row * count;
+      const float* k_head = k_ptr + b * ks0 + kv * ks1;
+      keys.clear();
+      for (int64_t i = 0; i < count; ++i) {
+        if (i + kAhead < count && picks[i + kAhead] >= 0) prefetch_row(k_head + picks[i + kAhead] * ks2, dim);
+        const int64_t pos = picks[i];
+        if (pos < 0) continue;
+        TORCH_CHECK(pos < seq_len, "candidate ", pos, " out of range for ", seq_len, " cached positions");
+        const double score = dot_double(q.data(), k_head + pos * ks2, dim);
+        const bool is_forced = f_ptr != nullptr && f_ptr[b * seq_len + pos];
+        keys.push_back(rank_key(largest_first(static_cast<float>(score)), pos, seq_len, is_forced, true));
+      }
+      const int64_t kept = std::min<int64_t>(budget, keys.size());
+      if (kept > 0) std::nth_element(keys.begin(), keys.begin() + (kept - 1), keys.end());
+      int64_t* dst = o_ptr + row * budget;
+      for (int64_t i = 0; i < kept; ++i) {
+        const int64_t k = keys[i];
+        dst[i] = k < 0 ? -1 - k : seq_len - 1 - k % seq_len;
+      }
+      std::sort(dst, dst + kept);
+    }
+  });
+  return out;
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("rescore_selection", &rescore_selection, "Exact q . k second stage over selected candidates (CPU)");
   m.def("select_by_table", &select_by_table, "Fused Adamas byte-table scores and exact top-k (CPU)");
   m.def("sparse_decode_attention", &sparse_decode_attention, "Attention over selected cache rows (CPU)");
 }
