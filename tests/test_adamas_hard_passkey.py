@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-import statistics
-
 import json
 import random
+import statistics
 from pathlib import Path
 
 import pytest

@@ -22,7 +22,12 @@ import torch
 from transformers.utils import logging
 
 from hf_adamas.ops import reference
-from hf_adamas.ops.cpu import cpu_extension, rescore_selection_cpu, select_by_table_cpu, sparse_decode_attention_cpu
+from hf_adamas.ops.cpu import (
+    cpu_extension,
+    rescore_selection_cpu,
+    select_by_table_cpu,
+    sparse_decode_attention_cpu,
+)
 from hf_adamas.ops.reference import select_topk
 
 __all__ = [

@@ -78,7 +78,9 @@ def rescore_selection_cpu(
 ) -> torch.Tensor:
     """`reference.rescore_selection` for float32 caches with contiguous rows; the extension must be available."""
     forced = torch.empty(0, dtype=torch.bool) if forced is None else forced.contiguous()
-    return cpu_extension().rescore_selection(query.float().contiguous(), key, candidates.contiguous(), budget, forced)
+    return cpu_extension().rescore_selection(
+        query.float().contiguous(), key, candidates.contiguous(), budget, forced
+    )
 
 
 def sparse_decode_attention_cpu(
