@@ -23,7 +23,7 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas._validation import check_bits
 from hf_adamas.cache import AdamasLayer
-from hf_adamas.ops.reference import hadamard_matrix
+from hf_adamas.ops.reference import hadamard_values
 from hf_common.compat import cache_kwargs
 
 MIN_CALIBRATION_TOKENS = 16
@@ -76,7 +76,7 @@ def code_book(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor
     check_bits(bits)
     levels = 2**bits
     kv_heads = keys.shape[1]
-    transformed = keys.float() @ hadamard_matrix(keys.shape[-1], keys.device)
+    transformed = hadamard_values(keys)
     values = transformed.transpose(0, 1).reshape(kv_heads, -1)
     sample = subsample_rows(transformed).flatten()
     quantiles = torch.arange(1, levels, dtype=torch.float32, device=keys.device) / levels

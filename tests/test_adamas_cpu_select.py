@@ -211,3 +211,31 @@ def test_fused_rescoring_rejects_a_candidate_past_the_cache() -> None:
     key = torch.randn(1, 1, 10, 16)
     with pytest.raises(RuntimeError, match="out of range"):
         cpu.rescore_selection_cpu(torch.randn(1, 1, 16), key, torch.tensor([[[3, 10]]]), 1, None)
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    ("batch", "kv_heads", "group", "seq_len", "head_dim", "budget"),
+    [(1, 3, 3, 300, 64, 16), (2, 2, 4, 129, 32, 7), (1, 1, 1, 5, 16, 8), (3, 2, 2, 77, 128, 77)],
+)
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_table_built_in_the_op_equals_the_reference(
+    batch, kv_heads, group, seq_len, head_dim, budget, shared, bits
+):
+    generator = torch.Generator().manual_seed(seq_len + bits)
+    key = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator)
+    query = torch.randn(batch, kv_heads * group, head_dim, generator=generator)
+    thresholds = torch.tensor([-0.6, 0.0, 0.6]) if bits == 2 else torch.tensor([0.0])
+    k_codes = reference.hadamard_codes(key, thresholds, bits)
+    centroids = torch.randn(kv_heads, 2**bits, generator=generator).sort(-1).values
+    forced = torch.zeros(batch, seq_len, dtype=torch.bool)
+    forced[:, -2:] = True
+    valid = torch.arange(seq_len)[None] >= torch.arange(batch)[:, None] * 3
+    table = reference.centroid_table(query, k_codes, centroids, bits)
+    if shared:
+        table = table.sum(2, keepdim=True)
+    expected = reference.select_by_table(table, k_codes, budget, valid, forced, True)
+    q_hat = reference.hadamard_values(query)
+    got = cpu.select_by_centroids_cpu(q_hat, k_codes, centroids, bits, shared, budget, valid, forced)
+    assert torch.equal(got, expected)

@@ -25,6 +25,7 @@ from hf_adamas.ops import reference
 from hf_adamas.ops.cpu import (
     cpu_extension,
     rescore_selection_cpu,
+    select_by_centroids_cpu,
     select_by_table_cpu,
     sparse_decode_attention_cpu,
 )
@@ -181,5 +182,10 @@ def select_by_centroid_scores(
     if _use_triton(k_codes):
         scores = _kernels().centroid_scores_triton(query, k_codes, centroids, bits, shared_per_kv_group)
         return select_topk(reference.largest_first(scores), budget, valid, forced)
+    if _fused_cpu(k_codes):  # the table is built in C++ too
+        q_hat = reference.hadamard_values(query)
+        return select_by_centroids_cpu(
+            q_hat, k_codes, centroids, bits, shared_per_kv_group, budget, valid, forced
+        )
     table = reference.centroid_table(query, k_codes, centroids, bits)
     return _select_by_table(table, k_codes, shared_per_kv_group, budget, valid, forced, largest=True)

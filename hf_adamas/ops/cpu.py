@@ -3,6 +3,8 @@
 - `select_by_table_cpu`: one decode step's estimate + top-k in a single pass over the packed key codes:
   per key, ``P`` byte lookups into the query's table (all query heads of a KV group at once), then
   ``std::nth_element`` for the exact top-k with the ranking rules of `reference.select_topk`.
+- `select_by_centroids_cpu`: the same for the asymmetric rule, its table built in C++ from the
+  query's Hadamard values and the centroids (no tensor ops per layer in Python).
 - `rescore_selection_cpu`: the exact ``q · k`` of the candidates an estimate selected, read in place
   from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
@@ -25,7 +27,13 @@ from transformers.utils import logging
 
 from hf_adamas._validation import check_attention_inputs
 
-__all__ = ["cpu_extension", "rescore_selection_cpu", "select_by_table_cpu", "sparse_decode_attention_cpu"]
+__all__ = [
+    "cpu_extension",
+    "rescore_selection_cpu",
+    "select_by_centroids_cpu",
+    "select_by_table_cpu",
+    "sparse_decode_attention_cpu",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -54,6 +62,13 @@ def cpu_extension() -> ModuleType | None:
         return None
 
 
+def _masks(batch: int, seq_len: int, valid: torch.Tensor | None, forced: torch.Tensor | None):
+    """The forced and valid masks as the C++ ops take them (an empty tensor: all valid)."""
+    forced = torch.zeros(batch, seq_len, dtype=torch.bool) if forced is None else forced.contiguous()
+    valid = torch.empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
+    return forced, valid
+
+
 def select_by_table_cpu(
     table: torch.Tensor,
     k_codes: torch.Tensor,
@@ -63,14 +78,32 @@ def select_by_table_cpu(
     largest: bool,
 ) -> torch.Tensor:
     """`reference.select_by_table` in one fused C++ pass; the extension must be available."""
-    batch = table.shape[0]
     layout = table.float().permute(0, 1, 3, 4, 2).contiguous()  # [B, Hkv, P, 256, C]: one read per byte
-    seq_len = k_codes.shape[2]
-    forced = torch.zeros(batch, seq_len, dtype=torch.bool) if forced is None else forced.contiguous()
-    valid = torch.empty(0, dtype=torch.bool) if valid is None else valid.contiguous()
+    forced, valid = _masks(k_codes.shape[0], k_codes.shape[2], valid, forced)
     if k_codes.stride(3) != 1:
         k_codes = k_codes.contiguous()
     return cpu_extension().select_by_table(layout, k_codes, budget, forced, valid, largest)
+
+
+def select_by_centroids_cpu(
+    q_hat: torch.Tensor,
+    k_codes: torch.Tensor,
+    centroids: torch.Tensor,
+    bits: int,
+    shared_per_kv_group: bool,
+    budget: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+) -> torch.Tensor:
+    """`reference.centroid_table` (from ``q_hat``, the query's Hadamard values) then
+    `reference.select_by_table`, in one C++ call; the extension must be available."""
+    forced, valid = _masks(k_codes.shape[0], k_codes.shape[2], valid, forced)
+    if k_codes.stride(3) != 1:
+        k_codes = k_codes.contiguous()
+    return cpu_extension().select_by_centroids(
+        q_hat.float().contiguous(), k_codes, centroids.float().contiguous(), bits, shared_per_kv_group, budget,
+        forced, valid,
+    )  # fmt: skip
 
 
 def rescore_selection_cpu(

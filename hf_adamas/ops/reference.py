@@ -72,6 +72,11 @@ def _hadamard_matrix(dim: int, device: torch.device, dtype: torch.dtype) -> torc
     return (h / dim**0.5).to(device=device, dtype=dtype)
 
 
+def hadamard_values(x: torch.Tensor) -> torch.Tensor:
+    """``x [..., D]`` in the orthonormal Hadamard basis, float32: what codes and scores are made of."""
+    return x.float() @ hadamard_matrix(x.shape[-1], x.device)
+
+
 def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack integer codes ``[..., D]`` (values below ``2**bits``) into uint8 ``[..., D * bits // 8]``."""
     per_byte = codes_per_byte(bits)
@@ -96,7 +101,7 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
     """
     check_thresholds(thresholds, bits)
     check_head_dim(x.shape[-1])
-    x_hat = x.float() @ hadamard_matrix(x.shape[-1], x.device)
+    x_hat = hadamard_values(x)
     t = thresholds.to(device=x.device, dtype=torch.float32)
     return pack_codes((x_hat.unsqueeze(-1) > t).sum(-1), bits)
 
@@ -189,10 +194,15 @@ def centroid_table(
     """
     group = check_centroid_score_inputs(query, k_codes, centroids, bits)
     bsz, num_kv_heads, _, packed = k_codes.shape
-    q_hat = query.float() @ hadamard_matrix(query.shape[-1], query.device)
+    q_hat = hadamard_values(query)
     q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 8 // bits)
     byte_values = centroids.float().to(k_codes.device)[:, _byte_codes(bits, k_codes.device).long()]
-    return torch.einsum("bhgpm,hvm->bhgpv", q_hat, byte_values)  # byte_values: [Hkv, 256, 8 // bits]
+    # Summed in float64 and rounded once, so that the fused CPU op, which sums in another order, gets
+    # the same float32 entries (but for a tie within 1e-16).
+    table = torch.einsum(
+        "bhgpm,hvm->bhgpv", q_hat.double(), byte_values.double()
+    )  # byte_values: [Hkv, 256, 8 // bits]
+    return table.float()
 
 
 def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_group: bool) -> torch.Tensor:

@@ -2,6 +2,8 @@
 // - select_by_table: per-byte table lookups over the packed key codes (no unpacking), then an exact
 //   top-k with the ranking rules of hf_adamas.ops.reference.select_topk; its plain-PyTorch twin is
 //   reference.select_by_table, compared index for index in tests/test_adamas_cpu_select.py.
+// - select_by_centroids: the asymmetric rule's table built from the query's Hadamard values and the
+//   centroids, then select_by_table; twin reference.centroid_table + reference.select_by_table.
 // - rescore_selection: the exact q . k of an estimate's candidates, read in place, and their top-k;
 //   twin reference.rescore_selection.
 // - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
@@ -150,6 +152,64 @@ inline void prefetch_row(const float* row, int64_t dim) {
 // forced / valid: bool [B, S] (valid may be empty = all valid). largest: rank scores largest first
 // (asymmetric) instead of smallest distance first (the L1 table of small integers).
 // Returns int64 [B, Hkv * C, budget]: ascending positions, -1 where no valid position is left.
+torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t budget, torch::Tensor forced,
+                              torch::Tensor valid, bool largest);
+
+// The asymmetric rule's table built here, [B, Hkv, P, 256, C], from q_hat: float32 [B, Hq, D]
+// contiguous (the query's Hadamard values) and centroids: float32 [Hkv, 2**bits] contiguous. Entry
+// (p, v, g) is the float32 rounding of sum_m q_hat[g, p * per + m] * centroids[code m of byte v],
+// summed in double (twin: reference.centroid_table); with `shared` the G rounded tables are summed in
+// float32, g in order (twin: its sum over the group). Then select_by_table(largest=True).
+torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torch::Tensor centroids, int64_t bits,
+                                  bool shared, int64_t budget, torch::Tensor forced, torch::Tensor valid) {
+  TORCH_CHECK(q_hat.dtype() == torch::kFloat32 && q_hat.dim() == 3 && q_hat.is_contiguous(),
+              "q_hat must be contiguous float32 [B, Hq, D]");
+  TORCH_CHECK(centroids.dtype() == torch::kFloat32 && centroids.dim() == 2 && centroids.is_contiguous(),
+              "centroids must be contiguous float32 [Hkv, 2**bits]");
+  TORCH_CHECK(bits == 1 || bits == 2, "bits must be 1 or 2");
+  const int64_t batch = q_hat.size(0), q_heads = q_hat.size(1), dim = q_hat.size(2);
+  const int64_t kv_heads = codes.size(1), per = 8 / bits, packed = dim / per, levels = int64_t{1} << bits;
+  TORCH_CHECK(codes.dim() == 4 && codes.size(0) == batch && codes.size(3) == packed && q_heads % kv_heads == 0 &&
+                  centroids.size(0) == kv_heads && centroids.size(1) == levels,
+              "q_hat, codes and centroids disagree in shape");
+  const int64_t group = q_heads / kv_heads, columns = shared ? 1 : group;
+  auto table = torch::empty({batch, kv_heads, packed, 256, columns}, torch::kFloat32);
+  const float* q_ptr = q_hat.data_ptr<float>();
+  const float* c_ptr = centroids.data_ptr<float>();
+  float* t_ptr = table.data_ptr<float>();
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> half(2 * 16);  // per byte half (4 bits), the sum of its codes' terms
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / kv_heads, h = bh % kv_heads;
+      const float* cent = c_ptr + h * levels;
+      for (int64_t p = 0; p < packed; ++p) {
+        float* entry = t_ptr + (bh * packed + p) * 256 * columns;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* q = q_ptr + (b * q_heads + h * group + g) * dim + p * per;
+          // A byte's codes split into a low and a high half of per / 2 codes each.
+          const int64_t half_codes = per / 2, half_bits = half_codes * bits;
+          for (int64_t side = 0; side < 2; ++side)
+            for (int64_t v = 0; v < (int64_t{1} << half_bits); ++v) {
+              double total = 0.0;
+              for (int64_t m = 0; m < half_codes; ++m)
+                total += static_cast<double>(q[side * half_codes + m]) *
+                         static_cast<double>(cent[(v >> (bits * m)) & (levels - 1)]);
+              half[side * 16 + v] = total;
+            }
+          for (int64_t v = 0; v < 256; ++v) {
+            const float value = static_cast<float>(half[v & 15] + half[16 + (v >> 4)]);
+            if (shared)
+              entry[v] = g == 0 ? value : entry[v] + value;
+            else
+              entry[v * columns + g] = value;
+          }
+        }
+      }
+    }
+  });
+  return select_by_table(table, codes, budget, forced, valid, true);
+}
+
 torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t budget, torch::Tensor forced,
                               torch::Tensor valid, bool largest) {
   TORCH_CHECK(table.dtype() == torch::kFloat32 && table.dim() == 5 && table.is_contiguous(),
@@ -381,6 +441,7 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("select_by_centroids", &select_by_centroids, "Asymmetric table built in place, then select_by_table (CPU)");
   m.def("rescore_selection", &rescore_selection, "Exact q . k second stage over selected candidates (CPU)");
   m.def("select_by_table", &select_by_table, "Fused Adamas byte-table scores and exact top-k (CPU)");
   m.def("sparse_decode_attention", &sparse_decode_attention, "Attention over selected cache rows (CPU)");
