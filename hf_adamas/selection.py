@@ -44,12 +44,13 @@ def forced_positions(
     settings: AdamasConfig, valid: torch.Tensor | None, batch: int, length: int, device
 ) -> torch.Tensor:
     """``[batch, length]`` bool: the current token, the first ``sink_tokens`` valid tokens, the recent window."""
-    positions = torch.arange(length, device=device)
-    forced = (positions >= length - 1 - settings.recent_tokens).expand(batch, length)
-    if settings.sink_tokens:
-        is_valid = valid if valid is not None else torch.ones(batch, length, dtype=torch.bool, device=device)
-        rank_among_valid = is_valid.long().cumsum(-1)
-        forced = forced | (is_valid & (rank_among_valid <= settings.sink_tokens))
+    forced = torch.zeros(batch, length, dtype=torch.bool, device=device)
+    forced[:, max(0, length - 1 - settings.recent_tokens) :] = True
+    if settings.sink_tokens and valid is None:
+        forced[:, : settings.sink_tokens] = True
+    elif settings.sink_tokens:
+        rank_among_valid = valid.long().cumsum(-1)
+        forced |= valid & (rank_among_valid <= settings.sink_tokens)
     return forced
 
 

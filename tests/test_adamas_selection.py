@@ -8,6 +8,7 @@ import torch
 from hf_adamas import AdamasConfig
 from hf_adamas.ops.reference import hadamard_codes, unpack_codes
 from hf_adamas.selection import (
+    forced_positions,
     select_adamas,
     select_adamas_asymmetric,
     select_oracle,
@@ -168,3 +169,13 @@ def test_rescoring_needs_a_code_estimate() -> None:
         AdamasConfig(selector="quest", rescore_factor=2)
     with pytest.raises(ValueError, match="rescore_factor"):
         AdamasConfig(rescore_factor=0)
+
+
+@pytest.mark.parametrize(("sinks", "recent", "length"), [(0, 0, 10), (3, 2, 10), (4, 20, 10), (10, 0, 6)])
+def test_forced_positions_without_a_mask_equal_those_of_an_all_valid_one(sinks, recent, length) -> None:
+    settings = AdamasConfig(token_budget=64, sink_tokens=sinks, recent_tokens=recent)
+    every = torch.ones(2, length, dtype=torch.bool)
+    forced = forced_positions(settings, None, 2, length, "cpu")
+    assert torch.equal(forced, forced_positions(settings, every, 2, length, "cpu"))
+    expected = {p for p in range(length) if p < sinks or p >= length - 1 - recent}
+    assert set(forced[0].nonzero().flatten().tolist()) == expected
