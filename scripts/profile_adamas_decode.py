@@ -1,9 +1,10 @@
 """Where a decode step's time goes: torch.profiler over a few decode steps of the default model, per method.
 
 Prefills ``--context`` tokens of ``tinyshakespeare.txt`` densely, then profiles ``--steps`` greedy decode steps
-with dense sdpa and with each sparse selector at ``--budget``, and writes the operators with the most self
-CPU time to ``<output-dir>/decode_profile_<context>.md``. Use it to see whether selection, gathering or the
-model's linear layers dominate on a given machine.
+with dense sdpa (over a `DynamicCache` and a `StaticCache`), the default config and the paper's rule at
+``--budget``, and writes the operators with the most self CPU time to ``<output-dir>/decode_profile_<context>.md``.
+The C++ CPU ops are not torch operators, so their time shows only in the wall time per step. Use it to see
+whether selection, gathering or the model's linear layers dominate on a given machine.
 """
 
 from __future__ import annotations
@@ -16,8 +17,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from hf_adamas import AdamasConfig
-from hf_adamas.bench.evaluation import Method, attention_method, greedy_continue, prefill
+from hf_adamas.bench.evaluation import attention_method, greedy_continue, method_grid, prefill
 from hf_adamas.cli import SHAKESPEARE
 from hf_common import load_model_and_tokenizer
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
@@ -48,10 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     model, tokenizer = load_model_and_tokenizer()
     text = args.text.read_text()
     input_ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.context]
-    methods = [Method("dense")] + [
-        Method(selector, AdamasConfig(token_budget=args.budget, selector=selector))
-        for selector in ("adamas", "streaming_llm", "quest")
-    ]
+    methods = method_grid(["dense", "dense-static", "asymmetric-online", "adamas"], [args.budget])
     lines = [
         f"# Decode-step profile at {input_ids.shape[1]} tokens of context, budget {args.budget}",
         "",
@@ -62,7 +59,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         f"{args.steps} steps (profiler overhead included in the wall time).",
     ]
     for method in methods:
-        cache, logits = prefill(model, input_ids)
+        static_length = input_ids.shape[1] + 2 + args.steps + 1 if method.static_cache else None
+        cache, logits = prefill(model, input_ids, static_length)
         with attention_method(model, method):
             greedy_continue(model, cache, logits, 2)
             start = time.perf_counter()

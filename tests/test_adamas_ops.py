@@ -440,6 +440,6 @@ def test_profile_script_lists_operators_for_every_method(tmp_path: Path) -> None
     ]
     assert profiler.main(args) == 0
     report = (tmp_path / "decode_profile_320.md").read_text()
-    for method in ("dense", "adamas", "streaming_llm", "quest"):
+    for method in ("dense", "dense-static", "asymmetric-online", "adamas"):
         assert f"## {method}:" in report
     assert report.count("| `aten::") == 4 * 3
