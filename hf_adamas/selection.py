@@ -1,4 +1,4 @@
-"""Which keys each head attends to in a sparse decode step: Adamas, its asymmetric variant, two baselines.
+"""Which keys each head attends to in a sparse decode step: Adamas, its asymmetric variant, two baselines, an exact bound.
 
 Every selector returns ``int64`` indices ``[batch, heads, token_budget]`` (``heads`` is the number
 of query heads, or of KV heads when a KV group shares one selection), sorted by position, ``-1``
