@@ -33,7 +33,8 @@ hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits
   --budgets 16 32 64 --methods dense asymmetric-online adamas streaming_llm quest
 hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 4096 \
   --budgets 32 64 256 --methods dense asymmetric-online-kvgroup asymmetric-online
-# 8192 (30 trials; the run was stopped once after 12 trials and resumed), then the baselines at 64 (not run).
+# 8192 (30 trials; the run was stopped once after 12 trials and resumed), then the paper rule and the baselines
+# at 64 (run in the third session, code of commit ded0440, 2 torch threads; the dense records are round 2's).
 hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 8192 \
   --budgets 16 32 64 --methods dense asymmetric-online
 hf-adamas passkey --output-dir results/adamas/hard --resume --trials 30 --splits heldout --lengths 8192 \
