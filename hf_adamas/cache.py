@@ -33,6 +33,8 @@ Two ways to get it:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import Cache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
@@ -148,7 +150,7 @@ class PreallocatedLayer(DynamicLayer):
             raise ValueError(f"crop takes a negative number of tokens to remove, got {tokens_to_remove}.")
         self._length = max(0, self._length + tokens_to_remove)
 
-    def _map_buffers(self, change) -> None:
+    def _map_buffers(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         """Apply ``change`` to every buffer (row selection and repetition along the batch)."""
         if self._buffers is not None:
             self._buffers = tuple(change(buffer) for buffer in self._buffers)
@@ -205,7 +207,7 @@ class AdamasLayer(PreallocatedLayer):
         if self._buffers is None:
             return None
         keys = self._buffers[0]
-        if self._codes is None or self._codes.shape != keys.shape[:3] + self._codes.shape[3:]:
+        if self._codes is None or self._codes.shape[:3] != keys.shape[:3]:
             packed = keys.shape[-1] * self.bits // 8
             fresh = torch.empty(*keys.shape[:3], packed, dtype=torch.uint8, device=keys.device)
             if self._codes is not None:  # the key buffer grew or changed rows: keep what is coded
@@ -223,7 +225,7 @@ class AdamasLayer(PreallocatedLayer):
         super().crop(tokens_to_remove)
         self._coded = min(self._coded, self._length)
 
-    def _map_buffers(self, change) -> None:
+    def _map_buffers(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_buffers(change)
         if self._codes is not None:
             self._codes = change(self._codes)

@@ -18,6 +18,8 @@ Two ways to get one, both from the same `code_book` statistics:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
@@ -181,7 +183,7 @@ class OnlineCalibratedLayer(AdamasLayer):
         if self.get_seq_length() == 0:
             self._code_book, self._calibration_length = None, 0
 
-    def _map_buffers(self, change) -> None:
+    def _map_buffers(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         self._book()  # from the rows it was stored with
         super()._map_buffers(change)
 

@@ -285,19 +285,43 @@ def select_topk(
             raise ValueError(
                 f"{name} must be a bool [B, S] = {[bsz, seq_len]} mask, got {mask.dtype} {list(mask.shape)}"
             )
-    pos = torch.arange(seq_len, device=distance.device)
-    # Unique composite key: distance first, then recency; forced keys are negative, invalid ones huge.
-    key = distance.long() * seq_len + (seq_len - 1 - pos)
+    pos = torch.arange(seq_len, device=distance.device).expand(bsz, num_heads, seq_len)
+    return _best_ranked(
+        distance.long(),
+        pos,
+        seq_len,
+        budget,
+        None if forced is None else forced[:, None, :].expand_as(pos),
+        None if valid is None else ~valid[:, None, :].expand_as(pos),
+    )
+
+
+def _best_ranked(
+    distance: torch.Tensor,
+    positions: torch.Tensor,
+    seq_len: int,
+    budget: int,
+    forced: torch.Tensor | None,
+    excluded: torch.Tensor | None,
+) -> torch.Tensor:
+    """The `select_topk` ranking of ``N`` entries per row: ``[B, H, budget]`` ascending positions, ``-1`` filled.
+
+    ``distance``, ``positions`` (each entry's cache position), ``forced`` and ``excluded`` (never kept)
+    are ``[B, H, N]``. The rank key is unique: distance first, then recency; forced keys are
+    negative (the more recent first), excluded ones the largest int64.
+    """
+    key = distance * seq_len + (seq_len - 1 - positions)
     if forced is not None:
-        key = torch.where(forced[:, None, :], -1 - pos, key)
+        key = torch.where(forced, -1 - positions, key)
     never = torch.iinfo(torch.int64).max
-    if valid is not None:
-        key = key.masked_fill(~valid[:, None, :], never)
-    chosen_key, chosen = torch.topk(key, min(budget, seq_len), dim=-1, largest=False)
-    chosen = chosen.masked_fill(chosen_key == never, seq_len).sort(dim=-1).values
+    if excluded is not None:
+        key = key.masked_fill(excluded, never)
+    keep = min(budget, key.shape[-1])
+    chosen_key, order = torch.topk(key, keep, dim=-1, largest=False)
+    chosen = positions.gather(-1, order).masked_fill(chosen_key == never, seq_len).sort(dim=-1).values
     chosen = chosen.masked_fill(chosen == seq_len, -1)
-    if budget > seq_len:
-        chosen = torch.cat([chosen, chosen.new_full((bsz, num_heads, budget - seq_len), -1)], dim=-1)
+    if budget > keep:
+        chosen = torch.cat([chosen, chosen.new_full((*chosen.shape[:2], budget - keep), -1)], dim=-1)
     return chosen
 
 
@@ -330,20 +354,8 @@ def rescore_selection(
     if per_row == 1:
         q = q.sum(2, keepdim=True)  # the sum of the group's scores is the score of the summed query
     scores = (k_sel @ q.unsqueeze(-1)).squeeze(-1).reshape(bsz, rows, -1).float()  # [B, rows, R]
-    # Rank keys of select_topk over the candidates' own positions.
-    key_rank = largest_first(scores) * seq_len + (seq_len - 1 - safe)
-    if forced is not None:
-        is_forced = forced.gather(1, safe.flatten(1)).view_as(safe)
-        key_rank = torch.where(is_forced, -1 - safe, key_rank)
-    never = torch.iinfo(torch.int64).max
-    key_rank = key_rank.masked_fill(candidates < 0, never)
-    keep = min(budget, candidates.shape[-1])
-    chosen_rank, order = torch.topk(key_rank, keep, dim=-1, largest=False)
-    chosen = safe.gather(-1, order).masked_fill(chosen_rank == never, seq_len).sort(dim=-1).values
-    chosen = chosen.masked_fill(chosen == seq_len, -1)
-    if budget > keep:
-        chosen = torch.cat([chosen, chosen.new_full((bsz, rows, budget - keep), -1)], dim=-1)
-    return chosen
+    is_forced = None if forced is None else forced.gather(1, safe.flatten(1)).view_as(safe)
+    return _best_ranked(largest_first(scores), safe, seq_len, budget, is_forced, candidates < 0)
 
 
 def _gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

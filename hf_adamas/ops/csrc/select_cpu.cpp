@@ -28,6 +28,15 @@ inline int64_t rank_key(int64_t distance, int64_t pos, int64_t seq_len, bool for
   return distance * seq_len + (seq_len - 1 - pos);
 }
 
+// The positions of the `keep` best (smallest) rank keys, ascending, into dst (slots past the keys
+// stay as they are: -1). Keys are unique and encode their position, so the selection runs on them.
+void write_best_positions(std::vector<int64_t>& keys, int64_t keep, int64_t seq_len, int64_t* dst) {
+  const int64_t kept = std::min<int64_t>(keep, keys.size());
+  if (kept > 0) std::nth_element(keys.begin(), keys.begin() + (kept - 1), keys.end());
+  for (int64_t i = 0; i < kept; ++i) dst[i] = keys[i] < 0 ? -1 - keys[i] : seq_len - 1 - keys[i] % seq_len;
+  std::sort(dst, dst + kept);
+}
+
 // reference.largest_first: a non-negative integer ranking float32 scores largest first.
 inline int64_t largest_first(float score) {
   int32_t bits;
@@ -153,64 +162,6 @@ inline void prefetch_row(const float* row, int64_t dim) {
 // (asymmetric) instead of smallest distance first (the L1 table of small integers).
 // Returns int64 [B, Hkv * C, budget]: ascending positions, -1 where no valid position is left.
 torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t budget, torch::Tensor forced,
-                              torch::Tensor valid, bool largest);
-
-// The asymmetric rule's table built here, [B, Hkv, P, 256, C], from q_hat: float32 [B, Hq, D]
-// contiguous (the query's Hadamard values) and centroids: float32 [Hkv, 2**bits] contiguous. Entry
-// (p, v, g) is the float32 rounding of sum_m q_hat[g, p * per + m] * centroids[code m of byte v],
-// summed in double (twin: reference.centroid_table); with `shared` the G rounded tables are summed in
-// float32, g in order (twin: its sum over the group). Then select_by_table(largest=True).
-torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torch::Tensor centroids, int64_t bits,
-                                  bool shared, int64_t budget, torch::Tensor forced, torch::Tensor valid) {
-  TORCH_CHECK(q_hat.dtype() == torch::kFloat32 && q_hat.dim() == 3 && q_hat.is_contiguous(),
-              "q_hat must be contiguous float32 [B, Hq, D]");
-  TORCH_CHECK(centroids.dtype() == torch::kFloat32 && centroids.dim() == 2 && centroids.is_contiguous(),
-              "centroids must be contiguous float32 [Hkv, 2**bits]");
-  TORCH_CHECK(bits == 1 || bits == 2, "bits must be 1 or 2");
-  const int64_t batch = q_hat.size(0), q_heads = q_hat.size(1), dim = q_hat.size(2);
-  const int64_t kv_heads = codes.size(1), per = 8 / bits, packed = dim / per, levels = int64_t{1} << bits;
-  TORCH_CHECK(codes.dim() == 4 && codes.size(0) == batch && codes.size(3) == packed && q_heads % kv_heads == 0 &&
-                  centroids.size(0) == kv_heads && centroids.size(1) == levels,
-              "q_hat, codes and centroids disagree in shape");
-  const int64_t group = q_heads / kv_heads, columns = shared ? 1 : group;
-  auto table = torch::empty({batch, kv_heads, packed, 256, columns}, torch::kFloat32);
-  const float* q_ptr = q_hat.data_ptr<float>();
-  const float* c_ptr = centroids.data_ptr<float>();
-  float* t_ptr = table.data_ptr<float>();
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> half(2 * 16);  // per byte half (4 bits), the sum of its codes' terms
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / kv_heads, h = bh % kv_heads;
-      const float* cent = c_ptr + h * levels;
-      for (int64_t p = 0; p < packed; ++p) {
-        float* entry = t_ptr + (bh * packed + p) * 256 * columns;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* q = q_ptr + (b * q_heads + h * group + g) * dim + p * per;
-          // A byte's codes split into a low and a high half of per / 2 codes each.
-          const int64_t half_codes = per / 2, half_bits = half_codes * bits;
-          for (int64_t side = 0; side < 2; ++side)
-            for (int64_t v = 0; v < (int64_t{1} << half_bits); ++v) {
-              double total = 0.0;
-              for (int64_t m = 0; m < half_codes; ++m)
-                total += static_cast<double>(q[side * half_codes + m]) *
-                         static_cast<double>(cent[(v >> (bits * m)) & (levels - 1)]);
-              half[side * 16 + v] = total;
-            }
-          for (int64_t v = 0; v < 256; ++v) {
-            const float value = static_cast<float>(half[v & 15] + half[16 + (v >> 4)]);
-            if (shared)
-              entry[v] = g == 0 ? value : entry[v] + value;
-            else
-              entry[v * columns + g] = value;
-          }
-        }
-      }
-    }
-  });
-  return select_by_table(table, codes, budget, forced, valid, true);
-}
-
-torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t budget, torch::Tensor forced,
                               torch::Tensor valid, bool largest) {
   TORCH_CHECK(table.dtype() == torch::kFloat32 && table.dim() == 5 && table.is_contiguous(),
               "table must be contiguous float32 [B, Hkv, P, 256, C]");
@@ -298,18 +249,65 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
         for (int64_t s = 0; s < seq_len; ++s)
           if (buckets[s] <= cutoff) keys.push_back(rank(s, false));
       }
-      // Keys are unique and encode their position, so the selection runs on the keys themselves.
-      const int64_t kept = std::min<int64_t>(keep, keys.size());
-      if (kept > 0) std::nth_element(keys.begin(), keys.begin() + (kept - 1), keys.end());
-      int64_t* dst = out_ptr + row * budget;
-      for (int64_t i = 0; i < kept; ++i) {
-        const int64_t key = keys[i];
-        dst[i] = key < 0 ? -1 - key : seq_len - 1 - key % seq_len;
-      }
-      std::sort(dst, dst + kept);
+      write_best_positions(keys, keep, seq_len, out_ptr + row * budget);
     }
   });
   return out;
+}
+
+// The asymmetric rule's table built here, [B, Hkv, P, 256, C], from q_hat: float32 [B, Hq, D]
+// contiguous (the query's Hadamard values) and centroids: float32 [Hkv, 2**bits] contiguous. Entry
+// (p, v, g) is the float32 rounding of sum_m q_hat[g, p * per + m] * centroids[code m of byte v],
+// summed in double (twin: reference.centroid_table); with `shared` the G rounded tables are summed in
+// float32, g in order (twin: its sum over the group). Then select_by_table(largest=True).
+torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torch::Tensor centroids, int64_t bits,
+                                  bool shared, int64_t budget, torch::Tensor forced, torch::Tensor valid) {
+  TORCH_CHECK(q_hat.dtype() == torch::kFloat32 && q_hat.dim() == 3 && q_hat.is_contiguous(),
+              "q_hat must be contiguous float32 [B, Hq, D]");
+  TORCH_CHECK(centroids.dtype() == torch::kFloat32 && centroids.dim() == 2 && centroids.is_contiguous(),
+              "centroids must be contiguous float32 [Hkv, 2**bits]");
+  TORCH_CHECK(bits == 1 || bits == 2, "bits must be 1 or 2");
+  const int64_t batch = q_hat.size(0), q_heads = q_hat.size(1), dim = q_hat.size(2);
+  const int64_t kv_heads = codes.size(1), per = 8 / bits, packed = dim / per, levels = int64_t{1} << bits;
+  TORCH_CHECK(codes.dim() == 4 && codes.size(0) == batch && codes.size(3) == packed && q_heads % kv_heads == 0 &&
+                  centroids.size(0) == kv_heads && centroids.size(1) == levels,
+              "q_hat, codes and centroids disagree in shape");
+  const int64_t group = q_heads / kv_heads, columns = shared ? 1 : group;
+  // A byte's codes split into a low and a high half (4 bits each) of per / 2 codes.
+  const int64_t half_codes = per / 2, half_bits = half_codes * bits;
+  auto table = torch::empty({batch, kv_heads, packed, 256, columns}, torch::kFloat32);
+  const float* q_ptr = q_hat.data_ptr<float>();
+  const float* c_ptr = centroids.data_ptr<float>();
+  float* t_ptr = table.data_ptr<float>();
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> half(2 * 16);  // per byte half (4 bits), the sum of its codes' terms
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / kv_heads, h = bh % kv_heads;
+      const float* cent = c_ptr + h * levels;
+      for (int64_t p = 0; p < packed; ++p) {
+        float* entry = t_ptr + (bh * packed + p) * 256 * columns;
+        for (int64_t g = 0; g < group; ++g) {
+          const float* q = q_ptr + (b * q_heads + h * group + g) * dim + p * per;
+          for (int64_t side = 0; side < 2; ++side)
+            for (int64_t v = 0; v < (int64_t{1} << half_bits); ++v) {
+              double total = 0.0;
+              for (int64_t m = 0; m < half_codes; ++m)
+                total += static_cast<double>(q[side * half_codes + m]) *
+                         static_cast<double>(cent[(v >> (bits * m)) & (levels - 1)]);
+              half[side * 16 + v] = total;
+            }
+          for (int64_t v = 0; v < 256; ++v) {
+            const float value = static_cast<float>(half[v & 15] + half[16 + (v >> 4)]);
+            if (shared)
+              entry[v] = g == 0 ? value : entry[v] + value;
+            else
+              entry[v * columns + g] = value;
+          }
+        }
+      }
+    }
+  });
+  return select_by_table(table, codes, budget, forced, valid, true);
 }
 
 
@@ -427,14 +425,7 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
         const bool is_forced = f_ptr != nullptr && f_ptr[b * seq_len + pos];
         keys.push_back(rank_key(largest_first(static_cast<float>(score)), pos, seq_len, is_forced, true));
       }
-      const int64_t kept = std::min<int64_t>(budget, keys.size());
-      if (kept > 0) std::nth_element(keys.begin(), keys.begin() + (kept - 1), keys.end());
-      int64_t* dst = o_ptr + row * budget;
-      for (int64_t i = 0; i < kept; ++i) {
-        const int64_t k = keys[i];
-        dst[i] = k < 0 ? -1 - k : seq_len - 1 - k % seq_len;
-      }
-      std::sort(dst, dst + kept);
+      write_best_positions(keys, budget, seq_len, o_ptr + row * budget);
     }
   });
   return out;
