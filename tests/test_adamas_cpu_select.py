@@ -120,6 +120,9 @@ def test_fused_op_rejects_bad_shapes() -> None:
         cpu.select_by_table_cpu(tables["l1"], k_codes, 8, valid, forced[:, :10], False)
     with pytest.raises(RuntimeError, match="disagree in shape"):
         cpu.select_by_table_cpu(tables["l1"][:, :1], k_codes, 8, valid, forced, False)
+    centroids = torch.tensor([[-1.0, -0.3, 0.3, 1.0]] * 2)
+    with pytest.raises(RuntimeError, match="q_hat, codes and centroids disagree in shape"):
+        cpu.select_by_centroids_cpu(torch.randn(1, 4, 32), k_codes, centroids[:1], 2, False, 8, valid, forced)
 
 
 @needs_extension
