@@ -165,6 +165,13 @@ def _add_verify_cost_arguments(parser: argparse.ArgumentParser) -> None:
         "conversation JSONL or a make-data dataset folder (repeatable; default: the staged D1 draft's "
         "tinyshakespeare + GSM8K train).",
     )
+    parser.add_argument(
+        "--acceptance-prompts",
+        type=Path,
+        help="A question.jsonl the draft was not tuned on (its first --limit prompts): decode it with fixed "
+        "chains of --max-chain tokens and predict the speed-up of every chain length from the curve.",
+    )
+    parser.add_argument("--max-chain", type=int, default=6, help="Longest chain for --acceptance-prompts.")
     add_output_arguments(parser, Path("runs/scylla/verify-cost"))
 
 
@@ -173,8 +180,12 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
 
     if min(args.new_tokens) < 1 or 1 not in args.new_tokens:
         raise CommandError("--new-tokens must be positive and include 1 (the plain-decoding step)")
-    if min(args.vocab_sizes) < 1 or args.context_tokens < 2 or args.repeats < 1:
-        raise CommandError("--vocab-sizes, --context-tokens (>= 2) and --repeats must be positive")
+    if min(args.vocab_sizes) < 1 or args.context_tokens < 2 or args.repeats < 1 or args.max_chain < 1:
+        raise CommandError(
+            "--vocab-sizes, --context-tokens (>= 2), --repeats and --max-chain must be positive"
+        )
+    if args.acceptance_prompts is not None and not args.acceptance_prompts.is_file():
+        raise CommandError(f"--acceptance-prompts {args.acceptance_prompts} is not a file")
     stem = args.output_dir / "verify_cost"
     claim_outputs([stem.with_suffix(suffix) for suffix in (".json", ".md", ".png")], args.overwrite)
     print(
@@ -189,6 +200,8 @@ def _run_verify_cost(args: argparse.Namespace) -> int:
             context_tokens=args.context_tokens,
             repeats=args.repeats,
             limit=args.limit or None,
+            acceptance_prompts=args.acceptance_prompts,
+            max_chain=args.max_chain,
             **({"vocab_corpus": args.vocab_corpus} if args.vocab_corpus else {}),
         )
     )

@@ -18,8 +18,10 @@ from hf_scylla import (
     scylla_generate,
 )
 from hf_scylla.bench.verify_cost import (
+    acceptance_survival,
     clone_draft,
     draft_step_seconds,
+    expected_chain_speedups,
     speedup_ceiling,
     teacher_forced_agreement,
     verification_cost,
@@ -200,9 +202,44 @@ def test_speed_measurements_on_a_tiny_pair() -> None:
 
 
 @pytest.mark.parametrize(
+    ("accepted", "length", "survival"),
+    [
+        ([0, 0, 0, 0], 2, [0.0, 0.0]),
+        ([3, 3], 3, [1.0, 1.0, 1.0]),
+        ([0, 1, 2, 3], 3, [0.75, 0.5, 0.25]),
+        ([1, 0, 1, 0], 4, [0.5, 0.0, 0.0, 0.0]),
+    ],
+)
+def test_acceptance_survival_counts_cycles_that_kept_at_least_i_tokens(accepted, length, survival) -> None:
+    assert acceptance_survival(accepted, length) == survival
+
+
+def test_acceptance_survival_refuses_no_cycles() -> None:
+    with pytest.raises(ValueError, match="no draft-verify cycle"):
+        acceptance_survival([], 3)
+
+
+@pytest.mark.parametrize(
+    ("costs", "draft_step", "survival", "expected"),
+    [
+        # Free verification and drafting, every token accepted: k + 1 tokens per cycle of t(1).
+        ({1: 1.0, 2: 1.0, 3: 1.0}, 0.0, [1.0, 1.0], {1: 2.0, 2: 3.0}),
+        # Nothing accepted: each cycle still yields the bonus token, at the verification's cost.
+        ({1: 1.0, 2: 1.25, 3: 1.5}, 0.0, [0.0, 0.0], {1: 0.8, 2: 1 / 1.5}),
+        # Drafting costs count per draft token; a size the curve lacks gives no prediction.
+        ({1: 1.0, 2: 1.2, 4: 1.5}, 0.1, [0.5, 0.25, 0.1], {1: 1.5 / 1.3, 3: 1.85 / 1.8}),
+    ],
+)
+def test_expected_chain_speedups(costs, draft_step, survival, expected) -> None:
+    assert expected_chain_speedups(costs, draft_step, survival) == pytest.approx(expected)
+
+
+@pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["bench", "--tree", "0", "4", "4"], "--tree: tree depth must be >= 1, got 0"),
+        (["verify-cost", "--draft", "unused", "--max-chain", "0"], "--max-chain must be positive"),
+        (["verify-cost", "--draft", "unused", "--acceptance-prompts", "missing.jsonl"], "is not a file"),
         (["bench", "--draft-vocab-size", "0"], "--draft-vocab-size must be >= 1"),
         (["verify-cost", "--draft", "unused", "--new-tokens", "2", "4"], "include 1"),
     ],
@@ -222,12 +259,24 @@ def test_verify_cost_command_on_the_default_model(tmp_path) -> None:
 
     from hf_scylla.cli import main
 
-    draft = Path(__file__).resolve().parent.parent / "model_cards" / "SmolLM2-135M-Instruct-scylla-D1"
+    root = Path(__file__).resolve().parent.parent
+    draft = root / "model_cards" / "SmolLM2-135M-Instruct-scylla-D1"
     argv = ["verify-cost", "--draft", str(draft), "--new-tokens", "1", "4", "--vocab-sizes", "1024"]
     argv += ["--repeats", "1", "--limit", "1", "--context-tokens", "64", "--output-dir", str(tmp_path)]
+    argv += [
+        "--acceptance-prompts",
+        str(root / "hf_scylla" / "bench" / "prompts" / "heldout.jsonl"),
+        "--max-chain",
+        "2",
+    ]
     assert main(argv) == 0
     report = json.loads((tmp_path / "verify_cost.json").read_text())
-    assert [row["new_tokens"] for row in report["verification_curve"]] == [1, 4]
+    # The chain prediction adds the verification sizes it needs (1..max_chain + 1).
+    assert [row["new_tokens"] for row in report["verification_curve"]] == [1, 2, 3, 4]
+    assert [row["draft_tokens"] for row in report["chain_lengths"]] == [1, 2]
+    assert report["best_chain"]["draft_tokens"] in (1, 2) and report["best_chain"]["cycles"] > 0
+    survival = [row["p_at_least_k_accepted"] for row in report["chain_lengths"]]
+    assert 1 >= survival[0] >= survival[1] >= 0
     heads = {row["draft_head"]: row for row in report["draft_heads"]}
     assert heads["vocab1024"]["head_tokens"] == 1024 and heads["full"]["head_tokens"] == 49152
     assert (tmp_path / "verify_cost.png").stat().st_size > 0

@@ -5,7 +5,9 @@ cost of verifying a chain or tree of n - 1 draft tokens plus the last accepted t
 `draft_step_seconds` times one cached draft step; `teacher_forced_agreement` is the fraction of
 positions where the draft, given the target's own features and tokens, predicts the target's greedy
 next token. `speedup_ceiling` combines them: with every draft token accepted, a cycle of n tokens
-costs ``t(n) + (n - 1) * t_draft`` against ``n * t(1)`` for plain decoding.
+costs ``t(n) + (n - 1) * t_draft`` against ``n * t(1)`` for plain decoding. `expected_chain_speedups`
+adds the draft's measured acceptance (`acceptance_survival` of a long fixed chain) to predict the
+speed-up of every chain length on this machine, which is how a draft's ``max_draft_tokens`` is chosen.
 """
 
 from __future__ import annotations
@@ -24,7 +26,9 @@ from hf_common.compat import cache_kwargs, crop_cache
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import load_model_and_tokenizer
 from hf_common.reporting import markdown_table, plot_series, write_report
-from hf_scylla.data import read_conversations
+from hf_scylla import generation
+from hf_scylla.bench.speed import load_prompt_file
+from hf_scylla.data import encode_prompt, read_conversations
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.vocab import (
     count_tokens,
@@ -35,9 +39,12 @@ from hf_scylla.vocab import (
 
 __all__ = [
     "DRAFT_TRAINING_SOURCES",
+    "acceptance_survival",
     "agreement_sequences",
     "clone_draft",
     "draft_step_seconds",
+    "expected_chain_speedups",
+    "measure_chain_acceptance",
     "reduced_draft",
     "speedup_ceiling",
     "teacher_forced_agreement",
@@ -189,6 +196,77 @@ def speedup_ceiling(costs: dict[int, float], draft_step: float) -> dict[int, flo
     return {n: n * costs[1] / (seconds + (n - 1) * draft_step) for n, seconds in costs.items()}
 
 
+def acceptance_survival(accepted: Sequence[int], length: int) -> list[float]:
+    """``P(at least i draft tokens accepted)`` for i = 1..length, over cycles of fixed ``length``-token chains.
+
+    In greedy decoding a chain of k <= length tokens keeps ``min(L, k)`` of them where the long chain
+    kept L, so this survival function gives the acceptance of every shorter chain too.
+    """
+    if not accepted:
+        raise ValueError("no draft-verify cycle to measure acceptance on")
+    return [sum(kept >= i for kept in accepted) / len(accepted) for i in range(1, length + 1)]
+
+
+def expected_chain_speedups(
+    costs: dict[int, float], draft_step: float, survival: Sequence[float]
+) -> dict[int, float]:
+    """Predicted speed-up over plain decoding of a fixed chain of k draft tokens, for each k whose
+    verification size k + 1 the cost curve holds: ``(1 + P(>=1) + ... + P(>=k)) t(1) / (t(k+1) + k t_draft)``."""
+    return {
+        k: (1 + sum(survival[:k])) * costs[1] / (costs[k + 1] + k * draft_step)
+        for k in range(1, len(survival) + 1)
+        if k + 1 in costs
+    }
+
+
+@torch.no_grad()
+def measure_chain_acceptance(
+    target: PreTrainedModel,
+    draft: ScyllaDraftModel,
+    tokenizer: PreTrainedTokenizerBase,
+    prompts: Sequence[str],
+    length: int,
+    max_new_tokens: int = 128,
+) -> list[int]:
+    """Draft tokens kept per cycle when greedy-decoding ``prompts`` (chat template) with fixed chains of
+    ``length`` tokens (no confidence threshold)."""
+    accepted = []
+    for prompt in prompts:
+        result = generation.generate(
+            target,
+            draft,
+            encode_prompt(tokenizer, prompt).to(target.device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            max_draft_tokens=length,
+            confidence_threshold=0.0,
+        )
+        accepted += result.stats.accepted
+    return accepted
+
+
+def _chain_choice(
+    target, draft, tokenizer, prompts_file: Path, limit, length: int, costs, draft_step: float
+) -> tuple[list[dict], dict]:
+    """Rows of predicted speed-up per chain length on ``prompts_file`` and the best one."""
+    prompts = load_prompt_file(prompts_file, limit)
+    accepted = measure_chain_acceptance(target, draft, tokenizer, prompts, length)
+    survival = acceptance_survival(accepted, length)
+    speedups = expected_chain_speedups(costs, draft_step, survival)
+    rows = [
+        {
+            "draft_tokens": k,
+            "p_at_least_k_accepted": survival[k - 1],
+            "expected_tokens_per_cycle": 1 + sum(survival[:k]),
+            "cycle_ms": 1e3 * (costs[k + 1] + k * draft_step),
+            "expected_speedup": speedup,
+        }
+        for k, speedup in speedups.items()
+    ]
+    best = max(rows, key=lambda row: row["expected_speedup"])
+    return rows, {"prompts": str(prompts_file), "prompt_count": len(prompts), "cycles": len(accepted)} | best
+
+
 def verify_cost_report(
     model_name: str,
     draft_folder: Path,
@@ -202,10 +280,17 @@ def verify_cost_report(
     repeats: int,
     limit: int | None,
     vocab_corpus: Sequence[Path] = DRAFT_TRAINING_SOURCES,
+    acceptance_prompts: Path | None = None,
+    max_chain: int = 6,
 ) -> str:
     """Measure the verification-cost curve, draft step times per head (heads over the most frequent
     tokens of ``vocab_corpus``) and teacher-forced agreement; writes ``stem`` .json/.md/.png and
-    returns the Markdown body."""
+    returns the Markdown body.
+
+    With ``acceptance_prompts`` (a ``question.jsonl`` file the draft was not tuned on; its first
+    ``limit`` prompts) it also decodes them with fixed chains of ``max_chain`` tokens and predicts the
+    speed-up of every chain length up to that from the measured curve (`expected_chain_speedups`).
+    """
     load_before = os.getloadavg()
     target, tokenizer = load_model_and_tokenizer(model_name)
     draft = ScyllaDraftModel.from_pretrained(draft_folder, target=target, target_tokenizer=tokenizer).eval()
@@ -222,10 +307,25 @@ def verify_cost_report(
         raise ValueError(f"no *.jsonl prompt sets in {prompts_dir}")
     context = torch.cat(sets.get("sum") or next(iter(sets.values())), dim=1)
     context = context[:, :context_tokens]
+    if acceptance_prompts is not None:  # every verification size a chain up to max_chain needs
+        new_tokens = sorted({*new_tokens, *range(1, max_chain + 2)})
     costs = verification_cost(target, context, new_tokens, repeats)
     steps = {
         name: draft_step_seconds(variant, target, context, 4 * repeats) for name, variant in drafts.items()
     }
+    decoding_head = next(iter(own_head), "full")  # the head the draft decodes with
+    chain_rows, chain_best = [], None
+    if acceptance_prompts is not None:
+        chain_rows, chain_best = _chain_choice(
+            target,
+            drafts[decoding_head],
+            tokenizer,
+            acceptance_prompts,
+            limit,
+            max_chain,
+            costs,
+            steps[decoding_head],
+        )
     agreement = {
         name: teacher_forced_agreement(target, drafts, sequences) for name, sequences in sets.items()
     }
@@ -257,6 +357,8 @@ def verify_cost_report(
         "verification_curve": curve,
         "draft_heads": vocab_rows,
     }
+    if chain_best is not None:
+        payload |= {"chain_lengths": chain_rows, "best_chain": chain_best}
     body = (
         f"Target forward of n new tokens after a {context.shape[1]}-token cache (median of {repeats}); "
         f"load average before {load_before[0]:.1f}, after {load_after[0]:.1f}. `ceiling_*`: speed-up if every "
@@ -266,6 +368,17 @@ def verify_cost_report(
         "sets (prompt + reference answer where the set has one; token frequencies counted on the draft's "
         "training data only).\n\n" + markdown_table(vocab_rows, list(vocab_rows[0]))
     )
+    if chain_best is not None:
+        body += (
+            f"\nChain length from this machine's curve and the draft's acceptance: {chain_best['cycles']} cycles "
+            f"of fixed {max_chain}-token chains ({decoding_head} head, greedy, 128 new tokens) on the "
+            f"{chain_best['prompt_count']} prompts of `{acceptance_prompts}`; expected speed-up "
+            "(1 + P(>=1) + ... + P(>=k)) t(1) / (t(k+1) + k t_draft).\n\n"
+            + markdown_table(chain_rows, list(chain_rows[0]))
+            + f"\nBest: {chain_best['draft_tokens']} draft tokens (`--max-draft-tokens "
+            f"{chain_best['draft_tokens']} --confidence-threshold 0`), expected "
+            f"{chain_best['expected_speedup']:.2f}x.\n"
+        )
     write_report(
         stem.parent,
         "verify_cost",
@@ -279,6 +392,11 @@ def verify_cost_report(
         for name in drafts
     }
     series["target forward / t(1)"] = (sorted(costs), [costs[n] / costs[1] for n in sorted(costs)])
+    if chain_rows:
+        series["expected speed-up, measured acceptance"] = (
+            [row["draft_tokens"] + 1 for row in chain_rows],
+            [row["expected_speedup"] for row in chain_rows],
+        )
     plot_series(
         stem.with_suffix(".png"),
         series,
