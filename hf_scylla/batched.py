@@ -155,7 +155,6 @@ def batched_generate(
     pad_token_id = target.generation_config.pad_token_id if pad_token_id is None else pad_token_id
     if pad_token_id is None:
         pad_token_id = int(eos_ids[0]) if len(eos_ids) else 0
-    layer = draft.config.target_hidden_layer % (target.config.get_text_config().num_hidden_layers + 1)
     batch_size = input_ids.shape[0]
     stats = ScyllaStats()
     start = time.perf_counter()
@@ -168,7 +167,7 @@ def batched_generate(
             tokens,
             attention_mask=mask,
             position_ids=positions,
-            output_hidden_states=True,
+            output_hidden_states=draft.feature_layers(target.config),
             **cache_kwargs(cache),
         )
 
@@ -181,7 +180,9 @@ def batched_generate(
     generated[:, 0] = last_tokens[:, 0]
     lengths = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
     finished = torch.isin(last_tokens[:, 0], eos_ids) | (lengths == max_new_tokens)
-    features = out.hidden_states[layer].masked_fill(mask[..., None] == 0, 0.0)  # pads' features are junk
+    features = draft.target_features(out.hidden_states).masked_fill(
+        mask[..., None] == 0, 0.0
+    )  # pads' features are junk
     state = _DraftState(draft, torch.cat([input_ids[:, 1:], last_tokens], dim=1), features, positions, mask)
 
     while not bool(finished.all()):
@@ -218,7 +219,7 @@ def batched_generate(
         block_valid = offsets[:width] - 1 <= kept[:, None]
         mask = torch.cat([mask, block_valid.to(mask.dtype)], dim=1)
         source, block_mask = _right_aligned(kept, width)
-        hidden = out.hidden_states[layer]
+        hidden = draft.target_features(out.hidden_states)
         pair_features = hidden.gather(1, source[..., None].expand(-1, -1, hidden.shape[-1]))
         state.block = (
             greedy.gather(1, source),

@@ -154,9 +154,7 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         if not 0.0 <= self.confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
         self.stats = stats if stats is not None else ScyllaStats()
-        num_states = target.config.get_text_config().num_hidden_layers + 1
-        self.hidden_layer = draft.config.target_hidden_layer % num_states
-        self.model_kwargs_overrides = {"output_hidden_states": [self.hidden_layer]}
+        self.model_kwargs_overrides = {"output_hidden_states": draft.feature_layers(target.config)}
         self.cache = draft.new_cache()
         self.synced_length = 0  # positions whose draft KV was computed from the target's true features
         self.last_drafted = 0
@@ -180,7 +178,9 @@ class ScyllaCandidateGenerator(CandidateGenerator):
 
         # The target has processed every token but the last: features h_0..h_{L-1} exist.
         processed = input_ids.shape[1] - 1
-        new_features = model_outputs.hidden_states[self.hidden_layer][:, : processed - self.synced_length]
+        new_features = self.draft.target_features(model_outputs.hidden_states)[
+            :, : processed - self.synced_length
+        ]
         out = self.draft(
             input_ids[:, self.synced_length + 1 :],
             new_features.to(self.draft.device),

@@ -281,6 +281,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
         help="Give the draft its own LM head over this many most frequent tokens of the training data "
         "(FR-Spec; e.g. 8192) before training, so the token loss runs on that subset; saved with the draft.",
     )
+    parser.add_argument(
+        "--fuse-layers",
+        type=int,
+        nargs="*",
+        metavar="INDEX",
+        help="EAGLE-3 layer fusion: the draft reads a learned mix of these target hidden_states (alone: a low, "
+        "a middle and the final one); added to --init-draft so that training starts from it exactly.",
+    )
     add_output_arguments(parser, RUNS_DIR / "scylla" / "draft", "draft, checkpoints and cached features")
     parser.add_argument(
         "--resume", action="store_true", help="Continue from the last checkpoint in --output-dir."
@@ -288,7 +296,14 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _features(
-    args: argparse.Namespace, folder: Path, target, tokenizer, samples: int, tokens: int, regenerate: bool
+    args: argparse.Namespace,
+    folder: Path,
+    target,
+    tokenizer,
+    samples: int,
+    tokens: int,
+    regenerate: bool,
+    fused_layers: list[int] | None = None,
 ):
     """The run's target features, cached in ``folder`` under a name keyed by everything they depend on."""
     from hf_scylla.training import FeatureSource, build_features, feature_cache_for
@@ -301,6 +316,7 @@ def _features(
         text=args.text,
         tokens=tokens,
         regenerate_tokens=args.regenerate_tokens if regenerate else None,
+        fused_layers=tuple(fused_layers) if fused_layers is not None else None,
     )
     try:
         path, description = feature_cache_for(folder, target, tokenizer, args.model, source)
@@ -355,6 +371,8 @@ def _check_train_arguments(args: argparse.Namespace) -> None:
         raise CommandError(f"--token-weight must be >= 0, got {args.token_weight}")
     if args.draft_vocab_size is not None and (args.draft_vocab_size < 1 or args.standalone):
         raise CommandError("--draft-vocab-size must be >= 1 and applies to Scylla drafts, not --standalone")
+    if args.fuse_layers is not None and args.standalone:
+        raise CommandError("--fuse-layers applies to Scylla drafts, not --standalone")
     if args.features is None:
         _check_data_sources(args)
 
@@ -392,10 +410,36 @@ def _reduce_draft_head(draft, features, tokenizer, size: int) -> None:
     print(f"draft LM head: the {size} most frequent trained tokens")
 
 
+def _draft_to_train(args: argparse.Namespace, target, tokenizer):
+    """A new draft or ``--init-draft`` (e.g. to fine-tune with the distillation term), given layer fusion
+    by ``--fuse-layers`` (starting exactly from the draft it is added to)."""
+    from hf_scylla.config import layer_fusion_indices
+    from hf_scylla.modeling import add_layer_fusion, check_draft_matches_target
+    from hf_scylla.training import make_draft
+
+    draft = make_draft(target, tokenizer, args.depth, args.init_draft)
+    if args.fuse_layers is None:
+        return draft
+    try:
+        layers = args.fuse_layers or layer_fusion_indices(target.config.get_text_config().num_hidden_layers)
+        if draft.config.target_hidden_layers is not None:
+            if draft.config.target_hidden_layers != layers:
+                raise ValueError(
+                    f"--init-draft already fuses layers {draft.config.target_hidden_layers}, not {layers}"
+                )
+            return draft
+        fused = add_layer_fusion(draft, layers)
+        check_draft_matches_target(fused.config, target.config, tokenizer)
+    except ValueError as error:
+        raise CommandError(f"--fuse-layers: {error}") from None
+    print(f"draft input: fused target states {layers}")
+    return fused
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from hf_common.default_model import load_model_and_tokenizer
     from hf_scylla.standalone import load_standalone_draft, train_standalone_draft
-    from hf_scylla.training import make_draft, train_draft
+    from hf_scylla.training import train_draft
 
     _check_train_arguments(args)
     claim_outputs(
@@ -403,7 +447,11 @@ def _run_train(args: argparse.Namespace) -> int:
         args.overwrite or args.resume,
     )
     target, tokenizer = load_model_and_tokenizer(args.model)
-    features = _features(args, args.output_dir, target, tokenizer, args.samples, args.tokens, args.regenerate)
+    draft = None if args.standalone else _draft_to_train(args, target, tokenizer)
+    fused_layers = draft.config.target_hidden_layers if draft is not None else None
+    features = _features(
+        args, args.output_dir, target, tokenizer, args.samples, args.tokens, args.regenerate, fused_layers
+    )
     settings = {
         "num_train_epochs": args.epochs,
         "per_device_train_batch_size": args.batch_size,
@@ -416,8 +464,7 @@ def _run_train(args: argparse.Namespace) -> int:
         except ValueError as error:
             raise CommandError(str(error)) from None
         result = train_standalone_draft(model, features, args.output_dir, tokenizer=tokenizer, **settings)
-    else:  # --init-draft: e.g. fine-tune a feature-only draft with the distillation term
-        draft = make_draft(target, tokenizer, args.depth, args.init_draft)
+    else:
         if args.draft_vocab_size is not None:
             _reduce_draft_head(draft, features, tokenizer, args.draft_vocab_size)
         train_settings = {"unroll_steps": args.unroll_steps, "token_weight": args.token_weight}

@@ -15,7 +15,7 @@ import json
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-__all__ = ["ScyllaDraftConfig", "tokenizer_fingerprint"]
+__all__ = ["ScyllaDraftConfig", "layer_fusion_indices", "tokenizer_fingerprint"]
 
 _COPIED_FROM_TARGET = (
     "hidden_size",
@@ -41,6 +41,16 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     return hashlib.sha256(vocab.encode("utf-8")).hexdigest()[:16]
 
 
+def layer_fusion_indices(num_hidden_layers: int) -> list[int]:
+    """EAGLE-3's low, middle and high target states as ``hidden_states`` indices: after layer 3 (or a third
+    of a shallower target), after the middle layer, and the final normed state (EAGLE-3 takes the
+    third-to-last layer there; the final one lets a fused draft start from a single-layer draft, see
+    `hf_scylla.modeling.add_layer_fusion`)."""
+    if num_hidden_layers < 3:
+        raise ValueError(f"layer fusion needs a target of 3 or more layers, got {num_hidden_layers}")
+    return [min(3, num_hidden_layers // 3), num_hidden_layers // 2 + 1, -1]
+
+
 @strict
 class ScyllaDraftConfig(LlamaConfig):
     r"""Configuration of a Scylla draft head ([arXiv 2505.07858](https://arxiv.org/abs/2505.07858)).
@@ -59,8 +69,13 @@ class ScyllaDraftConfig(LlamaConfig):
         target_tokenizer_hash (`str`, *optional*):
             `tokenizer_fingerprint` of the target's tokenizer; checked when a tokenizer is given.
         target_hidden_layer (`int`, *optional*, defaults to `-1`):
-            Index into the target's ``hidden_states`` tuple that the draft reads; ``-1`` is the final
-            normed state, the LM head's input (EAGLE-1/2).
+            Index into the target's ``hidden_states`` tuple that the draft predicts and, without
+            ``target_hidden_layers``, reads; ``-1`` is the final normed state, the LM head's input (EAGLE-1/2).
+        target_hidden_layers (`list[int]`, *optional*):
+            EAGLE-3 layer fusion: indices into ``hidden_states`` whose states are concatenated and mapped
+            by ``fuse`` (``len x target_hidden -> target_hidden``) into the feature the draft reads
+            (`layer_fusion_indices` gives a low, a middle and the final layer); ``None`` reads
+            ``target_hidden_layer`` alone. While drafting, the draft reads its own predicted features.
         save_embeddings (`bool`, *optional*, defaults to `False`):
             Whether ``save_pretrained`` writes the shared embedding and LM head into the checkpoint
             (self-contained, larger) or leaves them to be re-attached from the target.
@@ -83,6 +98,7 @@ class ScyllaDraftConfig(LlamaConfig):
     target_vocab_size: int = 0
     target_tokenizer_hash: str | None = None
     target_hidden_layer: int = -1
+    target_hidden_layers: list[int] | None = None
     save_embeddings: bool = False
     max_draft_tokens: int = 6
     confidence_threshold: float = 0.0
@@ -111,6 +127,13 @@ class ScyllaDraftConfig(LlamaConfig):
             raise ValueError(
                 f"vocab_size ({self.vocab_size}) must equal target_vocab_size ({self.target_vocab_size}): "
                 "the draft reads out through the target's own LM head"
+            )
+        if self.target_hidden_layers is not None and (
+            not self.target_hidden_layers
+            or len(set(self.target_hidden_layers)) != len(self.target_hidden_layers)
+        ):
+            raise ValueError(
+                f"target_hidden_layers must list distinct hidden-state indices, got {self.target_hidden_layers}"
             )
         if self.draft_vocab_size is not None and not 1 <= self.draft_vocab_size <= self.target_vocab_size:
             raise ValueError(

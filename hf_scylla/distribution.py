@@ -66,7 +66,7 @@ def draft_chain_logits(target: PreTrainedModel, draft: ScyllaDraftModel, prompt_
         outputs = target(inputs[:, :prompt_length], output_hidden_states=True)
         if inputs.shape[1] == prompt_length:
             return outputs.logits[:, -1]
-        features = outputs.hidden_states[draft.config.target_hidden_layer]
+        features = draft.target_features(outputs.hidden_states)
         tokens = inputs[:, 1 : prompt_length + 1]
         for position in range(prompt_length + 1, inputs.shape[1]):
             out = draft(tokens, features)

@@ -239,6 +239,11 @@ def _card_body(
     training_notes: str | None,
 ) -> str:
     target = config.target_name_or_path
+    fusion = (
+        f"; it reads a learned fusion of layers {config.target_hidden_layers} (EAGLE-3)"
+        if config.target_hidden_layers
+        else ""
+    )
     trained_on = ", ".join(f"`{name}`" for name in datasets) if datasets else "data not recorded in this card"
     shared = (
         "it also stores the target's embedding and LM head"
@@ -282,7 +287,7 @@ print(result.stats)
 
 ## Training
 
-Trained to predict the target's hidden states (layer index {config.target_hidden_layer}) on
+Trained to predict the target's hidden states (layer index {config.target_hidden_layer}{fusion}) on
 {trained_on}. The draft drafts up to {config.max_draft_tokens} tokens per cycle
 (confidence threshold {config.confidence_threshold}). The target's tokenizer is included; its
 fingerprint `{config.target_tokenizer_hash}` is checked when a tokenizer is passed to `from_pretrained`.

@@ -5,11 +5,16 @@ At position t the draft reads the target's hidden state ``h_t`` and the embeddin
 predicts the target's next hidden state ``h_{t+1}``; the target's own LM head turns that feature into
 draft logits for ``x_{t+2}``. Embedding and LM head are the target's tensors (`attach_target`), so a
 checkpoint holds only ``fc`` and the decoder layers unless ``config.save_embeddings`` is set.
+
+With ``config.target_hidden_layers`` (EAGLE-3 layer fusion) the feature the draft reads at a verified
+position is ``fuse([h^(l1)_t; h^(l2)_t; ...])`` over several target layers (`target_features`); drafted
+positions read the draft's own predicted features as before.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -25,7 +30,13 @@ from hf_common.compat import cache_kwargs
 from hf_scylla.config import ScyllaDraftConfig, tokenizer_fingerprint
 from hf_scylla.vocab import check_vocabulary_mapping, draft_target_ids, full_vocabulary_logits
 
-__all__ = ["ScyllaDraftModel", "ScyllaDraftOutput", "check_draft_matches_target", "check_finite_weights"]
+__all__ = [
+    "ScyllaDraftModel",
+    "ScyllaDraftOutput",
+    "add_layer_fusion",
+    "check_draft_matches_target",
+    "check_finite_weights",
+]
 
 SHARED_WITH_TARGET = ("embed_tokens.weight", "lm_head.weight")
 """State-dict keys that belong to the target and are saved only with ``config.save_embeddings``: the
@@ -60,10 +71,18 @@ def check_draft_matches_target(
             f"has vocab size {text_config.vocab_size}"
         )
     num_states = text_config.num_hidden_layers + 1
-    if not -num_states <= config.target_hidden_layer < num_states:
+    for layer in (config.target_hidden_layer, *(config.target_hidden_layers or ())):
+        if not -num_states <= layer < num_states:
+            raise ValueError(
+                f"Draft reads hidden layer {layer}, but this target has only "
+                f"{num_states} hidden states (embeddings + {text_config.num_hidden_layers} layers)"
+            )
+    if config.target_hidden_layers and len(
+        {layer % num_states for layer in config.target_hidden_layers}
+    ) != len(config.target_hidden_layers):
         raise ValueError(
-            f"Draft reads hidden layer {config.target_hidden_layer}, but this target has only "
-            f"{num_states} hidden states (embeddings + {text_config.num_hidden_layers} layers)"
+            f"Draft fuses hidden layers {config.target_hidden_layers}, which name the same state twice for a "
+            f"target of {text_config.num_hidden_layers} layers"
         )
     if tokenizer is not None and config.target_tokenizer_hash is not None:
         fingerprint = tokenizer_fingerprint(tokenizer)
@@ -111,6 +130,8 @@ class ScyllaDraftModel(PreTrainedModel):
         super().__init__(config)
         target_hidden = config.target_hidden_size
         self.embed_tokens = nn.Embedding(config.vocab_size, target_hidden)
+        fused = len(config.target_hidden_layers or ())
+        self.fuse = nn.Linear(fused * target_hidden, target_hidden, bias=False) if fused else None
         self.fc = nn.Linear(2 * target_hidden, config.hidden_size, bias=False)
         self.layers = nn.ModuleList(
             LlamaDecoderLayer(config, index) for index in range(config.num_hidden_layers)
@@ -154,6 +175,21 @@ class ScyllaDraftModel(PreTrainedModel):
             with torch.no_grad():
                 self.lm_head.weight.copy_(head.weight[subset.to(head.weight.device)])
         self.is_attached = True
+
+    def feature_layers(self, target_config: PretrainedConfig) -> list[int]:
+        """The non-negative ``hidden_states`` indices this draft reads from the target (its
+        ``output_hidden_states=`` list): the fused layers, or ``target_hidden_layer``."""
+        num_states = target_config.get_text_config().num_hidden_layers + 1
+        layers = self.config.target_hidden_layers or [self.config.target_hidden_layer]
+        return [layer % num_states for layer in layers]
+
+    def target_features(self, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The ``(B, S, target_hidden)`` feature the draft reads, from a target output's ``hidden_states``
+        tuple: the state of ``target_hidden_layer``, or the ``fuse`` of the fused layers' states."""
+        if self.fuse is None:
+            return hidden_states[self.config.target_hidden_layer]
+        states = [hidden_states[layer] for layer in self.config.target_hidden_layers]
+        return self.fuse(torch.cat(states, dim=-1).to(self.fuse.weight.dtype))
 
     def new_cache(self) -> DynamicCache:
         """An empty KV cache for the draft's own decoder layers."""
@@ -270,6 +306,36 @@ class ScyllaDraftModel(PreTrainedModel):
         else:
             model.is_attached = model.config.save_embeddings and not set(info["missing_keys"]) & set(shared)
         return model
+
+
+@torch.no_grad()
+def add_layer_fusion(draft: ScyllaDraftModel, layers: Sequence[int]) -> ScyllaDraftModel:
+    """A copy of a single-layer ``draft`` that fuses the target states ``layers`` (EAGLE-3), starting
+    exactly where ``draft`` is: ``fuse`` passes the state the draft read through and ignores the others.
+
+    ``layers`` must include the draft's ``target_hidden_layer``, in the same spelling (e.g. ``-1``).
+    """
+    if draft.fuse is not None:
+        raise ValueError(f"the draft already fuses layers {draft.config.target_hidden_layers}")
+    layers = list(layers)
+    if draft.config.target_hidden_layer not in layers:
+        raise ValueError(
+            f"layers {layers} must include the layer the draft reads ({draft.config.target_hidden_layer}), "
+            "so that the fused draft starts from it"
+        )
+    config = type(draft.config).from_dict(draft.config.to_dict() | {"target_hidden_layers": layers})
+    fused = ScyllaDraftModel(config)
+    missing, unexpected = fused.load_state_dict(draft.state_dict(), strict=False)
+    if unexpected or set(missing) != {"fuse.weight"}:
+        raise ValueError(f"cannot copy the draft's weights: missing {missing}, unexpected {unexpected}")
+    width = config.target_hidden_size
+    block = layers.index(draft.config.target_hidden_layer)
+    fused.fuse.weight.zero_()
+    fused.fuse.weight[:, block * width : (block + 1) * width] = torch.eye(width)
+    fused.embed_tokens, fused.is_attached = draft.embed_tokens, draft.is_attached  # the target's tensors
+    if draft.config.draft_vocab_size is None:
+        fused.lm_head = draft.lm_head
+    return fused.to(device=draft.device, dtype=draft.dtype)
 
 
 AutoConfig.register(ScyllaDraftConfig.model_type, ScyllaDraftConfig, exist_ok=True)

@@ -61,14 +61,14 @@ def reference_speculative_decode(
     """
     if input_ids.shape[0] != 1:
         raise ValueError(f"the reference loop decodes one sequence, got batch size {input_ids.shape[0]}")
-    layer, config = draft.config.target_hidden_layer, draft.config
+    config = draft.config
     max_length = input_ids.shape[1] + max_new_tokens
     sequence, cycles = input_ids.cpu(), []
     outputs = target(sequence, output_hidden_states=True)
     p = _distribution(outputs.logits[0, -1], temperature)
     first = int(torch.multinomial(p, 1, generator=rng)) if do_sample else int(p.argmax())
     sequence = torch.cat([sequence, torch.tensor([[first]])], dim=1)
-    features = outputs.hidden_states[layer]
+    features = draft.target_features(outputs.hidden_states)
     while sequence.shape[1] < max_length and not (
         eos_token_id is not None and sequence[0, -1] == eos_token_id
     ):
@@ -100,6 +100,6 @@ def reference_speculative_decode(
             new_tokens = new_tokens[: new_tokens.index(eos_token_id) + 1]
         if drafted:  # a forward with nothing drafted (no room left) is plain decoding, not a cycle
             cycles.append((len(drafted), len(new_tokens) - 1))
-        features = outputs.hidden_states[layer][:, : sequence.shape[1] + len(new_tokens) - 1]
+        features = draft.target_features(outputs.hidden_states)[:, : sequence.shape[1] + len(new_tokens) - 1]
         sequence = torch.cat([sequence, torch.tensor([new_tokens], dtype=sequence.dtype)], dim=1)
     return sequence, cycles

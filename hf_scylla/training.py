@@ -79,6 +79,7 @@ def eagle_loss(
     input_ids: torch.LongTensor,
     hidden_states: torch.Tensor,
     loss_mask: torch.Tensor | None = None,
+    fused_states: torch.Tensor | None = None,
     unroll_steps: int = 1,
     feature_weight: float = 1.0,
     token_weight: float = 0.1,
@@ -91,6 +92,8 @@ def eagle_loss(
         input_ids: ``(B, T)`` tokens.
         hidden_states: ``(B, T, target_hidden)`` the target's final normed hidden states of ``input_ids``.
         loss_mask: ``(B, T)`` 1 on the tokens to learn from (e.g. the response), 0 on prompt and padding.
+        fused_states: ``(B, T, layers x target_hidden)`` the states of ``config.target_hidden_layers``,
+            concatenated (layer-fusion drafts only): the first pass reads their ``fuse``.
         unroll_steps: passes over the draft's own predicted features (1: teacher forcing only).
         noise_std: std of uniform noise added to the input features (EAGLE uses 0.2 x U(-0.5, 0.5)).
         token_weight: weight of the distillation term; 0 skips the LM head (vocab-sized logits), which
@@ -101,10 +104,16 @@ def eagle_loss(
             f"eagle_loss distils through the LM head, so the draft must read the final hidden state "
             f"(target_hidden_layer=-1), got {draft.config.target_hidden_layer}"
         )
+    if (draft.fuse is None) != (fused_states is None):
+        raise ValueError(
+            "a layer-fusion draft trains on fused_states (cache features with its target_hidden_layers), "
+            "and only such a draft does"
+        )
     hidden_states = hidden_states.to(draft.fc.weight.dtype)
     # Pair t = (h_t, x_{t+1}) counts when x_{t+1} is a masked-in token; it predicts h_{t+1} and x_{t+2}.
     mask = (loss_mask if loss_mask is not None else torch.ones_like(input_ids))[:, 1:].to(hidden_states.dtype)
-    tokens, features_in, next_features = input_ids[:, 1:], hidden_states[:, :-1], hidden_states[:, 1:]
+    read = hidden_states if fused_states is None else draft.fuse(fused_states.to(draft.fuse.weight.dtype))
+    tokens, features_in, next_features = input_ids[:, 1:], read[:, :-1], hidden_states[:, 1:]
     distil = token_weight > 0
     # A reduced head (FR-Spec, EAGLE-3) distils the target's distribution renormalized on its subset,
     # so the token term costs draft_vocab_size / vocab_size of a full one.
@@ -134,7 +143,7 @@ def eagle_loss(
                 token_loss = step_token_loss.detach()
                 agreement = (log_probs.argmax(-1) == target_log_probs.argmax(-1)).to(mask.dtype)
                 accuracy = _masked_mean(agreement, mask).detach()
-        features_in = torch.cat([hidden_states[:, :1], out.features[:, :-1].detach()], dim=1)
+        features_in = torch.cat([read[:, :1], out.features[:, :-1].detach()], dim=1)
     return EagleLoss(loss=total, feature_loss=first_feature_loss, token_loss=token_loss, accuracy=accuracy)
 
 
@@ -218,7 +227,8 @@ class FeatureSource:
     ``stage="pretrain"``: ``tokens`` tokens of general text from ``text`` (default:
     `default_text_sources`) in windows of ``max_length``. ``"finetune"``: the first ``samples``
     conversations of ``data``, truncated to ``max_length``; with ``regenerate_tokens`` their responses
-    are replaced by the target's own greedy answers of at most that many tokens.
+    are replaced by the target's own greedy answers of at most that many tokens. ``fused_layers``
+    also keeps the states of those ``hidden_states`` indices (a layer-fusion draft's input).
     """
 
     stage: str
@@ -228,6 +238,7 @@ class FeatureSource:
     text: Sequence[Path] | None = None
     tokens: int = 0
     regenerate_tokens: int | None = None
+    fused_layers: tuple[int, ...] | None = None
 
 
 def feature_cache_for(
@@ -260,6 +271,9 @@ def feature_cache_for(
         description["regenerate_tokens"] = source.regenerate_tokens
         regenerated = f"regen{source.regenerate_tokens}-" if source.regenerate_tokens is not None else ""
         stem = f"features-{regenerated}{source.samples}x{source.max_length}"
+    if source.fused_layers is not None:  # absent otherwise: caches made before fusion keep their names
+        description["fused_layers"] = list(source.fused_layers)
+        stem += "-fused"
     return feature_cache_path(folder, stem, description), description
 
 
@@ -274,7 +288,9 @@ def build_features(
     if source.stage == "pretrain":
         text = source.text or default_text_sources()
         return cache_text_features(
-            target, text_token_chunks(tokenizer, text, source.max_length, source.tokens)
+            target,
+            text_token_chunks(tokenizer, text, source.max_length, source.tokens),
+            fused_layers=source.fused_layers,
         )
     conversations = read_conversations(source.data, source.samples)
     if source.regenerate_tokens is not None:
@@ -282,7 +298,9 @@ def build_features(
         cache = regenerate_dir / f"regenerated-{weights_fingerprint(target)}.jsonl"  # per target
         prompts = [prompt for prompt, _ in conversations]
         conversations = regenerate_responses(target, tokenizer, prompts, source.regenerate_tokens, cache)
-    return cache_target_features(target, tokenizer, conversations, max_length=source.max_length)
+    return cache_target_features(
+        target, tokenizer, conversations, max_length=source.max_length, fused_layers=source.fused_layers
+    )
 
 
 def make_draft(
@@ -314,12 +332,20 @@ def trained_positions(features: FeatureDataset) -> int:
 
 
 def _feature_record(
-    target: PreTrainedModel, ids: torch.LongTensor, loss_mask: torch.Tensor, dtype: torch.dtype
+    target: PreTrainedModel,
+    ids: torch.LongTensor,
+    loss_mask: torch.Tensor,
+    dtype: torch.dtype,
+    fused_layers: Sequence[int] | None,
 ) -> dict[str, torch.Tensor]:
-    hidden = target(ids[None].to(target.device), output_hidden_states=[-1], logits_to_keep=1).hidden_states[
-        -1
-    ][0]
-    return {"input_ids": ids, "hidden_states": hidden.to("cpu", dtype), "loss_mask": loss_mask}
+    layers = list(dict.fromkeys([-1, *(fused_layers or ())]))
+    states = target(ids[None].to(target.device), output_hidden_states=layers, logits_to_keep=1).hidden_states
+    record = {"input_ids": ids, "hidden_states": states[-1][0].to("cpu", dtype), "loss_mask": loss_mask}
+    if fused_layers is not None:
+        record["fused_states"] = torch.cat([states[layer][0] for layer in fused_layers], dim=-1).to(
+            "cpu", dtype
+        )
+    return record
 
 
 @torch.no_grad()
@@ -329,8 +355,10 @@ def cache_target_features(
     conversations: Iterable[tuple[str, str]],
     max_length: int = 256,
     dtype: torch.dtype = torch.bfloat16,
+    fused_layers: Sequence[int] | None = None,
 ) -> FeatureDataset:
-    """Run the target once over each ``(prompt, response)`` chat and keep its final hidden states.
+    """Run the target once over each ``(prompt, response)`` chat and keep its final hidden states (and,
+    with ``fused_layers``, those layers' states concatenated as ``fused_states``).
 
     Only response tokens enter the loss (the prompt is context), as in EAGLE's SFT data.
     """
@@ -341,18 +369,21 @@ def cache_target_features(
         ids = torch.tensor(full["input_ids"][:max_length])
         loss_mask = torch.zeros_like(ids)
         loss_mask[encode_prompt(tokenizer, prompt).shape[1] :] = 1
-        records.append(_feature_record(target, ids, loss_mask, dtype))
+        records.append(_feature_record(target, ids, loss_mask, dtype, fused_layers))
     return FeatureDataset(records)
 
 
 @torch.no_grad()
 def cache_text_features(
-    target: PreTrainedModel, chunks: Iterable[torch.LongTensor], dtype: torch.dtype = torch.bfloat16
+    target: PreTrainedModel,
+    chunks: Iterable[torch.LongTensor],
+    dtype: torch.dtype = torch.bfloat16,
+    fused_layers: Sequence[int] | None = None,
 ) -> FeatureDataset:
     """The pretraining stage's features: the target's hidden states over general-text windows
     (see `hf_scylla.data.text_token_chunks`); every token is learned."""
     records = [
-        _feature_record(target, ids, torch.ones_like(ids), dtype)
+        _feature_record(target, ids, torch.ones_like(ids), dtype, fused_layers)
         for ids in tqdm(list(chunks), desc="caching target features", unit="window")
     ]
     return FeatureDataset(records)
@@ -375,7 +406,8 @@ def pad_records(records: list[dict[str, torch.Tensor]], names: Sequence[str]) ->
 
 def collate_features(records: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     """Right-pad a batch of cached records (padding is masked out of the loss)."""
-    return pad_records(records, ("input_ids", "hidden_states", "loss_mask"))
+    names = ("input_ids", "hidden_states", "loss_mask")
+    return pad_records(records, names + (("fused_states",) if "fused_states" in records[0] else ()))
 
 
 def trainer_defaults(output_dir: str | os.PathLike) -> dict:

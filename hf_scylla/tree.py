@@ -278,15 +278,15 @@ def tree_decode(
     stopping = stopping_criteria if stopping_criteria is not None else StoppingCriteriaList()
     stats = stats if stats is not None else ScyllaStats()
     do_sample = bool(generation_config.do_sample)
-    layer = draft.config.target_hidden_layer % (model.config.get_text_config().num_hidden_layers + 1)
+    layers = draft.feature_layers(model.config)
     max_length = generation_config.max_length
     cache, draft_cache = DynamicCache(config=model.config), draft.new_cache()
     _check_cache_layers(cache)
 
-    out = model(input_ids, output_hidden_states=[layer], use_cache=True, **cache_kwargs(cache))
+    out = model(input_ids, output_hidden_states=layers, use_cache=True, **cache_kwargs(cache))
     sequence = input_ids
     new_tokens = [_next_token(processor(sequence, out.logits[:, -1].float())[0], do_sample)]
-    new_features = out.hidden_states[layer]
+    new_features = draft.target_features(out.hidden_states)
     while True:
         sequence, finished = _append(sequence, new_tokens, stopping)
         if finished:
@@ -318,7 +318,7 @@ def tree_decode(
             input_ids=tokens,
             position_ids=positions,
             attention_mask=_tree_mask(ancestry, past, model.dtype, sequence.device),
-            output_hidden_states=[layer],
+            output_hidden_states=layers,
             use_cache=True,
             **cache_kwargs(cache),
         )
@@ -327,7 +327,7 @@ def tree_decode(
             stats.record(max(draft_tree.depths), len(path))
         keep = torch.tensor([0, *(node + 1 for node in path)], device=sequence.device)
         _compact(cache, past, keep)
-        new_features = out.hidden_states[layer][:, keep]
+        new_features = draft.target_features(out.hidden_states)[:, keep]
         new_tokens = [draft_tree.tokens[node] for node in path] + [bonus]
     if generation_config.return_dict_in_generate:
         return GenerateDecoderOnlyOutput(sequences=sequence)
@@ -407,13 +407,13 @@ def reference_tree_decode(
     sequence for every root-to-leaf path and the longest greedily accepted prefix wins. Returns the
     sequence and ``(tree depth, accepted)`` per cycle.
     """
-    layer, max_length = draft.config.target_hidden_layer, input_ids.shape[1] + max_new_tokens
+    max_length = input_ids.shape[1] + max_new_tokens
     sequence, cycles = input_ids, []
     sequence = torch.cat([sequence, target(sequence).logits[:, -1:].argmax(-1)], dim=1)
     while sequence.shape[1] < max_length and not (
         eos_token_id is not None and sequence[0, -1] == eos_token_id
     ):
-        features = target(sequence[:, :-1], output_hidden_states=True).hidden_states[layer]
+        features = draft.target_features(target(sequence[:, :-1], output_hidden_states=True).hidden_states)
         depth = min(tree.depth, max_length - sequence.shape[1] - 1)
         draft_tree = DraftTree()
         if depth >= 1:

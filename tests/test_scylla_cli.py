@@ -42,6 +42,12 @@ def test_train_then_bench(tmp_path: Path) -> None:
     tune = [*train, "--init-draft", str(draft_dir), "--draft-vocab-size", "32"]
     assert main([*tune, "--output-dir", str(tuned_dir)]) == 0
     assert json.loads((tuned_dir / "config.json").read_text())["draft_vocab_size"] == 32
+    fused_dir = tmp_path / "fused"  # EAGLE-3 layer fusion added to the tuned draft, on fused features
+    fuse = [*train, "--init-draft", str(tuned_dir), "--fuse-layers", "0", "1", "-1"]
+    assert main([*fuse, "--output-dir", str(fused_dir)]) == 0
+    assert json.loads((fused_dir / "config.json").read_text())["target_hidden_layers"] == [0, 1, -1]
+    assert len(list(fused_dir.glob("features-8x16-fused-*.pt"))) == 1
+    assert main([*fuse[:-3], "5", "-1", "--output-dir", str(tmp_path / "bad")]) == 2  # no hidden state 5
 
     standalone_dir = tmp_path / "standalone"  # the baseline, on the draft's cached features
     standalone = [*train, "--standalone", "--features", str(features)]
@@ -50,14 +56,14 @@ def test_train_then_bench(tmp_path: Path) -> None:
     assert (standalone_dir / "model.safetensors").is_file() and (standalone_dir / "tokenizer.json").is_file()
 
     results = tmp_path / "results"
-    bench = ["bench", *common, "--draft", str(tuned_dir), "--prompts-dir", str(prompts), "--limit", "1"]
+    bench = ["bench", *common, "--draft", str(fused_dir), "--prompts-dir", str(prompts), "--limit", "1"]
     bench += ["--assistant", str(standalone_dir)]
     assert main([*bench, "--max-new-tokens", "8", "--output-dir", str(results)]) == 0
     rows = json.loads((results / "bench.json").read_text())["rows"]
     assert {row["method"] for row in rows} == {
         "greedy",
         "prompt_lookup_10",
-        "scylla:tuned",
+        "scylla:fused",
         "assisted:standalone",
     }
     assert all(row["lossless"] for row in rows)
@@ -106,6 +112,7 @@ def test_pretrain_on_text_then_finetune_on_regenerated_answers(tmp_path: Path) -
         (["--learning-rate", "nan"], "--learning-rate must be a positive number"),
         (["--epochs", "0"], "--epochs must be a positive number"),
         (["--draft-vocab-size", "0"], "--draft-vocab-size must be >= 1"),
+        (["--standalone", "--fuse-layers"], "--fuse-layers applies to Scylla drafts"),
     ],
 )
 def test_train_rejects_bad_arguments_before_loading_the_model(

@@ -158,7 +158,7 @@ def draft_step_seconds(
     draft: ScyllaDraftModel, target: PreTrainedModel, context: torch.Tensor, repeats: int = 20
 ) -> float:
     """Median seconds of one cached draft step (one new pair, logits for it) after syncing on ``context``."""
-    features = target(context, output_hidden_states=True).hidden_states[draft.config.target_hidden_layer]
+    features = draft.target_features(target(context, output_hidden_states=True).hidden_states)
     cache = draft.new_cache()
     draft(context[:, 1:], features[:, :-1], cache=cache, logits_to_keep=1)
     synced = cache.get_seq_length()
@@ -184,7 +184,7 @@ def teacher_forced_agreement(
         out = target(ids, output_hidden_states=True)
         target_next = out.logits[0, 1:].argmax(-1)
         for name, draft in drafts.items():
-            features = out.hidden_states[draft.config.target_hidden_layer]
+            features = draft.target_features(out.hidden_states)
             predicted = draft(ids[:, 1:], features[:, :-1]).logits[0].argmax(-1)
             hits[name] += int((predicted == target_next).sum())
         positions += ids.shape[1] - 1
