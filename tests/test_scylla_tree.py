@@ -281,3 +281,39 @@ def test_verify_cost_command_on_the_default_model(tmp_path) -> None:
     assert heads["vocab1024"]["head_tokens"] == 1024 and heads["full"]["head_tokens"] == 49152
     assert (tmp_path / "verify_cost.png").stat().st_size > 0
     assert main(argv) == 2  # its own files exist: refused without --overwrite
+
+
+def test_settings_table_script_predicts_from_the_benches_survival(tmp_path) -> None:
+    """``scripts/scylla_settings_table.py``: one row per Scylla bench row, predicted with the curve."""
+    import json
+
+    from conftest import load_script
+
+    curve = {
+        "verification_curve": [
+            {"new_tokens": n, "target_forward_ms": ms} for n, ms in [(1, 40), (2, 44), (3, 48)]
+        ],
+        "draft_heads": [
+            {"draft_head": "full", "draft_step_ms": 5.0},
+            {"draft_head": "own64", "draft_step_ms": 2.0},
+        ],
+    }
+    (tmp_path / "curve.json").write_text(json.dumps(curve))
+    rows = [
+        {"set": "val", "method": "greedy", "speedup": 1.0, "tau": None, "lossless": True},
+        {
+            "set": "val",
+            "method": "scylla:d",
+            "speedup": 0.9,
+            "tau": 1.6,
+            "acceptance_per_position": [0.5, 0.25, 0.1],
+            "lossless": True,
+        },
+    ]
+    (tmp_path / "bench-a").mkdir()
+    (tmp_path / "bench-a" / "bench.json").write_text(json.dumps({"rows": rows}))
+    (row,) = load_script("scylla_settings_table").settings_rows(
+        tmp_path / "curve.json", [tmp_path / "bench-a"]
+    )
+    assert row["run"] == "a" and row["p_at_least_2"] == 0.25
+    assert row["predicted_speedup_k2"] == round(1.75 * 40 / (48 + 2 * 2.0), 3)  # the own head's step
