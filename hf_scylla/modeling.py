@@ -310,7 +310,7 @@ class ScyllaDraftModel(PreTrainedModel):
 
 @torch.no_grad()
 def add_layer_fusion(draft: ScyllaDraftModel, layers: Sequence[int]) -> ScyllaDraftModel:
-    """A copy of a single-layer ``draft`` that fuses the target states ``layers`` (EAGLE-3), starting
+    """A copy of ``draft`` (which reads one target state) that fuses the states ``layers`` (EAGLE-3), starting
     exactly where ``draft`` is: ``fuse`` passes the state the draft read through and ignores the others.
 
     ``layers`` must include the draft's ``target_hidden_layer``, in the same spelling (e.g. ``-1``).
