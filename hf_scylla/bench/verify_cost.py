@@ -27,8 +27,8 @@ from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import load_model_and_tokenizer
 from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla import generation
-from hf_scylla.bench.speed import load_prompt_file
-from hf_scylla.data import encode_prompt, read_conversations
+from hf_scylla.bench.sweep import encode_eval_prompts
+from hf_scylla.data import read_conversations
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.vocab import (
     count_tokens,
@@ -223,19 +223,18 @@ def expected_chain_speedups(
 def measure_chain_acceptance(
     target: PreTrainedModel,
     draft: ScyllaDraftModel,
-    tokenizer: PreTrainedTokenizerBase,
-    prompts: Sequence[str],
+    prompts: Sequence[torch.Tensor],
     length: int,
     max_new_tokens: int = 128,
 ) -> list[int]:
-    """Draft tokens kept per cycle when greedy-decoding ``prompts`` (chat template) with fixed chains of
+    """Draft tokens kept per cycle when greedy-decoding the ``(1, S)`` prompt ids with fixed chains of
     ``length`` tokens (no confidence threshold)."""
     accepted = []
-    for prompt in prompts:
+    for ids in prompts:
         result = generation.generate(
             target,
             draft,
-            encode_prompt(tokenizer, prompt).to(target.device),
+            ids,
             max_new_tokens=max_new_tokens,
             do_sample=False,
             max_draft_tokens=length,
@@ -249,8 +248,8 @@ def _chain_choice(
     target, draft, tokenizer, prompts_file: Path, limit, length: int, costs, draft_step: float
 ) -> tuple[list[dict], dict]:
     """Rows of predicted speed-up per chain length on ``prompts_file`` and the best one."""
-    prompts = load_prompt_file(prompts_file, limit)
-    accepted = measure_chain_acceptance(target, draft, tokenizer, prompts, length)
+    prompts = encode_eval_prompts(tokenizer, prompts_file, limit, target.device)
+    accepted = measure_chain_acceptance(target, draft, prompts, length)
     survival = acceptance_survival(accepted, length)
     speedups = expected_chain_speedups(costs, draft_step, survival)
     rows = [
