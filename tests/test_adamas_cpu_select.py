@@ -223,8 +223,9 @@ def test_fused_rescoring_rejects_a_candidate_past_the_cache() -> None:
 )
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("bits", [1, 2])
+@pytest.mark.parametrize("portable", [False, True])
 def test_table_built_in_the_op_equals_the_reference(
-    batch, kv_heads, group, seq_len, head_dim, budget, shared, bits
+    batch, kv_heads, group, seq_len, head_dim, budget, shared, bits, portable
 ):
     generator = torch.Generator().manual_seed(seq_len + bits)
     key = torch.randn(batch, kv_heads, seq_len, head_dim, generator=generator)
@@ -240,5 +241,72 @@ def test_table_built_in_the_op_equals_the_reference(
         table = table.sum(2, keepdim=True)
     expected = reference.select_by_table(table, k_codes, budget, valid, forced, True)
     q_hat = reference.hadamard_values(query)
-    got = cpu.select_by_centroids_cpu(q_hat, k_codes, centroids, bits, shared, budget, valid, forced)
+    got = cpu.select_by_centroids_cpu(
+        q_hat, k_codes, centroids, bits, shared, budget, valid, forced, portable
+    )
     assert torch.equal(got, expected)
+
+
+@needs_extension
+@pytest.mark.parametrize("shape", [(1, 3, 7, 64), (2, 1, 5, 16), (4, 128), (1, 2, 1, 32)])
+@pytest.mark.parametrize("bits", [1, 2])
+def test_fused_codes_equal_the_reference(shape, bits) -> None:
+    generator = torch.Generator().manual_seed(sum(shape) + bits)
+    x = torch.randn(*shape, generator=generator)
+    thresholds = torch.tensor([-0.5, 0.0, 0.5]) if bits == 2 else torch.tensor([0.0])
+    # Values exactly on a threshold (not strictly greater: the lower code), and non-finite ones.
+    x_hat = reference.hadamard_values(x)
+    x_hat.view(-1)[:3] = thresholds[-1]
+    x_hat.view(-1)[3:6] = torch.tensor([float("nan"), float("inf"), float("-inf")])
+    x_on_edges = x_hat @ reference.hadamard_matrix(shape[-1])  # H is its own inverse
+    for values in (x, x_on_edges):
+        assert torch.equal(
+            cpu.hadamard_codes_cpu(values, thresholds, bits),
+            reference.hadamard_codes(values, thresholds, bits),
+        )
+
+
+def _fast_scan_case(kind: str, seq_len: int, head_dim: int, group: int, seed: int):
+    """Inputs where the fast scan's estimate is coarse or degenerate, for the asymmetric selection."""
+    generator = torch.Generator().manual_seed(seed)
+    kv_heads = 2
+    key = torch.randn(1, kv_heads, seq_len, head_dim, generator=generator)
+    q_hat = torch.randn(1, kv_heads * group, head_dim, generator=generator)
+    if kind == "zero query":  # every estimate and every score equal: recency decides
+        q_hat.zero_()
+    elif kind == "repeated keys":  # long runs of equal codes: ties everywhere
+        key = key[:, :, :7].repeat(1, 1, -(-seq_len // 7), 1)[:, :, :seq_len].contiguous()
+    elif kind == "one dominant dimension":  # one nibble sets the scale, the others quantize to ~0
+        q_hat[..., 5] *= 1e4
+    elif kind == "tiny query":  # scores near float32 rounding of the centroid products
+        q_hat *= 1e-30
+    k_codes = reference.hadamard_codes(key, torch.tensor([-0.6, 0.0, 0.6]), 2)
+    centroids = torch.randn(kv_heads, 4, generator=generator).sort(-1).values
+    return q_hat, k_codes, centroids
+
+
+@needs_extension
+@pytest.mark.parametrize(
+    "kind", ["random", "zero query", "repeated keys", "one dominant dimension", "tiny query"]
+)
+@pytest.mark.parametrize(("seq_len", "head_dim", "group"), [(2085, 64, 3), (1100, 128, 8), (333, 16, 1)])
+@pytest.mark.parametrize("shared", [False, True])
+@pytest.mark.parametrize("portable", [False, True])
+def test_fast_scan_selection_is_exact_on_hard_inputs(
+    kind, seq_len, head_dim, group, shared, portable
+) -> None:
+    """Across chunk (1024 keys) and block (32) edges, for budgets from 1 to the whole cache."""
+    q_hat, k_codes, centroids = _fast_scan_case(kind, seq_len, head_dim, group, seed=seq_len)
+    query = q_hat @ reference.hadamard_matrix(head_dim)  # centroid_table transforms its query itself
+    table = reference.centroid_table(query, k_codes, centroids, 2)
+    if shared:
+        table = table.sum(2, keepdim=True)
+    forced = torch.zeros(1, seq_len, dtype=torch.bool)
+    forced[:, -1] = True
+    for budget in (1, 2, 64, 300, seq_len):
+        expected = reference.select_by_table(table, k_codes, budget, None, forced, True)
+        q_hat_back = reference.hadamard_values(query)
+        got = cpu.select_by_centroids_cpu(
+            q_hat_back, k_codes, centroids, 2, shared, budget, None, forced, portable
+        )
+        assert torch.equal(got, expected), (kind, budget)

@@ -4,10 +4,13 @@ Every function keeps the signature of its :mod:`hf_adamas.ops.reference` twin. S
 ``HF_ADAMAS_FORCE_REFERENCE=1`` (read at import) or call :func:`force_reference` to use the reference on
 every device, e.g. to rule out a kernel when debugging.
 
+:func:`hadamard_codes` of CPU tensors bucketizes and packs in that module's C++ op too.
+
 Key selection (:func:`select_by_code_distance`, :func:`select_by_centroid_scores`): the Triton score
-kernels and ``torch.topk`` on CUDA; on CPU the fused C++ op of :mod:`hf_adamas.ops.cpu` (scores and an
-exact top-k in one pass over the packed codes), or :func:`reference.select_by_table` where it cannot be
-built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
+kernels and ``torch.topk`` on CUDA; on CPU the fused C++ ops of :mod:`hf_adamas.ops.cpu` (the paper's
+rule: byte-table scores and an exact top-k in one pass over the packed codes; the asymmetric rule: a
+fast-scanned estimate narrows the keys that get exact scores), or :func:`reference.select_by_table`
+where they cannot be built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
 :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
 caches and the PyTorch reference elsewhere.
 """
@@ -24,6 +27,7 @@ from transformers.utils import logging
 from hf_adamas.ops import reference
 from hf_adamas.ops.cpu import (
     cpu_extension,
+    hadamard_codes_cpu,
     rescore_selection_cpu,
     select_by_centroids_cpu,
     select_by_table_cpu,
@@ -85,6 +89,8 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
     """Packed Hadamard codes ``[..., D * bits // 8]`` of ``x [..., D]``; see :func:`reference.hadamard_codes`."""
     if _use_triton(x):
         return _kernels().hadamard_codes_triton(x, thresholds, bits)
+    if _fused_cpu(x):
+        return hadamard_codes_cpu(x, thresholds, bits)
     return reference.hadamard_codes(x, thresholds, bits)
 
 

@@ -1,10 +1,15 @@
 """The fused CPU decode ops (`csrc/select_cpu.cpp`), compiled on first use with the C++ toolchain.
 
+- `hadamard_codes_cpu`: `reference.hadamard_codes` with its bucketize + pack in one C++ loop (the
+  transform stays the reference's matmul, so the codes are the same bits); a decode step encodes
+  one key per layer, where the tensor ops cost tens of microseconds.
 - `select_by_table_cpu`: one decode step's estimate + top-k in a single pass over the packed key codes:
   per key, ``P`` byte lookups into the query's table (all query heads of a KV group at once), then
   ``std::nth_element`` for the exact top-k with the ranking rules of `reference.select_topk`.
-- `select_by_centroids_cpu`: the same for the asymmetric rule, its table built in C++ from the
-  query's Hadamard values and the centroids (no tensor ops per layer in Python).
+- `select_by_centroids_cpu`: the exact selection of the asymmetric rule from the query's Hadamard
+  values and the centroids, by a fast scan: per key a uint16 estimate from uint8 nibble tables (AVX2
+  byte shuffles over 32 keys at a time), then exact scores only for the keys within the estimate's
+  error bound of the top-k, and the exact top-k among them (index for index the reference's).
 - `rescore_selection_cpu`: the exact ``q · k`` of the candidates an estimate selected, read in place
   from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
@@ -25,10 +30,12 @@ from types import ModuleType
 import torch
 from transformers.utils import logging
 
-from hf_adamas._validation import check_attention_inputs
+from hf_adamas._validation import check_attention_inputs, check_thresholds
+from hf_adamas.ops.reference import hadamard_values
 
 __all__ = [
     "cpu_extension",
+    "hadamard_codes_cpu",
     "rescore_selection_cpu",
     "select_by_centroids_cpu",
     "select_by_table_cpu",
@@ -69,6 +76,16 @@ def _masks(batch: int, seq_len: int, valid: torch.Tensor | None, forced: torch.T
     return forced, valid
 
 
+def hadamard_codes_cpu(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torch.Tensor:
+    """`reference.hadamard_codes` of a CPU tensor, its bucketize + pack fused; the extension must be available."""
+    check_thresholds(thresholds, bits)
+    x_hat = hadamard_values(x)
+    packed = cpu_extension().bucket_codes(
+        x_hat.reshape(-1, x.shape[-1]), thresholds.float().contiguous(), bits
+    )
+    return packed.view(*x.shape[:-1], -1)
+
+
 def select_by_table_cpu(
     table: torch.Tensor,
     k_codes: torch.Tensor,
@@ -94,15 +111,19 @@ def select_by_centroids_cpu(
     budget: int,
     valid: torch.Tensor | None,
     forced: torch.Tensor | None,
+    portable: bool = False,
 ) -> torch.Tensor:
     """`reference.centroid_table` (from ``q_hat``, the query's Hadamard values) then
-    `reference.select_by_table`, in one C++ call; the extension must be available."""
+    `reference.select_by_table`, in one C++ call; the extension must be available.
+
+    ``portable`` scans with the plain C++ loop instead of AVX2 (the same estimates; for tests).
+    """
     forced, valid = _masks(k_codes.shape[0], k_codes.shape[2], valid, forced)
     if k_codes.stride(3) != 1:
         k_codes = k_codes.contiguous()
     return cpu_extension().select_by_centroids(
         q_hat.float().contiguous(), k_codes, centroids.float().contiguous(), bits, shared_per_kv_group, budget,
-        forced, valid,
+        forced, valid, portable,
     )  # fmt: skip
 
 

@@ -1,4 +1,5 @@
 // Adamas decode ops on CPU, for one decode token:
+// - bucket_codes: the bucketize + pack of reference.hadamard_codes, for the keys each step appends.
 // - select_by_table: per-byte table lookups over the packed key codes (no unpacking), then an exact
 //   top-k with the ranking rules of hf_adamas.ops.reference.select_topk; its plain-PyTorch twin is
 //   reference.select_by_table, compared index for index in tests/test_adamas_cpu_select.py.
@@ -15,6 +16,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <immintrin.h>
 #include <limits>
 #include <vector>
 
@@ -255,61 +257,383 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
   return out;
 }
 
-// The asymmetric rule's table built here, [B, Hkv, P, 256, C], from q_hat: float32 [B, Hq, D]
-// contiguous (the query's Hadamard values) and centroids: float32 [Hkv, 2**bits] contiguous. Entry
-// (p, v, g) is the float32 rounding of sum_m q_hat[g, p * per + m] * centroids[code m of byte v],
-// summed in double (twin: reference.centroid_table); with `shared` the G rounded tables are summed in
-// float32, g in order (twin: its sum over the group). Then select_by_table(largest=True).
+// ---------------------------------------------------------------- the asymmetric rule, fast-scanned
+//
+// select_by_centroids ranks keys exactly as reference.centroid_table + reference.select_by_table do,
+// but never scores most keys exactly. A key's score is a sum over its 2 * P code nibbles (4 bits:
+// 2 dimensions at 2 bits, 4 at 1 bit) of a term the query and the centroids fix, so it has a cheap
+// estimate: each nibble's 16 terms quantized to uint8 on one scale, summed per key in uint16 with
+// byte shuffles over 32 keys at a time (AVX2 "fast scan", as FAISS' PQ fast scan; a portable loop
+// elsewhere gives the same integers). The estimate is within a known bound of the exact float32
+// score, so every key that can be in the exact top-k is within twice that bound of the need-th best
+// estimate; only those candidates get the exact score, and the exact top-k runs on them.
+
+namespace {
+
+constexpr int64_t kBlock = 32;  // keys per fast-scan block
+constexpr int64_t kNibble = 16;  // terms per nibble
+
+// Per query head g of one KV head and byte p, the double sums of the terms of its low (side 0) and
+// high (side 1) nibble's codes, q_hat * centroid: halves[((g * packed + p) * 2 + side) * 16 + v].
+void centroid_halves(const float* q_hat, const float* centroids, int64_t bits, int64_t group, int64_t dim,
+                     double* halves) {
+  const int64_t per = 8 / bits, packed = dim / per, half_codes = per / 2, levels = int64_t{1} << bits;
+  for (int64_t g = 0; g < group; ++g)
+    for (int64_t p = 0; p < packed; ++p)
+      for (int64_t side = 0; side < 2; ++side) {
+        const float* q = q_hat + g * dim + p * per + side * half_codes;
+        double* out = halves + ((g * packed + p) * 2 + side) * kNibble;
+        for (int64_t v = 0; v < kNibble; ++v) {
+          double total = 0.0;
+          for (int64_t m = 0; m < half_codes; ++m)
+            total += static_cast<double>(q[m]) * static_cast<double>(centroids[(v >> (bits * m)) & (levels - 1)]);
+          out[v] = total;
+        }
+      }
+}
+
+// The float32 byte table of reference.centroid_table for the query heads [first, first + heads) of
+// a KV head (one head, or a whole group summed in float32, g in order): table[p * 256 + v].
+__attribute__((target_clones("avx2", "default")))
+void byte_table(const double* halves, int64_t packed, int64_t first, int64_t heads, float* table) {
+  for (int64_t p = 0; p < packed; ++p)
+    for (int64_t g = first; g < first + heads; ++g) {
+      const double* low = halves + (g * packed + p) * 2 * kNibble;
+      const double* high = low + kNibble;
+      for (int64_t hv = 0; hv < kNibble; ++hv) {
+        float* entry = table + p * 256 + hv * kNibble;  // byte v = 16 hv + lv
+        for (int64_t lv = 0; lv < kNibble; ++lv) {
+          const float value = static_cast<float>(low[lv] + high[hv]);
+          entry[lv] = g == first ? value : entry[lv] + value;
+        }
+      }
+    }
+}
+
+// Exact scores of keys `positions[0..count)`: each key's byte entries summed in order in float32
+// (as select_by_table), eight keys at a time so that their addition chains overlap.
+void exact_scores(const float* table, const uint8_t* codes, int64_t row_stride, int64_t packed,
+                  const int64_t* positions, int64_t count, float* scores) {
+  constexpr int64_t kLanes = 8;
+  int64_t i = 0;
+  for (; i + kLanes <= count; i += kLanes) {
+    const uint8_t* rows[kLanes];
+    float totals[kLanes] = {};
+    for (int64_t j = 0; j < kLanes; ++j) rows[j] = codes + positions[i + j] * row_stride;
+    for (int64_t p = 0; p < packed; ++p)
+      for (int64_t j = 0; j < kLanes; ++j) totals[j] += table[p * 256 + rows[j][p]];
+    for (int64_t j = 0; j < kLanes; ++j) scores[i + j] = totals[j];
+  }
+  for (; i < count; ++i) {
+    const uint8_t* row = codes + positions[i] * row_stride;
+    float total = 0.0f;
+    for (int64_t p = 0; p < packed; ++p) total += table[p * 256 + row[p]];
+    scores[i] = total;
+  }
+}
+
+// The uint8 nibble tables of one output row, luts[n * 16 + v] for nibble n = 2 p + side, and the
+// bound, in estimate units, on |estimate - (exact float32 score - offset) * scale| for every key.
+double quantized_tables(const double* halves, int64_t packed, int64_t first, int64_t heads, uint8_t* luts) {
+  const int64_t nibbles = 2 * packed;
+  std::vector<double> terms(nibbles * kNibble, 0.0), lowest(nibbles);
+  double widest = 0.0, magnitude = 0.0;
+  for (int64_t n = 0; n < nibbles; ++n) {
+    double low = std::numeric_limits<double>::infinity(), high = -low, largest_abs = 0.0;
+    for (int64_t v = 0; v < kNibble; ++v) {
+      double total = 0.0;
+      for (int64_t g = first; g < first + heads; ++g) {
+        const double term = halves[(g * packed + n / 2) * 2 * kNibble + (n % 2) * kNibble + v];
+        total += term;
+        largest_abs = std::max(largest_abs, std::abs(term));
+      }
+      terms[n * kNibble + v] = total;
+      low = std::min(low, total);
+      high = std::max(high, total);
+    }
+    lowest[n] = low;
+    widest = std::max(widest, high - low);
+    magnitude += heads * largest_abs;
+  }
+  const double scale = widest > 0.0 ? 255.0 / widest : 0.0;
+  for (int64_t i = 0; i < nibbles * kNibble; ++i)
+    luts[i] = static_cast<uint8_t>(std::min(255.0, std::nearbyint((terms[i] - lowest[i / kNibble]) * scale)));
+  // Rounding each term to the grid moves a key's estimate by at most nibbles / 2; the float32
+  // roundings of the exact score (per head and byte, across a group, across bytes) by far less than
+  // 2**-22 * (packed + heads + 2) of the terms' magnitudes. Generous on both, to stay a bound.
+  const double float_error = magnitude * static_cast<double>(packed + heads + 2) * std::ldexp(1.0, -22);
+  return 0.5 * static_cast<double>(nibbles) * 1.001 + float_error * scale + 1e-6;
+}
+
+// Estimates of 32 keys (rows of `packed` bytes, `stride` bytes apart) for `columns` output rows:
+// out[c * 32 + i] = sum over nibbles n of luts[c][n][nibble n of key i].
+void scan_block_portable(const uint8_t* rows, int64_t stride, int64_t packed, const uint8_t* luts,
+                         int64_t columns, uint16_t* out) {
+  for (int64_t c = 0; c < columns; ++c) {
+    const uint8_t* lut = luts + c * 2 * packed * kNibble;
+    for (int64_t i = 0; i < kBlock; ++i) {
+      uint32_t total = 0;
+      for (int64_t p = 0; p < packed; ++p) {
+        const uint8_t byte = rows[i * stride + p];
+        total += lut[(2 * p) * kNibble + (byte & 15)] + lut[(2 * p + 1) * kNibble + (byte >> 4)];
+      }
+      out[c * kBlock + i] = static_cast<uint16_t>(total);
+    }
+  }
+}
+
+// The same integers with AVX2 byte shuffles; rows readable to `padded` bytes (a multiple of 16).
+__attribute__((target("avx2")))
+void scan_block_avx2(const uint8_t* rows, int64_t stride, int64_t padded, int64_t packed, const uint8_t* luts,
+                     int64_t columns, uint16_t* out) {
+  constexpr int64_t kMaxColumns = 16;
+  __m256i even[kMaxColumns], odd[kMaxColumns];  // uint16 sums: FAISS' split of the byte lanes
+  for (int64_t c = 0; c < columns; ++c) even[c] = odd[c] = _mm256_setzero_si256();
+  const __m256i low_nibble = _mm256_set1_epi8(0x0F);
+  for (int64_t chunk = 0; chunk < padded; chunk += 16) {
+    // 16 bytes of keys i (low lane) and 16 + i (high lane), transposed in four unpack rounds so
+    // that column[p] holds byte chunk + p of keys 0-15 (low lane) and 16-31 (high lane).
+    __m256i column[16], next[16];
+    for (int64_t i = 0; i < 16; ++i)
+      column[i] = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(rows + (16 + i) * stride + chunk),
+                                      reinterpret_cast<const __m128i*>(rows + i * stride + chunk));
+    for (int64_t i = 0; i < 8; ++i) {  // word w of next[i]: byte w of keys 2i, 2i+1 (next[8 + i]: byte 8 + w)
+      next[i] = _mm256_unpacklo_epi8(column[2 * i], column[2 * i + 1]);
+      next[8 + i] = _mm256_unpackhi_epi8(column[2 * i], column[2 * i + 1]);
+    }
+    for (int64_t j = 0; j < 4; ++j) {  // dword d of column[4j + q]: byte 4q + d of keys 4j..4j+3
+      column[4 * j] = _mm256_unpacklo_epi16(next[2 * j], next[2 * j + 1]);
+      column[4 * j + 1] = _mm256_unpackhi_epi16(next[2 * j], next[2 * j + 1]);
+      column[4 * j + 2] = _mm256_unpacklo_epi16(next[8 + 2 * j], next[9 + 2 * j]);
+      column[4 * j + 3] = _mm256_unpackhi_epi16(next[8 + 2 * j], next[9 + 2 * j]);
+    }
+    for (int64_t k = 0; k < 2; ++k)  // qword e of next[8k + 2q + r]: byte 4q + 2r + e of keys 8k..8k+7
+      for (int64_t q = 0; q < 4; ++q) {
+        next[8 * k + 2 * q] = _mm256_unpacklo_epi32(column[8 * k + q], column[8 * k + 4 + q]);
+        next[8 * k + 2 * q + 1] = _mm256_unpackhi_epi32(column[8 * k + q], column[8 * k + 4 + q]);
+      }
+    for (int64_t i = 0; i < 8; ++i) {  // column[2i + e]: byte 2i + e of keys 0-15
+      column[2 * i] = _mm256_unpacklo_epi64(next[i], next[8 + i]);
+      column[2 * i + 1] = _mm256_unpackhi_epi64(next[i], next[8 + i]);
+    }
+    for (int64_t p = 0; p < 16 && chunk + p < packed; ++p) {
+      const __m256i low = _mm256_and_si256(column[p], low_nibble);
+      const __m256i high = _mm256_and_si256(_mm256_srli_epi16(column[p], 4), low_nibble);
+      for (int64_t c = 0; c < columns; ++c) {
+        const uint8_t* lut = luts + (c * 2 * packed + 2 * (chunk + p)) * kNibble;
+        const __m256i low_terms = _mm256_shuffle_epi8(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut))), low);
+        const __m256i high_terms = _mm256_shuffle_epi8(
+            _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lut + kNibble))), high);
+        even[c] = _mm256_add_epi16(even[c], _mm256_add_epi16(low_terms, high_terms));
+        odd[c] = _mm256_add_epi16(odd[c], _mm256_add_epi16(_mm256_srli_epi16(low_terms, 8),
+                                                          _mm256_srli_epi16(high_terms, 8)));
+      }
+    }
+  }
+  for (int64_t c = 0; c < columns; ++c) {
+    // even[c] summed whole uint16 lanes: the even key's terms plus 256 times the odd key's.
+    const __m256i even_keys = _mm256_sub_epi16(even[c], _mm256_slli_epi16(odd[c], 8));
+    const __m256i first = _mm256_unpacklo_epi16(even_keys, odd[c]);   // keys 0-7 | 16-23
+    const __m256i second = _mm256_unpackhi_epi16(even_keys, odd[c]);  // keys 8-15 | 24-31
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kBlock), _mm256_permute2x128_si256(first, second, 0x20));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kBlock + 16),
+                        _mm256_permute2x128_si256(first, second, 0x31));
+  }
+}
+
+}  // namespace
+
+// q_hat: float32 [B, Hq, D] contiguous (the query's Hadamard values); codes: uint8 [B, Hkv, S, P];
+// centroids: float32 [Hkv, 2**bits] contiguous; forced / valid as select_by_table. The exact
+// selection of reference.centroid_table (entry (p, v, g): the float32 rounding of the double sum
+// of q_hat[g, p * per + m] * centroids[code m of byte v]; with `shared` the G tables summed in
+// float32, g in order) + reference.select_by_table(largest=True), by the fast scan above.
+// `portable` uses the plain loop instead of AVX2 (the same integers; for tests).
 torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torch::Tensor centroids, int64_t bits,
-                                  bool shared, int64_t budget, torch::Tensor forced, torch::Tensor valid) {
+                                  bool shared, int64_t budget, torch::Tensor forced, torch::Tensor valid,
+                                  bool portable) {
   TORCH_CHECK(q_hat.dtype() == torch::kFloat32 && q_hat.dim() == 3 && q_hat.is_contiguous(),
               "q_hat must be contiguous float32 [B, Hq, D]");
   TORCH_CHECK(centroids.dtype() == torch::kFloat32 && centroids.dim() == 2 && centroids.is_contiguous(),
               "centroids must be contiguous float32 [Hkv, 2**bits]");
   TORCH_CHECK(bits == 1 || bits == 2, "bits must be 1 or 2");
+  TORCH_CHECK(codes.dtype() == torch::kUInt8 && codes.dim() == 4 && codes.stride(3) == 1,
+              "codes must be uint8 [B, Hkv, S, P] with contiguous bytes");
   const int64_t batch = q_hat.size(0), q_heads = q_hat.size(1), dim = q_hat.size(2);
-  const int64_t kv_heads = codes.size(1), per = 8 / bits, packed = dim / per, levels = int64_t{1} << bits;
-  TORCH_CHECK(codes.dim() == 4 && codes.size(0) == batch && codes.size(3) == packed && q_heads % kv_heads == 0 &&
-                  centroids.size(0) == kv_heads && centroids.size(1) == levels,
+  const int64_t kv_heads = codes.size(1), seq_len = codes.size(2), packed = dim * bits / 8;
+  TORCH_CHECK(codes.size(0) == batch && codes.size(3) == packed && q_heads % kv_heads == 0 &&
+                  centroids.size(0) == kv_heads && centroids.size(1) == (int64_t{1} << bits),
               "q_hat, codes and centroids disagree in shape");
-  const int64_t group = q_heads / kv_heads, columns = shared ? 1 : group;
-  // A byte's codes split into a low and a high half (4 bits each) of per / 2 codes.
-  const int64_t half_codes = per / 2, half_bits = half_codes * bits;
-  auto table = torch::empty({batch, kv_heads, packed, 256, columns}, torch::kFloat32);
+  TORCH_CHECK(budget >= 1, "budget must be >= 1");
+  TORCH_CHECK(forced.dtype() == torch::kBool && forced.is_contiguous() && forced.size(0) == batch &&
+                  forced.size(1) == seq_len, "forced must be contiguous bool [B, S]");
+  const bool has_valid = valid.numel() > 0;
+  TORCH_CHECK(!has_valid || (valid.dtype() == torch::kBool && valid.is_contiguous() && valid.size(0) == batch &&
+                             valid.size(1) == seq_len), "valid must be contiguous bool [B, S] or empty");
+  const int64_t group = q_heads / kv_heads, columns = shared ? 1 : group, nibbles = 2 * packed;
+  // Estimates are uint16 sums of `nibbles` bytes; beyond that (head_dim > 512) every key is a candidate.
+  const bool estimate = nibbles * 255 < 65536 && columns <= 16;
+  const bool simd = !portable && __builtin_cpu_supports("avx2");
+  const int64_t padded = (packed + 15) / 16 * 16;  // the AVX2 scan reads whole 16-byte chunks
+  const int64_t rows = batch * kv_heads * columns, keep = std::min(budget, seq_len);
+  auto out = torch::full({batch, rows / batch, budget}, -1, torch::kInt64);
   const float* q_ptr = q_hat.data_ptr<float>();
   const float* c_ptr = centroids.data_ptr<float>();
-  float* t_ptr = table.data_ptr<float>();
+  const uint8_t* codes_ptr = codes.data_ptr<uint8_t>();
+  const bool* forced_ptr = forced.data_ptr<bool>();
+  const bool* valid_ptr = has_valid ? valid.data_ptr<bool>() : nullptr;
+  int64_t* out_ptr = out.data_ptr<int64_t>();
+  const int64_t cs0 = codes.stride(0), cs1 = codes.stride(1), cs2 = codes.stride(2);
+
+  // Per (batch, KV head): the double halves; per output row: its uint8 tables and estimate bound.
+  const int64_t halves_size = group * packed * 2 * kNibble;
+  std::vector<double> halves(batch * kv_heads * halves_size), bounds(rows);
+  std::vector<uint8_t> luts(rows * nibbles * kNibble);
   at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<double> half(2 * 16);  // per byte half (4 bits), the sum of its codes' terms
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / kv_heads, h = bh % kv_heads;
-      const float* cent = c_ptr + h * levels;
-      for (int64_t p = 0; p < packed; ++p) {
-        float* entry = t_ptr + (bh * packed + p) * 256 * columns;
-        for (int64_t g = 0; g < group; ++g) {
-          const float* q = q_ptr + (b * q_heads + h * group + g) * dim + p * per;
-          for (int64_t side = 0; side < 2; ++side)
-            for (int64_t v = 0; v < (int64_t{1} << half_bits); ++v) {
-              double total = 0.0;
-              for (int64_t m = 0; m < half_codes; ++m)
-                total += static_cast<double>(q[side * half_codes + m]) *
-                         static_cast<double>(cent[(v >> (bits * m)) & (levels - 1)]);
-              half[side * 16 + v] = total;
-            }
-          for (int64_t v = 0; v < 256; ++v) {
-            const float value = static_cast<float>(half[v & 15] + half[16 + (v >> 4)]);
-            if (shared)
-              entry[v] = g == 0 ? value : entry[v] + value;
-            else
-              entry[v * columns + g] = value;
-          }
-        }
-      }
+      double* own = halves.data() + bh * halves_size;
+      centroid_halves(q_ptr + (b * q_heads + h * group) * dim, c_ptr + h * (int64_t{1} << bits), bits, group, dim,
+                      own);
+      for (int64_t c = 0; c < columns; ++c)
+        bounds[bh * columns + c] = quantized_tables(own, packed, shared ? 0 : c, shared ? group : 1,
+                                                    luts.data() + (bh * columns + c) * nibbles * kNibble);
     }
   });
-  return select_by_table(table, codes, budget, forced, valid, true);
+
+  // Estimates of every (batch, KV head, key), in chunks of keys so that all threads share the work.
+  // Reused across calls (one buffer per calling thread), reached by the workers through this pointer.
+  static thread_local std::vector<uint16_t> buffer;
+  constexpr int64_t kChunk = 1024;
+  const int64_t chunks = (seq_len + kChunk - 1) / kChunk;
+  if (estimate) {
+    buffer.resize(std::max<size_t>(buffer.size(), rows * (seq_len + kBlock)));
+    uint16_t* const estimates = buffer.data();
+    at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
+      std::vector<uint8_t> tail(kBlock * padded, 0);  // a short or narrow block, zero-padded
+      std::vector<uint16_t> block(kBlock * columns);
+      for (int64_t item = begin; item < end; ++item) {
+        const int64_t bh = item / chunks, first = (item % chunks) * kChunk;
+        const int64_t b = bh / kv_heads, h = bh % kv_heads, last = std::min(seq_len, first + kChunk);
+        const uint8_t* head_luts = luts.data() + bh * columns * nibbles * kNibble;
+        for (int64_t s = first; s < last; s += kBlock) {
+          const int64_t count = std::min(kBlock, last - s);
+          const uint8_t* rows_ptr = codes_ptr + b * cs0 + h * cs1 + s * cs2;
+          int64_t stride = cs2;
+          if (count < kBlock || packed != padded) {
+            for (int64_t i = 0; i < count; ++i) std::memcpy(tail.data() + i * padded, rows_ptr + i * cs2, packed);
+            rows_ptr = tail.data();
+            stride = padded;
+          }
+          if (simd)
+            scan_block_avx2(rows_ptr, stride, padded, packed, head_luts, columns, block.data());
+          else
+            scan_block_portable(rows_ptr, stride, packed, head_luts, columns, block.data());
+          for (int64_t c = 0; c < columns; ++c)
+            std::memcpy(estimates + (bh * columns + c) * seq_len + s, block.data() + c * kBlock,
+                        count * sizeof(uint16_t));
+        }
+      }
+    });
+  }
+  const uint16_t* const estimates = buffer.data();
+
+  // Per batch row: which positions compete for the budget, and the forced valid ones.
+  std::vector<uint8_t> competes(batch * seq_len);
+  std::vector<std::vector<int64_t>> forced_positions(batch);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t s = 0; s < seq_len; ++s) {
+      const bool is_valid = !has_valid || valid_ptr[b * seq_len + s];
+      const bool is_forced = forced_ptr[b * seq_len + s];
+      competes[b * seq_len + s] = is_valid && !is_forced;
+      if (is_valid && is_forced) forced_positions[b].push_back(s);
+    }
+
+  // Per output row: the candidates within twice the bound of the need-th best estimate (found on
+  // a histogram of estimates / 16, four interleaved counts), scored exactly, and the exact top-k
+  // among them and the forced positions.
+  constexpr int64_t kShift = 4, kCounts = 4;
+  const int64_t bins = ((nibbles * 255) >> kShift) + 1;
+  at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
+    std::vector<int32_t> histogram(kCounts * bins);
+    std::vector<float> table(packed * 256), scores(seq_len);
+    std::vector<int64_t> keys, candidates(seq_len + 1);  // + 1: the branchless compaction writes one past
+    keys.reserve(seq_len);
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t bh = row / columns, c = row % columns, b = bh / kv_heads, h = bh % kv_heads;
+      byte_table(halves.data() + bh * halves_size, packed, shared ? 0 : c, shared ? group : 1, table.data());
+      const uint8_t* head_codes = codes_ptr + b * cs0 + h * cs1;
+      const uint8_t* row_competes = competes.data() + b * seq_len;
+      const std::vector<int64_t>& row_forced = forced_positions[b];
+      int64_t count = 0;  // candidates[0..count): the forced, then the competing ones kept
+      for (const int64_t s : row_forced) candidates[count++] = s;
+      const int64_t need = keep - count;
+      if (need > 0 && estimate) {
+        const uint16_t* row_estimates = estimates + row * seq_len;
+        std::fill(histogram.begin(), histogram.end(), 0);
+        int64_t s = 0;
+        for (; s + kCounts <= seq_len; s += kCounts)
+          for (int64_t j = 0; j < kCounts; ++j)
+            histogram[j * bins + (row_estimates[s + j] >> kShift)] += row_competes[s + j];
+        for (; s < seq_len; ++s) histogram[row_estimates[s] >> kShift] += row_competes[s];
+        int64_t cutoff = bins, seen = 0;
+        while (seen < need && cutoff > 0) {
+          --cutoff;
+          for (int64_t j = 0; j < kCounts; ++j) seen += histogram[j * bins + cutoff];
+        }
+        // At least `need` competing estimates are >= cutoff << kShift.
+        const int64_t floor = (cutoff << kShift) - static_cast<int64_t>(std::floor(2.0 * bounds[row])) - 1;
+        for (int64_t s = 0; s < seq_len; ++s) {
+          candidates[count] = s;
+          count += row_competes[s] & (row_estimates[s] >= floor);
+        }
+      } else if (need > 0) {
+        for (int64_t s = 0; s < seq_len; ++s) {
+          candidates[count] = s;
+          count += row_competes[s];
+        }
+      }
+      exact_scores(table.data(), head_codes, cs2, packed, candidates.data(), count, scores.data());
+      keys.resize(count);
+      for (int64_t i = 0; i < count; ++i)
+        keys[i] = rank_key(largest_first(scores[i]), candidates[i], seq_len,
+                           i < static_cast<int64_t>(row_forced.size()), true);
+      write_best_positions(keys, keep, seq_len, out_ptr + row * budget);
+    }
+  });
+  return out;
 }
 
+// x_hat: float32 [N, D] contiguous (Hadamard values); thresholds: float32 [2**bits - 1] contiguous.
+// Returns uint8 [N, D * bits / 8]: the code of a value is the number of thresholds it is strictly
+// greater than, dimension i at bits bits * (i % per) of byte i / per (twin: the bucketize + pack of
+// reference.hadamard_codes).
+torch::Tensor bucket_codes(torch::Tensor x_hat, torch::Tensor thresholds, int64_t bits) {
+  TORCH_CHECK(x_hat.dtype() == torch::kFloat32 && x_hat.dim() == 2 && x_hat.is_contiguous(),
+              "x_hat must be contiguous float32 [N, D]");
+  TORCH_CHECK(bits == 1 || bits == 2, "bits must be 1 or 2");
+  TORCH_CHECK(thresholds.dtype() == torch::kFloat32 && thresholds.dim() == 1 && thresholds.is_contiguous() &&
+                  thresholds.size(0) == (int64_t{1} << bits) - 1,
+              "thresholds must be contiguous float32 [2**bits - 1]");
+  const int64_t count = x_hat.size(0), dim = x_hat.size(1), per = 8 / bits, levels = thresholds.size(0);
+  TORCH_CHECK(dim % per == 0, "head_dim must be a multiple of ", per);
+  auto out = torch::empty({count, dim / per}, torch::kUInt8);
+  const float* x = x_hat.data_ptr<float>();
+  const float* t = thresholds.data_ptr<float>();
+  uint8_t* o = out.data_ptr<uint8_t>();
+  for (int64_t byte = 0; byte < count * dim / per; ++byte) {
+    uint32_t packed = 0;
+    for (int64_t m = 0; m < per; ++m) {
+      const float value = x[byte * per + m];
+      uint32_t code = 0;
+      for (int64_t j = 0; j < levels; ++j) code += value > t[j];
+      packed |= code << (bits * m);
+    }
+    o[byte] = static_cast<uint8_t>(packed);
+  }
+  return out;
+}
 
 // query: float32 [B, Hq, D] contiguous; key/value: float32 [B, Hkv, S, D] with contiguous rows;
 // indices: int64 [B, Hq or Hkv, K] contiguous (-1 = skipped). Returns float32 [B, Hq, D].
@@ -432,7 +756,8 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("select_by_centroids", &select_by_centroids, "Asymmetric table built in place, then select_by_table (CPU)");
+  m.def("select_by_centroids", &select_by_centroids, "Exact asymmetric selection by a fast-scanned estimate (CPU)");
+  m.def("bucket_codes", &bucket_codes, "Bucketize and pack Hadamard values into codes (CPU)");
   m.def("rescore_selection", &rescore_selection, "Exact q . k second stage over selected candidates (CPU)");
   m.def("select_by_table", &select_by_table, "Fused Adamas byte-table scores and exact top-k (CPU)");
   m.def("sparse_decode_attention", &sparse_decode_attention, "Attention over selected cache rows (CPU)");
