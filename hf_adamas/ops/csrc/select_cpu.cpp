@@ -383,11 +383,14 @@ void scan_block_portable(const uint8_t* rows, int64_t stride, int64_t packed, co
 }
 
 // The same integers with AVX2 byte shuffles; rows readable to `padded` bytes (a multiple of 16).
+// C > 0 fixes the column count at compile time (registers instead of arrays); C = 0 reads `columns`.
+constexpr int64_t kMaxColumns = 16;
+template <int64_t C>
 __attribute__((target("avx2")))
 void scan_block_avx2(const uint8_t* rows, int64_t stride, int64_t padded, int64_t packed, const uint8_t* luts,
-                     int64_t columns, uint16_t* out) {
-  constexpr int64_t kMaxColumns = 16;
-  __m256i even[kMaxColumns], odd[kMaxColumns];  // uint16 sums: FAISS' split of the byte lanes
+                     int64_t runtime_columns, uint16_t* out) {
+  const int64_t columns = C > 0 ? C : runtime_columns;
+  __m256i even[C > 0 ? C : kMaxColumns], odd[C > 0 ? C : kMaxColumns];  // uint16 sums: FAISS' byte-lane split
   for (int64_t c = 0; c < columns; ++c) even[c] = odd[c] = _mm256_setzero_si256();
   const __m256i low_nibble = _mm256_set1_epi8(0x0F);
   for (int64_t chunk = 0; chunk < padded; chunk += 16) {
@@ -440,6 +443,49 @@ void scan_block_avx2(const uint8_t* rows, int64_t stride, int64_t padded, int64_
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c * kBlock + 16),
                         _mm256_permute2x128_si256(first, second, 0x31));
   }
+}
+
+void scan_block(bool simd, const uint8_t* rows, int64_t stride, int64_t padded, int64_t packed, const uint8_t* luts,
+                int64_t columns, uint16_t* out) {
+  if (!simd) return scan_block_portable(rows, stride, packed, luts, columns, out);
+  switch (columns) {
+    case 1: return scan_block_avx2<1>(rows, stride, padded, packed, luts, columns, out);
+    case 2: return scan_block_avx2<2>(rows, stride, padded, packed, luts, columns, out);
+    case 3: return scan_block_avx2<3>(rows, stride, padded, packed, luts, columns, out);
+    case 4: return scan_block_avx2<4>(rows, stride, padded, packed, luts, columns, out);
+    case 8: return scan_block_avx2<8>(rows, stride, padded, packed, luts, columns, out);
+    default: return scan_block_avx2<0>(rows, stride, padded, packed, luts, columns, out);
+  }
+}
+
+// How many of the n estimates are >= threshold (vectorizes).
+__attribute__((target_clones("avx2", "default")))
+int64_t count_at_least(const uint16_t* estimates, int64_t n, uint16_t threshold) {
+  int32_t total = 0;
+  for (int64_t s = 0; s < n; ++s) total += estimates[s] >= threshold;
+  return total;
+}
+
+// Appends the positions s with estimates[s] >= floor to out[count..) and returns the new count;
+// runs of 16 positions without one are skipped on a vectorized test. Writes out[count] once past.
+__attribute__((target_clones("avx2", "default")))
+int64_t collect_at_least(const uint16_t* estimates, int64_t n, uint16_t floor, int64_t* out, int64_t count) {
+  constexpr int64_t kRun = 16;
+  int64_t s = 0;
+  for (; s + kRun <= n; s += kRun) {
+    bool any = false;
+    for (int64_t j = 0; j < kRun; ++j) any |= estimates[s + j] >= floor;
+    if (!any) continue;
+    for (int64_t j = 0; j < kRun; ++j) {
+      out[count] = s + j;
+      count += estimates[s + j] >= floor;
+    }
+  }
+  for (; s < n; ++s) {
+    out[count] = s;
+    count += estimates[s] >= floor;
+  }
+  return count;
 }
 
 }  // namespace
@@ -502,13 +548,25 @@ torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torc
     }
   });
 
-  // Estimates of every (batch, KV head, key), in chunks of keys so that all threads share the work.
-  // Reused across calls (one buffer per calling thread), reached by the workers through this pointer.
+  // Per batch row: which positions compete for the budget, and the forced valid ones.
+  std::vector<uint8_t> competes(batch * seq_len);
+  std::vector<std::vector<int64_t>> forced_positions(batch);
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t s = 0; s < seq_len; ++s) {
+      const bool is_valid = !has_valid || valid_ptr[b * seq_len + s];
+      const bool is_forced = forced_ptr[b * seq_len + s];
+      competes[b * seq_len + s] = is_valid && !is_forced;
+      if (is_valid && is_forced) forced_positions[b].push_back(s);
+    }
+
+  // Estimates of every (batch, KV head, key), plus 1 where the position competes and 0 where it does
+  // not, in chunks of keys so that all threads share the work. Reused across calls (one buffer per
+  // calling thread), reached by the workers through this pointer.
   static thread_local std::vector<uint16_t> buffer;
   constexpr int64_t kChunk = 1024;
   const int64_t chunks = (seq_len + kChunk - 1) / kChunk;
   if (estimate) {
-    buffer.resize(std::max<size_t>(buffer.size(), rows * (seq_len + kBlock)));
+    buffer.resize(std::max<size_t>(buffer.size(), rows * seq_len));
     uint16_t* const estimates = buffer.data();
     at::parallel_for(0, batch * kv_heads * chunks, 1, [&](int64_t begin, int64_t end) {
       std::vector<uint8_t> tail(kBlock * padded, 0);  // a short or narrow block, zero-padded
@@ -526,80 +584,69 @@ torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torc
             rows_ptr = tail.data();
             stride = padded;
           }
-          if (simd)
-            scan_block_avx2(rows_ptr, stride, padded, packed, head_luts, columns, block.data());
-          else
-            scan_block_portable(rows_ptr, stride, packed, head_luts, columns, block.data());
-          for (int64_t c = 0; c < columns; ++c)
-            std::memcpy(estimates + (bh * columns + c) * seq_len + s, block.data() + c * kBlock,
-                        count * sizeof(uint16_t));
+          scan_block(simd, rows_ptr, stride, padded, packed, head_luts, columns, block.data());
+          const uint8_t* block_competes = competes.data() + b * seq_len + s;
+          for (int64_t c = 0; c < columns; ++c) {
+            uint16_t* dst = estimates + (bh * columns + c) * seq_len + s;
+            for (int64_t i = 0; i < count; ++i) dst[i] = block_competes[i] ? block[c * kBlock + i] + 1 : 0;
+          }
         }
       }
     });
   }
   const uint16_t* const estimates = buffer.data();
 
-  // Per batch row: which positions compete for the budget, and the forced valid ones.
-  std::vector<uint8_t> competes(batch * seq_len);
-  std::vector<std::vector<int64_t>> forced_positions(batch);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t s = 0; s < seq_len; ++s) {
-      const bool is_valid = !has_valid || valid_ptr[b * seq_len + s];
-      const bool is_forced = forced_ptr[b * seq_len + s];
-      competes[b * seq_len + s] = is_valid && !is_forced;
-      if (is_valid && is_forced) forced_positions[b].push_back(s);
-    }
-
-  // Per output row: the candidates within twice the bound of the need-th best estimate (found on
-  // a histogram of estimates / 16, four interleaved counts), scored exactly, and the exact top-k
-  // among them and the forced positions.
-  constexpr int64_t kShift = 4, kCounts = 4;
-  const int64_t bins = ((nibbles * 255) >> kShift) + 1;
+  // Per output row: the candidates within twice the bound of a lower bound on the need-th best
+  // estimate (a bisection on vectorized counts, to within 16), scored exactly, and the exact top-k
+  // among them and the forced positions, written in ascending order.
+  constexpr int64_t kResolution = 16;
   at::parallel_for(0, rows, 1, [&](int64_t begin, int64_t end) {
-    std::vector<int32_t> histogram(kCounts * bins);
     std::vector<float> table(packed * 256), scores(seq_len);
-    std::vector<int64_t> keys, candidates(seq_len + 1);  // + 1: the branchless compaction writes one past
-    keys.reserve(seq_len);
+    std::vector<int64_t> keys(seq_len), selected, picked, candidates(seq_len + 1);  // + 1: see collect_at_least
     for (int64_t row = begin; row < end; ++row) {
       const int64_t bh = row / columns, c = row % columns, b = bh / kv_heads, h = bh % kv_heads;
       byte_table(halves.data() + bh * halves_size, packed, shared ? 0 : c, shared ? group : 1, table.data());
       const uint8_t* head_codes = codes_ptr + b * cs0 + h * cs1;
-      const uint8_t* row_competes = competes.data() + b * seq_len;
       const std::vector<int64_t>& row_forced = forced_positions[b];
-      int64_t count = 0;  // candidates[0..count): the forced, then the competing ones kept
-      for (const int64_t s : row_forced) candidates[count++] = s;
+      const int64_t forced_count = static_cast<int64_t>(row_forced.size());
+      std::copy(row_forced.begin(), row_forced.end(), candidates.begin());
+      int64_t count = forced_count;  // candidates[0..count): the forced, then the competing ones kept
       const int64_t need = keep - count;
       if (need > 0 && estimate) {
         const uint16_t* row_estimates = estimates + row * seq_len;
-        std::fill(histogram.begin(), histogram.end(), 0);
-        int64_t s = 0;
-        for (; s + kCounts <= seq_len; s += kCounts)
-          for (int64_t j = 0; j < kCounts; ++j)
-            histogram[j * bins + (row_estimates[s + j] >> kShift)] += row_competes[s + j];
-        for (; s < seq_len; ++s) histogram[row_estimates[s] >> kShift] += row_competes[s];
-        int64_t cutoff = bins, seen = 0;
-        while (seen < need && cutoff > 0) {
-          --cutoff;
-          for (int64_t j = 0; j < kCounts; ++j) seen += histogram[j * bins + cutoff];
+        // count(>= low) >= need > count(>= high): the need-th best estimate is in [low, high).
+        int64_t low = 1, high = nibbles * 255 + 2;
+        while (high - low > kResolution) {
+          const int64_t middle = (low + high) / 2;
+          if (count_at_least(row_estimates, seq_len, static_cast<uint16_t>(middle)) >= need)
+            low = middle;
+          else
+            high = middle;
         }
-        // At least `need` competing estimates are >= cutoff << kShift.
-        const int64_t floor = (cutoff << kShift) - static_cast<int64_t>(std::floor(2.0 * bounds[row])) - 1;
-        for (int64_t s = 0; s < seq_len; ++s) {
-          candidates[count] = s;
-          count += row_competes[s] & (row_estimates[s] >= floor);
-        }
+        const int64_t floor = std::max<int64_t>(1, low - static_cast<int64_t>(std::floor(2.0 * bounds[row])) - 1);
+        count = collect_at_least(row_estimates, seq_len, static_cast<uint16_t>(floor), candidates.data(), count);
       } else if (need > 0) {
+        const uint8_t* row_competes = competes.data() + b * seq_len;
         for (int64_t s = 0; s < seq_len; ++s) {
           candidates[count] = s;
           count += row_competes[s];
         }
       }
       exact_scores(table.data(), head_codes, cs2, packed, candidates.data(), count, scores.data());
-      keys.resize(count);
       for (int64_t i = 0; i < count; ++i)
-        keys[i] = rank_key(largest_first(scores[i]), candidates[i], seq_len,
-                           i < static_cast<int64_t>(row_forced.size()), true);
-      write_best_positions(keys, keep, seq_len, out_ptr + row * budget);
+        keys[i] = rank_key(largest_first(scores[i]), candidates[i], seq_len, i < forced_count, true);
+      const int64_t kept = std::min(keep, count);
+      if (kept == 0) continue;
+      selected.assign(keys.begin(), keys.begin() + count);
+      std::nth_element(selected.begin(), selected.begin() + (kept - 1), selected.end());
+      const int64_t worst = selected[kept - 1];  // rank keys are unique: exactly `kept` are <= worst
+      // The kept positions ascending: the forced ones and the competing ones (each ascending) merged.
+      picked.clear();
+      for (int64_t i = 0; i < count; ++i)
+        if (keys[i] <= worst) picked.push_back(candidates[i]);
+      const auto split = picked.begin() + std::count_if(keys.begin(), keys.begin() + forced_count,
+                                                       [&](int64_t key) { return key <= worst; });
+      std::merge(picked.begin(), split, split, picked.end(), out_ptr + row * budget);
     }
   });
   return out;
