@@ -24,6 +24,7 @@ they differ only in the ranking (and all keep the same forced tokens):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 
 import torch
@@ -43,14 +44,27 @@ CACHE_LAYER_ATTRIBUTE = "_adamas_cache_layer"
 def forced_positions(
     settings: AdamasConfig, valid: torch.Tensor | None, batch: int, length: int, device
 ) -> torch.Tensor:
-    """``[batch, length]`` bool: the current token, the first ``sink_tokens`` valid tokens, the recent window."""
+    """``[batch, length]`` bool: the current token, the first ``sink_tokens`` valid tokens, the recent window.
+
+    Read-only: the part that does not depend on padding is cached, so that every sparse layer of a
+    decode step gets the same tensor.
+    """
+    if valid is None:
+        return _fixed_forced_positions(settings.sink_tokens, settings.recent_tokens, batch, length, device)
+    forced = _fixed_forced_positions(0, settings.recent_tokens, batch, length, device)
+    if settings.sink_tokens:
+        forced = forced | (valid & (valid.long().cumsum(-1) <= settings.sink_tokens))
+    return forced
+
+
+@functools.lru_cache(maxsize=4)
+def _fixed_forced_positions(
+    sink_tokens: int, recent_tokens: int, batch: int, length: int, device
+) -> torch.Tensor:
+    """The current token, the recent window and the first ``sink_tokens`` positions, ``[batch, length]``."""
     forced = torch.zeros(batch, length, dtype=torch.bool, device=device)
-    forced[:, max(0, length - 1 - settings.recent_tokens) :] = True
-    if settings.sink_tokens and valid is None:
-        forced[:, : settings.sink_tokens] = True
-    elif settings.sink_tokens:
-        rank_among_valid = valid.long().cumsum(-1)
-        forced |= valid & (rank_among_valid <= settings.sink_tokens)
+    forced[:, max(0, length - 1 - recent_tokens) :] = True
+    forced[:, :sink_tokens] = True
     return forced
 
 

@@ -83,6 +83,20 @@ void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int6
   }
 }
 
+// Per batch row, the forced valid positions (ascending); competes[b * seq_len + s] is 1 where a
+// position competes for the budget (valid and not forced). valid may be null: all valid.
+std::vector<std::vector<int64_t>> split_positions(const bool* forced, const bool* valid, int64_t batch,
+                                                  int64_t seq_len, std::vector<uint8_t>& competes) {
+  competes.assign(batch * seq_len, 0);
+  std::vector<std::vector<int64_t>> forced_positions(batch);
+  for (int64_t i = 0; i < batch * seq_len; ++i) {
+    const bool is_valid = valid == nullptr || valid[i];
+    competes[i] = is_valid && !forced[i];
+    if (is_valid && forced[i]) forced_positions[i / seq_len].push_back(i % seq_len);
+  }
+  return forced_positions;
+}
+
 // Top-k by candidate pruning. Each row's "badness" (the L1 distance, or minus the score: smaller is
 // better) is mapped to one of kBuckets buckets by a monotone function of it; a histogram finds the
 // bucket that holds the need-th best competing position, and only positions in that bucket or better
@@ -210,16 +224,11 @@ torch::Tensor select_by_table(torch::Tensor table, torch::Tensor codes, int64_t 
     }
   });
   // Per batch row: which positions compete for the budget (penalty 0), and the forced valid ones.
+  std::vector<uint8_t> competes;
+  const auto forced_positions = split_positions(forced_ptr, valid_ptr, batch, seq_len, competes);
   std::vector<float> penalty(batch * seq_len);
-  std::vector<std::vector<int64_t>> forced_positions(batch);
-  for (int64_t b = 0; b < batch; ++b) {
-    for (int64_t s = 0; s < seq_len; ++s) {
-      const bool is_valid = !has_valid || valid_ptr[b * seq_len + s];
-      const bool is_forced = forced_ptr[b * seq_len + s];
-      penalty[b * seq_len + s] = is_valid && !is_forced ? 0.0f : std::numeric_limits<float>::infinity();
-      if (is_valid && is_forced) forced_positions[b].push_back(s);
-    }
-  }
+  for (int64_t i = 0; i < batch * seq_len; ++i)
+    penalty[i] = competes[i] ? 0.0f : std::numeric_limits<float>::infinity();
   const float sign = largest ? -1.0f : 1.0f;
   // Then the exact top-k of each output row (query head, or KV group), on the pruned candidates.
   at::parallel_for(0, batch * kv_heads * columns, 1, [&](int64_t begin, int64_t end) {
@@ -549,15 +558,8 @@ torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torc
   });
 
   // Per batch row: which positions compete for the budget, and the forced valid ones.
-  std::vector<uint8_t> competes(batch * seq_len);
-  std::vector<std::vector<int64_t>> forced_positions(batch);
-  for (int64_t b = 0; b < batch; ++b)
-    for (int64_t s = 0; s < seq_len; ++s) {
-      const bool is_valid = !has_valid || valid_ptr[b * seq_len + s];
-      const bool is_forced = forced_ptr[b * seq_len + s];
-      competes[b * seq_len + s] = is_valid && !is_forced;
-      if (is_valid && is_forced) forced_positions[b].push_back(s);
-    }
+  std::vector<uint8_t> competes;
+  const auto forced_positions = split_positions(forced_ptr, valid_ptr, batch, seq_len, competes);
 
   // Estimates of every (batch, KV head, key), plus 1 where the position competes and 0 where it does
   // not, in chunks of keys so that all threads share the work. Reused across calls (one buffer per
