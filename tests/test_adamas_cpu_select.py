@@ -266,6 +266,14 @@ def test_fused_codes_equal_the_reference(shape, bits) -> None:
         )
 
 
+@needs_extension
+def test_fused_codes_of_no_keys_have_the_reference_shape() -> None:
+    empty = torch.randn(1, 3, 0, 64)
+    thresholds = torch.tensor([-0.5, 0.0, 0.5])
+    got = cpu.hadamard_codes_cpu(empty, thresholds, 2)
+    assert got.shape == reference.hadamard_codes(empty, thresholds, 2).shape == (1, 3, 0, 16)
+
+
 def _fast_scan_case(kind: str, seq_len: int, head_dim: int, group: int, seed: int):
     """Inputs where the fast scan's estimate is coarse or degenerate, for the asymmetric selection."""
     generator = torch.Generator().manual_seed(seed)

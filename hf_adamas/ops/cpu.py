@@ -83,7 +83,7 @@ def hadamard_codes_cpu(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> 
     packed = cpu_extension().bucket_codes(
         x_hat.reshape(-1, x.shape[-1]), thresholds.float().contiguous(), bits
     )
-    return packed.view(*x.shape[:-1], -1)
+    return packed.view(*x.shape[:-1], packed.shape[-1])
 
 
 def select_by_table_cpu(
