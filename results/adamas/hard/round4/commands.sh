@@ -6,3 +6,7 @@
 export OMP_NUM_THREADS=1
 hf-adamas passkey --output-dir results/adamas/hard/round4 --resume --trials 30 --splits heldout --lengths 4096 \
   --budgets 16 128 512 --methods dense oracle asymmetric-online
+# The same at 8192 tokens for the budgets the 8K grid lacked (128, 256, 512), dense and the default only
+# (2 torch threads; nothing else ran but a paused data-generation job).
+OMP_NUM_THREADS=2 hf-adamas passkey --output-dir results/adamas/hard/round4-8k --resume --trials 30 --splits heldout \
+  --lengths 8192 --budgets 128 256 512 --methods dense asymmetric-online
