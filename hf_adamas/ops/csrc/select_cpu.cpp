@@ -18,6 +18,7 @@
 #include <cstring>
 #include <immintrin.h>
 #include <limits>
+#include <type_traits>
 #include <vector>
 
 namespace {
@@ -47,6 +48,21 @@ inline int64_t largest_first(float score) {
   return (static_cast<int64_t>(1) << 31) - 1 - ordered;
 }
 
+// Calls body(std::integral_constant<int64_t, C>{}) with C = columns for the common column counts (a
+// compile-time count keeps per-column accumulators in registers), and with C = 0 otherwise (the
+// callee reads the count at run time).
+template <typename Body>
+void with_fixed_columns(int64_t columns, Body&& body) {
+  switch (columns) {
+    case 1: return body(std::integral_constant<int64_t, 1>{});
+    case 2: return body(std::integral_constant<int64_t, 2>{});
+    case 3: return body(std::integral_constant<int64_t, 3>{});
+    case 4: return body(std::integral_constant<int64_t, 4>{});
+    case 8: return body(std::integral_constant<int64_t, 8>{});
+    default: return body(std::integral_constant<int64_t, 0>{});
+  }
+}
+
 // Per key, the sum over its P code bytes of the table entries they pick, for C columns at once.
 // Column c of key s goes to scores[c * column_stride + s]: each output row's scores are contiguous.
 template <int64_t C>
@@ -65,13 +81,11 @@ void score_keys_fixed(const float* tab, const uint8_t* codes, int64_t row_stride
 
 void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t count, int64_t packed,
                 int64_t columns, float* scores, int64_t column_stride) {
-  switch (columns) {
-    case 1: return score_keys_fixed<1>(tab, codes, row_stride, count, packed, scores, column_stride);
-    case 2: return score_keys_fixed<2>(tab, codes, row_stride, count, packed, scores, column_stride);
-    case 3: return score_keys_fixed<3>(tab, codes, row_stride, count, packed, scores, column_stride);
-    case 4: return score_keys_fixed<4>(tab, codes, row_stride, count, packed, scores, column_stride);
-    case 8: return score_keys_fixed<8>(tab, codes, row_stride, count, packed, scores, column_stride);
-    default:
+  with_fixed_columns(columns, [&](auto fixed) {
+    constexpr int64_t C = decltype(fixed)::value;
+    if constexpr (C > 0) {
+      score_keys_fixed<C>(tab, codes, row_stride, count, packed, scores, column_stride);
+    } else {
       for (int64_t s = 0; s < count; ++s) {
         const uint8_t* row = codes + s * row_stride;
         for (int64_t c = 0; c < columns; ++c) {
@@ -80,7 +94,8 @@ void score_keys(const float* tab, const uint8_t* codes, int64_t row_stride, int6
           scores[c * column_stride + s] = acc;
         }
       }
-  }
+    }
+  });
 }
 
 // Per batch row, the forced valid positions (ascending); competes[b * seq_len + s] is 1 where a
@@ -457,14 +472,9 @@ void scan_block_avx2(const uint8_t* rows, int64_t stride, int64_t padded, int64_
 void scan_block(bool simd, const uint8_t* rows, int64_t stride, int64_t padded, int64_t packed, const uint8_t* luts,
                 int64_t columns, uint16_t* out) {
   if (!simd) return scan_block_portable(rows, stride, packed, luts, columns, out);
-  switch (columns) {
-    case 1: return scan_block_avx2<1>(rows, stride, padded, packed, luts, columns, out);
-    case 2: return scan_block_avx2<2>(rows, stride, padded, packed, luts, columns, out);
-    case 3: return scan_block_avx2<3>(rows, stride, padded, packed, luts, columns, out);
-    case 4: return scan_block_avx2<4>(rows, stride, padded, packed, luts, columns, out);
-    case 8: return scan_block_avx2<8>(rows, stride, padded, packed, luts, columns, out);
-    default: return scan_block_avx2<0>(rows, stride, padded, packed, luts, columns, out);
-  }
+  with_fixed_columns(columns, [&](auto fixed) {
+    scan_block_avx2<decltype(fixed)::value>(rows, stride, padded, packed, luts, columns, out);
+  });
 }
 
 // How many of the n estimates are >= threshold (vectorizes).
