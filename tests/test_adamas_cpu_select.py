@@ -53,6 +53,7 @@ def _case(batch, kv_heads, group, seq_len, head_dim, seed, shared, with_valid):
         (2, 2, 4, 129, 32, 7),
         (1, 1, 1, 5, 16, 8),  # budget above the sequence: -1 fill
         (3, 2, 2, 77, 128, 77),
+        (1, 2, 5, 150, 64, 9),  # a group size read at run time (no compile-time specialization)
     ],
 )
 @pytest.mark.parametrize("shared", [False, True])
@@ -297,7 +298,9 @@ def _fast_scan_case(kind: str, seq_len: int, head_dim: int, group: int, seed: in
 @pytest.mark.parametrize(
     "kind", ["random", "zero query", "repeated keys", "one dominant dimension", "tiny query"]
 )
-@pytest.mark.parametrize(("seq_len", "head_dim", "group"), [(2085, 64, 3), (1100, 128, 8), (333, 16, 1)])
+@pytest.mark.parametrize(
+    ("seq_len", "head_dim", "group"), [(2085, 64, 3), (1100, 128, 8), (333, 16, 1), (700, 64, 5)]
+)
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("portable", [False, True])
 def test_fast_scan_selection_is_exact_on_hard_inputs(
