@@ -5,6 +5,12 @@ previous forward (prefill or verification). The generator feeds the draft the pa
 ``(h_t, x_{t+1})`` whose target features are new, then drafts autoregressively on its own predicted
 features, and crops its cache back to the target-feature prefix after every verification (EAGLE
 recomputes the accepted positions with the target's true features).
+
+With ``lookup_tokens`` set, a cycle whose last few tokens occurred earlier in the sequence proposes
+what followed them (prompt lookup, `ngram_continuation`) instead of the draft's chain: repeats of the
+prompt or of the answer itself are long runs a one-layer draft rarely predicts. Such a cycle returns
+no candidate logits, so transformers verifies it by matching (greedy) or by sampling the target at
+every position (exact: a fixed proposal is kept with the target's probability of it).
 """
 
 from __future__ import annotations
@@ -18,9 +24,10 @@ from transformers.generation.candidate_generator import CandidateGenerator
 from transformers.utils import ModelOutput
 
 from hf_common.compat import crop_cache
+from hf_scylla.config import check_lookup
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["ScyllaCandidateGenerator", "ScyllaStats", "acceptance_length"]
+__all__ = ["ScyllaCandidateGenerator", "ScyllaStats", "acceptance_length", "ngram_continuation"]
 
 
 def acceptance_length(accepted: Sequence[int]) -> float:
@@ -29,12 +36,29 @@ def acceptance_length(accepted: Sequence[int]) -> float:
     return sum(accepted) / len(accepted) + 1 if accepted else float("nan")
 
 
+def ngram_continuation(
+    tokens: torch.Tensor, num_tokens: int, min_ngram: int, max_ngram: int
+) -> torch.Tensor | None:
+    """Prompt lookup: the up to ``num_tokens`` tokens after the latest earlier occurrence of the last
+    ``n`` tokens of the 1-D ``tokens``, trying ``n = max_ngram`` down to ``min_ngram``; ``None`` if no
+    suffix of those lengths occurred before. Earlier occurrences may overlap the suffix (runs)."""
+    length = tokens.shape[0]
+    for n in range(min(max_ngram, length - 1), min_ngram - 1, -1):
+        earlier = tokens.unfold(0, n, 1)[:-1]  # every window but the suffix itself
+        starts = (earlier == tokens[length - n :]).all(dim=1).nonzero()
+        if starts.numel():
+            follows = int(starts[-1]) + n
+            return tokens[follows : follows + num_tokens]
+    return None
+
+
 @dataclass
 class ScyllaStats:
     """Acceptance statistics of draft-verify cycles, for single and batched decoding alike.
 
-    One ``drafted``/``accepted``/``rows`` entry per sequence and cycle (a batched cycle adds one entry per
-    row still decoding, ``rows`` naming it; the prefill forward is not a cycle). ``tau`` is the paper's acceptance length: tokens gained
+    One ``drafted``/``accepted``/``rows``/``lookup`` entry per sequence and cycle (a batched cycle adds one
+    entry per row still decoding, ``rows`` naming it; ``lookup`` marks cycles that proposed a prompt-lookup
+    continuation instead of a draft chain; the prefill forward is not a cycle). ``tau`` is the paper's acceptance length: tokens gained
     per cycle and sequence, the target's bonus token included. ``target_forwards`` counts the target's
     forwards, prefill included, so ``tokens_per_target_forward`` is what a whole batch gained per forward.
     """
@@ -42,14 +66,16 @@ class ScyllaStats:
     drafted: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
     rows: list[int] = field(default_factory=list)
+    lookup: list[bool] = field(default_factory=list)
     new_tokens: int = 0
     seconds: float = 0.0
     target_forwards: int = 0
 
-    def record(self, drafted: int, accepted: int, row: int = 0) -> None:
+    def record(self, drafted: int, accepted: int, row: int = 0, lookup: bool = False) -> None:
         self.drafted.append(drafted)
         self.accepted.append(accepted)
         self.rows.append(row)
+        self.lookup.append(lookup)
 
     @property
     def accepted_by_row(self) -> list[list[int]]:
@@ -92,6 +118,7 @@ class ScyllaStats:
         self.drafted += other.drafted
         self.accepted += other.accepted
         self.rows += [first_row + row for row in other.rows]
+        self.lookup += other.lookup
         self.new_tokens += other.new_tokens
         self.seconds += other.seconds
         self.target_forwards += other.target_forwards
@@ -107,6 +134,7 @@ class ScyllaStats:
             "tokens_per_target_forward": self.tokens_per_target_forward,
             "mean_drafted": sum(self.drafted) / self.cycles if self.cycles else float("nan"),
             "acceptance_per_position": self.acceptance_per_position,
+            "lookup_cycles": sum(self.lookup),
         }
 
 
@@ -122,6 +150,8 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         max_draft_tokens: chain length cap; defaults to ``draft.config.max_draft_tokens``.
         confidence_threshold: stop a chain after a token with draft probability below this;
             defaults to ``draft.config.confidence_threshold`` (0 drafts the full chain).
+        lookup_tokens: prompt-lookup proposal length (0: off); defaults to ``draft.config.lookup_tokens``,
+            with the config's n-gram range.
         stats: where acceptance is recorded; a new `ScyllaStats` by default.
     """
 
@@ -135,6 +165,7 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         logits_processor: LogitsProcessorList | None = None,
         max_draft_tokens: int | None = None,
         confidence_threshold: float | None = None,
+        lookup_tokens: int | None = None,
         stats: ScyllaStats | None = None,
     ):
         if not draft.is_attached:
@@ -153,11 +184,15 @@ class ScyllaCandidateGenerator(CandidateGenerator):
             raise ValueError(f"max_draft_tokens must be >= 1, got {self.max_draft_tokens}")
         if not 0.0 <= self.confidence_threshold < 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1), got {self.confidence_threshold}")
+        self.lookup_tokens = draft.config.lookup_tokens if lookup_tokens is None else lookup_tokens
+        self.lookup_ngrams = (draft.config.lookup_min_ngram, draft.config.lookup_max_ngram)
+        check_lookup(self.lookup_tokens, *self.lookup_ngrams)
         self.stats = stats if stats is not None else ScyllaStats()
         self.model_kwargs_overrides = {"output_hidden_states": draft.feature_layers(target.config)}
         self.cache = draft.new_cache()
         self.synced_length = 0  # positions whose draft KV was computed from the target's true features
         self.last_drafted = 0
+        self.last_was_lookup = False
 
     @torch.no_grad()
     def get_candidates(
@@ -169,8 +204,9 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         n_last_matches: int = 0,
         **kwargs,
     ) -> tuple[torch.LongTensor, torch.Tensor | None]:
-        """Draft up to ``max_draft_tokens`` tokens after ``input_ids``; returns ``(ids, logits)``."""
-        self.last_drafted = 0
+        """Draft up to ``max_draft_tokens`` tokens after ``input_ids`` (or a prompt-lookup continuation,
+        without logits); returns ``(ids, logits)``."""
+        self.last_drafted, self.last_was_lookup = 0, False
         if is_first_iteration:  # the target prefills first; its features arrive with the next call
             self.cache = self.draft.new_cache()
             self.synced_length = 0
@@ -189,7 +225,17 @@ class ScyllaCandidateGenerator(CandidateGenerator):
         )
         self.synced_length = processed
 
-        budget = min(self.max_draft_tokens, self.max_length - input_ids.shape[1] - 1)
+        room = self.max_length - input_ids.shape[1] - 1
+        continuation = None
+        if self.lookup_tokens and room > 0:
+            continuation = ngram_continuation(
+                input_ids[0], min(self.lookup_tokens, room), *self.lookup_ngrams
+            )
+        if continuation is not None:
+            self.last_drafted, self.last_was_lookup = continuation.shape[0], True
+            return torch.cat([input_ids, continuation[None]], dim=-1), None
+
+        budget = min(self.max_draft_tokens, room)
         sequence, chosen_logits = input_ids, []
         for step in range(budget):
             token, logits, confidence = self._choose_token(sequence, out.logits[:, -1])
@@ -218,5 +264,5 @@ class ScyllaCandidateGenerator(CandidateGenerator):
     def update_candidate_strategy(self, input_ids: torch.LongTensor, scores: torch.Tensor, num_matches: int):
         """Record the cycle and drop the draft's KV for positions built on its own (unverified) features."""
         if self.last_drafted:
-            self.stats.record(self.last_drafted, int(num_matches))
+            self.stats.record(self.last_drafted, int(num_matches), lookup=self.last_was_lookup)
         crop_cache(self.cache, self.synced_length)

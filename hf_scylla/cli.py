@@ -34,6 +34,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--confidence-threshold", type=float, help="Override the draft config's adaptive-length threshold."
     )
+    parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        help="Override the draft config's prompt-lookup proposal length (0: the draft alone); with it on, the "
+        "bench adds the draft without lookup as a row.",
+    )
     _add_speed_variant_arguments(parser)
     parser.add_argument(
         "--assistant",
@@ -46,7 +52,12 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--limit", type=int, default=5, help="Prompts per set (0: all).")
     parser.add_argument("--max-new-tokens", type=int, default=128, help="New tokens per prompt.")
-    parser.add_argument("--prompt-lookup-tokens", type=int, default=10, help="Prompt lookup candidates.")
+    parser.add_argument(
+        "--prompt-lookup-tokens",
+        type=int,
+        default=10,
+        help="Candidates of transformers' own prompt lookup, the training-free baseline row.",
+    )
     add_output_arguments(parser, RUNS_DIR / "scylla" / "bench")
 
 
@@ -102,6 +113,8 @@ def _run_bench(args: argparse.Namespace) -> int:
             raise CommandError(f"{flag} must be >= 1, got {value}")
     if args.limit < 0:
         raise CommandError(f"--limit must be >= 0 (0: all prompts), got {args.limit}")
+    if args.lookup_tokens is not None and args.lookup_tokens < 0:
+        raise CommandError(f"--lookup-tokens must be >= 0 (0: the draft alone), got {args.lookup_tokens}")
     claim_outputs([args.output_dir / f"bench.{suffix}" for suffix in ("json", "md", "png")], args.overwrite)
     rows, table = bench_report(
         args.model,
@@ -112,6 +125,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         untrained_depth=args.untrained_depth,
         max_draft_tokens=args.max_draft_tokens,
         confidence_threshold=args.confidence_threshold,
+        lookup_tokens=args.lookup_tokens,
         assistant=args.assistant,
         limit=args.limit or None,
         max_new_tokens=args.max_new_tokens,
@@ -701,6 +715,11 @@ def _add_stage_arguments(parser: argparse.ArgumentParser) -> None:
         help="Store this adaptive-length threshold in the staged config.",
     )
     parser.add_argument(
+        "--lookup-tokens",
+        type=int,
+        help="Store this prompt-lookup proposal length in the staged config (0: the draft alone).",
+    )
+    parser.add_argument(
         "--overwrite",
         action="store_true",
         help="Replace the files an earlier `hf-scylla stage` wrote into --output-dir (only those; a folder "
@@ -729,6 +748,7 @@ def _run_stage(args: argparse.Namespace) -> int:
             training_notes=args.training_notes,
             max_draft_tokens=args.max_draft_tokens,
             confidence_threshold=args.confidence_threshold,
+            lookup_tokens=args.lookup_tokens,
             overwrite=args.overwrite,
         )
     except (ValueError, TypeError, OSError) as error:  # FileExistsError: a folder stage did not write

@@ -15,7 +15,7 @@ import json
 from huggingface_hub.dataclasses import strict
 from transformers import LlamaConfig, PretrainedConfig, PreTrainedTokenizerBase
 
-__all__ = ["ScyllaDraftConfig", "layer_fusion_indices", "tokenizer_fingerprint"]
+__all__ = ["ScyllaDraftConfig", "check_lookup", "layer_fusion_indices", "tokenizer_fingerprint"]
 
 _COPIED_FROM_TARGET = (
     "hidden_size",
@@ -51,6 +51,16 @@ def layer_fusion_indices(num_hidden_layers: int) -> list[int]:
     return [min(3, num_hidden_layers // 3), num_hidden_layers // 2 + 1, -1]
 
 
+def check_lookup(tokens: int, min_ngram: int, max_ngram: int) -> None:
+    """Clear errors for a prompt-lookup setting: ``tokens >= 0`` and ``1 <= min_ngram <= max_ngram``."""
+    if tokens < 0:
+        raise ValueError(f"lookup_tokens must be >= 0 (0 disables prompt lookup), got {tokens}")
+    if not 1 <= min_ngram <= max_ngram:
+        raise ValueError(
+            f"prompt lookup needs 1 <= lookup_min_ngram <= lookup_max_ngram, got {min_ngram} and {max_ngram}"
+        )
+
+
 @strict
 class ScyllaDraftConfig(LlamaConfig):
     r"""Configuration of a Scylla draft head ([arXiv 2505.07858](https://arxiv.org/abs/2505.07858)).
@@ -84,6 +94,15 @@ class ScyllaDraftConfig(LlamaConfig):
         confidence_threshold (`float`, *optional*, defaults to `0.0`):
             Adaptive draft length: stop drafting after a token whose draft probability is below this;
             ``0.0`` always drafts ``max_draft_tokens``.
+        lookup_tokens (`int`, *optional*, defaults to `0`):
+            Prompt-lookup drafting next to the draft (chains only): when the sequence's last
+            ``lookup_max_ngram`` .. ``lookup_min_ngram`` tokens occurred before, a cycle proposes the up to
+            ``lookup_tokens`` tokens that followed their latest occurrence instead of the draft's chain
+            (`hf_scylla.candidate_generator.ngram_continuation`); ``0`` drafts with the draft alone.
+        lookup_min_ngram (`int`, *optional*, defaults to `2`):
+            Shortest repeated suffix that triggers a lookup proposal.
+        lookup_max_ngram (`int`, *optional*, defaults to `3`):
+            Longest suffix tried first.
         draft_vocab_size (`int`, *optional*):
             Reduced draft vocabulary (EAGLE-3's ``d2t``/``t2d``, FR-Spec): the draft's own LM head covers
             only this many target tokens (`hf_scylla.vocab.reduce_draft_vocabulary`); ``None`` reads out
@@ -102,6 +121,9 @@ class ScyllaDraftConfig(LlamaConfig):
     save_embeddings: bool = False
     max_draft_tokens: int = 6
     confidence_threshold: float = 0.0
+    lookup_tokens: int = 0
+    lookup_min_ngram: int = 2
+    lookup_max_ngram: int = 3
     draft_vocab_size: int | None = None
 
     def __post_init__(self, **kwargs):
@@ -123,6 +145,7 @@ class ScyllaDraftConfig(LlamaConfig):
                 f"confidence_threshold must be in [0, 1) (0 disables adaptive length), got "
                 f"{self.confidence_threshold}"
             )
+        check_lookup(self.lookup_tokens, self.lookup_min_ngram, self.lookup_max_ngram)
         if self.vocab_size != self.target_vocab_size:
             raise ValueError(
                 f"vocab_size ({self.vocab_size}) must equal target_vocab_size ({self.target_vocab_size}): "

@@ -67,6 +67,7 @@ def scylla_generate(
     scylla_stats: ScyllaStats | None = None,
     max_draft_tokens: int | None = None,
     confidence_threshold: float | None = None,
+    lookup_tokens: int | None = None,
     tree: TreeConfig | None = None,
     **model_kwargs,
 ):
@@ -74,9 +75,10 @@ def scylla_generate(
 
     Use as ``model.generate(input_ids, custom_generate=scylla_generate, draft_model=draft,
     scylla_stats=stats, max_new_tokens=...)``; ``scylla_stats`` (optional) collects acceptance, and
-    ``max_draft_tokens`` / ``confidence_threshold`` override the draft config's for this call.
+    ``max_draft_tokens`` / ``confidence_threshold`` / ``lookup_tokens`` (prompt-lookup proposals, 0: off)
+    override the draft config's for this call.
     ``tree=TreeConfig(depth, top_k, total_tokens)`` drafts EAGLE-2 dynamic trees instead of chains
-    (`hf_scylla.tree`, batch 1).
+    (`hf_scylla.tree`, batch 1; trees draft with the draft alone, without prompt lookup).
     """
     check_generation_inputs(model, input_ids, generation_config.max_length)
     cache = model_kwargs.get(CACHE_ARGUMENT)
@@ -88,8 +90,10 @@ def scylla_generate(
             "(or none)."
         )
     if tree is not None:
-        if max_draft_tokens is not None or confidence_threshold is not None:
-            raise ValueError("max_draft_tokens/confidence_threshold shape chains; a tree takes TreeConfig")
+        if max_draft_tokens is not None or confidence_threshold is not None or lookup_tokens:
+            raise ValueError(
+                "max_draft_tokens/confidence_threshold/lookup_tokens shape chains; a tree takes TreeConfig"
+            )
         return tree_decode(
             model,
             draft_model,
@@ -110,6 +114,7 @@ def scylla_generate(
         logits_processor=logits_processor,
         max_draft_tokens=max_draft_tokens,
         confidence_threshold=confidence_threshold,
+        lookup_tokens=lookup_tokens,
         stats=scylla_stats,
     )
     model._get_candidate_generator = lambda **_: generator

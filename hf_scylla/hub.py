@@ -289,7 +289,7 @@ print(result.stats)
 
 Trained to predict the target's hidden states (layer index {config.target_hidden_layer}{fusion}) on
 {trained_on}. The draft drafts up to {config.max_draft_tokens} tokens per cycle
-(confidence threshold {config.confidence_threshold}). The target's tokenizer is included; its
+(confidence threshold {config.confidence_threshold}){_lookup_sentence(config)}. The target's tokenizer is included; its
 fingerprint `{config.target_tokenizer_hash}` is checked when a tokenizer is passed to `from_pretrained`.
 
 {training_notes or "No further training details (objective, steps, hyperparameters) were recorded."}
@@ -408,14 +408,30 @@ def read_eval_results(path: str | os.PathLike) -> dict | list[dict]:
     return eval_results
 
 
+def _lookup_sentence(config: ScyllaDraftConfig) -> str:
+    """The card's words for the config's prompt-lookup setting (empty when it is off)."""
+    if not config.lookup_tokens:
+        return ""
+    return (
+        f"; when the last {config.lookup_min_ngram}-{config.lookup_max_ngram} tokens occurred earlier in the "
+        f"sequence, a cycle proposes the up to {config.lookup_tokens} tokens that followed them instead "
+        "(prompt lookup)"
+    )
+
+
 def load_draft_config(
     checkpoint: str | os.PathLike,
     max_draft_tokens: int | None = None,
     confidence_threshold: float | None = None,
+    lookup_tokens: int | None = None,
 ) -> ScyllaDraftConfig:
     """``checkpoint``'s draft config with the given (non-``None``) overrides, validated as a new config is."""
     config_dict, _ = ScyllaDraftConfig.get_config_dict(checkpoint)
-    overrides = {"max_draft_tokens": max_draft_tokens, "confidence_threshold": confidence_threshold}
+    overrides = {
+        "max_draft_tokens": max_draft_tokens,
+        "confidence_threshold": confidence_threshold,
+        "lookup_tokens": lookup_tokens,
+    }
     return ScyllaDraftConfig.from_dict(config_dict | {k: v for k, v in overrides.items() if v is not None})
 
 
@@ -431,16 +447,17 @@ def stage_checkpoint(
     training_notes: str | None = None,
     max_draft_tokens: int | None = None,
     confidence_threshold: float | None = None,
+    lookup_tokens: int | None = None,
     overwrite: bool = False,
 ) -> Path:
     """`stage_draft` for a saved draft folder, with its target's tokenizer (``target``: Hub id or folder,
     default the config's target; the default model's comes from the embedded copy, so this works offline).
 
-    ``max_draft_tokens`` / ``confidence_threshold`` are stored in the staged config (e.g. the
-    benchmarked ones). The target itself is loaded only when the config keeps the shared tensors.
+    ``max_draft_tokens`` / ``confidence_threshold`` / ``lookup_tokens`` are stored in the staged config
+    (e.g. the benchmarked ones). The target itself is loaded only when the config keeps the shared tensors.
     """
     check_repo_id(repo_name)
-    config = load_draft_config(checkpoint, max_draft_tokens, confidence_threshold)
+    config = load_draft_config(checkpoint, max_draft_tokens, confidence_threshold, lookup_tokens)
     target_name = target or config.target_name_or_path
     if not target_name:
         raise ValueError("the draft config names no target; pass --target")

@@ -69,7 +69,7 @@ class ScyllaLM(OfflineHFLM):
     """lm-eval model ``hf-scylla``: generation with a Scylla draft (see the module docstring)."""
 
     MODEL_TYPE = "hf-scylla"
-    OWN_OPTIONS = ("draft", "max_draft_tokens", "confidence_threshold", "baseline")
+    OWN_OPTIONS = ("draft", "max_draft_tokens", "confidence_threshold", "lookup_tokens", "baseline")
 
     def __init__(
         self,
@@ -77,6 +77,7 @@ class ScyllaLM(OfflineHFLM):
         draft: str | os.PathLike | None = None,
         max_draft_tokens: int | None = None,
         confidence_threshold: float | None = None,
+        lookup_tokens: int | None = None,
         baseline: bool = False,
         **kwargs: Any,
     ) -> None:
@@ -101,6 +102,7 @@ class ScyllaLM(OfflineHFLM):
         self.draft_path = str(draft)
         self.max_draft_tokens = max_draft_tokens
         self.confidence_threshold = confidence_threshold
+        self.lookup_tokens = lookup_tokens
         self.baseline = bool(baseline)
         self.stats = ScyllaStats()
         self.baseline_tokens = 0
@@ -122,6 +124,7 @@ class ScyllaLM(OfflineHFLM):
             stopping_criteria=stopping,
             max_draft_tokens=self.max_draft_tokens,
             confidence_threshold=self.confidence_threshold,
+            lookup_tokens=self.lookup_tokens,
             **kwargs,
         )
         self.stats.merge(result.stats)
@@ -154,8 +157,14 @@ class ScyllaLM(OfflineHFLM):
                 if self.confidence_threshold is None
                 else self.confidence_threshold
             ),
+            "lookup_tokens": self.draft.config.lookup_tokens
+            if self.lookup_tokens is None
+            else self.lookup_tokens,
             "requests": self.requests,
-            **{key: stats[key] for key in ("tau", "cycles", "new_tokens", "seconds", "tokens_per_second")},
+            **{
+                key: stats[key]
+                for key in ("tau", "cycles", "lookup_cycles", "new_tokens", "seconds", "tokens_per_second")
+            },
             "acceptance_per_position": stats["acceptance_per_position"],
         }
         if self.baseline:

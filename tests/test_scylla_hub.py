@@ -568,13 +568,20 @@ def test_cli_stage_stores_the_benchmarked_draft_settings(
     draft.save_pretrained(checkpoint)
     tokenizer.save_pretrained(target_dir)
     stage_args = ["stage", str(checkpoint), "--target", str(target_dir), "--repo-name", REPO_ID]
-    stage_args += ["--base-model", TARGET_ID, "--max-draft-tokens", "3", "--confidence-threshold", "0.25"]
+    stage_args += ["--base-model", TARGET_ID, "--lookup-tokens", "4"]
+    stage_args += ["--max-draft-tokens", "3", "--confidence-threshold", "0.25"]
     assert scylla_main([*stage_args, "--output-dir", str(tmp_path / "staged")]) == 0
     config = ScyllaDraftConfig.from_pretrained(tmp_path / "staged")
-    assert (config.max_draft_tokens, config.confidence_threshold) == (3, 0.25)
+    assert (config.max_draft_tokens, config.confidence_threshold, config.lookup_tokens) == (3, 0.25, 4)
+    card = (tmp_path / "staged" / "README.md").read_text()
+    assert "proposes the up to 4 tokens that followed them instead (prompt lookup)" in card
     bad = [*stage_args[:-1], "1.5", "--output-dir", str(tmp_path / "bad")]
     assert scylla_main(bad) == 2
     assert "confidence_threshold must be in [0, 1)" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
+    bad_lookup = [*stage_args[:-1], "0.25", "--lookup-tokens", "-1", "--output-dir", str(tmp_path / "bad")]
+    assert scylla_main(bad_lookup) == 2
+    assert "lookup_tokens must be >= 0" in capsys.readouterr().err
     assert not (tmp_path / "bad").exists()
 
 

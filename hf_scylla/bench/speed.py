@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from tqdm.auto import tqdm
@@ -82,6 +83,7 @@ class MethodResult:
             "tokens_per_target_forward": self.new_tokens / self.target_forwards,
             "tau": self.stats.tau if self.stats.cycles else None,
             "acceptance_per_position": self.stats.acceptance_per_position or None,
+            "lookup_share": sum(self.stats.lookup) / self.stats.cycles if self.stats.cycles else None,
             "lossless": self.mismatches == 0,
         }
 
@@ -104,7 +106,7 @@ def _methods(
     prompt_lookup_tokens: int,
     assistant: PreTrainedModel | None,
     assistant_name: str,
-    variants: dict[str, tuple[ScyllaDraftModel, TreeConfig | None]],
+    variants: dict[str, tuple[ScyllaDraftModel, dict[str, Any]]],
 ) -> dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, ScyllaStats | None]]]:
     """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline)."""
     methods = {
@@ -117,17 +119,17 @@ def _methods(
         ),
     }
 
-    def decoder(variant: ScyllaDraftModel, tree: TreeConfig | None):
+    def decoder(variant: ScyllaDraftModel, options: dict[str, Any]):
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            result = generation.generate(target, variant, ids, max_new_tokens=n, do_sample=False, tree=tree)
+            result = generation.generate(target, variant, ids, max_new_tokens=n, do_sample=False, **options)
             return result.output, result.stats
 
         return decode_with_draft
 
     if draft is not None:
-        methods[draft_name] = decoder(draft, None)
-    for name, (variant, tree) in variants.items():  # e.g. reduced-vocabulary heads, dynamic trees
-        methods[name] = decoder(variant, tree)
+        methods[draft_name] = decoder(draft, {})
+    for name, (variant, options) in variants.items():  # e.g. reduced-vocabulary heads, dynamic trees
+        methods[name] = decoder(variant, options)
     if assistant is not None:  # transformers' assisted generation with its default draft-length schedule
         methods[assistant_name] = lambda ids, n: (
             target.generate(ids, max_new_tokens=n, do_sample=False, assistant_model=assistant),
@@ -147,13 +149,13 @@ def run_benchmark(
     prompt_lookup_tokens: int = 10,
     assistant: PreTrainedModel | None = None,
     assistant_name: str = "assisted",
-    variants: dict[str, tuple[ScyllaDraftModel, TreeConfig | None]] | None = None,
+    variants: dict[str, tuple[ScyllaDraftModel, dict[str, Any]]] | None = None,
 ) -> list[dict]:
     """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts.
 
     ``assistant``: a standalone draft LM (e.g. `hf_scylla.standalone`) run through transformers'
     assisted generation, as a baseline next to the Scylla draft and prompt lookup. ``variants``: more
-    Scylla methods by name, each a draft and a `TreeConfig` (``None``: chains).
+    Scylla methods by name, each a draft and its `hf_scylla.generate` options (``tree=``, ``lookup_tokens=``).
     """
     methods = _methods(
         target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name, variants or {}
@@ -195,14 +197,19 @@ def bench_draft(
     untrained_depth: int = 1,
     max_draft_tokens: int | None = None,
     confidence_threshold: float | None = None,
+    lookup_tokens: int | None = None,
 ) -> tuple[ScyllaDraftModel, str]:
     """The draft to benchmark and its row name: ``checkpoint``'s, else an untrained one of
     ``untrained_depth`` layers (which measures the drafting overhead), with the given overrides."""
     draft = make_draft(target, tokenizer, untrained_depth, checkpoint).eval()
-    if max_draft_tokens is not None:
-        draft.config.max_draft_tokens = max_draft_tokens
-    if confidence_threshold is not None:
-        draft.config.confidence_threshold = confidence_threshold
+    overrides = {
+        "max_draft_tokens": max_draft_tokens,
+        "confidence_threshold": confidence_threshold,
+        "lookup_tokens": lookup_tokens,
+    }
+    for name, value in overrides.items():
+        if value is not None:
+            setattr(draft.config, name, value)
     name = f"scylla:{checkpoint.name}" if checkpoint is not None else f"scylla-untrained-D{untrained_depth}"
     return draft, name
 
@@ -227,16 +234,21 @@ def speed_variants(
     tokenizer: PreTrainedTokenizerBase,
     tree_shape: tuple[int, int, int] | None,
     draft_vocab_size: int | None,
-) -> dict[str, tuple[ScyllaDraftModel, TreeConfig | None]]:
-    """The extra methods of the bench: name -> (draft, tree or None) for a tree, a reduced head, both."""
+) -> dict[str, tuple[ScyllaDraftModel, dict[str, Any]]]:
+    """The extra methods of the bench: name -> (draft, `hf_scylla.generate` options) for the chain
+    without prompt lookup (when the draft's config uses it), a tree, a reduced head, both."""
     from hf_scylla.bench.verify_cost import reduced_draft, training_token_counts
 
-    tree = TreeConfig(*tree_shape) if tree_shape else None
+    variants = (
+        {f"{draft_name}-no-lookup": (draft, {"lookup_tokens": 0})} if draft.config.lookup_tokens else {}
+    )
+    tree = {"tree": TreeConfig(*tree_shape)} if tree_shape else None
     shape = "x".join(map(str, tree_shape or ()))
-    variants = {f"{draft_name}+tree{shape}": (draft, tree)} if tree is not None else {}
+    if tree is not None:
+        variants[f"{draft_name}+tree{shape}"] = (draft, tree)
     if draft_vocab_size:
         reduced = reduced_draft(draft, target, tokenizer, training_token_counts(tokenizer), draft_vocab_size)
-        variants[f"{draft_name}+vocab{draft_vocab_size}"] = (reduced, None)
+        variants[f"{draft_name}+vocab{draft_vocab_size}"] = (reduced, {})
         if tree is not None:
             variants[f"{draft_name}+vocab{draft_vocab_size}+tree{shape}"] = (reduced, tree)
     return variants
@@ -252,6 +264,7 @@ def bench_report(
     untrained_depth: int = 1,
     max_draft_tokens: int | None = None,
     confidence_threshold: float | None = None,
+    lookup_tokens: int | None = None,
     assistant: Path | None = None,
     limit: int | None = None,
     max_new_tokens: int = 128,
@@ -265,7 +278,7 @@ def bench_report(
     ``tree`` (depth, top_k, total_tokens) and ``draft_vocab_size`` add `speed_variants` of the draft."""
     target, tokenizer = load_model_and_tokenizer(model_name)
     scylla_draft, draft_name = bench_draft(
-        target, tokenizer, draft, untrained_depth, max_draft_tokens, confidence_threshold
+        target, tokenizer, draft, untrained_depth, max_draft_tokens, confidence_threshold, lookup_tokens
     )
     assistant_model = None
     if assistant is not None:
@@ -283,7 +296,16 @@ def bench_report(
         assistant_name=f"assisted:{assistant.name}" if assistant is not None else "assisted",
         variants=speed_variants(scylla_draft, draft_name, target, tokenizer, tree, draft_vocab_size),
     )
-    columns = ["set", "method", "prompts", "tokens_per_second", "speedup", "tokens_per_target_forward", "tau"]
+    columns = [
+        "set",
+        "method",
+        "prompts",
+        "tokens_per_second",
+        "speedup",
+        "tokens_per_target_forward",
+        "tau",
+        "lookup_share",
+    ]
     table = markdown_table(rows, [*columns, "lossless"])
     title = f"Speculative decoding on {model_name}, greedy, {max_new_tokens} new tokens"
     write_report(output_dir, "bench", command, {"rows": rows}, title, table)
