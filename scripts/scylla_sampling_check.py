@@ -4,7 +4,8 @@ A tiny random Llama target over a vocabulary of 4 tokens and a Scylla draft that
 it: the exact law of the first 3 new tokens (64 cells) is enumerated, then thousands of sequences are
 drawn by plain sampling (the control), by `hf_scylla.generate(do_sample=True)` with chains, with a
 reduced draft vocabulary (3 of the 4 tokens; the draft cannot propose the fourth), with EAGLE-2 draft
-trees (multi-candidate rejection sampling over siblings) and with both, and by the cache-free
+trees (multi-candidate rejection sampling over siblings) and with both, with prompt-lookup proposals
+next to the chains (kept while the target's own samples agree with them), and by the cache-free
 reference loop. Each sample set gets Pearson's chi-square p-value against the target's law, and the
 speculative samples also against the law of a broken sampler that keeps every draft token (the test
 must reject that one). Writes ``sampling.json``, ``sampling.md`` and ``sampling.png``.
@@ -42,11 +43,13 @@ NEW_TOKENS = 3
 PROMPT = torch.tensor([[3, 1, 2, 0]])
 DRAFT_SUBSET = torch.tensor([0, 1, 3])
 TREE = TreeConfig(depth=2, top_k=2, total_tokens=4)
-SCYLLA_SAMPLERS = {  # name -> (reduced draft vocabulary, tree)
-    "scylla": (False, None),
-    "scylla_reduced_vocab": (True, None),
-    "scylla_tree": (False, TREE),
-    "scylla_tree_reduced_vocab": (True, TREE),
+LOOKUP_TOKENS = 2
+SCYLLA_SAMPLERS = {  # name -> (reduced draft vocabulary, hf_scylla.generate options)
+    "scylla": (False, {}),
+    "scylla_reduced_vocab": (True, {}),
+    "scylla_tree": (False, {"tree": TREE}),
+    "scylla_tree_reduced_vocab": (True, {"tree": TREE}),
+    "scylla_prompt_lookup": (False, {"lookup_tokens": LOOKUP_TOKENS}),
 }
 
 
@@ -83,9 +86,9 @@ def draw(sampler: str, target, draft, count: int, seed: int) -> tuple[torch.Tens
         if sampler == "plain":
             sequence = target.generate(PROMPT, max_new_tokens=NEW_TOKENS, do_sample=True, top_k=0)
         elif sampler in SCYLLA_SAMPLERS:
-            tree = SCYLLA_SAMPLERS[sampler][1]
+            options = SCYLLA_SAMPLERS[sampler][1]
             result = generate(
-                target, draft, PROMPT, max_new_tokens=NEW_TOKENS + 1, do_sample=True, top_k=0, tree=tree
+                target, draft, PROMPT, max_new_tokens=NEW_TOKENS + 1, do_sample=True, top_k=0, **options
             )
             sequence = result.output
             stats.merge(result.stats)
@@ -149,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     broken = broken_laws[False]
     rows, samples = [], {}
     for sampler in ("plain", *SCYLLA_SAMPLERS, "reference"):
-        is_reduced = SCYLLA_SAMPLERS.get(sampler, (False, None))[0]
+        is_reduced = SCYLLA_SAMPLERS.get(sampler, (False, {}))[0]
         sampler_draft = reduced if is_reduced else draft
         cells, stats, seconds = draw(sampler, target, sampler_draft, args.samples, args.seed + 1)
         samples[sampler] = cells
@@ -163,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
                 "total_variation_to_target_law": 0.5 * float((frequencies - law.double()).abs().sum()),
                 "draft_acceptance": sum(stats.accepted) / sum(stats.drafted) if stats.drafted else None,
                 "tau": stats.tau if stats.cycles else None,
+                "lookup_cycles": sum(stats.lookup),
                 "seconds": seconds,
             }
         )
@@ -171,7 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     summary = {
         "setting": f"tiny random Llama target (vocab {VOCAB}, 2 layers, peaky LM head), D=1 draft, chains "
-        f"of 2 or trees {TREE}, reduced draft vocabulary {DRAFT_SUBSET.tolist()}, prompt {PROMPT.tolist()[0]}, law of the first {NEW_TOKENS} new tokens ({len(law)} cells)",
+        f"of 2 or trees {TREE} or prompt-lookup proposals of {LOOKUP_TOKENS} (when the last 2-3 tokens repeat), reduced draft vocabulary {DRAFT_SUBSET.tolist()}, prompt {PROMPT.tolist()[0]}, law of the first {NEW_TOKENS} new tokens ({len(law)} cells)",
         "total_variation_target_vs_keep_every_draft": 0.5 * float((law - broken).abs().sum()),
         "rows": rows,
     }

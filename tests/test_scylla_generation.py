@@ -199,12 +199,19 @@ def test_sampling_check_script_accepts_scylla_and_rejects_the_broken_law(tmp_pat
     check = load_script("scylla_sampling_check")
     assert check.main(["--samples", "300", "--output-dir", str(tmp_path)]) == 0
     rows = {row["sampler"]: row for row in json.loads((tmp_path / "sampling.json").read_text())["rows"]}
-    scylla_samplers = ("scylla", "scylla_reduced_vocab", "scylla_tree", "scylla_tree_reduced_vocab")
+    scylla_samplers = (
+        "scylla",
+        "scylla_reduced_vocab",
+        "scylla_tree",
+        "scylla_tree_reduced_vocab",
+        "scylla_prompt_lookup",
+    )
     for sampler in ("plain", *scylla_samplers, "reference"):
         assert rows[sampler]["p_value_target_law"] > 1e-3
     for sampler in (*scylla_samplers, "reference"):
         assert rows[sampler]["p_value_keep_every_draft_law"] < 1e-6
         assert 0.0 < rows[sampler]["draft_acceptance"] < 0.9
+    assert rows["scylla_prompt_lookup"]["lookup_cycles"] > 0 and rows["scylla"]["lookup_cycles"] == 0
     assert (tmp_path / "sampling.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         check.main(["--samples", "50"])
