@@ -69,7 +69,8 @@ def scylla_chat(
         )
     new_tokens = result.output[0, inputs["input_ids"].shape[1] :]
     return GenerationResult(
-        label=f"chat answer, scylla D{draft.config.num_hidden_layers} draft",
+        label=f"chat answer, scylla D{draft.config.num_hidden_layers} draft"
+        + (" + prompt lookup" if draft.config.lookup_tokens else ""),
         text=tokenizer.decode(new_tokens, skip_special_tokens=True),
         new_tokens=int(new_tokens.numel()),
         seconds=result.stats.seconds,

@@ -19,15 +19,18 @@ SET_NAMES = {
     "sum": ("CNN/DailyMail prompts of the EAGLE speculative-decoding benchmark", "cnn_dailymail"),
     "heldout": ("Held-out prompts of kinds absent from the training data (never tuned on)", "local/heldout"),
     "magpie-val": ("Held-out split of the self-distilled training conversations", "local/magpie-val"),
+    "code": ("Code prompts built from Python standard-library functions (never tuned on)", "local/code"),
 }
 """Card name and dataset id of each prompt-set file stem; other stems are named by the stem itself."""
 
 
 def card_results(bench: dict, setting: str) -> list[dict]:
-    """One ``eval_results`` entry per set: the chain row (``scylla:<draft>`` without ``+tree``)."""
+    """One ``eval_results`` entry per set: the draft's row as configured (``scylla:<draft>``, not its
+    ``+tree``/``+vocab`` or ``-no-lookup`` variants)."""
     entries = []
     for row in bench["rows"]:
-        if not row["method"].startswith("scylla:") or "+" in row["method"]:
+        method = row["method"]
+        if not method.startswith("scylla:") or "+" in method or method.endswith("-no-lookup"):
             continue
         name, kind = SET_NAMES.get(row["set"], (row["set"], f"local/{row['set']}"))
         entries.append(

@@ -676,6 +676,7 @@ def test_card_results_script_keeps_one_chain_row_per_set(draft, tokenizer, tmp_p
         {"set": "gsm8k", "method": "greedy", "prompts": 4, "tau": None, "speedup": 1.0},
         {"set": "gsm8k", "method": "scylla:d", "prompts": 4, "tau": 1.5912, "speedup": 1.1921},
         {"set": "gsm8k", "method": "scylla:d+tree4x2x8", "prompts": 4, "tau": 1.83, "speedup": 0.77},
+        {"set": "gsm8k", "method": "scylla:d-no-lookup", "prompts": 4, "tau": 1.41, "speedup": 1.05},
         {"set": "mine", "method": "scylla:d", "prompts": 2, "tau": 1.2, "speedup": 0.9},
     ]
     entries = script.card_results({"rows": rows}, "greedy, CPU")
