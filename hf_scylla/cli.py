@@ -62,7 +62,7 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--tree`` and ``--draft-vocab-size``: the extra Scylla methods ``bench`` compares (issue 12)."""
+    """``--tree``, ``--draft-vocab-size``, ``--packed-rows``: the extra Scylla methods ``bench`` compares."""
     parser.add_argument(
         "--tree",
         type=int,
@@ -81,6 +81,12 @@ def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
         f"{DEFAULT_DRAFT_VOCAB_SIZE}) of the most frequent tokens of its training data (hf_scylla.vocab); "
         "with --tree, trees with it too.",
     )
+    parser.add_argument(
+        "--packed-rows",
+        type=int,
+        help="Also decode with the target's linear layers MKL-packed for inputs of this many rows "
+        "(hf_common.packed_linear; e.g. --lookup-tokens + 1, the width of a lookup verification).",
+    )
 
 
 def _check_speed_variant_arguments(args: argparse.Namespace) -> None:
@@ -93,6 +99,8 @@ def _check_speed_variant_arguments(args: argparse.Namespace) -> None:
             raise CommandError(f"--tree: {error}") from error
     if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
         raise CommandError(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
+    if args.packed_rows is not None and args.packed_rows < 1:
+        raise CommandError(f"--packed-rows must be >= 1, got {args.packed_rows}")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -132,6 +140,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         prompt_lookup_tokens=args.prompt_lookup_tokens,
         tree=tuple(args.tree) if args.tree else None,
         draft_vocab_size=args.draft_vocab_size,
+        packed_rows=args.packed_rows,
     )
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")

@@ -242,6 +242,7 @@ def test_expected_chain_speedups(costs, draft_step, survival, expected) -> None:
         (["verify-cost", "--draft", "unused", "--acceptance-prompts", "missing.jsonl"], "is not a file"),
         (["bench", "--draft-vocab-size", "0"], "--draft-vocab-size must be >= 1"),
         (["bench", "--lookup-tokens", "-1"], "--lookup-tokens must be >= 0"),
+        (["bench", "--packed-rows", "0"], "--packed-rows must be >= 1"),
         (["verify-cost", "--draft", "unused", "--new-tokens", "2", "4"], "include 1"),
     ],
 )

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import load_model_and_tokenizer
+from hf_common.packed_linear import pack_linear_weights, packed_weights_enabled
 from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla import generation
 from hf_scylla.candidate_generator import ScyllaStats
@@ -120,8 +121,14 @@ def _methods(
     }
 
     def decoder(variant: ScyllaDraftModel, options: dict[str, Any]):
+        options = dict(options)
+        packed = options.pop("packed", False)  # the target's packed linear copies, if it has any
+
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            result = generation.generate(target, variant, ids, max_new_tokens=n, do_sample=False, **options)
+            with packed_weights_enabled(target, packed):
+                result = generation.generate(
+                    target, variant, ids, max_new_tokens=n, do_sample=False, **options
+                )
             return result.output, result.stats
 
         return decode_with_draft
@@ -155,38 +162,40 @@ def run_benchmark(
 
     ``assistant``: a standalone draft LM (e.g. `hf_scylla.standalone`) run through transformers'
     assisted generation, as a baseline next to the Scylla draft and prompt lookup. ``variants``: more
-    Scylla methods by name, each a draft and its `hf_scylla.generate` options (``tree=``, ``lookup_tokens=``).
+    Scylla methods by name, each a draft and its `hf_scylla.generate` options (``tree=``, ``lookup_tokens=``;
+    ``packed=True`` uses the target's `hf_common.packed_linear` copies, which every other method bypasses).
     """
     methods = _methods(
         target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name, variants or {}
     )
     counter = _ForwardCounter(target)
     warmup = encode_prompt(tokenizer, "Hello")
-    for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)
-        decode(warmup, 4)
-    rows = []
-    try:
-        for set_name, questions in prompt_sets.items():
-            results = {name: MethodResult(name, set_name) for name in methods}
-            for question in tqdm(questions, desc=set_name, unit="prompt"):
-                ids = encode_prompt(tokenizer, question).to(target.device)
-                reference = None
-                for name, decode in methods.items():
-                    result, forwards_before = results[name], counter.count
-                    start = time.perf_counter()
-                    sequence, stats = decode(ids, max_new_tokens)
-                    result.seconds += time.perf_counter() - start
-                    result.target_forwards += counter.count - forwards_before
-                    result.prompts += 1
-                    result.new_tokens += sequence.shape[1] - ids.shape[1]
-                    if stats is not None:
-                        result.stats.merge(stats)
-                    reference = sequence if reference is None else reference
-                    result.mismatches += int(not torch.equal(sequence, reference))
-            baseline = results["greedy"].new_tokens / results["greedy"].seconds
-            rows += [result.row(baseline) for result in results.values()]
-    finally:
-        counter.handle.remove()
+    with packed_weights_enabled(target, False):  # only packed=True variants use them
+        rows = []
+        try:
+            for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)
+                decode(warmup, 4)
+            for set_name, questions in prompt_sets.items():
+                results = {name: MethodResult(name, set_name) for name in methods}
+                for question in tqdm(questions, desc=set_name, unit="prompt"):
+                    ids = encode_prompt(tokenizer, question).to(target.device)
+                    reference = None
+                    for name, decode in methods.items():
+                        result, forwards_before = results[name], counter.count
+                        start = time.perf_counter()
+                        sequence, stats = decode(ids, max_new_tokens)
+                        result.seconds += time.perf_counter() - start
+                        result.target_forwards += counter.count - forwards_before
+                        result.prompts += 1
+                        result.new_tokens += sequence.shape[1] - ids.shape[1]
+                        if stats is not None:
+                            result.stats.merge(stats)
+                        reference = sequence if reference is None else reference
+                        result.mismatches += int(not torch.equal(sequence, reference))
+                baseline = results["greedy"].new_tokens / results["greedy"].seconds
+                rows += [result.row(baseline) for result in results.values()]
+        finally:
+            counter.handle.remove()
     return rows
 
 
@@ -234,14 +243,18 @@ def speed_variants(
     tokenizer: PreTrainedTokenizerBase,
     tree_shape: tuple[int, int, int] | None,
     draft_vocab_size: int | None,
+    packed_rows: int | None = None,
 ) -> dict[str, tuple[ScyllaDraftModel, dict[str, Any]]]:
     """The extra methods of the bench: name -> (draft, `hf_scylla.generate` options) for the chain
-    without prompt lookup (when the draft's config uses it), a tree, a reduced head, both."""
+    without prompt lookup (when the draft's config uses it), the draft on the target's packed linear
+    copies (``packed_rows``; the target must be packed), a tree, a reduced head, both."""
     from hf_scylla.bench.verify_cost import reduced_draft, training_token_counts
 
     variants = (
         {f"{draft_name}-no-lookup": (draft, {"lookup_tokens": 0})} if draft.config.lookup_tokens else {}
     )
+    if packed_rows:
+        variants[f"{draft_name}+packed{packed_rows}"] = (draft, {"packed": True})
     tree = {"tree": TreeConfig(*tree_shape)} if tree_shape else None
     shape = "x".join(map(str, tree_shape or ()))
     if tree is not None:
@@ -271,12 +284,16 @@ def bench_report(
     prompt_lookup_tokens: int = 10,
     tree: tuple[int, int, int] | None = None,
     draft_vocab_size: int | None = None,
+    packed_rows: int | None = None,
 ) -> tuple[list[dict], str]:
     """Load the target, run `run_benchmark` on the prompt sets of ``prompts_dir`` and write
     ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir``; returns the rows and the table.
 
-    ``tree`` (depth, top_k, total_tokens) and ``draft_vocab_size`` add `speed_variants` of the draft."""
+    ``tree`` (depth, top_k, total_tokens), ``draft_vocab_size`` and ``packed_rows`` (the target's linear
+    layers MKL-packed for that many rows) add `speed_variants` of the draft."""
     target, tokenizer = load_model_and_tokenizer(model_name)
+    if packed_rows:
+        pack_linear_weights(target, packed_rows)
     scylla_draft, draft_name = bench_draft(
         target, tokenizer, draft, untrained_depth, max_draft_tokens, confidence_threshold, lookup_tokens
     )
@@ -294,7 +311,9 @@ def bench_report(
         prompt_lookup_tokens=prompt_lookup_tokens,
         assistant=assistant_model,
         assistant_name=f"assisted:{assistant.name}" if assistant is not None else "assisted",
-        variants=speed_variants(scylla_draft, draft_name, target, tokenizer, tree, draft_vocab_size),
+        variants=speed_variants(
+            scylla_draft, draft_name, target, tokenizer, tree, draft_vocab_size, packed_rows
+        ),
     )
     columns = [
         "set",
