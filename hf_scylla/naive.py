@@ -2,7 +2,10 @@
 
 No KV caches anywhere: every cycle runs the target over the whole sequence plus the candidates, and
 the draft over every ``(h_t, x_{t+1})`` pair again for each drafted token. Batch size 1, float math,
-temperature as the only warper. Acceptance follows Leviathan et al. 2023, Algorithm 1.
+temperature as the only warper. Acceptance follows Leviathan et al. 2023, Algorithm 1. With
+``config.lookup_tokens``, a cycle whose suffix repeats proposes what followed it instead
+(`lookup_continuation`), as a point-mass draft distribution: the same rule then keeps a proposed token
+with the target's probability of it.
 """
 
 from __future__ import annotations
@@ -12,7 +15,21 @@ from transformers import PreTrainedModel
 
 from hf_scylla.modeling import ScyllaDraftModel
 
-__all__ = ["reference_speculative_decode"]
+__all__ = ["lookup_continuation", "reference_speculative_decode"]
+
+
+def lookup_continuation(
+    tokens: list[int], num_tokens: int, min_ngram: int, max_ngram: int
+) -> list[int] | None:
+    """Prompt lookup by its definition: for ``n = max_ngram`` down to ``min_ngram``, the latest earlier
+    start of the last ``n`` tokens, and the up to ``num_tokens`` tokens after it (``None``: no repeat)."""
+    for n in range(max_ngram, min_ngram - 1, -1):
+        if n >= len(tokens):
+            continue
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tokens[-n:]:
+                return tokens[start + n : start + n + num_tokens]
+    return None
 
 
 def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -72,10 +89,29 @@ def reference_speculative_decode(
     while sequence.shape[1] < max_length and not (
         eos_token_id is not None and sequence[0, -1] == eos_token_id
     ):
-        budget = min(config.max_draft_tokens, max_length - sequence.shape[1] - 1)
-        drafted, q = _draft_chain(
-            draft, sequence, features, budget, do_sample, temperature, config.confidence_threshold, rng
-        )
+        room = max_length - sequence.shape[1] - 1
+        looked_up = None
+        if config.lookup_tokens and room > 0:
+            looked_up = lookup_continuation(
+                sequence[0].tolist(),
+                min(config.lookup_tokens, room),
+                config.lookup_min_ngram,
+                config.lookup_max_ngram,
+            )
+        if looked_up is not None:
+            drafted = looked_up
+            q = [torch.nn.functional.one_hot(torch.tensor(token), p.shape[-1]).float() for token in drafted]
+        else:
+            drafted, q = _draft_chain(
+                draft,
+                sequence,
+                features,
+                min(config.max_draft_tokens, room),
+                do_sample,
+                temperature,
+                config.confidence_threshold,
+                rng,
+            )
         candidates = torch.cat([sequence, torch.tensor([drafted], dtype=sequence.dtype)], dim=1)
         outputs = target(candidates, output_hidden_states=True)
         p = _distribution(outputs.logits[0, sequence.shape[1] - 1 :], temperature)

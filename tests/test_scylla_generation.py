@@ -27,21 +27,22 @@ def random_prompt(seed: int, length: int = 7, vocab_size: int = 128) -> torch.Te
 
 
 @pytest.mark.parametrize(
-    ("context_scale", "oracle", "draft_context_scale", "depth", "threshold"),
+    ("context_scale", "oracle", "draft_context_scale", "depth", "threshold", "lookup"),
     [
-        pytest.param(1.0, False, 1.0, 1, 0.0, id="random-draft-D1"),
-        pytest.param(0.3, True, 1.0, 2, 0.0, id="oracle-draft-D2"),
-        pytest.param(0.5, True, 0.5, 3, 0.0, id="oracle-draft-D3"),
-        pytest.param(0.3, True, 1.0, 2, 0.5, id="oracle-draft-D2-adaptive"),
+        pytest.param(1.0, False, 1.0, 1, 0.0, 0, id="random-draft-D1"),
+        pytest.param(0.3, True, 1.0, 2, 0.0, 0, id="oracle-draft-D2"),
+        pytest.param(0.5, True, 0.5, 3, 0.0, 0, id="oracle-draft-D3"),
+        pytest.param(0.3, True, 1.0, 2, 0.5, 0, id="oracle-draft-D2-adaptive"),
+        pytest.param(0.5, True, 0.5, 2, 0.0, 3, id="oracle-draft-D2-prompt-lookup"),
     ],
 )
 def test_greedy_equals_plain_greedy_and_reference(
-    context_scale, oracle, draft_context_scale, depth, threshold
+    context_scale, oracle, draft_context_scale, depth, threshold, lookup
 ):
     """Same tokens as plain greedy, and the same (drafted, accepted) per cycle as the cache-free reference.
 
     The oracle drafts keep part of their attention output, so a draft KV cache left uncropped after a
-    rejection changes their guesses and the per-cycle comparison fails.
+    rejection (or after a prompt-lookup cycle) changes their guesses and the per-cycle comparison fails.
     """
     target = make_target(context_scale=context_scale)
     draft = make_draft(
@@ -50,7 +51,9 @@ def test_greedy_equals_plain_greedy_and_reference(
         oracle=oracle,
         oracle_context_scale=draft_context_scale,
         confidence_threshold=threshold,
+        lookup_tokens=lookup,
     )
+    lookup_cycles = 0
     for seed in PROMPT_SEEDS:
         prompt = random_prompt(seed)
         plain = target.generate(prompt, max_new_tokens=32, do_sample=False)
@@ -60,6 +63,8 @@ def test_greedy_equals_plain_greedy_and_reference(
         assert torch.equal(sequence, plain), f"prompt seed {seed}"
         assert cycles == list(zip(result.stats.drafted, result.stats.accepted, strict=True))
         assert result.stats.new_tokens == 32
+        lookup_cycles += sum(result.stats.lookup)
+    assert (lookup_cycles > 0) == bool(lookup)
 
 
 def test_oracle_draft_is_accepted_and_adaptive_length_drafts_less() -> None:
