@@ -127,6 +127,9 @@ def batched_generate(
 ) -> BatchedOutput:
     """Greedy speculative decoding of a left-padded batch; each row keeps its own accepted drafts.
 
+    Chains from the draft only: the draft config's prompt lookup (``lookup_tokens``) serves batch-1
+    decoding (`hf_scylla.generate`) and is not used here.
+
     Args:
         target, draft: the target and a Scylla draft attached to it.
         input_ids, attention_mask: ``(B, S)`` left-padded prompts and their mask (default: no padding).

@@ -71,6 +71,12 @@ class ScyllaStats:
     seconds: float = 0.0
     target_forwards: int = 0
 
+    def __post_init__(self) -> None:
+        """Stats built from lists without ``lookup`` had no lookup cycles; the lists stay aligned."""
+        self.lookup = self.lookup or [False] * len(self.drafted)
+        if not len(self.drafted) == len(self.accepted) == len(self.rows) == len(self.lookup):
+            raise ValueError("drafted, accepted, rows and lookup need one entry per cycle each")
+
     def record(self, drafted: int, accepted: int, row: int = 0, lookup: bool = False) -> None:
         self.drafted.append(drafted)
         self.accepted.append(accepted)
@@ -139,7 +145,8 @@ class ScyllaStats:
 
 
 class ScyllaCandidateGenerator(CandidateGenerator):
-    """Chain drafting from a Scylla head, with a fixed or confidence-adaptive draft length.
+    """Chain drafting from a Scylla head, with a fixed or confidence-adaptive draft length, and prompt
+    lookup in its place where the sequence repeats itself (``lookup_tokens``).
 
     Args:
         draft: a `ScyllaDraftModel` attached to ``target``.

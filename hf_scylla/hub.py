@@ -412,8 +412,9 @@ def _lookup_sentence(config: ScyllaDraftConfig) -> str:
     """The card's words for the config's prompt-lookup setting (empty when it is off)."""
     if not config.lookup_tokens:
         return ""
+    ngrams = sorted({config.lookup_min_ngram, config.lookup_max_ngram}, reverse=True)
     return (
-        f"; when the last {config.lookup_min_ngram}-{config.lookup_max_ngram} tokens occurred earlier in the "
+        f"; when the last {' or '.join(map(str, ngrams))} tokens occurred earlier in the "
         f"sequence, a cycle proposes the up to {config.lookup_tokens} tokens that followed them instead "
         "(prompt lookup)"
     )

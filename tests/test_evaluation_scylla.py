@@ -35,13 +35,21 @@ def test_stop_strings_sees_a_stop_inside_an_accepted_chunk() -> None:
     assert not bool(stop_sequences_criteria(tokenizer, ["w7"], 2, 1)(ids, None)[0])
 
 
-def test_scylla_generate_until_equals_plain_hf_greedy(tiny_target_dir: Path, tiny_draft_dir: Path) -> None:
-    contexts = [random_words(seed, 12) for seed in range(4)]
+@pytest.mark.parametrize("lookup_tokens", [None, 4])
+def test_scylla_generate_until_equals_plain_hf_greedy(
+    tiny_target_dir: Path, tiny_draft_dir: Path, lookup_tokens: int | None
+) -> None:
+    contexts = [" ".join([random_words(seed, 6)] * 2) for seed in range(4)]  # repeats: lookup has matches
     until = ["w9", "w17"]
     expected = plain_hflm(tiny_target_dir).generate_until(generate_requests(contexts, until))
-    lm = ScyllaLM(pretrained=str(tiny_target_dir), draft=str(tiny_draft_dir), baseline=True, device="cpu")
+    arguments = f"pretrained={tiny_target_dir},draft={tiny_draft_dir},baseline=True,device=cpu"
+    if lookup_tokens is not None:
+        arguments += f",lookup_tokens={lookup_tokens}"
+    lm = get_model("hf-scylla").create_from_arg_string(arguments)
     assert lm.generate_until(generate_requests(contexts, until)) == expected
     stats = lm.get_model_info()["scylla"]
+    assert stats["lookup_tokens"] == (lookup_tokens or 0)
+    assert (stats["lookup_cycles"] > 0) == bool(lookup_tokens)
     assert stats["requests"] == len(contexts)
     assert stats["tau"] > 1.0  # the oracle draft gets whole chunks accepted
     assert stats["outputs_equal_to_baseline"] == len(contexts)

@@ -228,7 +228,7 @@ def measure_chain_acceptance(
     max_new_tokens: int = 128,
 ) -> list[int]:
     """Draft tokens kept per cycle when greedy-decoding the ``(1, S)`` prompt ids with fixed chains of
-    ``length`` tokens (no confidence threshold)."""
+    ``length`` tokens (no confidence threshold, no prompt lookup)."""
     accepted = []
     for ids in prompts:
         result = generation.generate(
@@ -239,6 +239,7 @@ def measure_chain_acceptance(
             do_sample=False,
             max_draft_tokens=length,
             confidence_threshold=0.0,
+            lookup_tokens=0,  # every cycle a draft chain of `length` tokens
         )
         accepted += result.stats.accepted
     return accepted
