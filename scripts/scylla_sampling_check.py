@@ -180,16 +180,17 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
     }
     table = [
-        "| sampler | samples | p (target law) | p (keep-every-draft law) | TV to target law | acceptance | tau |"
+        "| sampler | samples | p (target law) | p (keep-every-draft law) | TV to target law | acceptance | tau "
+        "| lookup cycles |"
     ]
-    table.append("|---|---|---|---|---|---|---|")
+    table.append("|---|---|---|---|---|---|---|---|")
     for row in rows:
         acceptance = "" if row["draft_acceptance"] is None else f"{row['draft_acceptance']:.3f}"
         tau = "" if row["tau"] is None else f"{row['tau']:.3f}"
         table.append(
             f"| {row['sampler']} | {row['samples']} | {row['p_value_target_law']:.3g} | "
             f"{row['p_value_keep_every_draft_law']:.3g} | {row['total_variation_to_target_law']:.4f} | "
-            f"{acceptance} | {tau} |"
+            f"{acceptance} | {tau} | {row['lookup_cycles']} |"
         )
     body = f"Setting: {summary['setting']}.\n\n" + "\n".join(table) + "\n"
     write_report(

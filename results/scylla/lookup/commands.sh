@@ -1,7 +1,8 @@
 #!/bin/bash
 # Issue 12, seventh session: prompt lookup next to the staged draft (lookup_tokens 4), every prompt set.
 set -e
-python scripts/scylla_code_prompts.py --output hf_scylla/bench/prompts/code.jsonl   # the new held-out code set
+# the new held-out code set, committed; rebuilding it needs the file removed first:
+#   python scripts/scylla_code_prompts.py --output hf_scylla/bench/prompts/code.jsonl
 ln -sf "$PWD/hf_scylla/bench/prompts/code.jsonl" runs/scylla/bench-all/code.jsonl
 hf-scylla bench --draft model_cards/SmolLM2-135M-Instruct-scylla-D1 --lookup-tokens 4 --prompts-dir runs/scylla/bench-all \
     --limit 5 --max-new-tokens 128 --output-dir results/scylla/lookup --overwrite
@@ -13,5 +14,5 @@ hf-scylla stage runs/scylla/settings/u3-t0.5 --repo-name hf-adamas-scylla-vrgd/S
     --training-notes "$(cat results/scylla/lookup/training-notes.txt)"
 hf-scylla eval --model hf-scylla --model_args baseline=True --device cpu --tasks gsm8k_local --apply_chat_template \
     --limit 10 --log_samples --output_path runs/lm_eval/card_lookup --card model_cards/SmolLM2-135M-Instruct-scylla-D1
-python scripts/scylla_sampling_check.py --samples 4000 --output-dir results/scylla/sampling --overwrite
+python scripts/scylla_sampling_check.py --samples 2000 --output-dir results/scylla/sampling --overwrite
 hf-scylla demo   # twice, the figures in README.md
