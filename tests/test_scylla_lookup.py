@@ -139,3 +139,29 @@ def test_bench_adds_the_draft_without_lookup_and_on_packed_weights_as_rows() -> 
     assert all(module.packed_enabled for module in target.modules() if isinstance(module, PackedLinear))
     assert by_method["oracle-no-lookup"]["lookup_share"] == 0.0
     assert by_method["oracle"]["lookup_share"] > 0.0
+
+
+def test_code_prompt_script_builds_the_committed_set_and_never_overwrites(tmp_path, capsys) -> None:
+    """``scripts/scylla_code_prompts.py`` rebuilds the prompts of ``hf_scylla/bench/prompts/code.jsonl``
+    (same ids, tasks and functions; the sources are those of the running Python), and refuses an output
+    that exists (exit 2, the file untouched)."""
+    import json
+    from pathlib import Path
+
+    from conftest import load_script
+
+    def outline(path: Path) -> list[tuple[int, str]]:
+        """Per prompt: its id, and its text up to the function's ``(`` (the task and ``def <name>``)."""
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        return [(record["question_id"], record["turns"][0].split("(")[0]) for record in records]
+
+    script = load_script("scylla_code_prompts")
+    output = tmp_path / "code.jsonl"
+    assert script.main(["--output", str(output)]) == 0
+    committed = Path(__file__).resolve().parents[1] / "hf_scylla" / "bench" / "prompts" / "code.jsonl"
+    assert outline(output) == outline(committed)
+    assert len(outline(output)) >= 20
+    output.write_text("mine\n")
+    assert script.main(["--output", str(output)]) == 2
+    assert "exists" in capsys.readouterr().err
+    assert output.read_text() == "mine\n"
