@@ -10,6 +10,8 @@ from collections.abc import Sequence
 import torch
 
 __all__ = [
+    "KEY_CODE_WIDTHS",
+    "PACKED_CODE_WIDTHS",
     "check_attention_inputs",
     "check_bits",
     "check_centroid_score_inputs",
@@ -22,13 +24,20 @@ __all__ = [
 ]
 
 
-def check_bits(bits: int) -> None:
-    if isinstance(bits, bool) or bits not in (1, 2):
-        raise ValueError(f"bits must be 1 or 2 (codes of 1 or 2 bits per dimension), got {bits}")
+KEY_CODE_WIDTHS = (1, 2)
+"""Bits per dimension of key codes (the paper's 2, or signs)."""
+PACKED_CODE_WIDTHS = (1, 2, 4)
+"""Bits per dimension any packed code may have: key codes, and the 2- or 4-bit value codes of the tail."""
+
+
+def check_bits(bits: int, widths: tuple[int, ...] = KEY_CODE_WIDTHS) -> None:
+    if isinstance(bits, bool) or bits not in widths:
+        allowed = " or ".join(str(width) for width in widths)
+        raise ValueError(f"bits must be {allowed} (bits per dimension of a code), got {bits}")
 
 
 def codes_per_byte(bits: int) -> int:
-    check_bits(bits)
+    check_bits(bits, PACKED_CODE_WIDTHS)
     return 8 // bits
 
 
@@ -46,7 +55,7 @@ def check_head_dim(dim: int, owner: str = "") -> None:
 
 def check_threshold_values(values: Sequence[float], bits: int) -> list[float]:
     """Validate one layer's bucket edges (``2**bits - 1`` finite, strictly increasing) as Python floats."""
-    check_bits(bits)
+    check_bits(bits, PACKED_CODE_WIDTHS)
     expected = 2**bits - 1
     values = [float(t) for t in values]
     if len(values) != expected:

@@ -21,8 +21,10 @@ from transformers.utils import logging
 from hf_adamas import ops
 from hf_adamas.cache import CAPACITY_ATTRIBUTE, AdamasLayer, PreallocatedLayer
 from hf_adamas.calibration import OnlineCalibratedLayer
+from hf_adamas.codebook import code_book
 from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
-from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS
+from hf_adamas.ops import reference
+from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS, code_book_for
 from hf_common.compat import CACHE_ARGUMENT
 
 logger = logging.get_logger(__name__)
@@ -190,5 +192,57 @@ def adamas_attention_forward(
         valid=valid,
         key_codes=lambda thresholds: _key_codes(module, key, thresholds, settings.bits),
     )
-    output = ops.sparse_decode_attention(query[:, :, 0], key, value, indices, scaling)
+    if settings.value_code_bits:
+        output = _attention_with_tail(settings, module, query[:, :, 0], key, value, indices, scaling, valid)
+    else:
+        output = ops.sparse_decode_attention(query[:, :, 0], key, value, indices, scaling)
     return output[:, None], None
+
+
+def _value_codes(
+    module: torch.nn.Module, value: torch.Tensor, bits: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The cache layer's value codes and centroids when it holds exactly these values, else made now
+    (with a code book from all of them; said once, as for key codes in `_key_codes`)."""
+    layer = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
+    if (
+        isinstance(layer, AdamasLayer)
+        and layer.get_seq_length() == value.shape[2]
+        and layer.values.data_ptr() == value.data_ptr()
+    ):
+        return layer.value_codes(bits)
+    logger.warning_once(
+        f"Adamas: the cache layer ({type(layer).__name__}) stores no value codes, so every sparse layer "
+        f"re-encodes all {value.shape[2]} cached values for the tail estimate at every decode step."
+    )
+    thresholds, centroids = code_book(value, bits)
+    return reference.hadamard_codes(value, thresholds, bits), centroids
+
+
+def _attention_with_tail(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """``ops.tail_decode_attention``: the selection exact, every other key with its code estimate."""
+    thresholds, centroids = code_book_for(settings, module, key)
+    key_codes = _key_codes(module, key, thresholds, settings.bits)
+    tail_scores = ops.centroid_scores(query, key_codes, centroids, settings.bits, shared_per_kv_group=False)
+    value_codes, value_centroids = _value_codes(module, value, settings.value_code_bits)
+    return ops.tail_decode_attention(
+        query,
+        key,
+        value,
+        indices,
+        scaling,
+        tail_scores,
+        value_codes,
+        value_centroids,
+        settings.value_code_bits,
+        valid,
+    )

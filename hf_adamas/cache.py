@@ -40,7 +40,9 @@ from transformers import Cache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 from hf_adamas import ops
+from hf_adamas.codebook import code_book
 from hf_adamas.config import AdamasConfig, check_model_config
+from hf_adamas.ops import reference
 
 _MIN_CAPACITY = 256
 GROWTH = 1.25
@@ -171,8 +173,44 @@ class PreallocatedLayer(DynamicLayer):
         raise NotImplementedError(f"{type(self).__name__} does not support cache offloading.")
 
 
+class _RowCodes:
+    """Packed codes of the rows of a growing buffer, encoded when first read and kept aligned with it."""
+
+    def __init__(self, encode: Callable[[torch.Tensor], torch.Tensor], bytes_per_row: int) -> None:
+        self.encode = encode
+        self.bytes_per_row = bytes_per_row
+        self.codes: torch.Tensor | None = None  # as long as the buffer once built
+        self.coded = 0  # positions whose codes are in ``codes``
+
+    def read(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
+        """Codes of ``buffer[:, :, :length]`` (a view); encodes the positions added since the last read."""
+        if self.codes is None or self.codes.shape[:3] != buffer.shape[:3]:
+            fresh = torch.empty(
+                *buffer.shape[:3], self.bytes_per_row, dtype=torch.uint8, device=buffer.device
+            )
+            if self.codes is not None:  # the buffer grew or changed rows: keep what is coded
+                fresh[:, :, : self.coded] = self.codes[:, :, : self.coded]
+            self.codes = fresh
+        if self.coded < length:
+            self.codes[:, :, self.coded : length] = self.encode(buffer[:, :, self.coded : length])
+            self.coded = length
+        return self.codes[:, :, :length]
+
+    def crop(self, length: int) -> None:
+        self.coded = min(self.coded, length)
+
+    def map(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
+        if self.codes is not None:
+            self.codes = change(self.codes)
+
+
 class AdamasLayer(PreallocatedLayer):
-    """A `PreallocatedLayer` that also stores the packed Hadamard codes of its keys, built when first read."""
+    """A `PreallocatedLayer` that also stores the packed Hadamard codes of its keys, built when first read.
+
+    With the tail estimate (``AdamasConfig(value_code_bits=...)``) it also stores codes of its values,
+    whose code book (`hf_adamas.codebook.code_book`) is made from the values stored when they are
+    first asked for, i.e. the prompt's, and kept for every later value.
+    """
 
     def __init__(self, thresholds: list[float], bits: int, capacity: int | None = None, **kwargs) -> None:
         super().__init__(capacity, **kwargs)
@@ -180,8 +218,9 @@ class AdamasLayer(PreallocatedLayer):
         # Stays on the CPU: the kernels take thresholds as scalars, a device tensor would sync.
         self._thresholds = torch.tensor(thresholds, dtype=torch.float32)
         self.bits = bits
-        self._codes: torch.Tensor | None = None  # as long as the key buffer once built
-        self._coded = 0  # positions whose codes are in _codes
+        self._key_codes: _RowCodes | None = None
+        self._value_codes: _RowCodes | None = None
+        self._value_code_book: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @property
     def thresholds(self) -> torch.Tensor:
@@ -206,33 +245,51 @@ class AdamasLayer(PreallocatedLayer):
         """Codes of the stored keys ``[B, Hkv, S, P]`` (a view); encodes those stored since the last call."""
         if self._buffers is None:
             return None
-        keys = self._buffers[0]
-        if self._codes is None or self._codes.shape[:3] != keys.shape[:3]:
-            packed = keys.shape[-1] * self.bits // 8
-            fresh = torch.empty(*keys.shape[:3], packed, dtype=torch.uint8, device=keys.device)
-            if self._codes is not None:  # the key buffer grew or changed rows: keep what is coded
-                fresh[:, :, : self._coded] = self._codes[:, :, : self._coded]
-            self._codes = fresh
-        if self._coded < self._length:
-            new_keys = keys[:, :, self._coded : self._length]
-            self._codes[:, :, self._coded : self._length] = ops.hadamard_codes(
-                new_keys, self.thresholds, self.bits
+        if self._key_codes is None:
+            keys = self._buffers[0]
+            self._key_codes = _RowCodes(
+                lambda rows: ops.hadamard_codes(rows, self.thresholds, self.bits),
+                keys.shape[-1] * self.bits // 8,
             )
-            self._coded = self._length
-        return self._codes[:, :, : self._length]
+        return self._key_codes.read(self._buffers[0], self._length)
+
+    def value_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``bits``-bit codes of the stored values ``[B, Hkv, S, D * bits / 8]`` (a view) and their
+        centroids ``[Hkv, 2**bits]``; None while empty. Asking with another width starts over."""
+        if self._buffers is None:
+            return None
+        values = self._buffers[1]
+        if self._value_code_book is None or self._value_code_book[0].numel() != 2**bits - 1:
+            thresholds, centroids = code_book(values[:, :, : self._length], bits)
+            self._value_code_book = (thresholds, centroids)
+            self._value_codes = _RowCodes(
+                lambda rows: reference.hadamard_codes(rows, thresholds, bits), values.shape[-1] * bits // 8
+            )
+        return self._value_codes.read(values, self._length), self._value_code_book[1]
+
+    def code_buffers(self) -> list[torch.Tensor]:
+        """The code buffers built so far, whole (their reserved room included): for memory accounting."""
+        return [
+            codes.codes for codes in (self._key_codes, self._value_codes) if codes and codes.codes is not None
+        ]
 
     def crop(self, tokens_to_remove: int) -> None:
         super().crop(tokens_to_remove)
-        self._coded = min(self._coded, self._length)
+        for codes in (self._key_codes, self._value_codes):
+            if codes is not None:
+                codes.crop(self._length)
+        if self._length == 0:  # a reused cache makes its value code book from its next prompt
+            self._value_codes = self._value_code_book = None
 
     def _map_buffers(self, change: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super()._map_buffers(change)
-        if self._codes is not None:
-            self._codes = change(self._codes)
+        for codes in (self._key_codes, self._value_codes):
+            if codes is not None:
+                codes.map(change)
 
     def _assign(self, value: torch.Tensor | None) -> None:
         super()._assign(value)
-        self._codes, self._coded = None, 0
+        self._key_codes = self._value_codes = self._value_code_book = None
 
 
 class AdamasCache(Cache):

@@ -7,7 +7,7 @@ sign bit. A code book puts each layer's edges at the quartiles of its transforme
 median for 1-bit codes), so the codes use all their levels, and records each bucket's mean value
 per KV head (its centroid), which the ``"adamas_asymmetric"`` selector dots with the query.
 
-Two ways to get one, both from the same `code_book` statistics:
+Two ways to get one, both from the same `hf_adamas.codebook.code_book` statistics:
 
 - offline: `calibrate_codes` runs one dense forward pass over sample text (``hf-adamas calibrate``)
   and returns per-layer thresholds and per-layer, per-head centroids for `AdamasConfig`;
@@ -25,72 +25,11 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 
 from hf_adamas._validation import check_bits
 from hf_adamas.cache import AdamasLayer
-from hf_adamas.ops.reference import hadamard_values
+from hf_adamas.codebook import code_book
 from hf_common.compat import cache_kwargs
 
 MIN_CALIBRATION_TOKENS = 16
 """Fewest text tokens `calibrate_thresholds` accepts."""
-
-
-QUANTILE_INPUT_LIMIT = 1_000_000
-"""Most values handed to ``torch.quantile`` per layer (it refuses much larger inputs)."""
-
-
-def subsample_rows(transformed: torch.Tensor, limit: int = QUANTILE_INPUT_LIMIT) -> torch.Tensor:
-    """Whole rows ``[N, D]`` of ``transformed [..., D]``, at most ``limit`` values, every coordinate alike.
-
-    Keeping whole key vectors (a stride over rows, not over the flattened tensor, whose stride could
-    share a factor with D and keep only some Hadamard coordinates) makes every coordinate contribute
-    the same number of values to the quantiles.
-    """
-    rows = transformed.reshape(-1, transformed.shape[-1])
-    return rows[:: max(1, -(-rows.numel() // limit))]
-
-
-def threshold_centroids(thresholds: torch.Tensor, kv_heads: int) -> torch.Tensor:
-    """Centroids implied by the thresholds alone, ``[kv_heads, 2**bits]`` float32.
-
-    Inner buckets get their midpoint; the two outer buckets sit half a bucket beyond their edge,
-    the width being the mean inner width (1 with a single edge). Used when no measured centroids
-    are given, e.g. with the paper's thresholds.
-    """
-    edges = thresholds.float().cpu()
-    width = float((edges[-1] - edges[0]) / (len(edges) - 1)) if len(edges) > 1 else 1.0
-    inner = (edges[1:] + edges[:-1]) / 2
-    values = torch.cat([edges[:1] - width / 2, inner, edges[-1:] + width / 2])
-    return values.expand(kv_heads, -1).contiguous()
-
-
-@torch.no_grad()
-def code_book(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantile thresholds and per-head bucket means of the Hadamard-transformed ``keys``.
-
-    Args:
-        keys: post-RoPE keys ``[batch, kv_heads, seq, head_dim]`` (rows of a batch are pooled).
-        bits: code width, 1 or 2.
-
-    Returns:
-        ``(thresholds, centroids)``: float32 CPU ``[2**bits - 1]`` edges at the ``1/4, 2/4, 3/4``
-        quantiles (the median for 1 bit), and float32 ``[kv_heads, 2**bits]`` on the keys' device,
-        the mean transformed value of each bucket per KV head (the implied centroid for a bucket
-        that no value of a head falls in).
-    """
-    check_bits(bits)
-    levels = 2**bits
-    kv_heads = keys.shape[1]
-    transformed = hadamard_values(keys)
-    values = transformed.transpose(0, 1).reshape(kv_heads, -1)
-    sample = subsample_rows(transformed).flatten()
-    quantiles = torch.arange(1, levels, dtype=torch.float32, device=keys.device) / levels
-    thresholds = torch.quantile(sample, quantiles).cpu()
-    if bool((thresholds[1:] <= thresholds[:-1]).any()):  # degenerate keys: fall back to spread edges
-        thresholds = thresholds[0] + torch.arange(levels - 1, dtype=torch.float32) * 1e-3
-    codes = torch.bucketize(values, thresholds.to(keys.device))  # number of edges strictly below
-    sums = torch.zeros(kv_heads, levels, device=keys.device).scatter_add_(1, codes, values)
-    counts = torch.zeros(kv_heads, levels, device=keys.device).scatter_add_(1, codes, torch.ones_like(values))
-    implied = threshold_centroids(thresholds, kv_heads).to(keys.device)
-    centroids = torch.where(counts > 0, sums / counts.clamp(min=1), implied)
-    return thresholds, centroids
 
 
 @torch.inference_mode()

@@ -26,6 +26,8 @@ PAPER_THRESHOLDS = {2: (-10.0, 0.0, 10.0), 1: (0.0,)}
 Selector = Literal["adamas", "adamas_asymmetric", "streaming_llm", "quest", "oracle"]
 GqaSelection = Literal["per_query_head", "shared_per_kv_group"]
 Calibration = Literal["fixed", "online"]
+VALUE_CODE_WIDTHS = (0, 2, 4)
+"""Allowed ``AdamasConfig.value_code_bits``: no tail estimate, or value codes of 2 or 4 bits."""
 
 
 @dataclass
@@ -86,7 +88,14 @@ class AdamasConfig:
         centroids (`list[list[list[float]]]`, *optional*):
             For ``"adamas_asymmetric"`` with ``calibration="fixed"``: per layer, per KV head, the
             ``2**bits`` bucket means of the Hadamard key values (what `calibrate_codes` produces).
-            None derives them from the thresholds (see `hf_adamas.calibration.threshold_centroids`).
+            None derives them from the thresholds (see `hf_adamas.codebook.threshold_centroids`).
+        value_code_bits (`int`, *optional*, defaults to `0`):
+            The tail estimate, for ``"adamas_asymmetric"``: with 2 or 4, the unselected keys are not
+            dropped but attended with their estimated scores (the key-code estimate) and values
+            estimated from ``value_code_bits``-bit Hadamard codes of the values, stored next to the key
+            codes (``D * value_code_bits / 8`` more bytes per token and KV head, code book from the
+            prompt's values), so the softmax covers the whole cache. Costs one pass over all codes per
+            step; see ``results/adamas/tail/``. 0 drops them, as the paper does.
     """
 
     token_budget: int = field(default=256, metadata={"help": "Keys attended per head and decode step."})
@@ -115,6 +124,10 @@ class AdamasConfig:
     centroids: list[list[list[float]]] | None = field(
         default=None, metadata={"help": "Per layer, per KV head bucket means; None derives them."}
     )
+    value_code_bits: int = field(
+        default=0,
+        metadata={"help": "Value-code bits of the tail estimate of unselected keys (0 = dropped; 2 or 4)."},
+    )
 
     def __post_init__(self) -> None:
         _check_int("token_budget", self.token_budget, minimum=1)
@@ -129,6 +142,18 @@ class AdamasConfig:
                 "none (use 'adamas' or 'adamas_asymmetric', or rescore_factor=1)."
             )
         check_bits(self.bits)
+        _check_int("value_code_bits", self.value_code_bits, minimum=0)
+        if self.value_code_bits not in VALUE_CODE_WIDTHS:
+            raise ValueError(
+                f"AdamasConfig.value_code_bits must be one of {list(VALUE_CODE_WIDTHS)} (0 = no tail "
+                f"estimate), got {self.value_code_bits!r}."
+            )
+        if self.value_code_bits and self.selector != "adamas_asymmetric":
+            raise ValueError(
+                f"value_code_bits={self.value_code_bits} estimates the unselected keys' scores from the key "
+                f"codes, which only selector='adamas_asymmetric' scores; selector={self.selector!r} "
+                "has no such estimate (use value_code_bits=0)."
+            )
         _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
         _check_choice("selector", self.selector, Selector)
         if self.calibration is None:

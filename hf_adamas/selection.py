@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 
 from hf_adamas import ops
-from hf_adamas.calibration import OnlineCalibratedLayer, code_book, threshold_centroids
+from hf_adamas.calibration import OnlineCalibratedLayer
+from hf_adamas.codebook import code_book, threshold_centroids
 from hf_adamas.config import AdamasConfig
 from hf_adamas.ops.reference import largest_first
 

@@ -74,12 +74,14 @@ def _status_kib(field: str) -> int:
 
 def _cache_bytes(cache) -> dict[str, int]:
     """Bytes of the cache's tensors: ``allocated`` (whole buffers) and ``filled`` (the stored positions)."""
+    from hf_adamas.cache import AdamasLayer
+
     allocated = filled = codes = 0
     for layer in cache.layers:
         buffers = getattr(layer, "_buffers", None)
         tensors = list(buffers) if buffers is not None else [layer.keys, layer.values]
-        if getattr(layer, "_codes", None) is not None:
-            tensors.append(layer._codes)
+        if isinstance(layer, AdamasLayer):
+            tensors.extend(layer.code_buffers())
         allocated += sum(t.untyped_storage().nbytes() for t in tensors)
         views = (layer.keys, layer.values, getattr(layer, "key_codes", None))
         filled += sum(t.numel() * t.element_size() for t in views if t is not None)

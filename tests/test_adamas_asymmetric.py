@@ -9,7 +9,8 @@ from conftest import make_tiny_config
 from transformers import AutoModelForCausalLM
 
 from hf_adamas import AdamasCache, AdamasConfig, apply_adamas
-from hf_adamas.calibration import OnlineCalibratedLayer, code_book, threshold_centroids
+from hf_adamas.calibration import OnlineCalibratedLayer
+from hf_adamas.codebook import code_book, threshold_centroids
 from hf_adamas.config import check_model_config
 from hf_adamas.ops.reference import centroid_scores, hadamard_codes, hadamard_matrix, unpack_codes
 from hf_adamas.selection import select_adamas_asymmetric

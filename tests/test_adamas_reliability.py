@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, DynamicCache
 
 from hf_adamas import AdamasCache, AdamasConfig, AdamasLayer, apply_adamas, cli, ops
 from hf_adamas.cache import GROWTH
-from hf_adamas.calibration import subsample_rows
+from hf_adamas.codebook import subsample_rows
 from hf_common.compat import cache_kwargs, output_cache
 
 REPO = Path(__file__).resolve().parent.parent
@@ -174,7 +174,7 @@ def test_codes_are_built_when_first_read_not_at_prefill() -> None:
     layer = AdamasLayer([-1.0, 0.0, 1.0], bits=2)
     keys = torch.randn(1, 2, 300, 64)
     layer.update(keys, keys)
-    assert layer._codes is None
+    assert layer.code_buffers() == []
     assert torch.equal(layer.key_codes, ops.hadamard_codes(keys, layer.thresholds, 2))
     step = torch.randn(1, 2, 1, 64)
     layer.update(step, step)  # grows the key buffer: the codes follow on the next read

@@ -164,6 +164,8 @@ METHOD_NAMES = (
     "asymmetric-online",
     "asymmetric-online-kvgroup",
     "asymmetric-online-rescore",
+    "asymmetric-online-tail2",
+    "asymmetric-online-tail4",
     "streaming_llm",
     "quest",
     "oracle",
@@ -173,7 +175,8 @@ METHOD_NAMES = (
 ``-calibrated`` = `calibrate_codes` on a calibration text (offline), ``-online`` = each prompt's
 own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``); ``-rescore`` =
 ``rescore_factor=RESCORE_FACTOR`` (the code estimate proposes that many keys per kept one, the exact
-``q · k`` keeps the best).
+``q · k`` keeps the best); ``-tail2`` / ``-tail4`` = the tail estimate with 2- / 4-bit value codes
+(``value_code_bits``).
 ``dense-static``: dense sdpa over a `StaticCache` (only the decode-speed benchmark tells it apart).
 ``oracle``: exact ``q · k`` top-k, the accuracy bound of every top-k selector at a budget."""
 
@@ -210,6 +213,7 @@ def method_grid(
             "gqa_selection": "shared_per_kv_group" if name.endswith("-kvgroup") else gqa_selection,
             "calibration": "online" if "-online" in name else "fixed",
             "rescore_factor": RESCORE_FACTOR if name.endswith("-rescore") else 1,
+            "value_code_bits": int(name[-1]) if "-tail" in name else 0,
         }
         if name.endswith("-calibrated") and calibrated is not None:
             settings["thresholds"] = calibrated["thresholds"]

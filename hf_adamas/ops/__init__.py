@@ -11,7 +11,8 @@ kernels and ``torch.topk`` on CUDA; on CPU the fused C++ ops of :mod:`hf_adamas.
 rule: byte-table scores and an exact top-k in one pass over the packed codes; the asymmetric rule: a
 fast-scanned estimate narrows the keys that get exact scores), or :func:`reference.select_by_table`
 where they cannot be built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
-:func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
+:func:`tail_decode_attention` (the optional tail estimate) runs :mod:`hf_adamas.ops.tail`, plain PyTorch
+that reads only the selected K/V rows, on every device. :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
 caches and the PyTorch reference elsewhere.
 """
 
@@ -24,7 +25,7 @@ from types import ModuleType
 import torch
 from transformers.utils import logging
 
-from hf_adamas.ops import reference
+from hf_adamas.ops import reference, tail
 from hf_adamas.ops.cpu import (
     cpu_extension,
     hadamard_codes_cpu,
@@ -45,6 +46,7 @@ __all__ = [
     "select_by_code_distance",
     "select_topk",
     "sparse_decode_attention",
+    "tail_decode_attention",
     "triton_available",
 ]
 
@@ -125,6 +127,26 @@ def sparse_decode_attention(
     ):
         return sparse_decode_attention_cpu(query, key, value, indices, scaling)
     return reference.sparse_decode_attention(query, key, value, indices, scaling)
+
+
+def tail_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    tail_scores: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_centroids: torch.Tensor,
+    value_bits: int,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Exact attention over the selection plus the estimated unselected positions, ``[B, Hq, D]``; see
+    :func:`reference.tail_decode_attention`. :func:`tail.tail_decode_attention` on every device."""
+    implementation = reference.tail_decode_attention if _force_reference else tail.tail_decode_attention
+    return implementation(
+        query, key, value, indices, scaling, tail_scores, value_codes, value_centroids, value_bits, valid
+    )
 
 
 def rescore_selection(

@@ -28,6 +28,7 @@ import functools
 import torch
 
 from hf_adamas._validation import (
+    PACKED_CODE_WIDTHS,
     check_attention_inputs,
     check_bits,
     check_centroid_score_inputs,
@@ -42,6 +43,7 @@ __all__ = [
     "centroid_scores",
     "centroid_table",
     "code_distance",
+    "code_values",
     "distance_table",
     "hadamard_codes",
     "hadamard_matrix",
@@ -49,7 +51,10 @@ __all__ = [
     "pack_codes",
     "select_by_table",
     "select_topk",
+    "selected_attention_partials",
+    "selected_mask",
     "sparse_decode_attention",
+    "tail_decode_attention",
     "unpack_codes",
 ]
 
@@ -87,7 +92,7 @@ def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 def unpack_codes(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack uint8 ``[..., P]`` into codes uint8 ``[..., P * 8 // bits]`` (inverse of :func:`pack_codes`)."""
-    check_bits(bits)
+    check_bits(bits, PACKED_CODE_WIDTHS)
     shifts = torch.arange(0, 8, bits, device=packed.device, dtype=torch.uint8)
     return ((packed.unsqueeze(-1) >> shifts) & (2**bits - 1)).flatten(-2)
 
@@ -394,6 +399,19 @@ def sparse_decode_attention(
         ``[B, Hq, D]`` in ``query.dtype``: ``softmax(q · k_selᵀ · scaling) @ v_sel`` computed in float32;
         zeros for a row with no valid index.
     """
+    _, weight_sum, weighted_values = selected_attention_partials(query, key, value, indices, scaling)
+    return (weighted_values / weight_sum.clamp(min=torch.finfo(torch.float32).tiny)).to(query.dtype)
+
+
+def selected_attention_partials(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, indices: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The unnormalised softmax of :func:`sparse_decode_attention`, to be merged with other positions.
+
+    Returns float32 ``(m [B, Hq, 1], l [B, Hq, 1], o [B, Hq, D])``: the largest selected logit (0 for
+    a row with no valid index), ``l = Σ exp(logit - m)`` and ``o = Σ exp(logit - m) · v`` over the
+    selected positions, so the attention is ``o / l``.
+    """
     group = check_attention_inputs(query, key, value, indices)
     bsz, num_kv_heads, _, head_dim = key.shape
     per_head = indices.shape[1] // num_kv_heads  # G if each query head has its own indices, else 1
@@ -406,5 +424,91 @@ def sparse_decode_attention(
     q = q.unsqueeze(3) if per_head > 1 else q.unsqueeze(2)
     scores = (q @ k_sel.transpose(-1, -2)) * scaling  # [B, Hkv, per_head, rows, K]
     live = (idx >= 0).unflatten(2, (per_head, 1, -1))
-    probs = torch.softmax(scores.masked_fill(~live, float("-inf")), dim=-1).nan_to_num(0.0)
-    return (probs @ v_sel).reshape(bsz, -1, head_dim).to(query.dtype)
+    scores = scores.masked_fill(~live, float("-inf"))
+    logit_max = scores.amax(-1, keepdim=True)
+    logit_max = torch.where(torch.isfinite(logit_max), logit_max, 0.0)
+    weights = torch.exp(scores - logit_max)
+    heads = num_kv_heads * group
+    return (
+        logit_max.reshape(bsz, heads, 1),
+        weights.sum(-1, keepdim=True).reshape(bsz, heads, 1),
+        (weights @ v_sel).reshape(bsz, heads, head_dim),
+    )
+
+
+def code_values(codes: torch.Tensor, centroids: torch.Tensor, bits: int) -> torch.Tensor:
+    """The Hadamard values packed codes stand for, ``centroids[h, code]``: float32 ``[B, H, S, D]``.
+
+    Args:
+        codes: packed uint8 ``[B, H, S, D * bits // 8]``.
+        centroids: ``[H, 2**bits]``, the value each code stands for, per head.
+        bits: the codes' width.
+
+    Each byte is looked up whole (``8 // bits`` values per byte value and head), so only the bytes,
+    not every code, become indices. ``code_values(...) @ hadamard_matrix(D)`` is back in the model's basis.
+    """
+    bsz, heads, length, packed = codes.shape
+    per_byte = codes_per_byte(bits)
+    byte_values = centroids.float().to(codes.device)[
+        :, _byte_codes(bits, codes.device).long()
+    ]  # [H, 256, per_byte]
+    offsets = torch.arange(heads, device=codes.device).view(1, heads, 1, 1) * 256
+    looked_up = torch.nn.functional.embedding(codes.long() + offsets, byte_values.reshape(-1, per_byte))
+    return looked_up.view(bsz, heads, length, packed * per_byte)
+
+
+def selected_mask(indices: torch.Tensor, heads: int, length: int) -> torch.Tensor:
+    """``[B, heads, length]`` bool of the positions in ``indices`` (``[B, heads or Hkv, K]``, -1 skipped)."""
+    if indices.shape[1] != heads:  # one selection per KV group
+        indices = indices.repeat_interleave(heads // indices.shape[1], dim=1)
+    marks = torch.zeros(*indices.shape[:2], length + 1, dtype=torch.bool, device=indices.device)
+    marks.scatter_(2, torch.where(indices >= 0, indices, length), True)
+    return marks[..., :length]
+
+
+def tail_decode_attention(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
+    tail_scores: torch.Tensor,
+    value_codes: torch.Tensor,
+    value_centroids: torch.Tensor,
+    value_bits: int,
+    valid: torch.Tensor | None,
+) -> torch.Tensor:
+    """Attention of one decode token over the whole cache: exact at the selected positions, estimated elsewhere.
+
+    The softmax runs over every valid position. A selected position has its exact logit
+    ``q · k * scaling`` and value; any other has the estimated logit ``tail_scores * scaling`` (the
+    key-code estimate of ``q · k``) and the value its codes stand for (`code_values` @ H). With no
+    unselected position this is :func:`sparse_decode_attention`.
+
+    Args:
+        query, key, value, indices, scaling: as :func:`sparse_decode_attention`.
+        tail_scores: float ``[B, Hq, S]``, the estimate of ``q · k`` at every position.
+        value_codes: packed uint8 ``[B, Hkv, S, D * value_bits // 8]``; value_centroids ``[Hkv, 2**value_bits]``.
+        value_bits: the value codes' width.
+        valid: ``[B, S]`` bool of the positions the query may attend to, or None for all.
+
+    Returns:
+        ``[B, Hq, D]`` in ``query.dtype``, computed in float32; zeros for a row with no valid position.
+    """
+    group = check_attention_inputs(query, key, value, indices)
+    bsz, num_kv_heads, length, head_dim = key.shape
+    heads = num_kv_heads * group
+    q = query.float().view(bsz, num_kv_heads, group, head_dim)
+    exact = (q @ key.float().transpose(2, 3)).view(bsz, heads, length) * scaling
+    selected = selected_mask(indices, heads, length)
+    logits = torch.where(selected, exact, tail_scores.float() * scaling)
+    if valid is not None:
+        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    estimated = code_values(value_codes, value_centroids, value_bits) @ hadamard_matrix(head_dim, key.device)
+    values = torch.where(
+        selected.view(bsz, num_kv_heads, group, length, 1),
+        value.float()[:, :, None],
+        estimated[:, :, None],
+    )  # [B, Hkv, G, S, D]
+    probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(bsz, num_kv_heads, group, 1, length)
+    return (probs @ values).reshape(bsz, heads, head_dim).to(query.dtype)
