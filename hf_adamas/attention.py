@@ -231,18 +231,10 @@ def _attention_with_tail(
 ) -> torch.Tensor:
     """``ops.tail_decode_attention``: the selection exact, every other key with its code estimate."""
     thresholds, centroids = code_book_for(settings, module, key)
-    key_codes = _key_codes(module, key, thresholds, settings.bits)
-    tail_scores = ops.centroid_scores(query, key_codes, centroids, settings.bits, shared_per_kv_group=False)
-    value_codes, value_centroids = _value_codes(module, value, settings.value_code_bits)
-    return ops.tail_decode_attention(
-        query,
-        key,
-        value,
-        indices,
-        scaling,
-        tail_scores,
-        value_codes,
-        value_centroids,
-        settings.value_code_bits,
-        valid,
+    key_codes = reference.PackedCodes(
+        _key_codes(module, key, thresholds, settings.bits), centroids, settings.bits
     )
+    value_codes = reference.PackedCodes(
+        *_value_codes(module, value, settings.value_code_bits), settings.value_code_bits
+    )
+    return ops.tail_decode_attention(query, key, value, indices, scaling, key_codes, value_codes, valid)

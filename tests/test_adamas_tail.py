@@ -3,6 +3,8 @@ whole cache, its decomposed production path, the cache's value codes, and the mo
 
 from __future__ import annotations
 
+from functools import partial
+
 import pytest
 import torch
 from helpers import assert_close
@@ -11,7 +13,7 @@ from transformers import AutoModelForCausalLM, StaticCache
 from hf_adamas import AdamasConfig, AdamasLayer, apply_adamas, ops
 from hf_adamas.bench.evaluation import Method, attention_method, decode_step, prefill
 from hf_adamas.codebook import code_book
-from hf_adamas.ops import reference, tail
+from hf_adamas.ops import cpu, reference, tail
 from hf_common.compat import cache_kwargs
 
 
@@ -32,109 +34,145 @@ def test_code_values_are_each_codes_centroid(bits) -> None:
 def _inputs(
     bsz: int, q_heads: int, kv_heads: int, length: int, budget: int, bits: int, shared: bool, seed: int = 0
 ) -> dict:
-    """Random decode inputs whose value codes decode to the values exactly and whose tail scores are exact,
-    so the tail estimate is then exact attention over every valid position."""
+    """Random decode inputs whose keys and values are exactly what their codes stand for, so that the tail
+    estimate is exact attention over every valid position (see `_noisy` for inexact codes)."""
     generator = torch.Generator().manual_seed(seed)
     head_dim = 32
-    codes = _random_codes((bsz, kv_heads, length, head_dim), bits, generator)
-    centroids = torch.randn(kv_heads, 2**bits, generator=generator)
-    value = reference.code_values(codes, centroids, bits) @ reference.hadamard_matrix(head_dim)
-    key = torch.randn(bsz, kv_heads, length, head_dim, generator=generator)
-    query = torch.randn(bsz, q_heads, head_dim, generator=generator)
+    hadamard = reference.hadamard_matrix(head_dim)
+    key_codes = reference.PackedCodes(
+        _random_codes((bsz, kv_heads, length, head_dim), 2, generator),
+        torch.randn(kv_heads, 4, generator=generator),
+        2,
+    )
+    value_codes = reference.PackedCodes(
+        _random_codes((bsz, kv_heads, length, head_dim), bits, generator),
+        torch.randn(kv_heads, 2**bits, generator=generator),
+        bits,
+    )
     rows = kv_heads if shared else q_heads
-    indices = torch.stack(
-        [torch.randperm(length, generator=generator)[:budget] for _ in range(bsz * rows)]
-    ).view(bsz, rows, budget)
+    indices = torch.stack([torch.randperm(length, generator=generator)[:budget] for _ in range(bsz * rows)])
+    indices = indices.view(bsz, rows, budget)
     indices[:, :, -1] = -1  # a skipped slot
     valid = torch.ones(bsz, length, dtype=torch.bool)
     valid[0, :3] = False  # left padding on the first row
     indices = torch.where(valid.gather(1, indices.clamp(min=0).flatten(1)).view_as(indices), indices, -1)
-    exact = torch.einsum("bhd,bhsd->bhs", query, key.repeat_interleave(q_heads // kv_heads, 1))
     return {
-        "query": query,
-        "key": key,
-        "value": value,
+        "query": torch.randn(bsz, q_heads, head_dim, generator=generator),
+        "key": reference.code_values(*key_codes) @ hadamard,
+        "value": reference.code_values(*value_codes) @ hadamard,
         "indices": indices,
         "scaling": head_dim**-0.5,
-        "tail_scores": exact,
-        "value_codes": codes,
-        "value_centroids": centroids,
-        "value_bits": bits,
+        "key_codes": key_codes,
+        "value_codes": value_codes,
         "valid": valid,
     }
 
 
+def _noisy(inputs: dict, seed: int = 1) -> dict:
+    """The same inputs with keys and values off their codes, so the estimates are inexact."""
+    generator = torch.Generator().manual_seed(seed)
+    key, value = inputs["key"], inputs["value"]
+    return dict(
+        inputs,
+        key=key + 0.3 * torch.randn(key.shape, generator=generator),
+        value=value + 0.3 * torch.randn(value.shape, generator=generator),
+    )
+
+
 def _dense(inputs: dict) -> torch.Tensor:
     group = inputs["query"].shape[1] // inputs["key"].shape[1]
-    logits = inputs["tail_scores"] * inputs["scaling"]
+    key, value = (inputs[name].repeat_interleave(group, 1) for name in ("key", "value"))
+    logits = torch.einsum("bhd,bhsd->bhs", inputs["query"], key) * inputs["scaling"]
     weights = logits.masked_fill(~inputs["valid"][:, None], float("-inf")).softmax(-1)
-    return torch.einsum("bhs,bhsd->bhd", weights, inputs["value"].repeat_interleave(group, 1))
+    return torch.einsum("bhs,bhsd->bhd", weights, value)
+
+
+def _sparse(inputs: dict) -> torch.Tensor:
+    return reference.sparse_decode_attention(
+        *(inputs[k] for k in ("query", "key", "value", "indices", "scaling"))
+    )
 
 
 @pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("bits", [2, 4])
-def test_reference_with_exact_estimates_is_dense_attention(shared, bits) -> None:
-    """With exact tail scores and values that their codes represent exactly, every position counts with its
-    true weight, whatever the selection: the result is dense attention over the valid positions."""
+def test_reference_with_exact_codes_is_dense_attention(shared, bits) -> None:
+    """Keys and values that their codes represent exactly: every position counts with its true weight,
+    whatever the selection, so the result is dense attention over the valid positions."""
     inputs = _inputs(2, 6, 2, 37, 5, bits, shared)
-    assert_close("tail (exact estimates)", _dense(inputs), reference.tail_decode_attention(**inputs), 1e-5)
+    assert_close("tail (exact codes)", _dense(inputs), reference.tail_decode_attention(**inputs), 1e-5)
 
 
 def test_reference_with_everything_selected_is_sparse_attention() -> None:
-    inputs = _inputs(1, 4, 2, 9, 9, 2, shared=False)
+    inputs = _noisy(_inputs(1, 4, 2, 9, 9, 2, shared=False))
     inputs["indices"] = torch.arange(9).expand(1, 4, 9).clone()
     inputs["valid"] = None
-    inputs["tail_scores"] = torch.full_like(inputs["tail_scores"], 1e4)  # would dominate if it were used
-    expected = reference.sparse_decode_attention(
-        inputs["query"], inputs["key"], inputs["value"], inputs["indices"], inputs["scaling"]
-    )
-    assert_close("tail (all selected)", expected, reference.tail_decode_attention(**inputs), 1e-6)
+    assert_close("tail (all selected)", _sparse(inputs), reference.tail_decode_attention(**inputs), 1e-6)
 
 
-def test_estimated_tail_moves_the_output_toward_dense() -> None:
-    """Wrong estimates change the result (the tail is used), and the reference is not dense then."""
-    inputs = _inputs(1, 4, 2, 64, 8, 4, shared=False)
-    dense = _dense(inputs)
-    noisy = dict(inputs, tail_scores=inputs["tail_scores"] + torch.randn_like(inputs["tail_scores"]))
-    dropped = reference.sparse_decode_attention(
-        inputs["query"], inputs["key"], inputs["value"], inputs["indices"], inputs["scaling"]
-    )
-    estimated = reference.tail_decode_attention(**noisy)
-    assert not torch.allclose(estimated, dense, atol=1e-4)
-    assert (estimated - dense).norm() < (dropped - dense).norm()
+def test_inexact_codes_still_move_the_output_toward_dense() -> None:
+    inputs = _noisy(_inputs(1, 4, 2, 64, 8, 4, shared=False))
+    inputs["valid"] = torch.ones(1, 64, dtype=torch.bool)
+    inputs["indices"] = inputs["indices"].clamp(min=0)
+    dense, estimated = _dense(inputs), reference.tail_decode_attention(**inputs)
+    assert not torch.allclose(estimated, dense, atol=1e-4)  # the estimate is used, and it is inexact
+    assert (estimated - dense).norm() < (_sparse(inputs) - dense).norm()
 
 
-@pytest.mark.parametrize(
-    ("bsz", "q_heads", "kv_heads", "length", "budget", "bits", "shared"),
-    [
-        (1, 1, 1, 1, 1, 2, False),
-        (2, 6, 2, 37, 5, 2, False),
-        (2, 6, 3, 50, 7, 4, True),
-        (1, 9, 3, 130, 16, 4, False),
-        (3, 4, 4, 17, 17, 2, False),
-    ],
-)
-def test_decomposed_path_matches_the_reference(bsz, q_heads, kv_heads, length, budget, bits, shared) -> None:
-    inputs = _inputs(bsz, q_heads, kv_heads, length, budget, bits, shared, seed=length)
-    inputs["tail_scores"] = inputs["tail_scores"] + torch.randn_like(inputs["tail_scores"])
+SHAPES = [
+    (1, 1, 1, 1, 1, 2, False),
+    (2, 6, 2, 37, 5, 2, False),
+    (2, 6, 3, 50, 7, 4, True),
+    (1, 9, 3, 130, 16, 4, False),
+    (3, 4, 4, 17, 17, 2, False),
+]
+
+
+@pytest.mark.parametrize("fused_cpu", [False, True])
+@pytest.mark.parametrize(("bsz", "q_heads", "kv_heads", "length", "budget", "bits", "shared"), SHAPES)
+def test_decomposed_paths_match_the_reference(
+    bsz, q_heads, kv_heads, length, budget, bits, shared, fused_cpu
+) -> None:
+    """The PyTorch and the C++ sums of the unselected positions, against the reference, in float32 and bf16."""
+    if fused_cpu and cpu.cpu_extension() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    inputs = _noisy(_inputs(bsz, q_heads, kv_heads, length, budget, bits, shared, seed=length))
     expected = reference.tail_decode_attention(**inputs)
-    assert_close("tail (decomposed)", expected, tail.tail_decode_attention(**inputs), 1e-5)
-    half = dict(
-        inputs,
-        query=inputs["query"].bfloat16(),
-        key=inputs["key"].bfloat16(),
-        value=inputs["value"].bfloat16(),
+    assert_close(
+        "tail (decomposed)", expected, tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu), 1e-5
     )
-    got = tail.tail_decode_attention(**half)
+    half = dict(inputs, **{name: inputs[name].bfloat16() for name in ("query", "key", "value")})
+    got = tail.tail_decode_attention(**half, fused_cpu=fused_cpu)
     assert got.dtype == torch.bfloat16
     assert_close("tail (decomposed, bf16)", reference.tail_decode_attention(**half), got, 1e-2)
 
 
-def test_a_row_with_nothing_valid_is_zeros_on_both_paths() -> None:
+def test_the_fused_sums_rescale_when_a_later_key_has_the_largest_logit() -> None:
+    """The C++ pass keeps a running maximum: a start far below the true one, and the largest estimate on
+    the last key, give the same sums as the PyTorch twin."""
+    if cpu.cpu_extension() is None:
+        pytest.skip("the C++ extension cannot be built here")
+    inputs = _noisy(_inputs(1, 2, 1, 40, 3, 4, shared=False))
+    excluded = torch.zeros(1, 2, 40, dtype=torch.bool)
+    start = torch.full((1, 2, 1), -50.0)
+    query = inputs["query"] * 4
+    table = reference.centroid_table(query, *inputs["key_codes"])
+    got = cpu.tail_partials_cpu(table, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5)
+    expected = tail._unselected_partials(
+        query, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5
+    )
+    for name, want, have in zip(("m", "l", "o"), expected, got, strict=True):
+        assert_close(f"fused tail {name}", want, have, 1e-5)
+
+
+def test_a_row_with_nothing_valid_is_zeros_on_every_path() -> None:
     inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
     inputs["valid"] = torch.zeros(1, 8, dtype=torch.bool)
     inputs["indices"] = torch.full_like(inputs["indices"], -1)
-    for implementation in (reference.tail_decode_attention, tail.tail_decode_attention):
+    for implementation in (
+        reference.tail_decode_attention,
+        tail.tail_decode_attention,
+        partial(tail.tail_decode_attention, fused_cpu=False),
+    ):
         assert torch.equal(implementation(**inputs), torch.zeros(1, 2, 32))
 
 

@@ -135,18 +135,14 @@ def tail_decode_attention(
     value: torch.Tensor,
     indices: torch.Tensor,
     scaling: float,
-    tail_scores: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_centroids: torch.Tensor,
-    value_bits: int,
+    key_codes: reference.PackedCodes,
+    value_codes: reference.PackedCodes,
     valid: torch.Tensor | None,
 ) -> torch.Tensor:
     """Exact attention over the selection plus the estimated unselected positions, ``[B, Hq, D]``; see
     :func:`reference.tail_decode_attention`. :func:`tail.tail_decode_attention` on every device."""
     implementation = reference.tail_decode_attention if _force_reference else tail.tail_decode_attention
-    return implementation(
-        query, key, value, indices, scaling, tail_scores, value_codes, value_centroids, value_bits, valid
-    )
+    return implementation(query, key, value, indices, scaling, key_codes, value_codes, valid)
 
 
 def rescore_selection(

@@ -13,6 +13,9 @@
 - `rescore_selection_cpu`: the exact ``q · k`` of the candidates an estimate selected, read in place
   from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
+- `tail_partials_cpu`: the tail estimate's unselected positions (``value_code_bits``): per key, its
+  score estimate from the key codes' byte table, then its value codes' Hadamard values added with
+  that weight, for the query heads of a KV group at once.
 
 Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table`,
 `reference.rescore_selection` and `reference.sparse_decode_attention`.
@@ -31,7 +34,7 @@ import torch
 from transformers.utils import logging
 
 from hf_adamas._validation import check_attention_inputs, check_thresholds
-from hf_adamas.ops.reference import hadamard_values
+from hf_adamas.ops.reference import PackedCodes, byte_codes, hadamard_values
 
 __all__ = [
     "cpu_extension",
@@ -40,6 +43,7 @@ __all__ = [
     "select_by_centroids_cpu",
     "select_by_table_cpu",
     "sparse_decode_attention_cpu",
+    "tail_partials_cpu",
 ]
 
 logger = logging.get_logger(__name__)
@@ -146,3 +150,28 @@ def sparse_decode_attention_cpu(
         query.float().contiguous(), key, value, indices.contiguous(), float(scaling)
     )
     return out.to(query.dtype)
+
+
+def tail_partials_cpu(
+    table: torch.Tensor,
+    key_codes: PackedCodes,
+    value_codes: PackedCodes,
+    excluded: torch.Tensor,
+    start_max: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tail estimate's unselected positions in C++: a pass over the key codes, one over the value codes.
+
+    Returns ``(m [B, Hq, 1], l [B, Hq, 1], o [B, Hq, D])``: the largest of ``start_max`` and the
+    estimated logits (``table``'s key-code score ``* scaling``) of the positions not ``excluded``, and
+    the sums of ``exp(logit - m)`` and of ``exp(logit - m)`` times the value codes' Hadamard values;
+    the extension must be available. Twin: ``hf_adamas.ops.tail._unselected_partials``.
+    """
+    codes = value_codes.codes if value_codes.codes.stride(3) == 1 else value_codes.codes.contiguous()
+    keys = key_codes.codes if key_codes.codes.stride(3) == 1 else key_codes.codes.contiguous()
+    byte_values = value_codes.centroids.float()[:, byte_codes(value_codes.bits, codes.device).long()]
+    maxima, sums, outputs = cpu_extension().tail_partials(
+        table.float().contiguous(), keys, codes, byte_values.contiguous(), excluded.contiguous(),
+        start_max.float().contiguous(), float(scaling),
+    )  # fmt: skip
+    return maxima.unsqueeze(-1), sums.unsqueeze(-1), outputs

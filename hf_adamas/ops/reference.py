@@ -24,6 +24,7 @@ and tokens so they double as the production path on CPU.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -39,6 +40,8 @@ from hf_adamas._validation import (
 )
 
 __all__ = [
+    "PackedCodes",
+    "byte_codes",
     "byte_table_sum",
     "centroid_scores",
     "centroid_table",
@@ -113,7 +116,7 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
 
 @functools.lru_cache(maxsize=8)
 @torch.inference_mode(False)  # cached, as the Hadamard matrix
-def _byte_codes(bits: int, device: torch.device) -> torch.Tensor:
+def byte_codes(bits: int, device: torch.device) -> torch.Tensor:
     """The codes packed in each byte value, as float32 ``[256, 8 // bits]``."""
     return unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).float()
 
@@ -160,7 +163,7 @@ def distance_table(q_codes: torch.Tensor, k_codes: torch.Tensor, bits: int) -> t
 def _code_gaps(bits: int, device: torch.device) -> torch.Tensor:
     """``|a - c|`` for query code ``a`` and code ``c`` at slot ``m`` of byte value ``v``: ``[8 // bits, 2**bits, 256]``."""
     codes = torch.arange(2**bits, device=device, dtype=torch.float32)
-    return (codes[None, :, None] - _byte_codes(bits, device).T[:, None, :]).abs()
+    return (codes[None, :, None] - byte_codes(bits, device).T[:, None, :]).abs()
 
 
 def centroid_scores(
@@ -201,7 +204,7 @@ def centroid_table(
     bsz, num_kv_heads, _, packed = k_codes.shape
     q_hat = hadamard_values(query)
     q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 8 // bits)
-    byte_values = centroids.float().to(k_codes.device)[:, _byte_codes(bits, k_codes.device).long()]
+    byte_values = centroids.float().to(k_codes.device)[:, byte_codes(bits, k_codes.device).long()]
     # Summed in float64 and rounded once, so that the fused CPU op, which sums in another order, gets
     # the same float32 entries (but for a tie within 1e-16).
     table = torch.einsum(
@@ -450,7 +453,7 @@ def code_values(codes: torch.Tensor, centroids: torch.Tensor, bits: int) -> torc
     bsz, heads, length, packed = codes.shape
     per_byte = codes_per_byte(bits)
     byte_values = centroids.float().to(codes.device)[
-        :, _byte_codes(bits, codes.device).long()
+        :, byte_codes(bits, codes.device).long()
     ]  # [H, 256, per_byte]
     offsets = torch.arange(heads, device=codes.device).view(1, heads, 1, 1) * 256
     looked_up = torch.nn.functional.embedding(codes.long() + offsets, byte_values.reshape(-1, per_byte))
@@ -466,30 +469,35 @@ def selected_mask(indices: torch.Tensor, heads: int, length: int) -> torch.Tenso
     return marks[..., :length]
 
 
+class PackedCodes(NamedTuple):
+    """Packed Hadamard codes ``[B, H, S, D * bits // 8]`` with the centroids ``[H, 2**bits]`` they stand for."""
+
+    codes: torch.Tensor
+    centroids: torch.Tensor
+    bits: int
+
+
 def tail_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
     indices: torch.Tensor,
     scaling: float,
-    tail_scores: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_centroids: torch.Tensor,
-    value_bits: int,
+    key_codes: PackedCodes,
+    value_codes: PackedCodes,
     valid: torch.Tensor | None,
 ) -> torch.Tensor:
     """Attention of one decode token over the whole cache: exact at the selected positions, estimated elsewhere.
 
     The softmax runs over every valid position. A selected position has its exact logit
-    ``q · k * scaling`` and value; any other has the estimated logit ``tail_scores * scaling`` (the
-    key-code estimate of ``q · k``) and the value its codes stand for (`code_values` @ H). With no
-    unselected position this is :func:`sparse_decode_attention`.
+    ``q · k * scaling`` and value; any other has the key-code estimate of its logit
+    (`centroid_scores` ``* scaling``) and the value its value codes stand for (`code_values` @ H).
+    With every valid position selected this is :func:`sparse_decode_attention`.
 
     Args:
         query, key, value, indices, scaling: as :func:`sparse_decode_attention`.
-        tail_scores: float ``[B, Hq, S]``, the estimate of ``q · k`` at every position.
-        value_codes: packed uint8 ``[B, Hkv, S, D * value_bits // 8]``; value_centroids ``[Hkv, 2**value_bits]``.
-        value_bits: the value codes' width.
+        key_codes: the keys' codes and centroids (``[B, Hkv, S, P]``, ``[Hkv, 2**bits]``).
+        value_codes: the values' codes and centroids, likewise.
         valid: ``[B, S]`` bool of the positions the query may attend to, or None for all.
 
     Returns:
@@ -500,15 +508,16 @@ def tail_decode_attention(
     heads = num_kv_heads * group
     q = query.float().view(bsz, num_kv_heads, group, head_dim)
     exact = (q @ key.float().transpose(2, 3)).view(bsz, heads, length) * scaling
+    estimated_logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling
     selected = selected_mask(indices, heads, length)
-    logits = torch.where(selected, exact, tail_scores.float() * scaling)
+    logits = torch.where(selected, exact, estimated_logits)
     if valid is not None:
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
-    estimated = code_values(value_codes, value_centroids, value_bits) @ hadamard_matrix(head_dim, key.device)
+    estimated_values = code_values(*value_codes) @ hadamard_matrix(head_dim, key.device)
     values = torch.where(
         selected.view(bsz, num_kv_heads, group, length, 1),
         value.float()[:, :, None],
-        estimated[:, :, None],
+        estimated_values[:, :, None],
     )  # [B, Hkv, G, S, D]
     probs = torch.softmax(logits, dim=-1).nan_to_num(0.0).view(bsz, num_kv_heads, group, 1, length)
     return (probs @ values).reshape(bsz, heads, head_dim).to(query.dtype)

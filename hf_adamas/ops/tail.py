@@ -2,17 +2,51 @@
 reading the unselected keys or values.
 
 :func:`tail_decode_attention` computes what :func:`hf_adamas.ops.reference.tail_decode_attention`
-specifies (a softmax over every position, exact at the selected ones), but merges two partial
-softmaxes instead: the selected rows' (`reference.selected_attention_partials`: only those K/V rows
-are gathered) and the unselected positions', whose values are summed in the Hadamard basis from
-their codes and rotated back once per head. It runs on every device; the reference is its test oracle.
+specifies (a softmax over every position, exact at the selected ones) by merging two partial
+softmaxes: the selected rows' (`reference.selected_attention_partials`, which gathers only those K/V
+rows) and the unselected positions', whose values are summed in the Hadamard basis from their codes
+and rotated back once per head. On CPU the second part is one C++ pass over the key and value codes
+(`cpu.tail_partials_cpu`); elsewhere, and without the extension, the same sums in PyTorch. The
+reference is the test oracle of both.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hf_adamas.ops.reference import code_values, hadamard_matrix, selected_attention_partials, selected_mask
+from hf_adamas.ops.cpu import cpu_extension, tail_partials_cpu
+from hf_adamas.ops.reference import (
+    PackedCodes,
+    centroid_scores,
+    centroid_table,
+    code_values,
+    hadamard_matrix,
+    selected_attention_partials,
+    selected_mask,
+)
+
+
+def _unselected_partials(
+    query: torch.Tensor,
+    key_codes: PackedCodes,
+    value_codes: PackedCodes,
+    excluded: torch.Tensor,
+    start_max: torch.Tensor,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PyTorch twin of `cpu.tail_partials_cpu`: ``(m, l, o)`` of the positions not ``excluded``, ``o`` in
+    the Hadamard basis."""
+    bsz, heads, length = excluded.shape
+    logits = (centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling).masked_fill(
+        excluded, float("-inf")
+    )
+    logit_max = torch.maximum(start_max, logits.amax(-1, keepdim=True))
+    logit_max = torch.where(torch.isfinite(logit_max), logit_max, 0.0)
+    weights = torch.exp(logits - logit_max)  # [B, Hq, S]
+    hadamard = code_values(*value_codes)  # [B, Hkv, S, D]
+    kv_heads = hadamard.shape[1]
+    summed = (weights.view(bsz, kv_heads, -1, length) @ hadamard).view(bsz, heads, -1)
+    return logit_max, weights.sum(-1, keepdim=True), summed
 
 
 def tail_decode_attention(
@@ -21,28 +55,33 @@ def tail_decode_attention(
     value: torch.Tensor,
     indices: torch.Tensor,
     scaling: float,
-    tail_scores: torch.Tensor,
-    value_codes: torch.Tensor,
-    value_centroids: torch.Tensor,
-    value_bits: int,
+    key_codes: PackedCodes,
+    value_codes: PackedCodes,
     valid: torch.Tensor | None,
+    fused_cpu: bool = True,
 ) -> torch.Tensor:
-    """Same arguments and result as :func:`hf_adamas.ops.reference.tail_decode_attention`."""
+    """Same arguments and result as :func:`hf_adamas.ops.reference.tail_decode_attention`.
+
+    ``fused_cpu=False`` sums the unselected positions in PyTorch on CPU too (for tests).
+    """
     selected_max, selected_sum, selected_values = selected_attention_partials(
         query, key, value, indices, scaling
     )
-    bsz, num_kv_heads, length, head_dim = key.shape
-    heads = query.shape[1]
-    tail = (tail_scores.float() * scaling).masked_fill(selected_mask(indices, heads, length), float("-inf"))
+    length, head_dim = key.shape[2:]
+    excluded = selected_mask(indices, query.shape[1], length)
     if valid is not None:
-        tail = tail.masked_fill(~valid[:, None, :], float("-inf"))
-    logit_max = torch.maximum(selected_max, tail.amax(-1, keepdim=True))
-    logit_max = torch.where(torch.isfinite(logit_max), logit_max, 0.0)
-    tail_weights = torch.exp(tail - logit_max)  # [B, Hq, S]
-    hadamard = code_values(value_codes, value_centroids, value_bits)  # [B, Hkv, S, D]
-    tail_values = (tail_weights.view(bsz, num_kv_heads, -1, length) @ hadamard).view(bsz, heads, head_dim)
+        excluded = excluded | ~valid[:, None, :]
+    if fused_cpu and key.device.type == "cpu" and cpu_extension() is not None:
+        table = centroid_table(query, *key_codes)
+        tail_max, tail_sum, tail_values = tail_partials_cpu(
+            table, key_codes, value_codes, excluded, selected_max, scaling
+        )
+    else:
+        tail_max, tail_sum, tail_values = _unselected_partials(
+            query, key_codes, value_codes, excluded, selected_max, scaling
+        )
     tail_values = tail_values @ hadamard_matrix(head_dim, key.device)
-    rescale = torch.exp(selected_max - logit_max)
-    weight_sum = selected_sum * rescale + tail_weights.sum(-1, keepdim=True)
-    output = selected_values * rescale + tail_values
+    selected_scale = torch.exp(selected_max - tail_max)  # tail_max >= selected_max
+    weight_sum = selected_sum * selected_scale + tail_sum
+    output = selected_values * selected_scale + tail_values
     return (output / weight_sum.clamp(min=torch.finfo(torch.float32).tiny)).to(query.dtype)

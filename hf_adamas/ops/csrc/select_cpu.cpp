@@ -9,6 +9,8 @@
 //   twin reference.rescore_selection.
 // - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
 //   (possibly preallocated, strided) cache; twin reference.sparse_decode_attention.
+// - tail_partials: the unselected positions' share of the tail estimate (AdamasConfig.value_code_bits)
+//   in a pass over the key codes and one over the value codes; twin hf_adamas.ops.tail._unselected_partials.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -814,7 +816,123 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
   return out;
 }
 
+
+// The tail estimate's unselected positions: the key codes' score estimates, then the weighted value codes.
+// table: float32 [B, Hkv, G, Pk, 256] contiguous (reference.centroid_table: a key byte's share of the
+// q . k estimate); key_codes: uint8 [B, Hkv, S, Pk] with contiguous rows; value_codes: uint8
+// [B, Hkv, S, Pv] with contiguous rows; byte_values: float32 [Hkv, 256, 8 / value_bits] contiguous
+// (the Hadamard values each value byte stands for); excluded: bool [B, Hq, S] contiguous (selected or
+// not attendable); start_max: float32 [B, Hq] contiguous (a first guess of the largest logit, e.g.
+// the selection's). Returns (m [B, Hq], l [B, Hq], o [B, Hq, D]): per query head, m the largest of
+// start_max and the estimated logits est * scaling, l = sum exp(logit - m), o = sum exp(logit - m) * the
+// value codes' Hadamard values, over the positions not excluded.
+namespace {
+
+// Pass 2 of tail_partials for one KV head: per key, the weights exp(logit - max) of its query heads,
+// and its value codes' Hadamard values (decoded once) added to each head's sum with that weight.
+__attribute__((target_clones("avx2", "default")))
+void accumulate_tail(const float* logits, const float* maxima, const uint8_t* vals, int64_t row_stride,
+                     const float* values_of, int64_t value_bytes, int64_t per_byte, int64_t group, int64_t seq_len,
+                     float negligible, float* sums, float* outputs) {
+  const int64_t dim = value_bytes * per_byte;
+  std::vector<float> row(dim), weights(group);
+  for (int64_t j = 0; j < seq_len; ++j) {
+    bool any = false;
+    for (int64_t g = 0; g < group; ++g) {
+      weights[g] = std::exp(logits[g * seq_len + j] - maxima[g]);
+      any |= weights[g] >= negligible;
+    }
+    if (!any) continue;
+    const uint8_t* packed = vals + j * row_stride;
+    for (int64_t p = 0; p < value_bytes; ++p)
+      for (int64_t m = 0; m < per_byte; ++m) row[p * per_byte + m] = values_of[packed[p] * per_byte + m];
+    for (int64_t g = 0; g < group; ++g) {
+      if (!(weights[g] >= negligible)) continue;  // also a skipped position (weight 0)
+      sums[g] += weights[g];
+      float* out = outputs + g * dim;
+      for (int64_t d = 0; d < dim; ++d) out[d] += weights[g] * row[d];
+    }
+  }
+}
+
+}  // namespace
+
+std::vector<torch::Tensor> tail_partials(torch::Tensor table, torch::Tensor key_codes, torch::Tensor value_codes,
+                                         torch::Tensor byte_values, torch::Tensor excluded, torch::Tensor start_max,
+                                         double scaling) {
+  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.dim() == 5 && table.size(4) == 256 && table.is_contiguous(),
+              "table must be contiguous float32 [B, Hkv, G, P, 256]");
+  TORCH_CHECK(key_codes.dtype() == torch::kUInt8 && value_codes.dtype() == torch::kUInt8 && key_codes.dim() == 4 &&
+                  value_codes.dim() == 4 && key_codes.stride(3) == 1 && value_codes.stride(3) == 1,
+              "key and value codes must be uint8 [B, Hkv, S, P] with contiguous rows");
+  const int64_t batch = table.size(0), kv_heads = table.size(1), group = table.size(2), key_bytes = table.size(3);
+  const int64_t seq_len = key_codes.size(2), value_bytes = value_codes.size(3);
+  TORCH_CHECK(key_codes.size(0) == batch && key_codes.size(1) == kv_heads && key_codes.size(3) == key_bytes &&
+                  value_codes.size(0) == batch && value_codes.size(1) == kv_heads && value_codes.size(2) == seq_len,
+              "table, key codes and value codes disagree");
+  TORCH_CHECK(byte_values.dtype() == torch::kFloat32 && byte_values.dim() == 3 && byte_values.size(0) == kv_heads &&
+                  byte_values.size(1) == 256 && byte_values.is_contiguous(),
+              "byte_values must be contiguous float32 [Hkv, 256, codes per byte]");
+  const int64_t per_byte = byte_values.size(2), dim = value_bytes * per_byte, q_heads = kv_heads * group;
+  TORCH_CHECK(excluded.dtype() == torch::kBool && excluded.is_contiguous() && excluded.dim() == 3 &&
+                  excluded.size(0) == batch && excluded.size(1) == q_heads && excluded.size(2) == seq_len,
+              "excluded must be contiguous bool [B, Hq, S]");
+  TORCH_CHECK(start_max.dtype() == torch::kFloat32 && start_max.is_contiguous() && start_max.numel() == batch * q_heads,
+              "start_max must be contiguous float32 [B, Hq]");
+  auto maxima = start_max.clone().view({batch, q_heads});
+  auto sums = torch::zeros({batch, q_heads}, torch::kFloat32);
+  auto outputs = torch::zeros({batch, q_heads, dim}, torch::kFloat32);
+  const float* t_ptr = table.data_ptr<float>();
+  const uint8_t* kc_ptr = key_codes.data_ptr<uint8_t>();
+  const uint8_t* vc_ptr = value_codes.data_ptr<uint8_t>();
+  const float* bv_ptr = byte_values.data_ptr<float>();
+  const bool* x_ptr = excluded.data_ptr<bool>();
+  float* m_ptr = maxima.data_ptr<float>();
+  float* l_ptr = sums.data_ptr<float>();
+  float* o_ptr = outputs.data_ptr<float>();
+  const int64_t ks0 = key_codes.stride(0), ks1 = key_codes.stride(1), ks2 = key_codes.stride(2);
+  const int64_t vs0 = value_codes.stride(0), vs1 = value_codes.stride(1), vs2 = value_codes.stride(2);
+  const float scale = static_cast<float>(scaling);
+
+  // Two passes per KV head: every estimated logit first (so the largest is known before any weight),
+  // then the weights and the weighted value rows; a key's value codes are decoded once for its group,
+  // and weights below kNegligible (relative to the largest) are skipped.
+  constexpr float kNegligible = 1e-12f;
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> logits(group * seq_len), scores;
+    std::vector<int64_t> positions;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / kv_heads, h = bh % kv_heads, first = b * q_heads + h * group;
+      const float* tab = t_ptr + bh * group * key_bytes * 256;
+      const float* values_of = bv_ptr + h * 256 * per_byte;
+      const uint8_t* keys = kc_ptr + b * ks0 + h * ks1;
+      const uint8_t* vals = vc_ptr + b * vs0 + h * vs1;
+      for (int64_t g = 0; g < group; ++g) {
+        const bool* skip = x_ptr + (first + g) * seq_len;
+        float* out = logits.data() + g * seq_len;
+        positions.clear();
+        for (int64_t j = 0; j < seq_len; ++j) {
+          out[j] = -std::numeric_limits<float>::infinity();
+          if (!skip[j]) positions.push_back(j);
+        }
+        scores.resize(positions.size());
+        exact_scores(tab + g * key_bytes * 256, keys, ks2, key_bytes, positions.data(), positions.size(), scores.data());
+        float top = m_ptr[first + g];
+        for (size_t i = 0; i < positions.size(); ++i) {
+          out[positions[i]] = scores[i] * scale;
+          top = std::max(top, out[positions[i]]);
+        }
+        m_ptr[first + g] = top;
+      }
+      accumulate_tail(logits.data(), m_ptr + first, vals, vs2, values_of, value_bytes, per_byte, group, seq_len,
+                      kNegligible, l_ptr + first, o_ptr + first * dim);
+    }
+  });
+  return {maxima, sums, outputs};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tail_partials", &tail_partials, "The tail estimate's unselected positions from the key and value codes (CPU)");
   m.def("select_by_centroids", &select_by_centroids, "Exact asymmetric selection by a fast-scanned estimate (CPU)");
   m.def("bucket_codes", &bucket_codes, "Bucketize and pack Hadamard values into codes (CPU)");
   m.def("rescore_selection", &rescore_selection, "Exact q . k second stage over selected candidates (CPU)");
