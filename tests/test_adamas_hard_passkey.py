@@ -117,6 +117,17 @@ def test_method_grid_maps_names_to_configs(name, selector, calibration, gqa_sele
         assert config.sink_tokens == 4
 
 
+@pytest.mark.parametrize(("name", "rescore_factor", "value_code_bits"), [
+    ("asymmetric-online", 1, 0),
+    ("asymmetric-online-rescore", 4, 0),
+    ("asymmetric-online-tail2", 1, 2),
+    ("asymmetric-online-tail4", 1, 4),
+])  # fmt: skip
+def test_method_grid_suffixes_set_the_second_stages(name, rescore_factor, value_code_bits) -> None:
+    (method,) = method_grid([name], [64])
+    assert (method.config.rescore_factor, method.config.value_code_bits) == (rescore_factor, value_code_bits)
+
+
 def test_method_grid_names_the_bad_point() -> None:
     with pytest.raises(ValueError, match="unknown methods"):
         method_grid(["dense", "bogus"], [64])

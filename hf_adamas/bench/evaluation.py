@@ -328,8 +328,9 @@ def run_perplexity(
 @contextmanager
 def timed_sparse_ops() -> Iterator[dict[str, float]]:
     """Seconds spent in key selection (estimate + top-k, one fused op on CPU, plus the optional exact
-    rescoring) and in the sparse attention over the selected keys, summed over every call in the
-    block (CPU: synchronous)."""
+    rescoring) and in the sparse attention over the selected keys (with the tail estimate: the whole
+    ``tail_decode_attention``, unselected positions included), summed over every call in the block
+    (CPU: synchronous)."""
     from hf_adamas import ops
 
     totals = {"selection": 0.0, "attention": 0.0}
@@ -338,6 +339,7 @@ def timed_sparse_ops() -> Iterator[dict[str, float]]:
         "select_by_centroid_scores": "selection",
         "rescore_selection": "selection",
         "sparse_decode_attention": "attention",
+        "tail_decode_attention": "attention",
     }
     originals = {name: getattr(ops, name) for name in timed}
 
