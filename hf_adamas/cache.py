@@ -20,7 +20,8 @@ the cache by `apply_adamas`), the first decoded token reserves exactly that; oth
 grows by a quarter (``GROWTH``) when full, so at most 25% of the cache is reserved but unused, and a
 regrowth briefly holds the old and the new buffer of one layer. Per token and layer the cache holds ``kv_heads * head_dim * (2 *
 element_size + bits / 8)`` bytes: at head_dim 64, 3 KV heads, fp32 K/V and 2-bit codes, 1536 B of
-K/V plus 48 B of codes (3.1%). Cropping (assisted decoding), reordering (beam search) and batch
+K/V plus 48 B of codes (3.1%); the tail estimate (``value_code_bits``) adds ``kv_heads * head_dim *
+value_code_bits / 8`` bytes of value codes (96 B at 4 bits). Cropping (assisted decoding), reordering (beam search) and batch
 selection keep the codes row- and position-aligned with the keys.
 
 Two ways to get it:
@@ -270,7 +271,9 @@ class AdamasLayer(PreallocatedLayer):
     def code_buffers(self) -> list[torch.Tensor]:
         """The code buffers built so far, whole (their reserved room included): for memory accounting."""
         return [
-            codes.codes for codes in (self._key_codes, self._value_codes) if codes and codes.codes is not None
+            codes.codes
+            for codes in (self._key_codes, self._value_codes)
+            if codes is not None and codes.codes is not None
         ]
 
     def crop(self, tokens_to_remove: int) -> None:
