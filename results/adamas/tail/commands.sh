@@ -10,6 +10,6 @@ for skip in 150000 200000 250000; do
 done
 # Harder passkey, 4096 tokens, held-out split, 30 trials (where budget 64 missed dense by one trial, 32 by five).
 hf-adamas passkey --output-dir results/adamas/tail/passkey_4096 --resume --trials 30 --splits heldout --lengths 4096 \
-  --budgets 16 32 64 --methods dense asymmetric-online asymmetric-online-tail4
+  --budgets 16 32 64 --methods dense asymmetric-online asymmetric-online-tail2 asymmetric-online-tail4
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir results/adamas/tail/cpu_decode --contexts 8192 --budgets 64 256 --steps 8 --rounds 3 \
   --methods dense-static asymmetric-online asymmetric-online-tail2
