@@ -210,7 +210,8 @@ class AdamasLayer(PreallocatedLayer):
 
     With the tail estimate (``AdamasConfig(value_code_bits=...)``) it also stores codes of its values,
     whose code book (`hf_adamas.codebook.code_book`) is made from the values stored when they are
-    first asked for, i.e. the prompt's, and kept for every later value.
+    first asked for (at the first sparse step: the prompt and the first decoded token) and kept for
+    every later value.
     """
 
     def __init__(self, thresholds: list[float], bits: int, capacity: int | None = None, **kwargs) -> None:

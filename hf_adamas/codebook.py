@@ -43,15 +43,16 @@ def threshold_centroids(thresholds: torch.Tensor, kv_heads: int) -> torch.Tensor
 
 @torch.no_grad()
 def code_book(keys: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Quantile thresholds and per-head bucket means of the Hadamard-transformed ``keys``.
+    """Quantile thresholds and per-head bucket means of the Hadamard-transformed ``keys`` (or values).
 
     Args:
-        keys: post-RoPE keys ``[batch, kv_heads, seq, head_dim]`` (rows of a batch are pooled).
-        bits: code width, 1 or 2.
+        keys: post-RoPE keys ``[batch, kv_heads, seq, head_dim]`` (rows of a batch are pooled), or
+            values for the tail estimate's value codes.
+        bits: code width, 1, 2 or 4.
 
     Returns:
-        ``(thresholds, centroids)``: float32 CPU ``[2**bits - 1]`` edges at the ``1/4, 2/4, 3/4``
-        quantiles (the median for 1 bit), and float32 ``[kv_heads, 2**bits]`` on the keys' device,
+        ``(thresholds, centroids)``: float32 CPU ``[2**bits - 1]`` edges at the ``k / 2**bits``
+        quantiles (the quartiles for 2 bits, the median for 1), and float32 ``[kv_heads, 2**bits]`` on the keys' device,
         the mean transformed value of each bucket per KV head (the implied centroid for a bucket
         that no value of a head falls in).
     """

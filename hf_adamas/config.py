@@ -142,6 +142,8 @@ class AdamasConfig:
                 "none (use 'adamas' or 'adamas_asymmetric', or rescore_factor=1)."
             )
         check_bits(self.bits)
+        _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
+        _check_choice("selector", self.selector, Selector)
         _check_int("value_code_bits", self.value_code_bits, minimum=0)
         if self.value_code_bits not in VALUE_CODE_WIDTHS:
             raise ValueError(
@@ -154,8 +156,6 @@ class AdamasConfig:
                 f"codes, which only selector='adamas_asymmetric' scores; selector={self.selector!r} "
                 "has no such estimate (use value_code_bits=0)."
             )
-        _check_choice("gqa_selection", self.gqa_selection, GqaSelection)
-        _check_choice("selector", self.selector, Selector)
         if self.calibration is None:
             given = self.thresholds is not None or self.centroids is not None
             self.calibration = "fixed" if given else "online"

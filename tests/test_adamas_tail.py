@@ -146,9 +146,8 @@ def test_decomposed_paths_match_the_reference(
     assert_close("tail (decomposed, bf16)", reference.tail_decode_attention(**half), got, 1e-2)
 
 
-def test_the_fused_sums_rescale_when_a_later_key_has_the_largest_logit() -> None:
-    """The C++ pass keeps a running maximum: a start far below the true one, and the largest estimate on
-    the last key, give the same sums as the PyTorch twin."""
+def test_the_fused_sums_match_pytorch_from_a_start_far_below_the_logits() -> None:
+    """The C++ sums take their maximum from the estimated logits when the start is far below them."""
     if cpu.cpu_extension() is None:
         pytest.skip("the C++ extension cannot be built here")
     inputs = _noisy(_inputs(1, 2, 1, 40, 3, 4, shared=False))
@@ -162,6 +161,38 @@ def test_the_fused_sums_rescale_when_a_later_key_has_the_largest_logit() -> None
     )
     for name, want, have in zip(("m", "l", "o"), expected, got, strict=True):
         assert_close(f"fused tail {name}", want, have, 1e-5)
+
+
+def test_nothing_selected_and_very_negative_logits_still_average_the_rest() -> None:
+    """A row whose selection is empty: the tail alone is the softmax, even when every estimated logit is
+    far below zero (no weight may be dropped against a made-up maximum)."""
+    inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
+    inputs.update(indices=torch.full_like(inputs["indices"], -1), valid=None, scaling=1.0)
+    inputs["query"] = inputs["query"] * 0 - 200.0  # logits about -200 * sum of key values
+    expected = reference.tail_decode_attention(**inputs)
+    assert expected.abs().sum() > 0
+    for fused_cpu in (False, True):
+        assert_close(
+            "empty selection", expected, tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu), 1e-5
+        )
+
+
+def test_codes_and_keys_read_in_place_from_larger_buffers() -> None:
+    """Views of preallocated buffers (the cache's layout: longer than the filled part) give the same result."""
+    inputs = _noisy(_inputs(2, 6, 3, 30, 5, 4, shared=False))
+    views = dict(inputs)
+    for name in ("key", "value"):
+        room = torch.zeros(2, 3, 50, 32)
+        room[:, :, :30] = inputs[name]
+        views[name] = room[:, :, :30]
+    for name in ("key_codes", "value_codes"):
+        codes = inputs[name].codes
+        room = torch.zeros(2, 3, 50, codes.shape[-1], dtype=torch.uint8)
+        room[:, :, :30] = codes
+        views[name] = inputs[name]._replace(codes=room[:, :, :30])
+    expected = reference.tail_decode_attention(**inputs)
+    for fused_cpu in (False, True):
+        assert_close("in place", expected, tail.tail_decode_attention(**views, fused_cpu=fused_cpu), 1e-5)
 
 
 def test_a_row_with_nothing_valid_is_zeros_on_every_path() -> None:
@@ -210,6 +241,12 @@ def test_value_codes_use_the_prompts_code_book_and_follow_the_cache() -> None:
     layer.crop(-layer.get_seq_length())
     layer.update(prompt[:1], prompt[:1])  # a reused cache: its next prompt's book
     assert torch.equal(layer.value_codes(4)[1], code_book(prompt[:1], 4)[1])
+    codes, centroids = layer.value_codes(2)  # another width: a new code book of that width
+    assert codes.shape[-1] == 8 and centroids.shape == (3, 4)
+    layer.crop(-10)
+    layer.update(step[:1].expand(1, 3, 2, 32), step[:1].expand(1, 3, 2, 32))  # re-append after a partial crop
+    thresholds, _ = code_book(prompt[:1], 2)
+    assert torch.equal(layer.value_codes(2)[0], reference.hadamard_codes(layer.values, thresholds, 2))
 
 
 def _decode_logits(model, input_ids: torch.Tensor, method: Method) -> torch.Tensor:
@@ -221,19 +258,15 @@ def _decode_logits(model, input_ids: torch.Tensor, method: Method) -> torch.Tens
 
 
 def test_the_tail_brings_a_small_budget_closer_to_dense(tiny_config) -> None:
-    """On a tiny model, budget 4 of 60 positions: with the tail estimate the last logits are closer to
-    dense attention's than without, and the op is what the sparse layers ran."""
+    """On a tiny model, budget 4 of 60 positions: with the tail estimate (its production path, on cache
+    views) the last logits are closer to dense attention's than without, and the sparse layers ran it."""
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(tiny_config).eval()
     input_ids = torch.randint(3, 128, (1, 64), generator=torch.Generator().manual_seed(2))
     dense = _decode_logits(model, input_ids, Method("dense"))
-    calls = []
+    calls, production = [], ops.tail_decode_attention
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(
-            ops,
-            "tail_decode_attention",
-            lambda *a: calls.append(1) or ops.reference.tail_decode_attention(*a),
-        )
+        patch.setattr(ops, "tail_decode_attention", lambda *a: calls.append(1) or production(*a))
         with_tail = _decode_logits(
             model, input_ids, Method("tail", AdamasConfig(token_budget=4, dense_layers=1, value_code_bits=4))
         )

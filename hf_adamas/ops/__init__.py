@@ -11,8 +11,8 @@ kernels and ``torch.topk`` on CUDA; on CPU the fused C++ ops of :mod:`hf_adamas.
 rule: byte-table scores and an exact top-k in one pass over the packed codes; the asymmetric rule: a
 fast-scanned estimate narrows the keys that get exact scores), or :func:`reference.select_by_table`
 where they cannot be built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
-:func:`tail_decode_attention` (the optional tail estimate) runs :mod:`hf_adamas.ops.tail`, plain PyTorch
-that reads only the selected K/V rows, on every device. :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
+:func:`tail_decode_attention` (the optional tail estimate) runs :mod:`hf_adamas.ops.tail`, which reads
+only the selected K/V rows and sums the others from their codes (a C++ op on CPU, PyTorch elsewhere). :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
 caches and the PyTorch reference elsewhere.
 """
 
@@ -140,7 +140,8 @@ def tail_decode_attention(
     valid: torch.Tensor | None,
 ) -> torch.Tensor:
     """Exact attention over the selection plus the estimated unselected positions, ``[B, Hq, D]``; see
-    :func:`reference.tail_decode_attention`. :func:`tail.tail_decode_attention` on every device."""
+    :func:`reference.tail_decode_attention`. :func:`tail.tail_decode_attention` on every device (C++ sums
+    on CPU)."""
     implementation = reference.tail_decode_attention if _force_reference else tail.tail_decode_attention
     return implementation(query, key, value, indices, scaling, key_codes, value_codes, valid)
 

@@ -35,17 +35,16 @@ def _unselected_partials(
     scaling: float,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch twin of `cpu.tail_partials_cpu`: ``(m, l, o)`` of the positions not ``excluded``, ``o`` in
-    the Hadamard basis."""
+    the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no position is left)."""
     bsz, heads, length = excluded.shape
     logits = (centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling).masked_fill(
         excluded, float("-inf")
     )
     logit_max = torch.maximum(start_max, logits.amax(-1, keepdim=True))
-    logit_max = torch.where(torch.isfinite(logit_max), logit_max, 0.0)
-    weights = torch.exp(logits - logit_max)  # [B, Hq, S]
-    hadamard = code_values(*value_codes)  # [B, Hkv, S, D]
-    kv_heads = hadamard.shape[1]
-    summed = (weights.view(bsz, kv_heads, -1, length) @ hadamard).view(bsz, heads, -1)
+    weights = torch.exp(logits - logit_max).nan_to_num(0.0)  # [B, Hq, S]; a row with no logit: zeros
+    decoded_values = code_values(*value_codes)  # [B, Hkv, S, D], Hadamard basis
+    kv_heads = decoded_values.shape[1]
+    summed = (weights.view(bsz, kv_heads, -1, length) @ decoded_values).view(bsz, heads, -1)
     return logit_max, weights.sum(-1, keepdim=True), summed
 
 
@@ -71,15 +70,18 @@ def tail_decode_attention(
     excluded = selected_mask(indices, query.shape[1], length)
     if valid is not None:
         excluded = excluded | ~valid[:, None, :]
+    # The selection's largest logit starts the tail's maximum (-inf for a row with nothing selected).
+    start_max = torch.where(selected_sum > 0, selected_max, float("-inf"))
     if fused_cpu and key.device.type == "cpu" and cpu_extension() is not None:
         table = centroid_table(query, *key_codes)
         tail_max, tail_sum, tail_values = tail_partials_cpu(
-            table, key_codes, value_codes, excluded, selected_max, scaling
+            table, key_codes, value_codes, excluded, start_max, scaling
         )
     else:
         tail_max, tail_sum, tail_values = _unselected_partials(
-            query, key_codes, value_codes, excluded, selected_max, scaling
+            query, key_codes, value_codes, excluded, start_max, scaling
         )
+    tail_max = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # nothing valid at all: zeros
     tail_values = tail_values @ hadamard_matrix(head_dim, key.device)
     selected_scale = torch.exp(selected_max - tail_max)  # tail_max >= selected_max
     weight_sum = selected_sum * selected_scale + tail_sum

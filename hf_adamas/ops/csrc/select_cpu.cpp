@@ -822,8 +822,8 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 // q . k estimate); key_codes: uint8 [B, Hkv, S, Pk] with contiguous rows; value_codes: uint8
 // [B, Hkv, S, Pv] with contiguous rows; byte_values: float32 [Hkv, 256, 8 / value_bits] contiguous
 // (the Hadamard values each value byte stands for); excluded: bool [B, Hq, S] contiguous (selected or
-// not attendable); start_max: float32 [B, Hq] contiguous (a first guess of the largest logit, e.g.
-// the selection's). Returns (m [B, Hq], l [B, Hq], o [B, Hq, D]): per query head, m the largest of
+// not attendable); start_max: float32 [B, Hq] contiguous (the selection's largest logit, -inf when
+// none; m stays -inf where no position is left either). Returns (m [B, Hq], l [B, Hq], o [B, Hq, D]): per query head, m the largest of
 // start_max and the estimated logits est * scaling, l = sum exp(logit - m), o = sum exp(logit - m) * the
 // value codes' Hadamard values, over the positions not excluded.
 namespace {
@@ -909,18 +909,18 @@ std::vector<torch::Tensor> tail_partials(torch::Tensor table, torch::Tensor key_
       const uint8_t* vals = vc_ptr + b * vs0 + h * vs1;
       for (int64_t g = 0; g < group; ++g) {
         const bool* skip = x_ptr + (first + g) * seq_len;
-        float* out = logits.data() + g * seq_len;
+        float* head_logits = logits.data() + g * seq_len;
         positions.clear();
         for (int64_t j = 0; j < seq_len; ++j) {
-          out[j] = -std::numeric_limits<float>::infinity();
+          head_logits[j] = -std::numeric_limits<float>::infinity();
           if (!skip[j]) positions.push_back(j);
         }
         scores.resize(positions.size());
         exact_scores(tab + g * key_bytes * 256, keys, ks2, key_bytes, positions.data(), positions.size(), scores.data());
         float top = m_ptr[first + g];
         for (size_t i = 0; i < positions.size(); ++i) {
-          out[positions[i]] = scores[i] * scale;
-          top = std::max(top, out[positions[i]]);
+          head_logits[positions[i]] = scores[i] * scale;
+          top = std::max(top, head_logits[positions[i]]);
         }
         m_ptr[first + g] = top;
       }
