@@ -24,7 +24,7 @@ from hf_adamas.calibration import OnlineCalibratedLayer
 from hf_adamas.codebook import code_book
 from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
 from hf_adamas.ops import reference
-from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS, code_book_for
+from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS, code_book_for, forced_positions
 from hf_common.compat import CACHE_ARGUMENT
 
 logger = logging.get_logger(__name__)
@@ -237,4 +237,14 @@ def _attention_with_tail(
     value_codes = reference.PackedCodes(
         *_value_codes(module, value, settings.value_code_bits), settings.value_code_bits
     )
-    return ops.tail_decode_attention(query, key, value, indices, scaling, key_codes, value_codes, valid)
+    exact_positions = None
+    if settings.rescore_factor > 1:  # the rescoring read the candidates' keys: their logits are exact
+        forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
+        shared = settings.gqa_selection == "shared_per_kv_group"
+        exact_positions = ops.select_by_centroid_scores(
+            query, key_codes.codes, centroids, settings.bits, shared,
+            settings.token_budget * settings.rescore_factor, valid, forced,
+        )  # fmt: skip
+    return ops.tail_decode_attention(
+        query, key, value, indices, scaling, key_codes, value_codes, valid, exact_positions
+    )

@@ -217,7 +217,7 @@ def test_attention_over_subset_is_masked_dense(shared: bool) -> None:
 @pytest.mark.parametrize("layout", ["contiguous", "cache_prefix", "transposed"])
 def test_position_gather_matches_torch_gather(layout: str) -> None:
     """The row-copy fast path (contiguous and cache-prefix views) and the fallback agree with gather."""
-    from hf_adamas.ops.reference import _gather_positions
+    from hf_adamas.ops.reference import gather_positions
 
     torch.manual_seed(0)
     full = torch.randn(2, 3, 40, 16)
@@ -228,7 +228,7 @@ def test_position_gather_matches_torch_gather(layout: str) -> None:
     }[layout]
     positions = torch.randint(0, 29, (2, 3, 7))
     expected = states.gather(2, positions.unsqueeze(-1).expand(-1, -1, -1, 16))
-    assert torch.equal(_gather_positions(states, positions), expected)
+    assert torch.equal(gather_positions(states, positions), expected)
 
 
 def test_attention_row_without_indices_is_zero() -> None:

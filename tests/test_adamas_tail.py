@@ -286,3 +286,25 @@ def test_a_cache_without_value_codes_encodes_the_values_at_hand(tiny_config) -> 
         model(input_ids=input_ids, use_cache=True, **cache_kwargs(cache))
         logits = model(input_ids=input_ids[:, -1:], use_cache=True, **cache_kwargs(cache)).logits
     assert torch.isfinite(logits).all()
+
+
+def test_exact_positions_make_their_logits_exact() -> None:
+    """Keys off their codes, values on theirs: with every position's logit exact, the estimate is dense
+    attention; with some, both production paths still match the reference."""
+    inputs = _inputs(2, 6, 2, 37, 5, 4, shared=False)
+    generator = torch.Generator().manual_seed(5)
+    inputs["key"] = inputs["key"] + 0.5 * torch.randn(inputs["key"].shape, generator=generator)
+    everything = torch.arange(37).expand(2, 6, 37).clone()
+    assert_close(
+        "all exact",
+        _dense(inputs),
+        reference.tail_decode_attention(**inputs, exact_positions=everything),
+        1e-5,
+    )
+    some = torch.stack([torch.randperm(37, generator=generator)[:9] for _ in range(2 * 2)]).view(2, 2, 9)
+    some[:, :, 0] = -1
+    expected = reference.tail_decode_attention(**inputs, exact_positions=some)  # one list per KV group
+    assert not torch.allclose(expected, reference.tail_decode_attention(**inputs), atol=1e-5)
+    for fused_cpu in (False, True):
+        got = tail.tail_decode_attention(**inputs, exact_positions=some, fused_cpu=fused_cpu)
+        assert_close(f"exact positions (fused_cpu={fused_cpu})", expected, got, 1e-5)

@@ -166,6 +166,7 @@ METHOD_NAMES = (
     "asymmetric-online-rescore",
     "asymmetric-online-tail2",
     "asymmetric-online-tail4",
+    "asymmetric-online-rescore-tail2",
     "streaming_llm",
     "quest",
     "oracle",
@@ -176,7 +177,7 @@ METHOD_NAMES = (
 own prefill keys; ``-kvgroup`` = one selection per KV group (``shared_per_kv_group``); ``-rescore`` =
 ``rescore_factor=RESCORE_FACTOR`` (the code estimate proposes that many keys per kept one, the exact
 ``q · k`` keeps the best); ``-tail2`` / ``-tail4`` = the tail estimate with 2- / 4-bit value codes
-(``value_code_bits``).
+(``value_code_bits``), ``-rescore-tail2`` both (the rescored candidates' logits exact in the tail).
 ``dense-static``: dense sdpa over a `StaticCache` (only the decode-speed benchmark tells it apart).
 ``oracle``: exact ``q · k`` top-k, the accuracy bound of every top-k selector at a budget."""
 
@@ -212,7 +213,7 @@ def method_grid(
             "selector": "adamas_asymmetric" if family == "asymmetric" else family,
             "gqa_selection": "shared_per_kv_group" if name.endswith("-kvgroup") else gqa_selection,
             "calibration": "online" if "-online" in name else "fixed",
-            "rescore_factor": RESCORE_FACTOR if name.endswith("-rescore") else 1,
+            "rescore_factor": RESCORE_FACTOR if "-rescore" in name else 1,
             "value_code_bits": int(name[-1]) if "-tail" in name else 0,
         }
         if name.endswith("-calibrated") and calibrated is not None:

@@ -138,12 +138,13 @@ def tail_decode_attention(
     key_codes: reference.PackedCodes,
     value_codes: reference.PackedCodes,
     valid: torch.Tensor | None,
+    exact_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the selection plus the estimated unselected positions, ``[B, Hq, D]``; see
     :func:`reference.tail_decode_attention`. :func:`tail.tail_decode_attention` on every device (C++ sums
     on CPU)."""
     implementation = reference.tail_decode_attention if _force_reference else tail.tail_decode_attention
-    return implementation(query, key, value, indices, scaling, key_codes, value_codes, valid)
+    return implementation(query, key, value, indices, scaling, key_codes, value_codes, valid, exact_positions)
 
 
 def rescore_selection(

@@ -159,11 +159,13 @@ def tail_partials_cpu(
     excluded: torch.Tensor,
     start_max: torch.Tensor,
     scaling: float,
+    exact_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The tail estimate's unselected positions in C++: a pass over the key codes, one over the value codes.
 
     Returns ``(m [B, Hq, 1], l [B, Hq, 1], o [B, Hq, D])``: the largest of ``start_max`` and the
-    estimated logits (``table``'s key-code score ``* scaling``) of the positions not ``excluded``, and
+    estimated logits (``table``'s key-code score ``* scaling``, or ``exact_logits`` where it is not NaN)
+    of the positions not ``excluded``, and
     the sums of ``exp(logit - m)`` and of ``exp(logit - m)`` times the value codes' Hadamard values;
     the extension must be available. Twin: ``hf_adamas.ops.tail._unselected_partials``.
     """
@@ -173,5 +175,6 @@ def tail_partials_cpu(
     maxima, sums, outputs = cpu_extension().tail_partials(
         table.float().contiguous(), keys, codes, byte_values.contiguous(), excluded.contiguous(),
         start_max.float().contiguous(), float(scaling),
+        torch.empty(0) if exact_logits is None else exact_logits.float().contiguous(),
     )  # fmt: skip
     return maxima.unsqueeze(-1), sums.unsqueeze(-1), outputs

@@ -48,6 +48,7 @@ __all__ = [
     "code_distance",
     "code_values",
     "distance_table",
+    "gather_positions",
     "hadamard_codes",
     "hadamard_matrix",
     "largest_first",
@@ -356,7 +357,7 @@ def rescore_selection(
     safe = candidates.clamp(min=0)
     # Scores in float64, rounded to float32 for the ranking: the fused CPU op sums in another order,
     # and both round to the same float32 (but for a tie within 1e-16).
-    k_sel = _gather_positions(key, safe.reshape(bsz, num_kv_heads, -1)).double()  # [B, Hkv, per_row * R, D]
+    k_sel = gather_positions(key, safe.reshape(bsz, num_kv_heads, -1)).double()  # [B, Hkv, per_row * R, D]
     k_sel = k_sel.unflatten(2, (per_row, -1))  # [B, Hkv, per_row, R, D]
     q = query.double().unflatten(1, (num_kv_heads, -1))  # [B, Hkv, G, D]
     if per_row == 1:
@@ -366,7 +367,7 @@ def rescore_selection(
     return _best_ranked(largest_first(scores), safe, seq_len, budget, is_forced, candidates < 0)
 
 
-def _gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+def gather_positions(states: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """``states[b, h, positions[b, h, i]]`` for ``states [B, H, S, D]``, ``positions [B, H, N]``.
 
     When each position's D values are contiguous and (batch, head) offsets are whole rows (as for
@@ -420,8 +421,8 @@ def selected_attention_partials(
     per_head = indices.shape[1] // num_kv_heads  # G if each query head has its own indices, else 1
     idx = indices.reshape(bsz, num_kv_heads, -1)  # [B, Hkv, per_head * K]
     safe_idx = idx.clamp(min=0)
-    k_sel = _gather_positions(key, safe_idx).float().unflatten(2, (per_head, -1))  # [B, Hkv, per_head, K, D]
-    v_sel = _gather_positions(value, safe_idx).float().unflatten(2, (per_head, -1))
+    k_sel = gather_positions(key, safe_idx).float().unflatten(2, (per_head, -1))  # [B, Hkv, per_head, K, D]
+    v_sel = gather_positions(value, safe_idx).float().unflatten(2, (per_head, -1))
     q = query.float().unflatten(1, (num_kv_heads, group))
     # [B, Hkv, G, 1, D] when each query head meets its own keys, else [B, Hkv, 1, G, D].
     q = q.unsqueeze(3) if per_head > 1 else q.unsqueeze(2)
@@ -486,6 +487,7 @@ def tail_decode_attention(
     key_codes: PackedCodes,
     value_codes: PackedCodes,
     valid: torch.Tensor | None,
+    exact_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Attention of one decode token over the whole cache: exact at the selected positions, estimated elsewhere.
 
@@ -499,6 +501,9 @@ def tail_decode_attention(
         key_codes: the keys' codes and centroids (``[B, Hkv, S, P]``, ``[Hkv, 2**bits]``).
         value_codes: the values' codes and centroids, likewise.
         valid: ``[B, S]`` bool of the positions the query may attend to, or None for all.
+        exact_positions: int64 ``[B, Hq or Hkv, R]`` (``-1`` skipped), unselected positions whose logit is
+            exact too (their keys were read anyway, by the ``rescore_factor`` stage); their values stay
+            estimated. None: none.
 
     Returns:
         ``[B, Hq, D]`` in ``query.dtype``, computed in float32; zeros for a row with no valid position.
@@ -510,7 +515,10 @@ def tail_decode_attention(
     exact = (q @ key.float().transpose(2, 3)).view(bsz, heads, length) * scaling
     estimated_logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling
     selected = selected_mask(indices, heads, length)
-    logits = torch.where(selected, exact, estimated_logits)
+    exact_logit = (
+        selected if exact_positions is None else selected | selected_mask(exact_positions, heads, length)
+    )
+    logits = torch.where(exact_logit, exact, estimated_logits)
     if valid is not None:
         logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
     estimated_values = code_values(*value_codes) @ hadamard_matrix(head_dim, key.device)

@@ -20,6 +20,7 @@ from hf_adamas.ops.reference import (
     centroid_scores,
     centroid_table,
     code_values,
+    gather_positions,
     hadamard_matrix,
     selected_attention_partials,
     selected_mask,
@@ -33,19 +34,39 @@ def _unselected_partials(
     excluded: torch.Tensor,
     start_max: torch.Tensor,
     scaling: float,
+    exact_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch twin of `cpu.tail_partials_cpu`: ``(m, l, o)`` of the positions not ``excluded``, ``o`` in
     the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no position is left)."""
     bsz, heads, length = excluded.shape
-    logits = (centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling).masked_fill(
-        excluded, float("-inf")
-    )
+    logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling
+    if exact_logits is not None:  # NaN where the estimate stands
+        logits = torch.where(torch.isnan(exact_logits), logits, exact_logits)
+    logits = logits.masked_fill(excluded, float("-inf"))
     logit_max = torch.maximum(start_max, logits.amax(-1, keepdim=True))
     weights = torch.exp(logits - logit_max).nan_to_num(0.0)  # [B, Hq, S]; a row with no logit: zeros
     decoded_values = code_values(*value_codes)  # [B, Hkv, S, D], Hadamard basis
     kv_heads = decoded_values.shape[1]
     summed = (weights.view(bsz, kv_heads, -1, length) @ decoded_values).view(bsz, heads, -1)
     return logit_max, weights.sum(-1, keepdim=True), summed
+
+
+def _exact_logits(
+    query: torch.Tensor, key: torch.Tensor, positions: torch.Tensor, scaling: float
+) -> torch.Tensor:
+    """``[B, Hq, S]`` float32: ``q · k * scaling`` at ``positions`` (``[B, Hq or Hkv, R]``, -1 skipped), NaN elsewhere."""
+    bsz, num_kv_heads, length, head_dim = key.shape
+    heads = query.shape[1]
+    if positions.shape[1] != heads:  # one candidate list per KV group
+        positions = positions.repeat_interleave(heads // positions.shape[1], dim=1)
+    safe = positions.clamp(min=0)
+    rows = gather_positions(key, safe.reshape(bsz, num_kv_heads, -1)).float()  # [B, Hkv, G * R, D]
+    rows = rows.view(bsz, num_kv_heads, -1, positions.shape[2], head_dim)  # [B, Hkv, G, R, D]
+    q = query.float().view(bsz, num_kv_heads, -1, head_dim, 1)
+    logits = (rows @ q).reshape(bsz, heads, -1) * scaling
+    out = torch.full((bsz, heads, length + 1), float("nan"), device=key.device)
+    out.scatter_(2, torch.where(positions >= 0, positions, length), logits)
+    return out[..., :length]
 
 
 def tail_decode_attention(
@@ -57,6 +78,7 @@ def tail_decode_attention(
     key_codes: PackedCodes,
     value_codes: PackedCodes,
     valid: torch.Tensor | None,
+    exact_positions: torch.Tensor | None = None,
     fused_cpu: bool = True,
 ) -> torch.Tensor:
     """Same arguments and result as :func:`hf_adamas.ops.reference.tail_decode_attention`.
@@ -70,16 +92,17 @@ def tail_decode_attention(
     excluded = selected_mask(indices, query.shape[1], length)
     if valid is not None:
         excluded = excluded | ~valid[:, None, :]
+    exact_logits = None if exact_positions is None else _exact_logits(query, key, exact_positions, scaling)
     # The selection's largest logit starts the tail's maximum (-inf for a row with nothing selected).
     start_max = torch.where(selected_sum > 0, selected_max, float("-inf"))
     if fused_cpu and key.device.type == "cpu" and cpu_extension() is not None:
         table = centroid_table(query, *key_codes)
         tail_max, tail_sum, tail_values = tail_partials_cpu(
-            table, key_codes, value_codes, excluded, start_max, scaling
+            table, key_codes, value_codes, excluded, start_max, scaling, exact_logits
         )
     else:
         tail_max, tail_sum, tail_values = _unselected_partials(
-            query, key_codes, value_codes, excluded, start_max, scaling
+            query, key_codes, value_codes, excluded, start_max, scaling, exact_logits
         )
     tail_max = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # nothing valid at all: zeros
     tail_values = tail_values @ hadamard_matrix(head_dim, key.device)

@@ -823,9 +823,11 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 // [B, Hkv, S, Pv] with contiguous rows; byte_values: float32 [Hkv, 256, 8 / value_bits] contiguous
 // (the Hadamard values each value byte stands for); excluded: bool [B, Hq, S] contiguous (selected or
 // not attendable); start_max: float32 [B, Hq] contiguous (the selection's largest logit, -inf when
-// none; m stays -inf where no position is left either). Returns (m [B, Hq], l [B, Hq], o [B, Hq, D]): per query head, m the largest of
-// start_max and the estimated logits est * scaling, l = sum exp(logit - m), o = sum exp(logit - m) * the
-// value codes' Hadamard values, over the positions not excluded.
+// none; m stays -inf where no position is left either); exact_logits: empty, or float32 [B, Hq, S]
+// contiguous, a logit known exactly (the rescored candidates') or NaN where the estimate stands.
+// Returns (m [B, Hq], l [B, Hq], o [B, Hq, D]): per query head, m the largest of start_max and the
+// logits (est * scaling unless given), l = sum exp(logit - m), o = sum exp(logit - m) * the value
+// codes' Hadamard values, over the positions not excluded.
 namespace {
 
 // Pass 2 of tail_partials for one KV head: per key, the weights exp(logit - max) of its query heads,
@@ -859,7 +861,7 @@ void accumulate_tail(const float* logits, const float* maxima, const uint8_t* va
 
 std::vector<torch::Tensor> tail_partials(torch::Tensor table, torch::Tensor key_codes, torch::Tensor value_codes,
                                          torch::Tensor byte_values, torch::Tensor excluded, torch::Tensor start_max,
-                                         double scaling) {
+                                         double scaling, torch::Tensor exact_logits) {
   TORCH_CHECK(table.dtype() == torch::kFloat32 && table.dim() == 5 && table.size(4) == 256 && table.is_contiguous(),
               "table must be contiguous float32 [B, Hkv, G, P, 256]");
   TORCH_CHECK(key_codes.dtype() == torch::kUInt8 && value_codes.dtype() == torch::kUInt8 && key_codes.dim() == 4 &&
@@ -879,6 +881,11 @@ std::vector<torch::Tensor> tail_partials(torch::Tensor table, torch::Tensor key_
               "excluded must be contiguous bool [B, Hq, S]");
   TORCH_CHECK(start_max.dtype() == torch::kFloat32 && start_max.is_contiguous() && start_max.numel() == batch * q_heads,
               "start_max must be contiguous float32 [B, Hq]");
+  const bool has_exact = exact_logits.numel() > 0;
+  TORCH_CHECK(!has_exact || (exact_logits.dtype() == torch::kFloat32 && exact_logits.is_contiguous() &&
+                             exact_logits.sizes() == excluded.sizes()),
+              "exact_logits must be empty or contiguous float32 [B, Hq, S]");
+  const float* e_ptr = has_exact ? exact_logits.data_ptr<float>() : nullptr;
   auto maxima = start_max.clone().view({batch, q_heads});
   auto sums = torch::zeros({batch, q_heads}, torch::kFloat32);
   auto outputs = torch::zeros({batch, q_heads, dim}, torch::kFloat32);
@@ -917,9 +924,11 @@ std::vector<torch::Tensor> tail_partials(torch::Tensor table, torch::Tensor key_
         }
         scores.resize(positions.size());
         exact_scores(tab + g * key_bytes * 256, keys, ks2, key_bytes, positions.data(), positions.size(), scores.data());
+        const float* exact = has_exact ? e_ptr + (first + g) * seq_len : nullptr;
         float top = m_ptr[first + g];
         for (size_t i = 0; i < positions.size(); ++i) {
-          head_logits[positions[i]] = scores[i] * scale;
+          const float given = exact ? exact[positions[i]] : std::numeric_limits<float>::quiet_NaN();
+          head_logits[positions[i]] = std::isnan(given) ? scores[i] * scale : given;
           top = std::max(top, head_logits[positions[i]]);
         }
         m_ptr[first + g] = top;
