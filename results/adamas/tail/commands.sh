@@ -13,3 +13,11 @@ hf-adamas passkey --output-dir results/adamas/tail/passkey_4096 --resume --trial
   --budgets 16 32 64 --methods dense asymmetric-online asymmetric-online-tail2 asymmetric-online-tail4
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir results/adamas/tail/cpu_decode --contexts 8192 --budgets 64 256 --steps 8 --rounds 3 \
   --methods dense-static asymmetric-online asymmetric-online-tail2
+# The tail estimate with the rescoring stage (rescore_factor=4): the candidates' logits, already read exactly, replace
+# their estimates in the tail (method asymmetric-online-rescore-tail2), budget 64 only; dense re-measured alike.
+for skip in 150000 200000 250000; do
+  hf-adamas ppl --output-dir results/adamas/tail/perplexity_$skip --resume --context 8192 --decode-tokens 128 \
+    --skip-tokens $skip --budgets 64 --methods dense asymmetric-online-rescore-tail2
+done
+hf-adamas passkey --output-dir results/adamas/tail/passkey_4096 --resume --trials 30 --splits heldout --lengths 4096 \
+  --budgets 32 64 --methods dense asymmetric-online-rescore-tail2
