@@ -21,3 +21,6 @@ for skip in 150000 200000 250000; do
 done
 hf-adamas passkey --output-dir results/adamas/tail/passkey_4096 --resume --trials 30 --splits heldout --lengths 4096 \
   --budgets 32 64 --methods dense asymmetric-online-rescore-tail2
+# Decode speed of that configuration at 8K, budget 64, side by side with dense-static and the default.
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir results/adamas/tail/cpu_decode_rescore --contexts 8192 --budgets 64 --steps 8 \
+  --rounds 3 --methods dense-static asymmetric-online asymmetric-online-rescore-tail2
