@@ -24,7 +24,12 @@ from hf_adamas.calibration import OnlineCalibratedLayer
 from hf_adamas.codebook import code_book
 from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
 from hf_adamas.ops import reference
-from hf_adamas.selection import CACHE_LAYER_ATTRIBUTE, SELECTORS, code_book_for, forced_positions
+from hf_adamas.selection import (
+    CACHE_LAYER_ATTRIBUTE,
+    SELECTORS,
+    code_book_for,
+    select_asymmetric_with_candidates,
+)
 from hf_common.compat import CACHE_ARGUMENT
 
 logger = logging.get_logger(__name__)
@@ -183,18 +188,21 @@ def adamas_attention_forward(
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     valid = _valid_positions(attention_mask, query_length)
-    select = SELECTORS[settings.selector]
-    indices = select(
-        settings=settings,
-        module=module,
-        query=query[:, :, 0],
-        key=key,
-        valid=valid,
-        key_codes=lambda thresholds: _key_codes(module, key, thresholds, settings.bits),
-    )
-    if settings.value_code_bits:
-        output = _attention_with_tail(settings, module, query[:, :, 0], key, value, indices, scaling, valid)
+    arguments = {
+        "settings": settings,
+        "module": module,
+        "query": query[:, :, 0],
+        "key": key,
+        "valid": valid,
+        "key_codes": lambda thresholds: _key_codes(module, key, thresholds, settings.bits),
+    }
+    if settings.value_code_bits:  # the config allows it with selector="adamas_asymmetric" only
+        indices, candidates = select_asymmetric_with_candidates(**arguments)
+        output = _attention_with_tail(
+            settings, module, query[:, :, 0], key, value, indices, candidates, scaling, valid
+        )
     else:
+        indices = SELECTORS[settings.selector](**arguments)
         output = ops.sparse_decode_attention(query[:, :, 0], key, value, indices, scaling)
     return output[:, None], None
 
@@ -226,10 +234,12 @@ def _attention_with_tail(
     key: torch.Tensor,
     value: torch.Tensor,
     indices: torch.Tensor,
+    candidates: torch.Tensor | None,
     scaling: float,
     valid: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``ops.tail_decode_attention``: the selection exact, every other key with its code estimate."""
+    """``ops.tail_decode_attention``: the selection exact, every other key with its code estimate (the
+    rescored ``candidates`` with their exact logits)."""
     thresholds, centroids = code_book_for(settings, module, key)
     key_codes = reference.PackedCodes(
         _key_codes(module, key, thresholds, settings.bits), centroids, settings.bits
@@ -237,14 +247,6 @@ def _attention_with_tail(
     value_codes = reference.PackedCodes(
         *_value_codes(module, value, settings.value_code_bits), settings.value_code_bits
     )
-    exact_positions = None
-    if settings.rescore_factor > 1:  # the rescoring read the candidates' keys: their logits are exact
-        forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
-        shared = settings.gqa_selection == "shared_per_kv_group"
-        exact_positions = ops.select_by_centroid_scores(
-            query, key_codes.codes, centroids, settings.bits, shared,
-            settings.token_budget * settings.rescore_factor, valid, forced,
-        )  # fmt: skip
     return ops.tail_decode_attention(
-        query, key, value, indices, scaling, key_codes, value_codes, valid, exact_positions
+        query, key, value, indices, scaling, key_codes, value_codes, valid, candidates
     )

@@ -83,14 +83,15 @@ def _estimate_then_rescore(
     key: torch.Tensor,
     valid: torch.Tensor | None,
     estimate: Callable[[int, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``estimate(budget, forced)``'s selection, or with ``rescore_factor > 1`` its larger candidate
-    set narrowed to the budget by the exact scores (`ops.rescore_selection`)."""
+    set narrowed to the budget by the exact scores (`ops.rescore_selection`); with those candidates
+    (None without rescoring)."""
     forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
     if settings.rescore_factor == 1:
-        return estimate(settings.token_budget, forced)
+        return estimate(settings.token_budget, forced), None
     candidates = estimate(settings.token_budget * settings.rescore_factor, forced)
-    return ops.rescore_selection(query, key, candidates, settings.token_budget, forced)
+    return ops.rescore_selection(query, key, candidates, settings.token_budget, forced), candidates
 
 
 def select_adamas(
@@ -105,7 +106,7 @@ def select_adamas(
     shared = settings.gqa_selection == "shared_per_kv_group"
     q_codes = ops.hadamard_codes(query, thresholds, settings.bits)
     codes = key_codes(thresholds)
-    return _estimate_then_rescore(
+    indices, _ = _estimate_then_rescore(
         settings,
         query,
         key,
@@ -114,6 +115,7 @@ def select_adamas(
             q_codes, codes, settings.bits, shared, budget, valid, forced
         ),
     )
+    return indices
 
 
 def code_book_for(
@@ -149,6 +151,19 @@ def select_adamas_asymmetric(
     valid: torch.Tensor | None,
     key_codes: KeyCodes,
 ) -> torch.Tensor:
+    return select_asymmetric_with_candidates(settings, module, query, key, valid, key_codes)[0]
+
+
+def select_asymmetric_with_candidates(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    valid: torch.Tensor | None,
+    key_codes: KeyCodes,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`select_adamas_asymmetric`'s selection and, with ``rescore_factor > 1``, the estimate's candidates
+    it was rescored from (their keys were read exactly; the tail estimate keeps their logits)."""
     thresholds, centroids = code_book_for(settings, module, key)
     shared = settings.gqa_selection == "shared_per_kv_group"
     codes = key_codes(thresholds)

@@ -34,7 +34,7 @@ import torch
 from transformers.utils import logging
 
 from hf_adamas._validation import check_attention_inputs, check_thresholds
-from hf_adamas.ops.reference import PackedCodes, byte_codes, hadamard_values
+from hf_adamas.ops.reference import PackedCodes, byte_centroids, hadamard_values
 
 __all__ = [
     "cpu_extension",
@@ -171,7 +171,7 @@ def tail_partials_cpu(
     """
     codes = value_codes.codes if value_codes.codes.stride(3) == 1 else value_codes.codes.contiguous()
     keys = key_codes.codes if key_codes.codes.stride(3) == 1 else key_codes.codes.contiguous()
-    byte_values = value_codes.centroids.float()[:, byte_codes(value_codes.bits, codes.device).long()]
+    byte_values = byte_centroids(value_codes.centroids, value_codes.bits, codes.device)
     maxima, sums, outputs = cpu_extension().tail_partials(
         table.float().contiguous(), keys, codes, byte_values.contiguous(), excluded.contiguous(),
         start_max.float().contiguous(), float(scaling),

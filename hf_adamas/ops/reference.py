@@ -41,6 +41,7 @@ from hf_adamas._validation import (
 
 __all__ = [
     "PackedCodes",
+    "byte_centroids",
     "byte_codes",
     "byte_table_sum",
     "centroid_scores",
@@ -120,6 +121,11 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
 def byte_codes(bits: int, device: torch.device) -> torch.Tensor:
     """The codes packed in each byte value, as float32 ``[256, 8 // bits]``."""
     return unpack_codes(torch.arange(256, dtype=torch.uint8, device=device).unsqueeze(-1), bits).float()
+
+
+def byte_centroids(centroids: torch.Tensor, bits: int, device: torch.device) -> torch.Tensor:
+    """float32 ``[H, 256, 8 // bits]``: the centroids ``[H, 2**bits]`` that the codes of each byte value stand for."""
+    return centroids.float().to(device)[:, byte_codes(bits, device).long()]
 
 
 def code_distance(
@@ -205,7 +211,7 @@ def centroid_table(
     bsz, num_kv_heads, _, packed = k_codes.shape
     q_hat = hadamard_values(query)
     q_hat = q_hat.view(bsz, num_kv_heads, group, packed, 8 // bits)
-    byte_values = centroids.float().to(k_codes.device)[:, byte_codes(bits, k_codes.device).long()]
+    byte_values = byte_centroids(centroids, bits, k_codes.device)
     # Summed in float64 and rounded once, so that the fused CPU op, which sums in another order, gets
     # the same float32 entries (but for a tie within 1e-16).
     table = torch.einsum(
@@ -453,9 +459,7 @@ def code_values(codes: torch.Tensor, centroids: torch.Tensor, bits: int) -> torc
     """
     bsz, heads, length, packed = codes.shape
     per_byte = codes_per_byte(bits)
-    byte_values = centroids.float().to(codes.device)[
-        :, byte_codes(bits, codes.device).long()
-    ]  # [H, 256, per_byte]
+    byte_values = byte_centroids(centroids, bits, codes.device)  # [H, 256, per_byte]
     offsets = torch.arange(heads, device=codes.device).view(1, heads, 1, 1) * 256
     looked_up = torch.nn.functional.embedding(codes.long() + offsets, byte_values.reshape(-1, per_byte))
     return looked_up.view(bsz, heads, length, packed * per_byte)
