@@ -48,12 +48,25 @@ def _add_method_arguments(
     parser.add_argument(
         "--sink-tokens", type=int, default=4, help="Sink tokens of the streaming_llm baseline."
     )
+    parser.add_argument(
+        "--rescore-candidates",
+        type=int,
+        default=None,
+        help="AdamasConfig.rescore_candidates of the code-estimate methods (default: the config's).",
+    )
 
 
 def _method_configs(args: argparse.Namespace, calibrated: dict | None = None) -> list:
     """The arguments' `method_grid`; a bad budget or forced-token count is a `CommandError`."""
     try:
-        return method_grid(args.methods, args.budgets, args.gqa_selection, args.sink_tokens, calibrated)
+        return method_grid(
+            args.methods,
+            args.budgets,
+            args.gqa_selection,
+            args.sink_tokens,
+            calibrated,
+            args.rescore_candidates,
+        )
     except ValueError as error:
         raise CommandError(str(error)) from error
 

@@ -76,6 +76,14 @@ class AdamasConfig:
             For ``"adamas"`` and ``"adamas_asymmetric"``: with ``F > 1`` the code estimate proposes
             ``F * token_budget`` keys and their exact ``q · k`` keeps the ``token_budget`` best (a second
             stage that reads the candidates' full keys, ``F`` times the rows attention reads). 1 = off.
+        rescore_candidates (`int`, *optional*, defaults to `128`):
+            A floor on that second stage's candidates: the code estimate proposes
+            ``max(rescore_factor * token_budget, rescore_candidates)`` keys (`candidate_pool`), so small
+            budgets get rescored from a fixed-size pool while budgets at or above it are not rescored
+            (at most ``rescore_candidates`` extra key rows read per head). Only the code-estimate
+            selectors (``"adamas"``, ``"adamas_asymmetric"``) use it; the others ignore it. 0 = no floor.
+            128 was chosen on the tuning split of the harder passkey test, where it brings the default
+            selector to the exact top-k's retrieval at budgets 16-64 (``results/adamas/hard/round6/``).
         quest_page_size (`int`, *optional*, defaults to `16`):
             Page size of the Quest baseline.
         calibration (`str`, *optional*):
@@ -117,6 +125,9 @@ class AdamasConfig:
     rescore_factor: int = field(
         default=1, metadata={"help": "Candidates per kept key rescored exactly (1 = the estimate alone)."}
     )
+    rescore_candidates: int = field(
+        default=128, metadata={"help": "Fewest candidates the exact second stage rescores (0 = no floor)."}
+    )
     quest_page_size: int = field(default=16, metadata={"help": "Page size of the Quest baseline."})
     calibration: Calibration | None = field(
         default=None,
@@ -137,6 +148,7 @@ class AdamasConfig:
         _check_int("recent_tokens", self.recent_tokens, minimum=0)
         _check_int("quest_page_size", self.quest_page_size, minimum=1)
         _check_int("rescore_factor", self.rescore_factor, minimum=1)
+        _check_int("rescore_candidates", self.rescore_candidates, minimum=0)
         if self.rescore_factor > 1 and self.selector not in ("adamas", "adamas_asymmetric"):
             raise ValueError(
                 f"rescore_factor={self.rescore_factor} rescores a code estimate; selector={self.selector!r} has "
@@ -182,6 +194,11 @@ class AdamasConfig:
                 f"{self.sink_tokens + self.quest_page_size} exceeds token_budget={self.token_budget}; "
                 "raise the budget or use a smaller quest_page_size."
             )
+
+    @property
+    def candidate_pool(self) -> int:
+        """Keys the code estimate proposes per row; rescoring is on when this exceeds the budget."""
+        return max(self.token_budget * self.rescore_factor, self.rescore_candidates)
 
     def thresholds_for_layer(self, layer_idx: int) -> list[float]:
         """The bucket edges that layer ``layer_idx`` uses (`check_model_config` checks the layer count)."""

@@ -9,6 +9,8 @@ For one decode query and a cache of ``S`` keys, each query head ``h`` (reading K
    dot product of the full-precision ``q̂`` with the key's dequantized codes ``centroids[code]``.
 4. Keep ``token_budget`` keys: the current token, ``sink_tokens`` first and ``recent_tokens`` last ones
    always, then the best scores (smallest distance, largest dot product; ties to the more recent key).
+   With a ``candidate_pool`` above the budget (``AdamasConfig.candidate_pool``, not in the paper), keep
+   that many this way, then the budget best of them by the exact ``q · k`` (forced ones first).
 5. Exact softmax attention of ``q`` over the kept keys and values.
 
 Nothing here is fast: no packing, no lookup tables, one head at a time.
@@ -63,6 +65,7 @@ def adamas_decode_attention(
     sink_tokens: int = 0,
     recent_tokens: int = 0,
     centroids: torch.Tensor | None = None,
+    candidate_pool: int = 0,
 ) -> torch.Tensor:
     """One decode step of Adamas attention for one sequence.
 
@@ -74,6 +77,8 @@ def adamas_decode_attention(
         scaling: softmax scale, normally ``D ** -0.5``.
         centroids: ``[Hkv, 2**bits]`` value of each code per KV head: score by ``q̂ · centroids[codes]``
             instead of the L1 code distance.
+        candidate_pool: keys the code score proposes for an exact second stage (step 4); at or below
+            ``token_budget`` there is none.
 
     Returns:
         ``[Hq, D]`` float32 attention output.
@@ -87,7 +92,11 @@ def adamas_decode_attention(
             distance = (key_codes - codes(query[head], thresholds)).abs().sum(-1)
         else:
             distance = -(hadamard(query[head]) * centroids[head // group].double()[key_codes]).sum(-1)
-        kept = selected_positions(distance, token_budget, sink_tokens, recent_tokens)
+        kept = selected_positions(distance, max(token_budget, candidate_pool), sink_tokens, recent_tokens)
+        if candidate_pool > token_budget:
+            exact = torch.full_like(distance, math.inf, dtype=torch.float64)
+            exact[kept] = -(head_keys[kept].double() @ query[head].double())
+            kept = selected_positions(exact, token_budget, sink_tokens, recent_tokens)
         weights = torch.softmax(head_keys[kept] @ query[head].float() * scaling, dim=0)
         out[head] = weights @ head_values[kept]
     return out

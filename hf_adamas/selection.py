@@ -84,13 +84,14 @@ def _estimate_then_rescore(
     valid: torch.Tensor | None,
     estimate: Callable[[int, torch.Tensor], torch.Tensor],
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """``estimate(budget, forced)``'s selection, or with ``rescore_factor > 1`` its larger candidate
-    set narrowed to the budget by the exact scores (`ops.rescore_selection`); with those candidates
-    (None without rescoring)."""
+    """``estimate(budget, forced)``'s selection, or when `AdamasConfig.candidate_pool` exceeds the
+    budget, that many candidates narrowed to the budget by the exact scores (`ops.rescore_selection`);
+    with those candidates (None without rescoring)."""
     forced = forced_positions(settings, valid, key.shape[0], key.shape[2], key.device)
-    if settings.rescore_factor == 1:
+    pool = settings.candidate_pool
+    if pool <= settings.token_budget:
         return estimate(settings.token_budget, forced), None
-    candidates = estimate(settings.token_budget * settings.rescore_factor, forced)
+    candidates = estimate(pool, forced)
     return ops.rescore_selection(query, key, candidates, settings.token_budget, forced), candidates
 
 
@@ -162,7 +163,7 @@ def select_asymmetric_with_candidates(
     valid: torch.Tensor | None,
     key_codes: KeyCodes,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`select_adamas_asymmetric`'s selection and, with ``rescore_factor > 1``, the estimate's candidates
+    """`select_adamas_asymmetric`'s selection and, when it rescores, the estimate's candidates
     it was rescored from (their keys were read exactly; the tail estimate keeps their logits)."""
     thresholds, centroids = code_book_for(settings, module, key)
     shared = settings.gqa_selection == "shared_per_kv_group"

@@ -100,7 +100,7 @@ def test_asymmetric_selector_keeps_the_highest_scores(shared: bool) -> None:
     valid[1, :5] = False
     settings = AdamasConfig(
         token_budget=9, thresholds=[-1.0, 0.0, 1.0], centroids=[[[-2, -0.5, 0.5, 2], [-1, -0.2, 0.3, 1.5]]] * 4,
-        selector="adamas_asymmetric", sink_tokens=2,
+        selector="adamas_asymmetric", sink_tokens=2, rescore_candidates=0,
         gqa_selection="shared_per_kv_group" if shared else "per_query_head",
     )  # fmt: skip
     module = torch.nn.Module()

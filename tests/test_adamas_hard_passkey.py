@@ -14,6 +14,7 @@ from lm_eval.tasks import TaskManager
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+from hf_adamas import AdamasConfig
 from hf_adamas.bench.evaluation import method_grid, run_decode_speed
 from hf_adamas.bench.needle import NEEDLE_FORMATS, needle_prompt, sentence_pools
 from hf_adamas.bench.passkey import passkey_trials, read_records
@@ -126,6 +127,15 @@ def test_method_grid_maps_names_to_configs(name, selector, calibration, gqa_sele
 def test_method_grid_suffixes_set_the_second_stages(name, rescore_factor, value_code_bits) -> None:
     (method,) = method_grid([name], [64])
     assert (method.config.rescore_factor, method.config.value_code_bits) == (rescore_factor, value_code_bits)
+
+
+def test_method_grid_sets_the_candidate_floor_when_asked() -> None:
+    default = AdamasConfig().rescore_candidates
+    assert [m.config.rescore_candidates for m in method_grid(["asymmetric-online", "adamas"], [64])] == [
+        default
+    ] * 2
+    methods = method_grid(["asymmetric-online", "adamas"], [64], rescore_candidates=200)
+    assert [m.config.candidate_pool for m in methods] == [200, 200]
 
 
 def test_method_grid_names_the_bad_point() -> None:

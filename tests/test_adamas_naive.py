@@ -27,12 +27,13 @@ def test_selection_keeps_forced_then_nearest_with_ties_to_recent() -> None:
     assert naive.selected_positions(distance, 4, sink_tokens=1, recent_tokens=0) == [0, 5, 1, 3]
 
 
+@pytest.mark.parametrize("rescore_candidates", [0, 20, 128])  # no second stage, a real one, every key
 @pytest.mark.parametrize("selector", ["adamas", "adamas_asymmetric"])
 @pytest.mark.parametrize(
     ("sink_tokens", "recent_tokens", "budget", "length"), [(0, 0, 8, 40), (2, 3, 12, 33), (1, 0, 5, 6)]
 )
 def test_attention_forward_equals_the_naive_loop(
-    selector, sink_tokens, recent_tokens, budget, length
+    selector, sink_tokens, recent_tokens, budget, length, rescore_candidates
 ) -> None:
     torch.manual_seed(length)
     model = AutoModelForCausalLM.from_config(make_tiny_config("llama", head_dim=32)).eval()
@@ -45,6 +46,7 @@ def test_attention_forward_equals_the_naive_loop(
         thresholds=THRESHOLDS,
         sink_tokens=sink_tokens,
         recent_tokens=recent_tokens,
+        rescore_candidates=rescore_candidates,
     )
     apply_adamas(model, settings)
     module = model.model.layers[1].self_attn
@@ -61,5 +63,6 @@ def test_attention_forward_equals_the_naive_loop(
         sink_tokens,
         recent_tokens,
         centroids if selector == "adamas_asymmetric" else None,
+        settings.candidate_pool,
     )
     assert_close("adamas vs naive", expected, out[0, 0], 1e-5)

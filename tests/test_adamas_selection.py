@@ -58,7 +58,7 @@ def test_streaming_llm_keeps_sinks_and_recent_window() -> None:
 def test_adamas_keeps_the_closest_codes(shared: bool) -> None:
     query, key, valid = _inputs(seed=1)
     settings = AdamasConfig(
-        token_budget=10, thresholds=[-1.0, 0.0, 1.0], sink_tokens=2,
+        token_budget=10, thresholds=[-1.0, 0.0, 1.0], sink_tokens=2, rescore_candidates=0,
         gqa_selection="shared_per_kv_group" if shared else "per_query_head",
     )  # fmt: skip
     chosen = _as_sets(_select(select_adamas, settings, query, key, valid))
@@ -164,11 +164,57 @@ def test_rescoring_every_key_is_the_oracle(selector) -> None:
     assert torch.equal(_select(selector, settings, query, key, valid), oracle)
 
 
+@pytest.mark.parametrize("selector", [select_adamas, select_adamas_asymmetric])
+@pytest.mark.parametrize(("budget", "factor", "floor", "pool"), [
+    (8, 1, 24, 24),  # the floor alone: the same candidates as a factor of 3
+    (8, 3, 16, 24),  # the larger of the two wins
+    (8, 2, 24, 24),
+])  # fmt: skip
+def test_a_candidate_floor_rescores_like_the_factor_of_that_pool(
+    selector, budget, factor, floor, pool
+) -> None:
+    query, key, valid = _inputs(seed=6)
+    common = {"token_budget": budget, "thresholds": [-1.0, 0.0, 1.0], "sink_tokens": 1}
+    settings = AdamasConfig(rescore_factor=factor, rescore_candidates=floor, **common)
+    assert settings.candidate_pool == pool
+    by_factor = AdamasConfig(rescore_factor=pool // budget, rescore_candidates=0, **common)
+    assert torch.equal(
+        _select(selector, settings, query, key, valid), _select(selector, by_factor, query, key, valid)
+    )
+
+
+@pytest.mark.parametrize("selector", [select_adamas, select_adamas_asymmetric])
+def test_a_candidate_floor_at_or_below_the_budget_leaves_the_estimate_alone(selector) -> None:
+    query, key, valid = _inputs(seed=7)
+    common = {"token_budget": 12, "thresholds": [-1.0, 0.0, 1.0]}
+    plain = _select(selector, AdamasConfig(rescore_candidates=0, **common), query, key, valid)
+    exact = _select(
+        selector, AdamasConfig(rescore_factor=4, rescore_candidates=0, **common), query, key, valid
+    )
+    assert not torch.equal(plain, exact)  # rescoring would change this selection
+    for floor in (0, 5, 12):
+        assert torch.equal(
+            _select(selector, AdamasConfig(rescore_candidates=floor, **common), query, key, valid), plain
+        )
+
+
+def test_selectors_without_an_estimate_ignore_the_candidate_floor() -> None:
+    query, key, valid = _inputs(seed=8)
+    common = {"token_budget": 9, "selector": "oracle"}
+    floored = AdamasConfig(rescore_candidates=64, **common)
+    assert torch.equal(
+        _select(select_oracle, floored, query, key, valid),
+        _select(select_oracle, AdamasConfig(**common), query, key, valid),
+    )
+
+
 def test_rescoring_needs_a_code_estimate() -> None:
     with pytest.raises(ValueError, match="has none"):
         AdamasConfig(selector="quest", rescore_factor=2)
     with pytest.raises(ValueError, match="rescore_factor"):
         AdamasConfig(rescore_factor=0)
+    with pytest.raises(ValueError, match="rescore_candidates"):
+        AdamasConfig(rescore_candidates=-1)
 
 
 @pytest.mark.parametrize(("sinks", "recent", "length"), [(0, 0, 10), (3, 2, 10), (4, 20, 10), (10, 0, 6)])

@@ -192,12 +192,14 @@ def method_grid(
     gqa_selection: str = "per_query_head",
     sink_tokens: int = 4,
     calibrated: dict | None = None,
+    rescore_candidates: int | None = None,
 ) -> list[Method]:
     """The (method, budget) grid, dense first (it runs on the pristine cache).
 
     ``calibrated`` is `calibrate_codes`' output for the ``-calibrated`` methods; without it the paper's
     thresholds stand in, so the grid can be checked (a `ValueError` naming the method and budget)
-    before the model loads.
+    before the model loads. ``rescore_candidates`` sets `AdamasConfig.rescore_candidates` of every
+    method (None keeps the config's default).
     """
     unknown = sorted(set(names) - set(METHOD_NAMES))
     if unknown:
@@ -216,6 +218,8 @@ def method_grid(
             "rescore_factor": RESCORE_FACTOR if "-rescore" in name else 1,
             "value_code_bits": int(name[-1]) if "-tail" in name else 0,
         }
+        if rescore_candidates is not None:
+            settings["rescore_candidates"] = rescore_candidates
         if name.endswith("-calibrated") and calibrated is not None:
             settings["thresholds"] = calibrated["thresholds"]
             if family == "asymmetric":
