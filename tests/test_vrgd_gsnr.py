@@ -50,7 +50,9 @@ def test_hook_statistics_match_brute_force(ranks: int, accumulation: int, gamma:
     assert groups == ranks * accumulation
     for param, reference in zip(model.parameters(), expected, strict=True):
         multiplier = gsnr_multiplier(*statistics.moments(param, groups), gamma=gamma, eps=EPS)
-        torch.testing.assert_close(multiplier.double(), reference, rtol=1e-4, atol=1e-5)
+        # float32 moments: with 2 groups the variance E[g²] - E[g]² cancels to a few float32 ulps of
+        # E[g²] where the two gradients nearly agree, and the matmuls' summation order varies by CPU.
+        torch.testing.assert_close(multiplier.double(), reference, rtol=1e-3, atol=1e-4)
 
 
 @pytest.mark.parametrize("scale", [1e-4, 1 / 3, 1024.0])
