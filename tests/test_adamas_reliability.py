@@ -300,6 +300,10 @@ def no_model_load(monkeypatch) -> None:
         (["passkey", "--depths", "-1"], "got \\[-1.0\\]"),
         (["passkey", "--lengths", "256", "--budgets", "512"], "cover the whole shortest passkey prompt"),
         (["passkey", "--methods", "quest", "--budgets", "8"], "keeps the current page"),
+        (
+            ["passkey", "--methods", "asymmetric-online", "--rescore-candidates", "-1"],
+            "rescore_candidates must be an integer >= 0, got -1",
+        ),
         (["ppl", "--text", "no/such.txt"], "text file no/such.txt not found"),
     ],
 )

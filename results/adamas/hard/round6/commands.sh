@@ -13,3 +13,9 @@ for length in 2048 4096 8192; do
   hf-adamas passkey --output-dir results/adamas/hard/round6/$((length / 1024))k --resume --trials 30 --splits heldout \
     --lengths $length --budgets 16 32 64 --methods dense asymmetric-online
 done
+# Decode speed at 8K / 64 without and with the floor (2 torch threads, nothing else running), then the demo twice.
+for floor in 0 128; do
+  OMP_NUM_THREADS=2 hf-adamas bench --output-dir results/adamas/hard/round6/speed-8k-64-floor$floor --contexts 8192 \
+    --budgets 64 --steps 16 --rounds 3 --methods dense-static asymmetric-online --rescore-candidates $floor
+done
+OMP_NUM_THREADS=2 hf-adamas demo; OMP_NUM_THREADS=2 hf-adamas demo
