@@ -7,6 +7,7 @@ from functools import partial
 
 import pytest
 import torch
+from conftest import load_script
 from helpers import assert_close
 from transformers import AutoModelForCausalLM, StaticCache
 
@@ -308,3 +309,39 @@ def test_exact_positions_make_their_logits_exact() -> None:
     for fused_cpu in (False, True):
         got = tail.tail_decode_attention(**inputs, exact_positions=some, fused_cpu=fused_cpu)
         assert_close(f"exact positions (fused_cpu={fused_cpu})", expected, got, 1e-5)
+
+
+def test_the_tail_diagnosis_variants_agree_with_the_spec() -> None:
+    """``scripts/diagnose_adamas_tail.py``'s variants: ``plain`` is the spec, ``dropped`` the sparse
+    attention, ``exact-logits`` the spec with every logit exact; the mass shifts are no-ops where the
+    estimate is exact (keys on their codes) and change the output where it is not."""
+    diagnosis = load_script("diagnose_adamas_tail")
+    exact_keys = _inputs(2, 6, 2, 37, 5, 2, shared=False)
+    inputs = _noisy(exact_keys)
+    generator = torch.Generator().manual_seed(3)
+    candidates = torch.stack([torch.randperm(37, generator=generator)[:9] for _ in range(2 * 2)]).view(
+        2, 2, 9
+    )
+    candidates[:, :, 0] = -1
+
+    def variant(name: str, arguments: dict) -> tuple[torch.Tensor, list]:
+        gaps = [0, 0.0, 0.0]
+        output = diagnosis.variant_tail_attention(name, gaps)(**arguments, exact_positions=candidates)
+        return output, gaps
+
+    spec = reference.tail_decode_attention(**inputs, exact_positions=candidates)
+    plain, gaps = variant("plain", inputs)
+    assert_close("plain", spec, plain, 1e-5)
+    assert gaps[0] == 2 * 6 and gaps[1] != 0.0  # one gap per head, the estimate off
+    assert_close("dropped", _sparse(inputs), variant("dropped", inputs)[0], 1e-5)
+    everything = torch.arange(37).expand(2, 6, 37)
+    assert_close(
+        "exact-logits",
+        reference.tail_decode_attention(**inputs, exact_positions=everything),
+        variant("exact-logits", inputs)[0],
+        1e-5,
+    )
+    for name in ("mass-oracle", "candidate-shift"):
+        on_codes = reference.tail_decode_attention(**exact_keys, exact_positions=candidates)
+        assert_close(f"{name}, exact estimate", on_codes, variant(name, exact_keys)[0], 1e-5)
+        assert not torch.allclose(variant(name, inputs)[0], spec, atol=1e-4), name
