@@ -2,17 +2,22 @@
 
 The tail estimate keeps every unselected key in the softmax with the logit its key codes estimate.
 This script runs the harder passkey test and decode perplexity with the default selection at one
-budget and the tail estimate computed by the plain-PyTorch spec
-(`hf_adamas.ops.reference.tail_decode_attention`, here with the logits changed per variant), and
+budget and the tail estimate computed in plain PyTorch as `hf_adamas.ops.reference.tail_decode_attention`
+does, with the estimated logits changed per variant, and
 records per decode step, layer and query head ``gap = lse(estimated tail logits) - lse(exact tail
 logits)`` over the tail (the valid positions that are neither selected nor rescored candidates):
 the log of the factor by which the estimate inflates the tail's share of the softmax. Variants:
 
-- ``plain``: the tail estimate as built (what ``value_code_bits=2`` computes, via its spec);
+- ``plain``: the tail estimate without a level shift (what ``value_code_bits=2`` computed before
+  round 7 of ``results/adamas/tail``);
 - ``mass-oracle``: the estimated logits shifted per head by ``-gap``, so the tail's mass is exact
   (needs every exact logit: a bound, not a method);
 - ``candidate-shift``: shifted by the same gap measured on the rescored candidates that were not
   selected (their exact logits are read anyway): needs nothing beyond what the method reads;
+- ``sampled-shift``: shifted by the gap measured on the tail keys among every
+  `reference.tail_calibration_stride`-th position (about 64 more key rows read per KV head): a
+  systematic sample, so the ratio of its sums estimates the tail's without the candidates' bias.
+  What the tail estimate computes since round 7 (`reference.tail_decode_attention`);
 - ``exact-logits``: the tail's exact logits with its coded values (isolates the values' error);
 - ``dropped``: everything unselected left out (the default config's attention, through this code).
 
@@ -44,13 +49,8 @@ from hf_common.data import SHARED_DATA_DIR
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 from hf_common.reporting import command_line, markdown_table, write_report
 
-VARIANTS = ("plain", "mass-oracle", "candidate-shift", "exact-logits", "dropped")
+VARIANTS = ("plain", "mass-oracle", "candidate-shift", "sampled-shift", "exact-logits", "dropped")
 SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
-
-
-def _log_mass(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
-    """``log Σ exp(logits)`` over ``where`` per row (``-inf`` for an empty row)."""
-    return logits.masked_fill(~where, float("-inf")).logsumexp(-1)
 
 
 def variant_tail_attention(variant: str, gaps: list[float]):
@@ -69,17 +69,21 @@ def variant_tail_attention(variant: str, gaps: list[float]):
             candidates = reference.selected_mask(exact_positions, heads, length) & ~selected
         attendable = torch.ones_like(selected) if valid is None else valid[:, None, :].expand_as(selected)
         tail = attendable & ~selected & ~candidates
-        gap = _log_mass(estimated, tail) - _log_mass(exact, tail)
-        finite = gap[torch.isfinite(gap)].double()
+        gap = reference.log_mass(estimated, tail) - reference.log_mass(exact, tail)  # [B, Hq, 1]
+        finite = gap[tail.any(-1, keepdim=True)].double()
         gaps[0] += finite.numel()
         gaps[1] += float(finite.sum())
         gaps[2] += float(finite.square().sum())
         if variant == "mass-oracle":
-            estimated = estimated - gap.nan_to_num(0.0, posinf=0.0, neginf=0.0)[..., None]
+            estimated = estimated - gap
         elif variant == "candidate-shift":
             pool = candidates & attendable
-            shift = _log_mass(estimated, pool) - _log_mass(exact, pool)
-            estimated = estimated - shift.nan_to_num(0.0, posinf=0.0, neginf=0.0)[..., None]
+            estimated = estimated - (reference.log_mass(estimated, pool) - reference.log_mass(exact, pool))
+        elif variant == "sampled-shift":
+            sample = tail & (torch.arange(length) % reference.tail_calibration_stride(length) == 0)
+            estimated = estimated - (
+                reference.log_mass(estimated, sample) - reference.log_mass(exact, sample)
+            )
         elif variant == "exact-logits":
             estimated = exact
         exact_at = selected | candidates
@@ -199,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     columns += ["gap mean", "gap sd"]
     argv = sys.argv[1:] if argv is None else list(argv)
     write_report(
-        args.output_dir, args.task, command_line("python scripts/diagnose_adamas_tail.py", argv),
+        args.output_dir, args.task, command_line("python", ["scripts/diagnose_adamas_tail.py", *argv]),
         {"summary": rows}, f"Tail estimate diagnosis: {args.task}", markdown_table(rows, columns),
     )  # fmt: skip
     print(markdown_table(rows, columns))

@@ -312,14 +312,14 @@ def test_exact_positions_make_their_logits_exact() -> None:
 
 
 def test_the_tail_diagnosis_variants_agree_with_the_spec() -> None:
-    """``scripts/diagnose_adamas_tail.py``'s variants: ``plain`` is the spec, ``dropped`` the sparse
-    attention, ``exact-logits`` the spec with every logit exact; the mass shifts are no-ops where the
-    estimate is exact (keys on their codes) and change the output where it is not."""
+    """``scripts/diagnose_adamas_tail.py``'s variants: ``sampled-shift`` is the spec, ``dropped`` the
+    sparse attention, ``exact-logits`` the spec with every logit exact; the mass shifts (and so the spec
+    and ``plain``) agree where the estimate is exact (keys on their codes) and differ where it is not."""
     diagnosis = load_script("diagnose_adamas_tail")
-    exact_keys = _inputs(2, 6, 2, 37, 5, 2, shared=False)
+    exact_keys = _inputs(2, 6, 2, 200, 5, 2, shared=False)  # a sample of every 3rd position
     inputs = _noisy(exact_keys)
     generator = torch.Generator().manual_seed(3)
-    candidates = torch.stack([torch.randperm(37, generator=generator)[:9] for _ in range(2 * 2)]).view(
+    candidates = torch.stack([torch.randperm(200, generator=generator)[:9] for _ in range(2 * 2)]).view(
         2, 2, 9
     )
     candidates[:, :, 0] = -1
@@ -330,18 +330,34 @@ def test_the_tail_diagnosis_variants_agree_with_the_spec() -> None:
         return output, gaps
 
     spec = reference.tail_decode_attention(**inputs, exact_positions=candidates)
-    plain, gaps = variant("plain", inputs)
-    assert_close("plain", spec, plain, 1e-5)
+    sampled, gaps = variant("sampled-shift", inputs)
+    assert_close("sampled-shift", spec, sampled, 1e-5)
     assert gaps[0] == 2 * 6 and gaps[1] != 0.0  # one gap per head, the estimate off
     assert_close("dropped", _sparse(inputs), variant("dropped", inputs)[0], 1e-5)
-    everything = torch.arange(37).expand(2, 6, 37)
+    everything = torch.arange(200).expand(2, 6, 200)
     assert_close(
         "exact-logits",
         reference.tail_decode_attention(**inputs, exact_positions=everything),
         variant("exact-logits", inputs)[0],
         1e-5,
     )
-    for name in ("mass-oracle", "candidate-shift"):
-        on_codes = reference.tail_decode_attention(**exact_keys, exact_positions=candidates)
+    on_codes = reference.tail_decode_attention(**exact_keys, exact_positions=candidates)
+    for name in ("plain", "mass-oracle", "candidate-shift"):
         assert_close(f"{name}, exact estimate", on_codes, variant(name, exact_keys)[0], 1e-5)
         assert not torch.allclose(variant(name, inputs)[0], spec, atol=1e-4), name
+
+
+@pytest.mark.parametrize("length", [40, 300])  # a calibration sample of every position / every 4th
+def test_the_level_shift_removes_an_estimate_excess_common_to_all_keys(length) -> None:
+    """Keys moved off their codes so that every estimated logit is the exact one plus 0.7: the level
+    shift takes the 0.7 off, so every path gives the tail estimate with every logit exact."""
+    inputs = _inputs(2, 3, 3, length, 7, 2, shared=False)  # one query head per KV head
+    query, scaling = inputs["query"], inputs["scaling"]
+    offset = -0.7 / scaling * query / query.square().sum(-1, keepdim=True)  # q · offset = -0.7 / scaling
+    inputs["key"] = inputs["key"] + offset[:, :, None, :]
+    everything = torch.arange(length).expand(2, 3, length)
+    expected = reference.tail_decode_attention(**inputs, exact_positions=everything)
+    assert_close("reference", expected, reference.tail_decode_attention(**inputs), 1e-5)
+    for fused_cpu in (False, True):
+        got = tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu)
+        assert_close(f"fused_cpu={fused_cpu}", expected, got, 1e-5)

@@ -53,12 +53,14 @@ __all__ = [
     "hadamard_codes",
     "hadamard_matrix",
     "largest_first",
+    "log_mass",
     "pack_codes",
     "select_by_table",
     "select_topk",
     "selected_attention_partials",
     "selected_mask",
     "sparse_decode_attention",
+    "tail_calibration_stride",
     "tail_decode_attention",
     "unpack_codes",
 ]
@@ -482,6 +484,21 @@ class PackedCodes(NamedTuple):
     bits: int
 
 
+TAIL_CALIBRATION_KEYS = 64
+"""About how many positions per head the tail estimate's level is calibrated on (`tail_calibration_stride`)."""
+
+
+def tail_calibration_stride(length: int) -> int:
+    """Every this-many-th position (0, stride, 2 * stride, ...) is in the tail estimate's calibration sample."""
+    return max(1, length // TAIL_CALIBRATION_KEYS)
+
+
+def log_mass(logits: torch.Tensor, where: torch.Tensor) -> torch.Tensor:
+    """``log Σ exp(logits)`` over ``where`` per row, ``[..., 1]``; 0 for a row where nothing is."""
+    mass = logits.masked_fill(~where, float("-inf")).logsumexp(-1, keepdim=True)
+    return torch.where(where.any(-1, keepdim=True), mass, 0.0)
+
+
 def tail_decode_attention(
     query: torch.Tensor,
     key: torch.Tensor,
@@ -497,8 +514,15 @@ def tail_decode_attention(
 
     The softmax runs over every valid position. A selected position has its exact logit
     ``q · k * scaling`` and value; any other has the key-code estimate of its logit
-    (`centroid_scores` ``* scaling``) and the value its value codes stand for (`code_values` @ H).
-    With every valid position selected this is :func:`sparse_decode_attention`.
+    (`centroid_scores` ``* scaling``), lowered per head by the level shift below, and the value its
+    value codes stand for (`code_values` @ H). With every valid position selected this is
+    :func:`sparse_decode_attention`.
+
+    Level shift: summed over thousands of keys, the estimates' exponentials overstate the unselected
+    keys' share of the softmax (by about 30% on the default model), which drowns pass keys
+    (``results/adamas/tail/round7``). So the estimates are lowered by ``log Σ exp(estimate) - log Σ
+    exp(exact)`` over a systematic sample: the valid positions ``0, s, 2s, ...`` (``s`` =
+    `tail_calibration_stride`) whose logit is not exact otherwise (0 when there is none).
 
     Args:
         query, key, value, indices, scaling: as :func:`sparse_decode_attention`.
@@ -522,9 +546,11 @@ def tail_decode_attention(
     exact_logit = (
         selected if exact_positions is None else selected | selected_mask(exact_positions, heads, length)
     )
-    logits = torch.where(exact_logit, exact, estimated_logits)
-    if valid is not None:
-        logits = logits.masked_fill(~valid[:, None, :], float("-inf"))
+    attendable = torch.ones_like(selected) if valid is None else valid[:, None, :].expand_as(selected)
+    positions = torch.arange(length, device=key.device)
+    sample = attendable & ~exact_logit & (positions % tail_calibration_stride(length) == 0)
+    estimated_logits = estimated_logits - (log_mass(estimated_logits, sample) - log_mass(exact, sample))
+    logits = torch.where(exact_logit, exact, estimated_logits).masked_fill(~attendable, float("-inf"))
     estimated_values = code_values(*value_codes) @ hadamard_matrix(head_dim, key.device)
     values = torch.where(
         selected.view(bsz, num_kv_heads, group, length, 1),

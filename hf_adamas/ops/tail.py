@@ -22,9 +22,34 @@ from hf_adamas.ops.reference import (
     code_values,
     gather_positions,
     hadamard_matrix,
+    log_mass,
     selected_attention_partials,
     selected_mask,
+    tail_calibration_stride,
 )
+
+
+def _level_shift(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    key_codes: PackedCodes,
+    excluded: torch.Tensor,
+    exact_logits: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """``[B, Hq, 1]``: the reference's level shift of the estimated logits, from strided views of the
+    calibration sample's keys and codes (about `TAIL_CALIBRATION_KEYS` rows per KV head)."""
+    bsz, num_kv_heads, length, head_dim = key.shape
+    stride = tail_calibration_stride(length)
+    rows = key[:, :, ::stride].float()  # [B, Hkv, n, D]
+    grouped = query.float().view(bsz, num_kv_heads, -1, head_dim)
+    exact = (grouped @ rows.transpose(2, 3)).view(bsz, query.shape[1], -1) * scaling
+    codes = PackedCodes(key_codes.codes[:, :, ::stride], key_codes.centroids, key_codes.bits)
+    estimated = centroid_scores(query, *codes, shared_per_kv_group=False) * scaling
+    sample = ~excluded[..., ::stride]
+    if exact_logits is not None:
+        sample = sample & torch.isnan(exact_logits[..., ::stride])
+    return log_mass(estimated, sample) - log_mass(exact, sample)
 
 
 def _unselected_partials(
@@ -35,11 +60,13 @@ def _unselected_partials(
     start_max: torch.Tensor,
     scaling: float,
     exact_logits: torch.Tensor | None = None,
+    shift: torch.Tensor | float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PyTorch twin of `cpu.tail_partials_cpu`: ``(m, l, o)`` of the positions not ``excluded``, ``o`` in
-    the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no position is left)."""
+    the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no position is left); the
+    estimated logits lowered by ``shift`` (``[B, Hq, 1]``)."""
     bsz, heads, length = excluded.shape
-    logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling
+    logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling - shift
     if exact_logits is not None:  # NaN where the estimate stands
         logits = torch.where(torch.isnan(exact_logits), logits, exact_logits)
     logits = logits.masked_fill(excluded, float("-inf"))
@@ -95,14 +122,16 @@ def tail_decode_attention(
     exact_logits = None if exact_positions is None else _exact_logits(query, key, exact_positions, scaling)
     # The selection's largest logit starts the tail's maximum (-inf for a row with nothing selected).
     start_max = torch.where(selected_sum > 0, selected_max, float("-inf"))
+    shift = _level_shift(query, key, key_codes, excluded, exact_logits, scaling)
     if fused_cpu and key.device.type == "cpu" and cpu_extension() is not None:
-        table = centroid_table(query, *key_codes)
+        table = centroid_table(query, *key_codes)  # the shift folded into the first byte's entries
+        table[:, :, :, 0] -= (shift / scaling).view(*table.shape[:3], 1)
         tail_max, tail_sum, tail_values = tail_partials_cpu(
             table, key_codes, value_codes, excluded, start_max, scaling, exact_logits
         )
     else:
         tail_max, tail_sum, tail_values = _unselected_partials(
-            query, key_codes, value_codes, excluded, start_max, scaling, exact_logits
+            query, key_codes, value_codes, excluded, start_max, scaling, exact_logits, shift
         )
     tail_max = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # nothing valid at all: zeros
     tail_values = tail_values @ hadamard_matrix(head_dim, key.device)
