@@ -1,0 +1,27 @@
+#!/bin/bash
+# Round 7 of the tail estimate: why it loses pass keys (its estimated mass), and the level shift that
+# corrects the mass. 1 torch thread per process, two processes at a time on the 2-core CPU (accuracy
+# only, nothing timed but the last command, which ran alone). Every command resumes.
+export OMP_NUM_THREADS=1
+D=results/adamas/tail/round7
+# The diagnosis, through the plain-PyTorch spec with the estimated logits changed per variant (code before the shift
+# was built into the tail estimate; `plain` is the tail estimate as it was).
+python scripts/diagnose_adamas_tail.py passkey --split heldout --trials 30 --lengths 4096 --variants plain candidate-shift \
+  --output-dir $D/passkey_4096
+python scripts/diagnose_adamas_tail.py passkey --split heldout --trials 30 --lengths 4096 --no-dense --variants mass-oracle \
+  --output-dir $D/passkey_4096_mass_oracle
+for skip in 150000 200000; do
+  python scripts/diagnose_adamas_tail.py ppl --skip-tokens $skip --decode-tokens 128 \
+    --variants plain mass-oracle candidate-shift dropped --output-dir $D/ppl_$skip
+done
+# The tail estimate with the level shift (the library code of this round), dense and the default side by side.
+for skip in 250000 150000 200000; do
+  hf-adamas ppl --output-dir $D/perplexity_$skip --resume --context 8192 --decode-tokens 128 --skip-tokens $skip \
+    --budgets 64 --methods dense asymmetric-online asymmetric-online-tail2
+done
+hf-adamas passkey --output-dir $D/passkey_4096_b64 --resume --trials 30 --splits heldout --lengths 4096 --budgets 64 \
+  --methods dense asymmetric-online asymmetric-online-tail2
+hf-adamas passkey --output-dir $D/passkey_4096_b32 --resume --trials 30 --splits heldout --lengths 4096 --budgets 32 \
+  --methods asymmetric-online asymmetric-online-tail2
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode --contexts 8192 --budgets 64 --steps 8 --rounds 3 \
+  --methods dense-static asymmetric-online asymmetric-online-tail2
