@@ -102,9 +102,11 @@ class AdamasConfig:
             dropped but attended with their estimated scores (the key-code estimate) and values
             estimated from ``value_code_bits``-bit Hadamard codes of the values, stored next to the key
             codes (``D * value_code_bits / 8`` more bytes per token and KV head, code book from the
-            prompt's values), so the softmax covers the whole cache. With ``rescore_factor > 1`` the
-            rescored candidates' exact logits replace their estimates. Costs one pass over all codes
-            per step; see ``results/adamas/tail/``. 0 drops them, as the paper does.
+            prompt's values), so the softmax covers the whole cache. The rescored candidates (see
+            `candidate_pool`) keep their exact logits, and each head's estimates are lowered by their
+            excess mass on a strided sample of about 64 keys read exactly (the level shift of
+            `hf_adamas.ops.reference.tail_decode_attention`). Costs one pass over all codes per step;
+            see ``results/adamas/tail/``. 0 drops them, as the paper does.
     """
 
     token_budget: int = field(default=256, metadata={"help": "Keys attended per head and decode step."})

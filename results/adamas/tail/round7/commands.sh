@@ -25,3 +25,9 @@ hf-adamas passkey --output-dir $D/passkey_4096_b32 --resume --trials 30 --splits
   --methods asymmetric-online asymmetric-online-tail2
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode --contexts 8192 --budgets 64 --steps 8 --rounds 3 \
   --methods dense-static asymmetric-online asymmetric-online-tail2
+# The tuning-split check run before the shift was built in (variant sampled-shift = the rule built in); written to
+# /tmp and copied into tuning/.
+python scripts/diagnose_adamas_tail.py passkey --split tuning --trials 15 --lengths 4096 --variants plain sampled-shift \
+  --output-dir /tmp/tune_pk
+python scripts/diagnose_adamas_tail.py ppl --skip-tokens 100000 --decode-tokens 64 --no-dense \
+  --variants plain sampled-shift mass-oracle --output-dir /tmp/tune_ppl
