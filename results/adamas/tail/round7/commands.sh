@@ -23,6 +23,13 @@ hf-adamas passkey --output-dir $D/passkey_4096_b64 --resume --trials 30 --splits
   --methods dense asymmetric-online asymmetric-online-tail2
 hf-adamas passkey --output-dir $D/passkey_4096_b32 --resume --trials 30 --splits heldout --lengths 4096 --budgets 32 \
   --methods asymmetric-online asymmetric-online-tail2
+# Added afterwards to the same folders (the earlier records kept): the tail estimate with rescore_factor=4.
+for skip in 250000 150000 200000; do
+  hf-adamas ppl --output-dir $D/perplexity_$skip --resume --context 8192 --decode-tokens 128 --skip-tokens $skip \
+    --budgets 64 --methods dense asymmetric-online asymmetric-online-tail2 asymmetric-online-rescore-tail2
+done
+hf-adamas passkey --output-dir $D/passkey_4096_b64 --resume --trials 30 --splits heldout --lengths 4096 --budgets 64 \
+  --methods dense asymmetric-online asymmetric-online-tail2 asymmetric-online-rescore-tail2
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode --contexts 8192 --budgets 64 --steps 8 --rounds 3 \
   --methods dense-static asymmetric-online asymmetric-online-tail2
 # The tuning-split check run before the shift was built in (variant sampled-shift = the rule built in); written to
