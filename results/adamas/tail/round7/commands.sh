@@ -38,3 +38,6 @@ python scripts/diagnose_adamas_tail.py passkey --split tuning --trials 15 --leng
   --output-dir /tmp/tune_pk
 python scripts/diagnose_adamas_tail.py ppl --skip-tokens 100000 --decode-tokens 64 --no-dense \
   --variants plain sampled-shift mass-oracle --output-dir /tmp/tune_ppl
+# The same configuration at 8K, budget 64 (dense and the default of these trials: ../../hard/round6/8k/).
+hf-adamas passkey --output-dir $D/passkey_8192_b64 --resume --trials 30 --splits heldout --lengths 8192 --budgets 64 \
+  --methods asymmetric-online-rescore-tail2
