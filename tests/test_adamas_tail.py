@@ -158,7 +158,7 @@ def test_the_fused_sums_match_pytorch_from_a_start_far_below_the_logits() -> Non
     table = reference.centroid_table(query, *inputs["key_codes"])
     got = cpu.tail_partials_cpu(table, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5)
     expected = tail._unselected_partials(
-        query, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5
+        table, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5
     )
     for name, want, have in zip(("m", "l", "o"), expected, got, strict=True):
         assert_close(f"fused tail {name}", want, have, 1e-5)

@@ -17,7 +17,7 @@ import torch
 from hf_adamas.ops.cpu import cpu_extension, tail_partials_cpu
 from hf_adamas.ops.reference import (
     PackedCodes,
-    centroid_scores,
+    byte_table_sum,
     centroid_table,
     code_values,
     gather_positions,
@@ -30,22 +30,23 @@ from hf_adamas.ops.reference import (
 
 
 def _level_shift(
-    query: torch.Tensor,
+    table: torch.Tensor,
     key: torch.Tensor,
+    query: torch.Tensor,
     key_codes: PackedCodes,
     excluded: torch.Tensor,
     exact_logits: torch.Tensor | None,
     scaling: float,
 ) -> torch.Tensor:
     """``[B, Hq, 1]``: the reference's level shift of the estimated logits, from strided views of the
-    calibration sample's keys and codes (about `TAIL_CALIBRATION_KEYS` rows per KV head)."""
+    calibration sample's keys and codes (about `TAIL_CALIBRATION_KEYS` rows per KV head), the estimates
+    read from the query's lookup ``table`` (`centroid_table`)."""
     bsz, num_kv_heads, length, head_dim = key.shape
     stride = tail_calibration_stride(length)
     rows = key[:, :, ::stride].float()  # [B, Hkv, n, D]
     grouped = query.float().view(bsz, num_kv_heads, -1, head_dim)
     exact = (grouped @ rows.transpose(2, 3)).view(bsz, query.shape[1], -1) * scaling
-    codes = PackedCodes(key_codes.codes[:, :, ::stride], key_codes.centroids, key_codes.bits)
-    estimated = centroid_scores(query, *codes, shared_per_kv_group=False) * scaling
+    estimated = byte_table_sum(table, key_codes.codes[:, :, ::stride], shared_per_kv_group=False) * scaling
     sample = ~excluded[..., ::stride]
     if exact_logits is not None:
         sample = sample & torch.isnan(exact_logits[..., ::stride])
@@ -53,20 +54,19 @@ def _level_shift(
 
 
 def _unselected_partials(
-    query: torch.Tensor,
+    table: torch.Tensor,
     key_codes: PackedCodes,
     value_codes: PackedCodes,
     excluded: torch.Tensor,
     start_max: torch.Tensor,
     scaling: float,
     exact_logits: torch.Tensor | None = None,
-    shift: torch.Tensor | float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch twin of `cpu.tail_partials_cpu`: ``(m, l, o)`` of the positions not ``excluded``, ``o`` in
-    the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no position is left); the
-    estimated logits lowered by ``shift`` (``[B, Hq, 1]``)."""
+    """PyTorch twin of `cpu.tail_partials_cpu` (same arguments): ``(m, l, o)`` of the positions not
+    ``excluded``, ``o`` in the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no
+    position is left)."""
     bsz, heads, length = excluded.shape
-    logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling - shift
+    logits = byte_table_sum(table, key_codes.codes, shared_per_kv_group=False) * scaling
     if exact_logits is not None:  # NaN where the estimate stands
         logits = torch.where(torch.isnan(exact_logits), logits, exact_logits)
     logits = logits.masked_fill(excluded, float("-inf"))
@@ -122,17 +122,14 @@ def tail_decode_attention(
     exact_logits = None if exact_positions is None else _exact_logits(query, key, exact_positions, scaling)
     # The selection's largest logit starts the tail's maximum (-inf for a row with nothing selected).
     start_max = torch.where(selected_sum > 0, selected_max, float("-inf"))
-    shift = _level_shift(query, key, key_codes, excluded, exact_logits, scaling)
-    if fused_cpu and key.device.type == "cpu" and cpu_extension() is not None:
-        table = centroid_table(query, *key_codes)  # the shift folded into the first byte's entries
-        table[:, :, :, 0] -= (shift / scaling).view(*table.shape[:3], 1)
-        tail_max, tail_sum, tail_values = tail_partials_cpu(
-            table, key_codes, value_codes, excluded, start_max, scaling, exact_logits
-        )
-    else:
-        tail_max, tail_sum, tail_values = _unselected_partials(
-            query, key_codes, value_codes, excluded, start_max, scaling, exact_logits, shift
-        )
+    table = centroid_table(query, *key_codes)
+    shift = _level_shift(table, key, query, key_codes, excluded, exact_logits, scaling)
+    table[:, :, :, 0] -= (shift / scaling).view(*table.shape[:3], 1)  # every estimate lowered by the shift
+    fused = fused_cpu and key.device.type == "cpu" and cpu_extension() is not None
+    partials = tail_partials_cpu if fused else _unselected_partials
+    tail_max, tail_sum, tail_values = partials(
+        table, key_codes, value_codes, excluded, start_max, scaling, exact_logits
+    )
     tail_max = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # nothing valid at all: zeros
     tail_values = tail_values @ hadamard_matrix(head_dim, key.device)
     selected_scale = torch.exp(selected_max - tail_max)  # tail_max >= selected_max
