@@ -54,8 +54,10 @@ SHAKESPEARE = SHARED_DATA_DIR / "text" / "tinyshakespeare.txt"
 
 
 def variant_tail_attention(variant: str, gaps: list[float]):
-    """A stand-in for `ops.tail_decode_attention` computing ``variant``'s tail; appends each head's gap
-    (``[count, sum, sum of squares]`` of the finite ones to ``gaps``)."""
+    """A stand-in for `ops.tail_decode_attention` computing ``variant``'s tail; adds the heads' gaps to
+    ``gaps`` (``[count, sum, sum of squares]``, heads with a tail only). ``sampled-shift``,
+    ``exact-logits`` and ``dropped`` are the spec's own functions; the others its softmax with the
+    estimates shifted."""
 
     def attend(query, key, value, indices, scaling, key_codes, value_codes, valid, exact_positions=None):
         batch, kv_heads, length, head_dim = key.shape
@@ -74,22 +76,21 @@ def variant_tail_attention(variant: str, gaps: list[float]):
         gaps[0] += finite.numel()
         gaps[1] += float(finite.sum())
         gaps[2] += float(finite.square().sum())
+        spec_inputs = (query, key, value, indices, scaling, key_codes, value_codes, valid)
+        if variant == "sampled-shift":
+            return reference.tail_decode_attention(*spec_inputs, exact_positions)
+        if variant == "exact-logits":
+            return reference.tail_decode_attention(
+                *spec_inputs, torch.arange(length).expand(batch, heads, length)
+            )
+        if variant == "dropped":  # the candidates too: the default config's attention
+            return reference.sparse_decode_attention(query, key, value, indices, scaling)
         if variant == "mass-oracle":
             estimated = estimated - gap
         elif variant == "candidate-shift":
             pool = candidates & attendable
             estimated = estimated - (reference.log_mass(estimated, pool) - reference.log_mass(exact, pool))
-        elif variant == "sampled-shift":
-            sample = tail & (torch.arange(length) % reference.tail_calibration_stride(length) == 0)
-            estimated = estimated - (
-                reference.log_mass(estimated, sample) - reference.log_mass(exact, sample)
-            )
-        elif variant == "exact-logits":
-            estimated = exact
-        exact_at = selected | candidates
-        if variant == "dropped":  # the candidates too: the default config's attention
-            estimated, exact_at = torch.full_like(estimated, float("-inf")), selected
-        logits = torch.where(exact_at, exact, estimated).masked_fill(~attendable, float("-inf"))
+        logits = torch.where(selected | candidates, exact, estimated).masked_fill(~attendable, float("-inf"))
         decoded = reference.code_values(*value_codes) @ reference.hadamard_matrix(head_dim, key.device)
         values = torch.where(
             selected.view(batch, kv_heads, -1, length, 1), value.float()[:, :, None], decoded[:, :, None]
@@ -166,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     records_path = args.output_dir / f"{args.task}_records.jsonl"
     report = [args.output_dir / f"{args.task}{suffix}" for suffix in (".json", ".md")]
-    claim_outputs(report, overwrite=True) if records_path.exists() else claim_outputs(report, args.overwrite)
+    claim_outputs(report, args.overwrite or records_path.exists())  # a resumed run rewrites its own summary
     earlier = read_records(records_path)
     model, tokenizer = load_model_and_tokenizer()
     tail = AdamasConfig(token_budget=args.budget, value_code_bits=2)
