@@ -46,7 +46,7 @@ from hf_adamas.bench.passkey import append_records, passkey_trials, read_records
 from hf_adamas.config import AdamasConfig
 from hf_adamas.ops import reference
 from hf_common.data import SHARED_DATA_DIR
-from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
+from hf_common.outputs import RUNS_DIR, OutputPathError, add_output_arguments, claim_outputs
 from hf_common.reporting import command_line, markdown_table, write_report
 
 VARIANTS = ("plain", "mass-oracle", "candidate-shift", "sampled-shift", "exact-logits", "dropped")
@@ -167,7 +167,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     records_path = args.output_dir / f"{args.task}_records.jsonl"
     report = [args.output_dir / f"{args.task}{suffix}" for suffix in (".json", ".md")]
-    claim_outputs(report, args.overwrite or records_path.exists())  # a resumed run rewrites its own summary
+    try:  # a resumed run (its records there) rewrites its own summary
+        claim_outputs(report, args.overwrite or records_path.exists())
+    except OutputPathError as error:
+        print(f"diagnose_adamas_tail.py: error: {error}", file=sys.stderr)
+        return 2
     earlier = read_records(records_path)
     model, tokenizer = load_model_and_tokenizer()
     tail = AdamasConfig(token_budget=args.budget, value_code_bits=2)

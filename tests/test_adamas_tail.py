@@ -361,3 +361,18 @@ def test_the_level_shift_removes_an_estimate_excess_common_to_all_keys(length) -
     for fused_cpu in (False, True):
         got = tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu)
         assert_close(f"fused_cpu={fused_cpu}", expected, got, 1e-5)
+
+
+def test_the_tail_diagnosis_refuses_bad_settings_and_foreign_summaries(tmp_path, capsys) -> None:
+    """Before the model loads: a scored span as long as the window is refused, and a summary already in
+    ``--output-dir`` without this script's records is neither replaced nor resumed without ``--overwrite``."""
+    diagnosis = load_script("diagnose_adamas_tail")
+    with pytest.raises(SystemExit) as refused:
+        diagnosis.main(["ppl", "--context", "600", "--decode-tokens", "600", "--output-dir", str(tmp_path)])
+    assert refused.value.code == 2
+    assert "--decode-tokens must be below --context" in capsys.readouterr().err
+    summary = tmp_path / "ppl.md"
+    summary.write_text("someone else's")
+    assert diagnosis.main(["ppl", "--output-dir", str(tmp_path)]) == 2
+    assert "pass --overwrite" in capsys.readouterr().err
+    assert summary.read_text() == "someone else's"
