@@ -68,15 +68,18 @@ def gsnr_multiplier(mean: torch.Tensor, mean_sq: torch.Tensor, gamma: float, eps
         eps: relative variance floor (> 0).
 
     Returns:
-        The float32 multiplier, same shape as ``mean``, in ``[gamma, 1]``.
+        The float32 multiplier, same shape as ``mean``, in ``[gamma, 1]``, computed in the moments'
+        precision (float32 at least): with few groups ``1 + eps - q`` cancels, so float64 moments (the
+        tests' oracle comparison) must not be rounded to float32 first.
     """
-    mean = mean.float()
-    mean_sq = mean_sq.float()
+    dtype = torch.promote_types(mean.dtype, torch.float32)  # float64 moments stay float64 until the end
+    mean = mean.to(dtype)
+    mean_sq = mean_sq.to(dtype)
     informative = mean_sq > 0
     agreement = (mean.square() / (mean_sq + SMALLEST_SUBNORMAL)).clamp_max(1.0)  # q, 0 without gradient
     # q / (1 + eps - q), written as 1 / ((1 + eps) / q - 1): 0 where q = 0 (1/0 = inf), never 0/0.
     ratio = (agreement.reciprocal() * (1.0 + eps) - 1.0).reciprocal()
     total = ratio.sum()  # count / Σ r: 0 where every r is 0, capped so that 0 * inverse stays 0
-    inverse_mean = torch.where(total == 0, 0.0, informative.sum().float() / total).clamp_max(FLOAT32_MAX)
+    inverse_mean = torch.where(total == 0, 0.0, informative.sum().to(dtype) / total).clamp_max(FLOAT32_MAX)
     multiplier = (ratio * inverse_mean).clamp(gamma, 1.0)
-    return torch.where(informative, multiplier, 1.0)
+    return torch.where(informative, multiplier, 1.0).float()
