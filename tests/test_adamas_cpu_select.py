@@ -169,7 +169,7 @@ def test_without_a_toolchain_the_reference_runs_and_says_so(monkeypatch, caplog)
     monkeypatch.setattr(torch.utils.cpp_extension, "load", no_ninja)
     cpu.cpu_extension.cache_clear()
     try:
-        with caplog.at_level(logging.WARNING, logger="hf_adamas"):
+        with caplog.at_level(logging.WARNING, logger="hf_common"):
             assert cpu.cpu_extension() is None
             _, k_codes, valid, forced = _case(1, 2, 2, 40, 32, 3, False, False)
             query = torch.randn(1, 4, 32)

@@ -20,8 +20,7 @@
 Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table`,
 `reference.rescore_selection` and `reference.sparse_decode_attention`.
 
-The extension is built once per machine by `torch.utils.cpp_extension.load` (about 30 s, cached
-under ``TORCH_EXTENSIONS_DIR``, by default ``~/.cache/torch_extensions``).
+The extension is built once per machine (`hf_common.cpp_extension`, about 30 s).
 """
 
 from __future__ import annotations
@@ -31,10 +30,10 @@ from pathlib import Path
 from types import ModuleType
 
 import torch
-from transformers.utils import logging
 
 from hf_adamas._validation import check_attention_inputs, check_thresholds
 from hf_adamas.ops.reference import PackedCodes, byte_centroids, hadamard_values
+from hf_common.cpp_extension import load_cpu_extension
 
 __all__ = [
     "cpu_extension",
@@ -46,31 +45,15 @@ __all__ = [
     "tail_partials_cpu",
 ]
 
-logger = logging.get_logger(__name__)
-
 SOURCE = Path(__file__).parent / "csrc" / "select_cpu.cpp"
 
 
 @functools.cache
 def cpu_extension() -> ModuleType | None:
-    """The compiled op, or None (said once) when it cannot be built here."""
-    from torch.utils.cpp_extension import load
-
-    try:
-        return load(
-            name="hf_adamas_select_cpu",
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-fopenmp"],  # at::parallel_for runs serially without OpenMP
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except (OSError, RuntimeError, ImportError) as error:  # no compiler / ninja, or a failed build
-        logger.warning(
-            "Adamas: the fused CPU selection op could not be built (%s); decoding uses the PyTorch "
-            "reference ops on CPU (correct, slower).",
-            str(error).splitlines()[0] if str(error) else type(error).__name__,
-        )
-        return None
+    """The compiled ops, or None (said once) when they cannot be built here."""
+    return load_cpu_extension(
+        "hf_adamas_select_cpu", SOURCE, "Adamas decoding uses the PyTorch reference ops on CPU"
+    )
 
 
 def _masks(batch: int, seq_len: int, valid: torch.Tensor | None, forced: torch.Tensor | None):
