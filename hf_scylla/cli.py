@@ -62,13 +62,27 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--tree``, ``--draft-vocab-size``, ``--packed-rows``: the extra Scylla methods ``bench`` compares."""
+    """``--chain``, ``--tree``, ``--draft-vocab-size``, ``--few-rows-linear-rows``: the extra methods
+    ``bench`` compares side by side in one run."""
+    parser.add_argument(
+        "--chain",
+        type=int,
+        nargs=2,
+        action="append",
+        default=[],
+        metavar=("DRAFT_TOKENS", "LOOKUP_TOKENS"),
+        help="Also decode with the draft's chains of this many tokens (no confidence threshold) and "
+        "prompt-lookup proposals of this many (0: off); repeat for more shapes.",
+    )
     parser.add_argument(
         "--tree",
         type=int,
         nargs=3,
+        action="append",
+        default=[],
         metavar=("DEPTH", "TOP_K", "TOTAL_TOKENS"),
-        help="Also decode with EAGLE-2 dynamic draft trees of this shape (hf_scylla.TreeConfig).",
+        help="Also decode with EAGLE-2 dynamic draft trees of this shape (hf_scylla.TreeConfig); repeat "
+        "for more shapes.",
     )
     from hf_scylla.vocab import DEFAULT_DRAFT_VOCAB_SIZE
 
@@ -82,25 +96,28 @@ def _add_speed_variant_arguments(parser: argparse.ArgumentParser) -> None:
         "with --tree, trees with it too.",
     )
     parser.add_argument(
-        "--packed-rows",
-        type=int,
-        help="Also decode with the target's linear layers MKL-packed for inputs of this many rows "
-        "(hf_common.packed_linear; e.g. --lookup-tokens + 1, the width of a lookup verification).",
+        "--few-rows-linear-rows",
+        action="store_true",
+        help="Also decode greedily and with prompt lookup on hf_common.few_rows_linear (1-16 rows, one-row "
+        "steps included), and with the draft on F.linear only: what the kernel alone gives each method.",
     )
 
 
 def _check_speed_variant_arguments(args: argparse.Namespace) -> None:
     from hf_scylla.tree import TreeConfig
 
-    if args.tree:
+    for shape in args.tree:
         try:
-            TreeConfig(*args.tree)
+            TreeConfig(*shape)
         except ValueError as error:
             raise CommandError(f"--tree: {error}") from error
+    for draft_tokens, lookup_tokens in args.chain:
+        if draft_tokens < 1 or lookup_tokens < 0:
+            raise CommandError(
+                f"--chain: need DRAFT_TOKENS >= 1 and LOOKUP_TOKENS >= 0, got {draft_tokens} {lookup_tokens}"
+            )
     if args.draft_vocab_size is not None and args.draft_vocab_size < 1:
         raise CommandError(f"--draft-vocab-size must be >= 1, got {args.draft_vocab_size}")
-    if args.packed_rows is not None and args.packed_rows < 1:
-        raise CommandError(f"--packed-rows must be >= 1, got {args.packed_rows}")
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -138,9 +155,10 @@ def _run_bench(args: argparse.Namespace) -> int:
         limit=args.limit or None,
         max_new_tokens=args.max_new_tokens,
         prompt_lookup_tokens=args.prompt_lookup_tokens,
-        tree=tuple(args.tree) if args.tree else None,
+        chains=[tuple(shape) for shape in args.chain],
+        trees=[tuple(shape) for shape in args.tree],
         draft_vocab_size=args.draft_vocab_size,
-        packed_rows=args.packed_rows,
+        few_rows_linear_rows=args.few_rows_linear_rows,
     )
     print(table)
     print(f"Saved {args.output_dir}/bench.json, .md and .png")

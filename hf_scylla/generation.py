@@ -9,6 +9,7 @@ exit); transformers' classes and functions are left untouched.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel,
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from hf_common.compat import CACHE_ARGUMENT
+from hf_common.few_rows_linear import few_rows_linear_layers
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.tree import TreeConfig, tree_decode
@@ -69,6 +71,7 @@ def scylla_generate(
     confidence_threshold: float | None = None,
     lookup_tokens: int | None = None,
     tree: TreeConfig | None = None,
+    few_rows_linear: bool = True,
     **model_kwargs,
 ):
     """A ``custom_generate`` callable: assisted decoding of ``model`` with the Scylla ``draft_model``.
@@ -79,6 +82,9 @@ def scylla_generate(
     override the draft config's for this call.
     ``tree=TreeConfig(depth, top_k, total_tokens)`` drafts EAGLE-2 dynamic trees instead of chains
     (`hf_scylla.tree`, batch 1; trees draft with the draft alone, without prompt lookup).
+    ``few_rows_linear``: the target's and draft's float32 CPU linear layers use
+    `hf_common.few_rows_linear` for inputs of 2-16 rows during the call (verification and tree drafting
+    cost about one 1-token forward instead of 1.5-3; one-row steps stay ``F.linear``); no effect elsewhere.
     """
     check_generation_inputs(model, input_ids, generation_config.max_length)
     cache = model_kwargs.get(CACHE_ARGUMENT)
@@ -89,46 +95,50 @@ def scylla_generate(
             "target's hidden states of the whole prompt, which a prefilled cache skips. Pass an empty cache "
             "(or none)."
         )
-    if tree is not None:
-        if max_draft_tokens is not None or confidence_threshold is not None or lookup_tokens:
-            raise ValueError(
-                "max_draft_tokens/confidence_threshold/lookup_tokens shape chains; a tree takes TreeConfig"
-            )
-        return tree_decode(
-            model,
-            draft_model,
-            input_ids,
-            tree,
-            generation_config,
-            logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            stats=scylla_stats,
-            **model_kwargs,
+    if tree is not None and (
+        max_draft_tokens is not None or confidence_threshold is not None or lookup_tokens
+    ):
+        raise ValueError(
+            "max_draft_tokens/confidence_threshold/lookup_tokens shape chains; a tree takes TreeConfig"
         )
     if "_get_candidate_generator" in vars(model):
         raise RuntimeError("scylla_generate is already running on this model instance (re-entrant call)")
-    generator = ScyllaCandidateGenerator(
-        draft_model,
-        model,
-        generation_config,
-        logits_processor=logits_processor,
-        max_draft_tokens=max_draft_tokens,
-        confidence_threshold=confidence_threshold,
-        lookup_tokens=lookup_tokens,
-        stats=scylla_stats,
-    )
-    model._get_candidate_generator = lambda **_: generator
-    try:
-        return GenerationMixin._assisted_decoding(
+    layers = few_rows_linear_layers(model, draft_model) if few_rows_linear else contextlib.nullcontext()
+    with layers:
+        if tree is not None:
+            return tree_decode(
+                model,
+                draft_model,
+                input_ids,
+                tree,
+                generation_config,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                stats=scylla_stats,
+                **model_kwargs,
+            )
+        generator = ScyllaCandidateGenerator(
+            draft_model,
             model,
-            input_ids,
+            generation_config,
             logits_processor=logits_processor,
-            stopping_criteria=stopping_criteria,
-            generation_config=generation_config,
-            **model_kwargs,
+            max_draft_tokens=max_draft_tokens,
+            confidence_threshold=confidence_threshold,
+            lookup_tokens=lookup_tokens,
+            stats=scylla_stats,
         )
-    finally:
-        del model._get_candidate_generator
+        model._get_candidate_generator = lambda **_: generator
+        try:
+            return GenerationMixin._assisted_decoding(
+                model,
+                input_ids,
+                logits_processor=logits_processor,
+                stopping_criteria=stopping_criteria,
+                generation_config=generation_config,
+                **model_kwargs,
+            )
+        finally:
+            del model._get_candidate_generator
 
 
 @dataclass

@@ -12,6 +12,7 @@ from scylla_models import make_draft, make_target
 from hf_scylla import (
     CUSTOM_GENERATE_DIR,
     ScyllaStats,
+    TreeConfig,
     generate,
     reference_speculative_decode,
     scylla_generate,
@@ -253,3 +254,35 @@ def test_a_user_cache_holding_a_prefix_is_refused_before_decoding() -> None:
         prompt, **cache_kwargs(empty), custom_generate=scylla_generate, draft_model=draft, max_new_tokens=8
     )
     assert torch.equal(output, target.generate(prompt, max_new_tokens=8, do_sample=False))
+
+
+@pytest.mark.parametrize("tree", [None, TreeConfig(3, 2, 6)], ids=["chain", "tree"])
+def test_verification_runs_on_the_few_rows_kernel_unless_turned_off(tree, monkeypatch) -> None:
+    """By default the target's multi-row forwards use `hf_common.few_rows_linear` (its twin F.linear is
+    what plain greedy runs); ``few_rows_linear=False`` keeps F.linear; both equal plain greedy, and the
+    layers are plain ``nn.Linear`` again afterwards."""
+    from hf_common import few_rows_linear as frl
+
+    if not frl.few_rows_linear_available():
+        pytest.skip("the kernel cannot run here")
+    rows_seen = []
+    original = frl.few_rows_linear
+    monkeypatch.setattr(
+        frl, "few_rows_linear", lambda x, *a: rows_seen.append(x.numel() // x.shape[-1]) or original(x, *a)
+    )
+    target = make_target(context_scale=0.3)
+    draft = make_draft(target, depth=2, oracle=True)
+    prompt = random_prompt(0)
+    plain = target.generate(prompt, max_new_tokens=24, do_sample=False)
+    for enabled in (True, False):
+        rows_seen.clear()
+        result = generate(
+            target, draft, prompt, max_new_tokens=24, do_sample=False, tree=tree, few_rows_linear=enabled
+        )
+        assert torch.equal(result.output, plain)
+        assert bool(rows_seen) == enabled and all(2 <= rows <= 16 for rows in rows_seen)
+        assert all(
+            type(module) is torch.nn.Linear
+            for module in target.modules()
+            if isinstance(module, torch.nn.Linear)
+        )

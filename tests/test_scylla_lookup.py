@@ -7,7 +7,7 @@ import torch
 from helpers import chat_word_tokenizer
 from scylla_models import make_draft, make_target, peaky_sampling_pair
 
-from hf_common.packed_linear import PackedLinear, pack_linear_weights
+from hf_common.few_rows_linear import FewRowsLinear
 from hf_scylla import ScyllaDraftConfig, ScyllaStats, TreeConfig, generate
 from hf_scylla.bench.speed import run_benchmark, speed_variants
 from hf_scylla.candidate_generator import ngram_continuation
@@ -119,11 +119,10 @@ def test_config_lookup_survives_save_and_load(tmp_path) -> None:
     assert (loaded.lookup_tokens, loaded.lookup_min_ngram, loaded.lookup_max_ngram) == (4, 1, 3)
 
 
-def test_bench_adds_the_draft_without_lookup_and_on_packed_weights_as_rows() -> None:
+def test_bench_adds_the_draft_without_lookup_and_the_few_rows_linear_rows() -> None:
     target = make_target(context_scale=0.3)
     draft = make_draft(target, oracle=True, lookup_tokens=4)
-    assert speed_variants(make_draft(target), "plain", target, None, None, None) == {}
-    pack_linear_weights(target, rows=5)  # a lookup verification: 4 proposed tokens + the last accepted one
+    assert speed_variants(make_draft(target), "plain", target, None) == {}
     rows = run_benchmark(
         target,
         chat_word_tokenizer(),
@@ -131,14 +130,29 @@ def test_bench_adds_the_draft_without_lookup_and_on_packed_weights_as_rows() -> 
         draft=draft,
         draft_name="oracle",
         max_new_tokens=16,
-        variants=speed_variants(draft, "oracle", target, None, None, None, packed_rows=5),
+        variants=speed_variants(
+            draft, "oracle", target, None, few_rows_linear_rows=True, chains=[(3, 0), (1, 6)]
+        ),
+        few_rows_linear_rows=True,
     )
     by_method = {row["method"]: row for row in rows}
-    assert set(by_method) == {"greedy", "prompt_lookup_10", "oracle", "oracle-no-lookup", "oracle+packed5"}
+    assert set(by_method) == {
+        "greedy",
+        "prompt_lookup_10",
+        "greedy+few-rows-linear",
+        "prompt_lookup_10+few-rows-linear",
+        "oracle",
+        "oracle-no-lookup",
+        "oracle-F.linear",
+        "oracle+chain3-lookup0",
+        "oracle+chain1-lookup6",
+    }
     assert all(row["lossless"] for row in rows)
-    assert all(module.packed_enabled for module in target.modules() if isinstance(module, PackedLinear))
+    assert not any(isinstance(module, FewRowsLinear) for module in target.modules()), "switched back"
     assert by_method["oracle-no-lookup"]["lookup_share"] == 0.0
     assert by_method["oracle"]["lookup_share"] > 0.0
+    assert by_method["oracle+chain3-lookup0"]["lookup_share"] == 0.0
+    assert by_method["oracle+chain1-lookup6"]["lookup_share"] > 0.0
 
 
 def test_code_prompt_script_builds_the_committed_set_and_never_overwrites(tmp_path, capsys) -> None:

@@ -238,11 +238,12 @@ def test_expected_chain_speedups(costs, draft_step, survival, expected) -> None:
     ("argv", "message"),
     [
         (["bench", "--tree", "0", "4", "4"], "--tree: tree depth must be >= 1, got 0"),
+        (["bench", "--tree", "2", "2", "3", "--tree", "3", "0", "4"], "--tree: "),
+        (["bench", "--chain", "0", "4"], "--chain: need DRAFT_TOKENS >= 1 and LOOKUP_TOKENS >= 0, got 0 4"),
         (["verify-cost", "--draft", "unused", "--max-chain", "0"], "--max-chain must be positive"),
         (["verify-cost", "--draft", "unused", "--acceptance-prompts", "missing.jsonl"], "is not a file"),
         (["bench", "--draft-vocab-size", "0"], "--draft-vocab-size must be >= 1"),
         (["bench", "--lookup-tokens", "-1"], "--lookup-tokens must be >= 0"),
-        (["bench", "--packed-rows", "0"], "--packed-rows must be >= 1"),
         (["verify-cost", "--draft", "unused", "--new-tokens", "2", "4"], "include 1"),
     ],
 )

@@ -8,9 +8,10 @@ passes with a hook, so it compares drafting methods on equal terms (plain greedy
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import load_model_and_tokenizer
-from hf_common.packed_linear import pack_linear_weights, packed_weights_enabled
+from hf_common.few_rows_linear import few_rows_linear_layers
 from hf_common.reporting import markdown_table, plot_series, write_report
 from hf_scylla import generation
 from hf_scylla.candidate_generator import ScyllaStats
@@ -108,27 +109,36 @@ def _methods(
     assistant: PreTrainedModel | None,
     assistant_name: str,
     variants: dict[str, tuple[ScyllaDraftModel, dict[str, Any]]],
+    few_rows_linear_rows: bool = False,
 ) -> dict[str, Callable[[torch.Tensor, int], tuple[torch.Tensor, ScyllaStats | None]]]:
-    """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline)."""
+    """Name -> ``decode(ids, max_new_tokens) -> (sequence, stats)``; plain greedy first (the baseline).
+
+    ``few_rows_linear_rows`` adds greedy and prompt lookup on `hf_common.few_rows_linear` for every
+    input of 1-16 rows (the fairest baselines for drafts, which use it from 2 rows on).
+    """
+
+    def transformers_decoder(few_rows: bool, **options: Any):
+        def decode(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, None]:
+            layers = few_rows_linear_layers(target, min_rows=1) if few_rows else contextlib.nullcontext()
+            with layers:
+                return target.generate(ids, max_new_tokens=n, do_sample=False, **options), None
+
+        return decode
+
+    lookup = {"prompt_lookup_num_tokens": prompt_lookup_tokens}
     methods = {
-        "greedy": lambda ids, n: (target.generate(ids, max_new_tokens=n, do_sample=False), None),
-        f"prompt_lookup_{prompt_lookup_tokens}": lambda ids, n: (
-            target.generate(
-                ids, max_new_tokens=n, do_sample=False, prompt_lookup_num_tokens=prompt_lookup_tokens
-            ),
-            None,
-        ),
+        "greedy": transformers_decoder(False),
+        f"prompt_lookup_{prompt_lookup_tokens}": transformers_decoder(False, **lookup),
     }
+    if few_rows_linear_rows:
+        methods["greedy+few-rows-linear"] = transformers_decoder(True)
+        methods[f"prompt_lookup_{prompt_lookup_tokens}+few-rows-linear"] = transformers_decoder(
+            True, **lookup
+        )
 
     def decoder(variant: ScyllaDraftModel, options: dict[str, Any]):
-        options = dict(options)
-        packed = options.pop("packed", False)  # the target's packed linear copies, if it has any
-
         def decode_with_draft(ids: torch.Tensor, n: int) -> tuple[torch.Tensor, ScyllaStats]:
-            with packed_weights_enabled(target, packed):
-                result = generation.generate(
-                    target, variant, ids, max_new_tokens=n, do_sample=False, **options
-                )
+            result = generation.generate(target, variant, ids, max_new_tokens=n, do_sample=False, **options)
             return result.output, result.stats
 
         return decode_with_draft
@@ -157,45 +167,52 @@ def run_benchmark(
     assistant: PreTrainedModel | None = None,
     assistant_name: str = "assisted",
     variants: dict[str, tuple[ScyllaDraftModel, dict[str, Any]]] | None = None,
+    few_rows_linear_rows: bool = False,
 ) -> list[dict]:
     """One summary row per (prompt set, method), with speedup against plain greedy on the same prompts.
 
     ``assistant``: a standalone draft LM (e.g. `hf_scylla.standalone`) run through transformers'
     assisted generation, as a baseline next to the Scylla draft and prompt lookup. ``variants``: more
-    Scylla methods by name, each a draft and its `hf_scylla.generate` options (``tree=``, ``lookup_tokens=``;
-    ``packed=True`` uses the target's `hf_common.packed_linear` copies, which every other method bypasses).
+    Scylla methods by name, each a draft and its `hf_scylla.generate` options (``tree=``,
+    ``lookup_tokens=``, ``few_rows_linear=False``). ``few_rows_linear_rows``: see `_methods`.
     """
     methods = _methods(
-        target, draft, draft_name, prompt_lookup_tokens, assistant, assistant_name, variants or {}
+        target,
+        draft,
+        draft_name,
+        prompt_lookup_tokens,
+        assistant,
+        assistant_name,
+        variants or {},
+        few_rows_linear_rows,
     )
     counter = _ForwardCounter(target)
     warmup = encode_prompt(tokenizer, "Hello")
-    with packed_weights_enabled(target, False):  # only packed=True variants use them
-        rows = []
-        try:
-            for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)
-                decode(warmup, 4)
-            for set_name, questions in prompt_sets.items():
-                results = {name: MethodResult(name, set_name) for name in methods}
-                for question in tqdm(questions, desc=set_name, unit="prompt"):
-                    ids = encode_prompt(tokenizer, question).to(target.device)
-                    reference = None
-                    for name, decode in methods.items():
-                        result, forwards_before = results[name], counter.count
-                        start = time.perf_counter()
-                        sequence, stats = decode(ids, max_new_tokens)
-                        result.seconds += time.perf_counter() - start
-                        result.target_forwards += counter.count - forwards_before
-                        result.prompts += 1
-                        result.new_tokens += sequence.shape[1] - ids.shape[1]
-                        if stats is not None:
-                            result.stats.merge(stats)
-                        reference = sequence if reference is None else reference
-                        result.mismatches += int(not torch.equal(sequence, reference))
-                baseline = results["greedy"].new_tokens / results["greedy"].seconds
-                rows += [result.row(baseline) for result in results.values()]
-        finally:
-            counter.handle.remove()
+    rows = []
+    try:
+        for decode in methods.values():  # first calls pay one-off costs (allocations, lazy imports)
+            decode(warmup, 4)
+        for set_name, questions in prompt_sets.items():
+            results = {name: MethodResult(name, set_name) for name in methods}
+            for question in tqdm(questions, desc=set_name, unit="prompt"):
+                ids = encode_prompt(tokenizer, question).to(target.device)
+                reference = None
+                for name, decode in methods.items():
+                    result, forwards_before = results[name], counter.count
+                    start = time.perf_counter()
+                    sequence, stats = decode(ids, max_new_tokens)
+                    result.seconds += time.perf_counter() - start
+                    result.target_forwards += counter.count - forwards_before
+                    result.prompts += 1
+                    result.new_tokens += sequence.shape[1] - ids.shape[1]
+                    if stats is not None:
+                        result.stats.merge(stats)
+                    reference = sequence if reference is None else reference
+                    result.mismatches += int(not torch.equal(sequence, reference))
+            baseline = results["greedy"].new_tokens / results["greedy"].seconds
+            rows += [result.row(baseline) for result in results.values()]
+    finally:
+        counter.handle.remove()
     return rows
 
 
@@ -241,29 +258,37 @@ def speed_variants(
     draft_name: str,
     target: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
-    tree_shape: tuple[int, int, int] | None,
-    draft_vocab_size: int | None,
-    packed_rows: int | None = None,
+    trees: Sequence[tuple[int, int, int]] = (),
+    draft_vocab_size: int | None = None,
+    few_rows_linear_rows: bool = False,
+    chains: Sequence[tuple[int, int]] = (),
 ) -> dict[str, tuple[ScyllaDraftModel, dict[str, Any]]]:
     """The extra methods of the bench: name -> (draft, `hf_scylla.generate` options) for the chain
-    without prompt lookup (when the draft's config uses it), the draft on the target's packed linear
-    copies (``packed_rows``; the target must be packed), a tree, a reduced head, both."""
+    without prompt lookup (when the draft's config uses it), the draft on ``F.linear`` alone
+    (``few_rows_linear_rows``), each ``chains`` shape (draft tokens, lookup tokens), each tree shape
+    (depth, top_k, total_tokens), a reduced head, and the trees with it."""
     from hf_scylla.bench.verify_cost import reduced_draft, training_token_counts
 
     variants = (
         {f"{draft_name}-no-lookup": (draft, {"lookup_tokens": 0})} if draft.config.lookup_tokens else {}
     )
-    if packed_rows:
-        variants[f"{draft_name}+packed{packed_rows}"] = (draft, {"packed": True})
-    tree = {"tree": TreeConfig(*tree_shape)} if tree_shape else None
-    shape = "x".join(map(str, tree_shape or ()))
-    if tree is not None:
-        variants[f"{draft_name}+tree{shape}"] = (draft, tree)
+    if few_rows_linear_rows:
+        variants[f"{draft_name}-F.linear"] = (draft, {"few_rows_linear": False})
+    for draft_tokens, lookup_tokens in chains:
+        options = {
+            "max_draft_tokens": draft_tokens,
+            "confidence_threshold": 0.0,
+            "lookup_tokens": lookup_tokens,
+        }
+        variants[f"{draft_name}+chain{draft_tokens}-lookup{lookup_tokens}"] = (draft, options)
+    tree_options = {"x".join(map(str, shape)): {"tree": TreeConfig(*shape)} for shape in trees}
+    for shape, options in tree_options.items():
+        variants[f"{draft_name}+tree{shape}"] = (draft, options)
     if draft_vocab_size:
         reduced = reduced_draft(draft, target, tokenizer, training_token_counts(tokenizer), draft_vocab_size)
         variants[f"{draft_name}+vocab{draft_vocab_size}"] = (reduced, {})
-        if tree is not None:
-            variants[f"{draft_name}+vocab{draft_vocab_size}+tree{shape}"] = (reduced, tree)
+        for shape, options in tree_options.items():
+            variants[f"{draft_name}+vocab{draft_vocab_size}+tree{shape}"] = (reduced, options)
     return variants
 
 
@@ -282,18 +307,18 @@ def bench_report(
     limit: int | None = None,
     max_new_tokens: int = 128,
     prompt_lookup_tokens: int = 10,
-    tree: tuple[int, int, int] | None = None,
+    chains: Sequence[tuple[int, int]] = (),
+    trees: Sequence[tuple[int, int, int]] = (),
     draft_vocab_size: int | None = None,
-    packed_rows: int | None = None,
+    few_rows_linear_rows: bool = False,
 ) -> tuple[list[dict], str]:
     """Load the target, run `run_benchmark` on the prompt sets of ``prompts_dir`` and write
     ``bench.json``, ``bench.md`` and ``bench.png`` into ``output_dir``; returns the rows and the table.
 
-    ``tree`` (depth, top_k, total_tokens), ``draft_vocab_size`` and ``packed_rows`` (the target's linear
-    layers MKL-packed for that many rows) add `speed_variants` of the draft."""
+    ``chains``, ``trees`` and ``draft_vocab_size`` add `speed_variants` of the draft;
+    ``few_rows_linear_rows`` adds greedy and prompt lookup on `hf_common.few_rows_linear` and the draft
+    without it."""
     target, tokenizer = load_model_and_tokenizer(model_name)
-    if packed_rows:
-        pack_linear_weights(target, packed_rows)
     scylla_draft, draft_name = bench_draft(
         target, tokenizer, draft, untrained_depth, max_draft_tokens, confidence_threshold, lookup_tokens
     )
@@ -312,8 +337,9 @@ def bench_report(
         assistant=assistant_model,
         assistant_name=f"assisted:{assistant.name}" if assistant is not None else "assisted",
         variants=speed_variants(
-            scylla_draft, draft_name, target, tokenizer, tree, draft_vocab_size, packed_rows
+            scylla_draft, draft_name, target, tokenizer, trees, draft_vocab_size, few_rows_linear_rows, chains
         ),
+        few_rows_linear_rows=few_rows_linear_rows,
     )
     columns = [
         "set",
