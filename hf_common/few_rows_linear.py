@@ -61,6 +61,13 @@ def few_rows_linear(
             raise ValueError(
                 f"few_rows_linear takes float32 CPU tensors, got {name} {tensor.dtype} on {tensor.device}"
             )
+    return _kernel(extension, inputs, weight, bias)
+
+
+def _kernel(
+    extension: ModuleType, inputs: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+) -> torch.Tensor:
+    """The kernel on tensors already known to be float32 on the CPU (the layers' hot path)."""
     rows = inputs.reshape(-1, inputs.shape[-1]).contiguous()
     out = extension.few_rows_linear(
         rows, weight.contiguous(), torch.empty(0) if bias is None else bias.contiguous()
@@ -79,7 +86,8 @@ class FewRowsLinear(nn.Linear):
         rows = inputs.numel() // self.in_features
         grad = torch.is_grad_enabled() and (inputs.requires_grad or self.weight.requires_grad)
         if self.min_rows <= rows <= self.max_rows and not grad and inputs.dtype == torch.float32:
-            return few_rows_linear(inputs, self.weight, self.bias)
+            # the layer was switched only with the kernel available and a float32 CPU weight
+            return _kernel(_extension(), inputs, self.weight, self.bias)
         return nn.functional.linear(inputs, self.weight, self.bias)
 
 

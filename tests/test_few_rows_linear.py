@@ -41,9 +41,9 @@ def test_the_block_switches_only_its_rows_and_restores_plain_layers() -> None:
     torch.manual_seed(0)
     layer = nn.Linear(24, 40)
     calls = []
-    original = frl.few_rows_linear
+    original = frl._kernel
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(frl, "few_rows_linear", lambda *a: calls.append(a[0].shape) or original(*a))
+        patch.setattr(frl, "_kernel", lambda ext, x, *a: calls.append(x.shape) or original(ext, x, *a))
         with torch.no_grad(), frl.few_rows_linear_layers(layer, min_rows=2, max_rows=4) as switched:
             assert switched == 1 and isinstance(layer, frl.FewRowsLinear)
             for rows in (1, 2, 4, 5):

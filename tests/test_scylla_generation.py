@@ -266,9 +266,9 @@ def test_verification_runs_on_the_few_rows_kernel_unless_turned_off(tree, monkey
     if not frl.few_rows_linear_available():
         pytest.skip("the kernel cannot run here")
     rows_seen = []
-    original = frl.few_rows_linear
+    original = frl._kernel
     monkeypatch.setattr(
-        frl, "few_rows_linear", lambda x, *a: rows_seen.append(x.numel() // x.shape[-1]) or original(x, *a)
+        frl, "_kernel", lambda ext, x, *a: rows_seen.append(x.numel() // x.shape[-1]) or original(ext, x, *a)
     )
     target = make_target(context_scale=0.3)
     draft = make_draft(target, depth=2, oracle=True)

@@ -337,7 +337,14 @@ def bench_report(
         assistant=assistant_model,
         assistant_name=f"assisted:{assistant.name}" if assistant is not None else "assisted",
         variants=speed_variants(
-            scylla_draft, draft_name, target, tokenizer, trees, draft_vocab_size, few_rows_linear_rows, chains
+            scylla_draft,
+            draft_name,
+            target,
+            tokenizer,
+            trees=trees,
+            draft_vocab_size=draft_vocab_size,
+            few_rows_linear_rows=few_rows_linear_rows,
+            chains=chains,
         ),
         few_rows_linear_rows=few_rows_linear_rows,
     )
