@@ -119,8 +119,21 @@ def test_inexact_codes_still_move_the_output_toward_dense() -> None:
     assert (estimated - dense).norm() < (_sparse(inputs) - dense).norm()
 
 
+def _production_paths() -> dict:
+    """The tail estimate's production paths that run here: PyTorch, and the one C++ call if it builds."""
+    paths = {"pytorch": tail.tail_decode_attention}
+    if cpu.cpu_extension() is not None:
+        paths["cpp"] = cpu.tail_decode_attention_cpu
+        paths["cpp-portable"] = partial(cpu.tail_decode_attention_cpu, portable=True)
+    return paths
+
+
+PATHS = _production_paths()
+
 SHAPES = [
     (1, 1, 1, 1, 1, 2, False),
+    (1, 6, 2, 1100, 9, 2, False),  # three chunks of the C++ op, merged
+    (2, 8, 1, 700, 4, 2, True),  # eight query heads per KV head: two lanes of four
     (2, 6, 2, 37, 5, 2, False),
     (2, 6, 3, 50, 7, 4, True),
     (1, 9, 3, 130, 16, 4, False),
@@ -128,40 +141,44 @@ SHAPES = [
 ]
 
 
-@pytest.mark.parametrize("fused_cpu", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("bsz", "q_heads", "kv_heads", "length", "budget", "bits", "shared"), SHAPES)
-def test_decomposed_paths_match_the_reference(
-    bsz, q_heads, kv_heads, length, budget, bits, shared, fused_cpu
+def test_production_paths_match_the_reference(
+    bsz, q_heads, kv_heads, length, budget, bits, shared, path
 ) -> None:
-    """The PyTorch and the C++ sums of the unselected positions, against the reference, in float32 and bf16."""
-    if fused_cpu and cpu.cpu_extension() is None:
-        pytest.skip("the C++ extension cannot be built here")
+    """The PyTorch and the C++ paths against the reference in float32; bf16 through the dispatch."""
     inputs = _noisy(_inputs(bsz, q_heads, kv_heads, length, budget, bits, shared, seed=length))
     expected = reference.tail_decode_attention(**inputs)
-    assert_close(
-        "tail (decomposed)", expected, tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu), 1e-5
-    )
+    assert_close(f"tail ({path})", expected, PATHS[path](**inputs), 1e-5)
     half = dict(inputs, **{name: inputs[name].bfloat16() for name in ("query", "key", "value")})
-    got = tail.tail_decode_attention(**half, fused_cpu=fused_cpu)
+    got = ops.tail_decode_attention(**half)
     assert got.dtype == torch.bfloat16
-    assert_close("tail (decomposed, bf16)", reference.tail_decode_attention(**half), got, 1e-2)
+    assert_close("tail (bf16)", reference.tail_decode_attention(**half), got, 1e-2)
 
 
-def test_the_fused_sums_match_pytorch_from_a_start_far_below_the_logits() -> None:
-    """The C++ sums take their maximum from the estimated logits when the start is far below them."""
-    if cpu.cpu_extension() is None:
+def test_the_dispatch_runs_float32_cpu_caches_through_the_cpp_op(monkeypatch) -> None:
+    if "cpp" not in PATHS:
         pytest.skip("the C++ extension cannot be built here")
-    inputs = _noisy(_inputs(1, 2, 1, 40, 3, 4, shared=False))
-    excluded = torch.zeros(1, 2, 40, dtype=torch.bool)
-    start = torch.full((1, 2, 1), -50.0)
-    query = inputs["query"] * 4
-    table = reference.centroid_table(query, *inputs["key_codes"])
-    got = cpu.tail_partials_cpu(table, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5)
-    expected = tail._unselected_partials(
-        table, inputs["key_codes"], inputs["value_codes"], excluded, start, 0.5
-    )
-    for name, want, have in zip(("m", "l", "o"), expected, got, strict=True):
-        assert_close(f"fused tail {name}", want, have, 1e-5)
+    calls = []
+    monkeypatch.setattr(ops, "tail_decode_attention_cpu", lambda *args: calls.append(args) or args[0])
+    inputs = _noisy(_inputs(1, 2, 1, 20, 3, 2, shared=False))
+    ops.tail_decode_attention(**inputs)
+    assert len(calls) == 1
+    ops.tail_decode_attention(**dict(inputs, key=inputs["key"].bfloat16(), value=inputs["value"].bfloat16()))
+    assert len(calls) == 1  # bf16 caches: the PyTorch path
+
+
+def test_chunks_whose_maxima_lie_far_apart_merge_exactly() -> None:
+    """The C++ op's chunks (512 positions) each keep their own maximum: one chunk's logits far above the
+    others' must not wipe out their weights, nor theirs overflow it."""
+    if "cpp" not in PATHS:
+        pytest.skip("the C++ extension cannot be built here")
+    inputs = _noisy(_inputs(1, 2, 1, 1200, 3, 2, shared=False))
+    inputs["key"][:, :, 600:700] *= 6.0  # the second chunk's exact logits far larger
+    inputs["query"] = inputs["query"] * 3
+    inputs["indices"] = torch.tensor([[[610, 650, -1], [5, 1100, 620]]])
+    expected = reference.tail_decode_attention(**inputs)
+    assert_close("far-apart chunks", expected, PATHS["cpp"](**inputs), 1e-5)
 
 
 def test_nothing_selected_and_very_negative_logits_still_average_the_rest() -> None:
@@ -172,10 +189,8 @@ def test_nothing_selected_and_very_negative_logits_still_average_the_rest() -> N
     inputs["query"] = inputs["query"] * 0 - 200.0  # logits about -200 * sum of key values
     expected = reference.tail_decode_attention(**inputs)
     assert expected.abs().sum() > 0
-    for fused_cpu in (False, True):
-        assert_close(
-            "empty selection", expected, tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu), 1e-5
-        )
+    for path, implementation in PATHS.items():
+        assert_close(f"empty selection ({path})", expected, implementation(**inputs), 1e-5)
 
 
 def test_codes_and_keys_read_in_place_from_larger_buffers() -> None:
@@ -192,19 +207,15 @@ def test_codes_and_keys_read_in_place_from_larger_buffers() -> None:
         room[:, :, :30] = codes
         views[name] = inputs[name]._replace(codes=room[:, :, :30])
     expected = reference.tail_decode_attention(**inputs)
-    for fused_cpu in (False, True):
-        assert_close("in place", expected, tail.tail_decode_attention(**views, fused_cpu=fused_cpu), 1e-5)
+    for path, implementation in PATHS.items():
+        assert_close(f"in place ({path})", expected, implementation(**views), 1e-5)
 
 
 def test_a_row_with_nothing_valid_is_zeros_on_every_path() -> None:
     inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
     inputs["valid"] = torch.zeros(1, 8, dtype=torch.bool)
     inputs["indices"] = torch.full_like(inputs["indices"], -1)
-    for implementation in (
-        reference.tail_decode_attention,
-        tail.tail_decode_attention,
-        partial(tail.tail_decode_attention, fused_cpu=False),
-    ):
+    for implementation in (reference.tail_decode_attention, *PATHS.values()):
         assert torch.equal(implementation(**inputs), torch.zeros(1, 2, 32))
 
 
@@ -306,9 +317,9 @@ def test_exact_positions_make_their_logits_exact() -> None:
     some[:, :, 0] = -1
     expected = reference.tail_decode_attention(**inputs, exact_positions=some)  # one list per KV group
     assert not torch.allclose(expected, reference.tail_decode_attention(**inputs), atol=1e-5)
-    for fused_cpu in (False, True):
-        got = tail.tail_decode_attention(**inputs, exact_positions=some, fused_cpu=fused_cpu)
-        assert_close(f"exact positions (fused_cpu={fused_cpu})", expected, got, 1e-5)
+    for path, implementation in PATHS.items():
+        got = implementation(**inputs, exact_positions=some)
+        assert_close(f"exact positions ({path})", expected, got, 1e-5)
 
 
 def test_the_tail_diagnosis_variants_agree_with_the_spec() -> None:
@@ -358,9 +369,8 @@ def test_the_level_shift_removes_an_estimate_excess_common_to_all_keys(length) -
     everything = torch.arange(length).expand(2, 3, length)
     expected = reference.tail_decode_attention(**inputs, exact_positions=everything)
     assert_close("reference", expected, reference.tail_decode_attention(**inputs), 1e-5)
-    for fused_cpu in (False, True):
-        got = tail.tail_decode_attention(**inputs, fused_cpu=fused_cpu)
-        assert_close(f"fused_cpu={fused_cpu}", expected, got, 1e-5)
+    for path, implementation in PATHS.items():
+        assert_close(path, expected, implementation(**inputs), 1e-5)
 
 
 def test_the_tail_diagnosis_refuses_bad_settings_and_foreign_summaries(tmp_path, capsys) -> None:

@@ -11,9 +11,10 @@ kernels and ``torch.topk`` on CUDA; on CPU the fused C++ ops of :mod:`hf_adamas.
 rule: byte-table scores and an exact top-k in one pass over the packed codes; the asymmetric rule: a
 fast-scanned estimate narrows the keys that get exact scores), or :func:`reference.select_by_table`
 where they cannot be built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
-:func:`tail_decode_attention` (the optional tail estimate) runs :mod:`hf_adamas.ops.tail`, which reads
-only the selected K/V rows and sums the others from their codes (a C++ op on CPU, PyTorch elsewhere). :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for float32 CPU
-caches and the PyTorch reference elsewhere.
+:func:`tail_decode_attention` (the optional tail estimate) reads only the selected K/V rows and sums
+the others from their codes: one C++ call for float32 CPU caches, :mod:`hf_adamas.ops.tail` (PyTorch)
+elsewhere. :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for
+float32 CPU caches and the PyTorch reference elsewhere.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from hf_adamas.ops.cpu import (
     select_by_centroids_cpu,
     select_by_table_cpu,
     sparse_decode_attention_cpu,
+    tail_decode_attention_cpu,
 )
 from hf_adamas.ops.reference import select_topk
 
@@ -120,11 +122,7 @@ def sparse_decode_attention(
     """Attention of one decode token over selected positions, ``[B, Hq, D]``; see :func:`reference.sparse_decode_attention`."""
     if _use_triton(query):
         return _kernels().sparse_decode_attention_triton(query, key, value, indices, scaling)
-    if (
-        _fused_cpu(key)
-        and key.dtype == value.dtype == torch.float32
-        and key.stride(3) == value.stride(3) == 1
-    ):
+    if _float32_cpu_cache(key, value):
         return sparse_decode_attention_cpu(query, key, value, indices, scaling)
     return reference.sparse_decode_attention(query, key, value, indices, scaling)
 
@@ -141,9 +139,14 @@ def tail_decode_attention(
     exact_positions: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Exact attention over the selection plus the estimated unselected positions, ``[B, Hq, D]``; see
-    :func:`reference.tail_decode_attention`. :func:`tail.tail_decode_attention` on every device (C++ sums
-    on CPU)."""
-    implementation = reference.tail_decode_attention if _force_reference else tail.tail_decode_attention
+    :func:`reference.tail_decode_attention`. One C++ call for float32 CPU caches, else
+    :func:`tail.tail_decode_attention` (PyTorch, any device)."""
+    if _force_reference:
+        implementation = reference.tail_decode_attention
+    elif _float32_cpu_cache(key, value):
+        implementation = tail_decode_attention_cpu
+    else:
+        implementation = tail.tail_decode_attention
     return implementation(query, key, value, indices, scaling, key_codes, value_codes, valid, exact_positions)
 
 
@@ -154,6 +157,15 @@ def rescore_selection(
     if _fused_cpu(key) and key.dtype == torch.float32 and key.stride(3) == 1:
         return rescore_selection_cpu(query, key, candidates, budget, forced)
     return reference.rescore_selection(query, key, candidates, budget, forced)
+
+
+def _float32_cpu_cache(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the C++ attention ops read these K/V in place: float32 CPU caches with contiguous rows."""
+    return (
+        _fused_cpu(key)
+        and key.dtype == value.dtype == torch.float32
+        and key.stride(3) == value.stride(3) == 1
+    )
 
 
 def _fused_cpu(tensor: torch.Tensor) -> bool:

@@ -13,12 +13,12 @@
 - `rescore_selection_cpu`: the exact ``q · k`` of the candidates an estimate selected, read in place
   from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
-- `tail_partials_cpu`: the tail estimate's unselected positions (``value_code_bits``): per key, its
-  score estimate from the key codes' byte table, then its value codes' Hadamard values added with
-  that weight, for the query heads of a KV group at once.
+- `tail_decode_attention_cpu`: the tail estimate (``value_code_bits``) in one call: exact over the
+  selection, elsewhere each key's score from the key codes' byte table and its value codes' Hadamard
+  values, for the query heads of a KV group at once, over chunks of positions in parallel.
 
 Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table`,
-`reference.rescore_selection` and `reference.sparse_decode_attention`.
+`reference.rescore_selection`, `reference.sparse_decode_attention` and `reference.tail_decode_attention`.
 
 The extension is built once per machine (`hf_common.cpp_extension`, about 30 s).
 """
@@ -32,7 +32,7 @@ from types import ModuleType
 import torch
 
 from hf_adamas._validation import check_attention_inputs, check_thresholds
-from hf_adamas.ops.reference import PackedCodes, byte_centroids, hadamard_values
+from hf_adamas.ops.reference import PackedCodes, byte_centroids, hadamard_matrix, hadamard_values
 from hf_common.cpp_extension import load_cpu_extension
 
 __all__ = [
@@ -42,7 +42,7 @@ __all__ = [
     "select_by_centroids_cpu",
     "select_by_table_cpu",
     "sparse_decode_attention_cpu",
-    "tail_partials_cpu",
+    "tail_decode_attention_cpu",
 ]
 
 SOURCE = Path(__file__).parent / "csrc" / "select_cpu.cpp"
@@ -135,29 +135,37 @@ def sparse_decode_attention_cpu(
     return out.to(query.dtype)
 
 
-def tail_partials_cpu(
-    table: torch.Tensor,
+def tail_decode_attention_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    indices: torch.Tensor,
+    scaling: float,
     key_codes: PackedCodes,
     value_codes: PackedCodes,
-    excluded: torch.Tensor,
-    start_max: torch.Tensor,
-    scaling: float,
-    exact_logits: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The tail estimate's unselected positions in C++: a pass over the key codes, one over the value codes.
+    valid: torch.Tensor | None,
+    exact_positions: torch.Tensor | None = None,
+    portable: bool = False,
+) -> torch.Tensor:
+    """`reference.tail_decode_attention` (same arguments) for float32 caches in one C++ call: the level
+    shift's sample and the selection read exactly, every other key and value from its codes, the
+    positions split into chunks that run in parallel and merge like an online softmax.
 
-    Returns ``(m [B, Hq, 1], l [B, Hq, 1], o [B, Hq, D])``: the largest of ``start_max`` and the
-    estimated logits (``table``'s key-code score ``* scaling``, or ``exact_logits`` where it is not NaN)
-    of the positions not ``excluded``, and
-    the sums of ``exp(logit - m)`` and of ``exp(logit - m)`` times the value codes' Hadamard values;
-    the extension must be available. Twin: ``hf_adamas.ops.tail._unselected_partials``.
+    ``portable`` runs the plain C++ loops instead of AVX2 (the same sums but for rounding; for tests).
     """
-    codes = value_codes.codes if value_codes.codes.stride(3) == 1 else value_codes.codes.contiguous()
-    keys = key_codes.codes if key_codes.codes.stride(3) == 1 else key_codes.codes.contiguous()
-    byte_values = byte_centroids(value_codes.centroids, value_codes.bits, codes.device)
-    maxima, sums, outputs = cpu_extension().tail_partials(
-        table.float().contiguous(), keys, codes, byte_values.contiguous(), excluded.contiguous(),
-        start_max.float().contiguous(), float(scaling),
-        torch.empty(0) if exact_logits is None else exact_logits.float().contiguous(),
+    check_attention_inputs(query, key, value, indices)
+    out = cpu_extension().tail_decode_attention(
+        query.float().contiguous(), key, value, indices.contiguous(),
+        torch.empty(0, dtype=torch.int64) if exact_positions is None else exact_positions.contiguous(),
+        _rows_contiguous(key_codes.codes), _rows_contiguous(value_codes.codes),
+        byte_centroids(key_codes.centroids, key_codes.bits, key.device).contiguous(),
+        byte_centroids(value_codes.centroids, value_codes.bits, key.device).contiguous(),
+        torch.empty(0, dtype=torch.bool) if valid is None else valid.contiguous(),
+        hadamard_matrix(key.shape[-1], key.device), float(scaling), portable,
     )  # fmt: skip
-    return maxima.unsqueeze(-1), sums.unsqueeze(-1), outputs
+    return out.to(query.dtype)
+
+
+def _rows_contiguous(codes: torch.Tensor) -> torch.Tensor:
+    """``codes`` as they are when each row is contiguous (a view of the cache's buffer), else a copy."""
+    return codes if codes.stride(-1) == 1 else codes.contiguous()

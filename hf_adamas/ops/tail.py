@@ -1,20 +1,19 @@
-"""The tail estimate's production path: attention over the selection plus the estimated rest, without
-reading the unselected keys or values.
+"""The tail estimate's PyTorch production path: attention over the selection plus the estimated rest,
+without reading the unselected keys or values.
 
 :func:`tail_decode_attention` computes what :func:`hf_adamas.ops.reference.tail_decode_attention`
 specifies (a softmax over every position, exact at the selected ones) by merging two partial
 softmaxes: the selected rows' (`reference.selected_attention_partials`, which gathers only those K/V
 rows) and the unselected positions', whose values are summed in the Hadamard basis from their codes
-and rotated back once per head. On CPU the second part is one C++ pass over the key and value codes
-(`cpu.tail_partials_cpu`); elsewhere, and without the extension, the same sums in PyTorch. The
-reference is the test oracle of both.
+and rotated back once per head. It serves every device and dtype; float32 CPU caches go through the
+one C++ call `cpu.tail_decode_attention_cpu` instead (`hf_adamas.ops.tail_decode_attention` picks).
+The reference is the test oracle of both.
 """
 
 from __future__ import annotations
 
 import torch
 
-from hf_adamas.ops.cpu import cpu_extension, tail_partials_cpu
 from hf_adamas.ops.reference import (
     PackedCodes,
     byte_table_sum,
@@ -62,8 +61,8 @@ def _unselected_partials(
     scaling: float,
     exact_logits: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PyTorch twin of `cpu.tail_partials_cpu` (same arguments): ``(m, l, o)`` of the positions not
-    ``excluded``, ``o`` in the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no
+    """``(m, l, o)`` of the positions not ``excluded``: their largest logit (at least ``start_max``),
+    ``Σ exp(logit - m)`` and ``Σ exp(logit - m)`` times their code values, ``o`` in the Hadamard basis (``m`` stays ``start_max``, possibly -inf, where no
     position is left)."""
     bsz, heads, length = excluded.shape
     logits = byte_table_sum(table, key_codes.codes, shared_per_kv_group=False) * scaling
@@ -106,12 +105,8 @@ def tail_decode_attention(
     value_codes: PackedCodes,
     valid: torch.Tensor | None,
     exact_positions: torch.Tensor | None = None,
-    fused_cpu: bool = True,
 ) -> torch.Tensor:
-    """Same arguments and result as :func:`hf_adamas.ops.reference.tail_decode_attention`.
-
-    ``fused_cpu=False`` sums the unselected positions in PyTorch on CPU too (for tests).
-    """
+    """Same arguments and result as :func:`hf_adamas.ops.reference.tail_decode_attention`."""
     selected_max, selected_sum, selected_values = selected_attention_partials(
         query, key, value, indices, scaling
     )
@@ -125,9 +120,7 @@ def tail_decode_attention(
     table = centroid_table(query, *key_codes)
     shift = _level_shift(table, key, query, key_codes, excluded, exact_logits, scaling)
     table[:, :, :, 0] -= (shift / scaling).view(*table.shape[:3], 1)  # every estimate lowered by the shift
-    fused = fused_cpu and key.device.type == "cpu" and cpu_extension() is not None
-    partials = tail_partials_cpu if fused else _unselected_partials
-    tail_max, tail_sum, tail_values = partials(
+    tail_max, tail_sum, tail_values = _unselected_partials(
         table, key_codes, value_codes, excluded, start_max, scaling, exact_logits
     )
     tail_max = torch.where(torch.isfinite(tail_max), tail_max, 0.0)  # nothing valid at all: zeros

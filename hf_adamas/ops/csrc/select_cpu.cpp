@@ -9,8 +9,8 @@
 //   twin reference.rescore_selection.
 // - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
 //   (possibly preallocated, strided) cache; twin reference.sparse_decode_attention.
-// - tail_partials: the unselected positions' share of the tail estimate (AdamasConfig.value_code_bits)
-//   in a pass over the key codes and one over the value codes; twin hf_adamas.ops.tail._unselected_partials.
+// - tail_decode_attention: the tail estimate (AdamasConfig.value_code_bits), exact over the selection and
+//   from the key and value codes elsewhere, in one call; twin reference.tail_decode_attention.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 
@@ -817,131 +817,406 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 }
 
 
-// The tail estimate's unselected positions: the key codes' score estimates, then the weighted value codes.
-// table: float32 [B, Hkv, G, Pk, 256] contiguous (reference.centroid_table: a key byte's share of the
-// q . k estimate); key_codes: uint8 [B, Hkv, S, Pk] with contiguous rows; value_codes: uint8
-// [B, Hkv, S, Pv] with contiguous rows; byte_values: float32 [Hkv, 256, 8 / value_bits] contiguous
-// (the Hadamard values each value byte stands for); excluded: bool [B, Hq, S] contiguous (selected or
-// not attendable); start_max: float32 [B, Hq] contiguous (the selection's largest logit, -inf when
-// none; m stays -inf where no position is left either); exact_logits: empty, or float32 [B, Hq, S]
-// contiguous, a logit known exactly (the rescored candidates') or NaN where the estimate stands.
-// Returns (m [B, Hq], l [B, Hq], o [B, Hq, D]): per query head, m the largest of start_max and the
-// logits (est * scaling unless given), l = sum exp(logit - m), o = sum exp(logit - m) * the value
-// codes' Hadamard values, over the positions not excluded.
+// The tail estimate in one call (AdamasConfig.value_code_bits): attention of one decode token over every
+// valid position, exact at the selected ones, from the codes elsewhere; twin reference.tail_decode_attention.
+// query: float32 [B, Hq, D] contiguous; key, value: float32 [B, Hkv, S, D] with contiguous rows (read in
+// place); indices: int64 [B, Hq or Hkv, K] contiguous (-1 skipped), the selection (exact logit and value);
+// exact_positions: empty, or int64 [B, Hq or Hkv, R] contiguous, positions whose logit is exact too (value
+// from its codes); key_codes, value_codes: uint8 [B, Hkv, S, P] with contiguous rows; key_byte_values,
+// value_byte_values: float32 [Hkv, 256, 8 / bits] contiguous (the Hadamard values each code byte stands for);
+// valid: bool [B, S] contiguous or empty (all valid); hadamard: float32 [D, D] contiguous (orthonormal,
+// symmetric); portable: the plain C++ loops instead of AVX2 (for tests). Returns float32 [B, Hq, D], zeros
+// for a row with no valid position.
 namespace {
 
-// Pass 2 of tail_partials for one KV head: per key, the weights exp(logit - max) of its query heads,
-// and its value codes' Hadamard values (decoded once) added to each head's sum with that weight.
+enum TailMark : uint8_t { kEstimated = 0, kExactLogit = 1, kSelected = 2, kExcluded = 3 };
+
+// exp(x) for x <= 0 in place, 0 below float32's range (so -inf gives 0): Cephes' expf polynomial,
+// eight at a time with AVX2 + FMA, std::exp elsewhere.
+__attribute__((target("avx2,fma")))
+void exp_nonpositive_avx2(float* x, int64_t count) {
+  const __m256 lowest = _mm256_set1_ps(-87.3f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 ln2_hi = _mm256_set1_ps(0.693359375f), ln2_lo = _mm256_set1_ps(-2.12194440e-4f);
+  const __m256 one = _mm256_set1_ps(1.0f), half = _mm256_set1_ps(0.5f);
+  const float coefficients[6] = {1.9875691500e-4f, 1.3981999507e-3f, 8.3334519073e-3f,
+                                 4.1665795894e-2f, 1.6666665459e-1f, 5.0000001201e-1f};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8) {
+    const __m256 raw = _mm256_loadu_ps(x + i);
+    const __m256 under = _mm256_cmp_ps(raw, lowest, _CMP_LT_OQ);  // also -inf; NaN never comes here
+    const __m256 v = _mm256_max_ps(raw, lowest);
+    const __m256 n = _mm256_floor_ps(_mm256_fmadd_ps(v, log2e, half));
+    __m256 r = _mm256_fnmadd_ps(n, ln2_hi, v);
+    r = _mm256_fnmadd_ps(n, ln2_lo, r);
+    __m256 poly = _mm256_set1_ps(coefficients[0]);
+    for (int c = 1; c < 6; ++c) poly = _mm256_fmadd_ps(poly, r, _mm256_set1_ps(coefficients[c]));
+    poly = _mm256_fmadd_ps(poly, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    const __m256i exponent = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256 result = _mm256_mul_ps(poly, _mm256_castsi256_ps(exponent));
+    _mm256_storeu_ps(x + i, _mm256_andnot_ps(under, result));
+  }
+  for (; i < count; ++i) x[i] = std::exp(x[i]);
+}
+
+void exp_nonpositive(float* x, int64_t count, bool simd) {
+  if (simd) return exp_nonpositive_avx2(x, count);
+  for (int64_t i = 0; i < count; ++i) x[i] = std::exp(x[i]);
+}
+
+// Per key of a chunk: its value codes' Hadamard values (PER_BYTE per byte, decoded once for the KV
+// group), added to each query head's sum (outputs + g * 2 * dim) with that head's weight.
+template <int64_t PER_BYTE>
 __attribute__((target_clones("avx2", "default")))
-void accumulate_tail(const float* logits, const float* maxima, const uint8_t* vals, int64_t row_stride,
-                     const float* values_of, int64_t value_bytes, int64_t per_byte, int64_t group, int64_t seq_len,
-                     float negligible, float* sums, float* outputs) {
-  const int64_t dim = value_bytes * per_byte;
-  std::vector<float> row(dim), weights(group);
-  for (int64_t j = 0; j < seq_len; ++j) {
-    bool any = false;
-    for (int64_t g = 0; g < group; ++g) {
-      weights[g] = std::exp(logits[g * seq_len + j] - maxima[g]);
-      any |= weights[g] >= negligible;
-    }
-    if (!any) continue;
-    const uint8_t* packed = vals + j * row_stride;
+void accumulate_code_values(const float* weights, int64_t weight_stride, int64_t group, int64_t count,
+                            const uint8_t* codes, int64_t row_stride, int64_t value_bytes, const float* values_of,
+                            float* outputs) {
+  const int64_t dim = value_bytes * PER_BYTE;
+  std::vector<float> row(dim);
+  for (int64_t j = 0; j < count; ++j) {
+    const uint8_t* packed = codes + j * row_stride;
     for (int64_t p = 0; p < value_bytes; ++p)
-      for (int64_t m = 0; m < per_byte; ++m) row[p * per_byte + m] = values_of[packed[p] * per_byte + m];
+      for (int64_t m = 0; m < PER_BYTE; ++m) row[p * PER_BYTE + m] = values_of[packed[p] * PER_BYTE + m];
     for (int64_t g = 0; g < group; ++g) {
-      if (!(weights[g] >= negligible)) continue;  // also a skipped position (weight 0)
-      sums[g] += weights[g];
-      float* out = outputs + g * dim;
-      for (int64_t d = 0; d < dim; ++d) out[d] += weights[g] * row[d];
+      const float w = weights[g * weight_stride + j];
+      float* out = outputs + g * 2 * dim;
+      for (int64_t d = 0; d < dim; ++d) out[d] += w * row[d];
     }
   }
 }
 
+// The same for 2-bit values (four per byte) and GROUP query heads, with AVX2: a block of VECS * 8
+// dimensions at a time, its GROUP * VECS sums held in registers over all keys of the chunk.
+template <int64_t GROUP>
+__attribute__((target("avx2,fma")))
+void accumulate_two_bit_values_avx2(const float* weights, int64_t weight_stride, int64_t count,
+                                    const uint8_t* codes, int64_t row_stride, int64_t value_bytes,
+                                    const float* values_of, float* outputs) {
+  constexpr int64_t kVecs = GROUP <= 3 ? 4 : GROUP <= 6 ? 2 : 1;  // at most 12 accumulators
+  const int64_t dim = value_bytes * 4;
+  for (int64_t block = 0; block < dim; block += kVecs * 8) {
+    __m256 sums[GROUP][kVecs];
+    for (int64_t g = 0; g < GROUP; ++g)
+      for (int64_t v = 0; v < kVecs; ++v) sums[g][v] = _mm256_setzero_ps();
+    const int64_t first_byte = block / 4;
+    for (int64_t j = 0; j < count; ++j) {
+      const uint8_t* packed = codes + j * row_stride + first_byte;
+      __m256 row[kVecs];
+      for (int64_t v = 0; v < kVecs; ++v)
+        row[v] = _mm256_set_m128(_mm_loadu_ps(values_of + packed[2 * v + 1] * 4),
+                                 _mm_loadu_ps(values_of + packed[2 * v] * 4));
+      for (int64_t g = 0; g < GROUP; ++g) {
+        const __m256 w = _mm256_set1_ps(weights[g * weight_stride + j]);
+        for (int64_t v = 0; v < kVecs; ++v) sums[g][v] = _mm256_fmadd_ps(w, row[v], sums[g][v]);
+      }
+    }
+    for (int64_t g = 0; g < GROUP; ++g)
+      for (int64_t v = 0; v < kVecs; ++v) {
+        float* out = outputs + g * 2 * dim + block + v * 8;
+        _mm256_storeu_ps(out, _mm256_add_ps(_mm256_loadu_ps(out), sums[g][v]));
+      }
+  }
+}
+
+void accumulate_code_values_any(int64_t per_byte, bool simd, const float* weights, int64_t weight_stride,
+                                int64_t group, int64_t count, const uint8_t* codes, int64_t row_stride,
+                                int64_t value_bytes, const float* values_of, float* outputs) {
+  const int64_t dim = value_bytes * per_byte;
+  if (simd && per_byte == 4 && dim % 32 == 0 && group <= 8) {
+    with_fixed_columns(group, [&](auto fixed) {
+      constexpr int64_t kGroup = decltype(fixed)::value;
+      if constexpr (kGroup > 0)
+        accumulate_two_bit_values_avx2<kGroup>(weights, weight_stride, count, codes, row_stride, value_bytes,
+                                               values_of, outputs);
+      else
+        accumulate_code_values<4>(weights, weight_stride, group, count, codes, row_stride, value_bytes, values_of,
+                                  outputs);
+    });
+    return;
+  }
+  switch (per_byte) {
+    case 1: return accumulate_code_values<1>(weights, weight_stride, group, count, codes, row_stride, value_bytes, values_of, outputs);
+    case 2: return accumulate_code_values<2>(weights, weight_stride, group, count, codes, row_stride, value_bytes, values_of, outputs);
+    case 4: return accumulate_code_values<4>(weights, weight_stride, group, count, codes, row_stride, value_bytes, values_of, outputs);
+    case 8: return accumulate_code_values<8>(weights, weight_stride, group, count, codes, row_stride, value_bytes, values_of, outputs);
+    default: TORCH_CHECK(false, "codes per byte must be 1, 2, 4 or 8, got ", per_byte);
+  }
+}
+
+// Per key, the sum over its P code bytes of the table entries they pick, for four query heads at once
+// (tab: [P, 256, 4]), four keys interleaved; head c's scores go to scores[c * column_stride + s].
+void score_quad(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t count, int64_t packed,
+                float* scores, int64_t column_stride) {
+  int64_t s = 0;
+  for (; s + 4 <= count; s += 4) {
+    const uint8_t* r0 = codes + s * row_stride;
+    const uint8_t *r1 = r0 + row_stride, *r2 = r1 + row_stride, *r3 = r2 + row_stride;
+    __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
+    for (int64_t p = 0; p < packed; ++p) {
+      const float* row = tab + p * 256 * 4;
+      a0 = _mm_add_ps(a0, _mm_loadu_ps(row + r0[p] * 4));
+      a1 = _mm_add_ps(a1, _mm_loadu_ps(row + r1[p] * 4));
+      a2 = _mm_add_ps(a2, _mm_loadu_ps(row + r2[p] * 4));
+      a3 = _mm_add_ps(a3, _mm_loadu_ps(row + r3[p] * 4));
+    }
+    _MM_TRANSPOSE4_PS(a0, a1, a2, a3);  // now a_c holds head c's scores of the four keys
+    _mm_storeu_ps(scores + s, a0);
+    _mm_storeu_ps(scores + column_stride + s, a1);
+    _mm_storeu_ps(scores + 2 * column_stride + s, a2);
+    _mm_storeu_ps(scores + 3 * column_stride + s, a3);
+  }
+  for (; s < count; ++s) {
+    const uint8_t* r = codes + s * row_stride;
+    __m128 acc = _mm_setzero_ps();
+    for (int64_t p = 0; p < packed; ++p) acc = _mm_add_ps(acc, _mm_loadu_ps(tab + (p * 256 + r[p]) * 4));
+    float lanes[4];
+    _mm_storeu_ps(lanes, acc);
+    for (int64_t c = 0; c < 4; ++c) scores[c * column_stride + s] = lanes[c];
+  }
+}
+
+// The largest and the sum of x[0..count), in eight independent lanes so that they vectorize.
+__attribute__((target_clones("avx2", "default")))
+float max_of(const float* x, int64_t count) {
+  float lanes[8];
+  std::fill(lanes, lanes + 8, -std::numeric_limits<float>::infinity());
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    for (int64_t l = 0; l < 8; ++l) lanes[l] = std::max(lanes[l], x[i + l]);
+  for (; i < count; ++i) lanes[0] = std::max(lanes[0], x[i]);
+  return *std::max_element(lanes, lanes + 8);
+}
+
+__attribute__((target_clones("avx2", "default")))
+float sum_of(const float* x, int64_t count) {
+  float lanes[8] = {};
+  int64_t i = 0;
+  for (; i + 8 <= count; i += 8)
+    for (int64_t l = 0; l < 8; ++l) lanes[l] += x[i + l];
+  for (; i < count; ++i) lanes[0] += x[i];
+  float total = 0.0f;
+  for (float lane : lanes) total += lane;
+  return total;
+}
+
+// The positions of `rows` [B, Hq or Hkv, K] (-1 skipped) marked `mark` in marks [B * Hq, S] unless
+// already marked higher.
+void mark_positions(const torch::Tensor& rows, uint8_t mark, int64_t q_heads, int64_t seq_len, uint8_t* marks) {
+  const int64_t batch = rows.size(0), per = rows.size(1), count = rows.size(2);
+  const int64_t group = q_heads / per;  // 1 when each query head has its own rows
+  const int64_t* r_ptr = rows.data_ptr<int64_t>();
+  for (int64_t b = 0; b < batch; ++b)
+    for (int64_t head = 0; head < q_heads; ++head) {
+      const int64_t* picks = r_ptr + (b * per + head / group) * count;
+      uint8_t* head_marks = marks + (b * q_heads + head) * seq_len;
+      for (int64_t i = 0; i < count; ++i) {
+        const int64_t pos = picks[i];
+        if (pos < 0) continue;
+        TORCH_CHECK(pos < seq_len, "position ", pos, " out of range for ", seq_len, " cached positions");
+        if (head_marks[pos] < mark) head_marks[pos] = mark;
+      }
+    }
+}
+
 }  // namespace
 
-std::vector<torch::Tensor> tail_partials(torch::Tensor table, torch::Tensor key_codes, torch::Tensor value_codes,
-                                         torch::Tensor byte_values, torch::Tensor excluded, torch::Tensor start_max,
-                                         double scaling, torch::Tensor exact_logits) {
-  TORCH_CHECK(table.dtype() == torch::kFloat32 && table.dim() == 5 && table.size(4) == 256 && table.is_contiguous(),
-              "table must be contiguous float32 [B, Hkv, G, P, 256]");
+torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor indices,
+                                    torch::Tensor exact_positions, torch::Tensor key_codes, torch::Tensor value_codes,
+                                    torch::Tensor key_byte_values, torch::Tensor value_byte_values, torch::Tensor valid,
+                                    torch::Tensor hadamard, double scaling, bool portable) {
+  TORCH_CHECK(query.dtype() == torch::kFloat32 && query.dim() == 3 && query.is_contiguous(),
+              "query must be contiguous float32 [B, Hq, D]");
+  TORCH_CHECK(key.dtype() == torch::kFloat32 && value.dtype() == torch::kFloat32 && key.dim() == 4 &&
+                  key.sizes() == value.sizes() && key.stride(3) == 1 && value.stride(3) == 1,
+              "key and value must be float32 [B, Hkv, S, D] with contiguous rows");
   TORCH_CHECK(key_codes.dtype() == torch::kUInt8 && value_codes.dtype() == torch::kUInt8 && key_codes.dim() == 4 &&
                   value_codes.dim() == 4 && key_codes.stride(3) == 1 && value_codes.stride(3) == 1,
               "key and value codes must be uint8 [B, Hkv, S, P] with contiguous rows");
-  const int64_t batch = table.size(0), kv_heads = table.size(1), group = table.size(2), key_bytes = table.size(3);
-  const int64_t seq_len = key_codes.size(2), value_bytes = value_codes.size(3);
-  TORCH_CHECK(key_codes.size(0) == batch && key_codes.size(1) == kv_heads && key_codes.size(3) == key_bytes &&
-                  value_codes.size(0) == batch && value_codes.size(1) == kv_heads && value_codes.size(2) == seq_len,
-              "table, key codes and value codes disagree");
-  TORCH_CHECK(byte_values.dtype() == torch::kFloat32 && byte_values.dim() == 3 && byte_values.size(0) == kv_heads &&
-                  byte_values.size(1) == 256 && byte_values.is_contiguous(),
-              "byte_values must be contiguous float32 [Hkv, 256, codes per byte]");
-  const int64_t per_byte = byte_values.size(2), dim = value_bytes * per_byte, q_heads = kv_heads * group;
-  TORCH_CHECK(excluded.dtype() == torch::kBool && excluded.is_contiguous() && excluded.dim() == 3 &&
-                  excluded.size(0) == batch && excluded.size(1) == q_heads && excluded.size(2) == seq_len,
-              "excluded must be contiguous bool [B, Hq, S]");
-  TORCH_CHECK(start_max.dtype() == torch::kFloat32 && start_max.is_contiguous() && start_max.numel() == batch * q_heads,
-              "start_max must be contiguous float32 [B, Hq]");
-  const bool has_exact = exact_logits.numel() > 0;
-  TORCH_CHECK(!has_exact || (exact_logits.dtype() == torch::kFloat32 && exact_logits.is_contiguous() &&
-                             exact_logits.sizes() == excluded.sizes()),
-              "exact_logits must be empty or contiguous float32 [B, Hq, S]");
-  const float* e_ptr = has_exact ? exact_logits.data_ptr<float>() : nullptr;
-  auto maxima = start_max.clone().view({batch, q_heads});
-  auto sums = torch::zeros({batch, q_heads}, torch::kFloat32);
-  auto outputs = torch::zeros({batch, q_heads, dim}, torch::kFloat32);
-  const float* t_ptr = table.data_ptr<float>();
+  const int64_t batch = key.size(0), kv_heads = key.size(1), seq_len = key.size(2), dim = key.size(3);
+  const int64_t q_heads = query.size(1), group = q_heads / kv_heads;
+  TORCH_CHECK(query.size(0) == batch && query.size(2) == dim && q_heads % kv_heads == 0, "query and key disagree");
+  const int64_t key_bytes = key_codes.size(3), value_bytes = value_codes.size(3);
+  TORCH_CHECK(key_byte_values.dtype() == torch::kFloat32 && value_byte_values.dtype() == torch::kFloat32 &&
+                  key_byte_values.is_contiguous() && value_byte_values.is_contiguous() &&
+                  key_byte_values.dim() == 3 && value_byte_values.dim() == 3 &&
+                  key_byte_values.size(0) == kv_heads && value_byte_values.size(0) == kv_heads &&
+                  key_byte_values.size(1) == 256 && value_byte_values.size(1) == 256,
+              "byte values must be contiguous float32 [Hkv, 256, codes per byte]");
+  const int64_t key_per_byte = key_byte_values.size(2), value_per_byte = value_byte_values.size(2);
+  TORCH_CHECK(key_bytes * key_per_byte == dim && value_bytes * value_per_byte == dim, "codes and head_dim disagree");
+  for (const auto& codes : {key_codes, value_codes})
+    TORCH_CHECK(codes.size(0) == batch && codes.size(1) == kv_heads && codes.size(2) == seq_len,
+                "codes and key disagree");
+  for (const auto& rows : {indices, exact_positions})
+    TORCH_CHECK(rows.numel() == 0 || (rows.dtype() == torch::kInt64 && rows.dim() == 3 && rows.is_contiguous() &&
+                                      rows.size(0) == batch && (rows.size(1) == q_heads || rows.size(1) == kv_heads)),
+                "indices and exact positions must be contiguous int64 [B, Hq or Hkv, K]");
+  const bool has_valid = valid.numel() > 0;
+  TORCH_CHECK(!has_valid || (valid.dtype() == torch::kBool && valid.is_contiguous() && valid.dim() == 2 &&
+                             valid.size(0) == batch && valid.size(1) == seq_len),
+              "valid must be contiguous bool [B, S] or empty");
+  TORCH_CHECK(hadamard.dtype() == torch::kFloat32 && hadamard.is_contiguous() && hadamard.dim() == 2 &&
+                  hadamard.size(0) == dim && hadamard.size(1) == dim, "hadamard must be contiguous float32 [D, D]");
+
+  const float scale = static_cast<float>(scaling);
+  const bool simd = !portable && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  const float* q_ptr = query.data_ptr<float>();
+  const float* k_ptr = key.data_ptr<float>();
+  const float* v_ptr = value.data_ptr<float>();
   const uint8_t* kc_ptr = key_codes.data_ptr<uint8_t>();
   const uint8_t* vc_ptr = value_codes.data_ptr<uint8_t>();
-  const float* bv_ptr = byte_values.data_ptr<float>();
-  const bool* x_ptr = excluded.data_ptr<bool>();
-  float* m_ptr = maxima.data_ptr<float>();
-  float* l_ptr = sums.data_ptr<float>();
-  float* o_ptr = outputs.data_ptr<float>();
-  const int64_t ks0 = key_codes.stride(0), ks1 = key_codes.stride(1), ks2 = key_codes.stride(2);
-  const int64_t vs0 = value_codes.stride(0), vs1 = value_codes.stride(1), vs2 = value_codes.stride(2);
-  const float scale = static_cast<float>(scaling);
+  const float* kbv_ptr = key_byte_values.data_ptr<float>();
+  const float* vbv_ptr = value_byte_values.data_ptr<float>();
+  const float* h_ptr = hadamard.data_ptr<float>();
+  const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
+  const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
+  const int64_t kcs0 = key_codes.stride(0), kcs1 = key_codes.stride(1), kcs2 = key_codes.stride(2);
+  const int64_t vcs0 = value_codes.stride(0), vcs1 = value_codes.stride(1), vcs2 = value_codes.stride(2);
+  const int64_t heads_total = batch * q_heads;
 
-  // Two passes per KV head: every estimated logit first (so the largest is known before any weight),
-  // then the weights and the weighted value rows; a key's value codes are decoded once for its group,
-  // and weights below kNegligible (relative to the largest) are skipped.
-  constexpr float kNegligible = 1e-12f;
-  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> logits(group * seq_len), scores;
-    std::vector<int64_t> positions;
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / kv_heads, h = bh % kv_heads, first = b * q_heads + h * group;
-      const float* tab = t_ptr + bh * group * key_bytes * 256;
-      const float* values_of = bv_ptr + h * 256 * per_byte;
-      const uint8_t* keys = kc_ptr + b * ks0 + h * ks1;
-      const uint8_t* vals = vc_ptr + b * vs0 + h * vs1;
-      for (int64_t g = 0; g < group; ++g) {
-        const bool* skip = x_ptr + (first + g) * seq_len;
-        float* head_logits = logits.data() + g * seq_len;
-        positions.clear();
-        for (int64_t j = 0; j < seq_len; ++j) {
-          head_logits[j] = -std::numeric_limits<float>::infinity();
-          if (!skip[j]) positions.push_back(j);
+  // Marks per query head and position: excluded (not valid), selected, exact logit, or estimated.
+  std::vector<uint8_t> marks(heads_total * seq_len, kEstimated);
+  if (exact_positions.numel() > 0) mark_positions(exact_positions, kExactLogit, q_heads, seq_len, marks.data());
+  if (indices.numel() > 0) mark_positions(indices, kSelected, q_heads, seq_len, marks.data());
+  if (has_valid) {  // last: a selected position that is not valid is excluded too
+    const bool* ok = valid.data_ptr<bool>();
+    for (int64_t b = 0; b < batch; ++b)
+      for (int64_t head = 0; head < q_heads; ++head)
+        for (int64_t j = 0; j < seq_len; ++j)
+          if (!ok[b * seq_len + j]) marks[(b * q_heads + head) * seq_len + j] = kExcluded;
+  }
+
+  // Per query head: its lookup table (reference.centroid_table), stored as lane g % 4 of its KV
+  // group's quad g / 4 ([P, 256, 4] floats per quad, so that one 128-bit load serves four heads),
+  // and the level shift, log sum exp(estimate) - log sum exp(exact) over the calibration sample.
+  const int64_t quads = (group + 3) / 4, quad_floats = key_bytes * 256 * 4;
+  std::vector<float> tables(batch * kv_heads * quads * quad_floats, 0.0f), shifts(heads_total, 0.0f);
+  const int64_t stride = std::max<int64_t>(1, seq_len / 64);  // reference.tail_calibration_stride
+  at::parallel_for(0, heads_total, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> q_hat(dim), estimated, exact;
+    for (int64_t bq = begin; bq < end; ++bq) {
+      const int64_t b = bq / q_heads, h = (bq % q_heads) / group, g = bq % group;
+      const float* q = q_ptr + bq * dim;
+      std::fill(q_hat.begin(), q_hat.end(), 0.0f);
+      for (int64_t e = 0; e < dim; ++e)
+        for (int64_t d = 0; d < dim; ++d) q_hat[d] += q[e] * h_ptr[e * dim + d];
+      float* tab = tables.data() + ((b * kv_heads + h) * quads + g / 4) * quad_floats + g % 4;
+      const float* byte_values = kbv_ptr + h * 256 * key_per_byte;
+      for (int64_t p = 0; p < key_bytes; ++p)
+        for (int64_t v = 0; v < 256; ++v) {
+          float total = 0.0f;
+          for (int64_t m = 0; m < key_per_byte; ++m) total += q_hat[p * key_per_byte + m] * byte_values[v * key_per_byte + m];
+          tab[(p * 256 + v) * 4] = total;
         }
-        scores.resize(positions.size());
-        exact_scores(tab + g * key_bytes * 256, keys, ks2, key_bytes, positions.data(), positions.size(), scores.data());
-        const float* exact = has_exact ? e_ptr + (first + g) * seq_len : nullptr;
-        float top = m_ptr[first + g];
-        for (size_t i = 0; i < positions.size(); ++i) {
-          const float given = exact ? exact[positions[i]] : std::numeric_limits<float>::quiet_NaN();
-          head_logits[positions[i]] = std::isnan(given) ? scores[i] * scale : given;
-          top = std::max(top, head_logits[positions[i]]);
-        }
-        m_ptr[first + g] = top;
+      const uint8_t* head_marks = marks.data() + bq * seq_len;
+      const uint8_t* codes = kc_ptr + b * kcs0 + h * kcs1;
+      const float* keys = k_ptr + b * ks0 + h * ks1;
+      estimated.clear();
+      exact.clear();
+      for (int64_t j = 0; j < seq_len; j += stride) {
+        if (head_marks[j] != kEstimated) continue;
+        float total = 0.0f;
+        for (int64_t p = 0; p < key_bytes; ++p) total += tab[(p * 256 + codes[j * kcs2 + p]) * 4];
+        estimated.push_back(total * scale);
+        exact.push_back(dot(q, keys + j * ks2, dim) * scale);
       }
-      accumulate_tail(logits.data(), m_ptr + first, vals, vs2, values_of, value_bytes, per_byte, group, seq_len,
-                      kNegligible, l_ptr + first, o_ptr + first * dim);
+      if (estimated.empty()) continue;
+      auto log_sum_exp = [](const std::vector<float>& x) {
+        const double top = *std::max_element(x.begin(), x.end());
+        double total = 0.0;
+        for (float e : x) total += std::exp(e - top);
+        return top + std::log(total);
+      };
+      shifts[bq] = static_cast<float>(log_sum_exp(estimated) - log_sum_exp(exact));
     }
   });
-  return {maxima, sums, outputs};
+
+  // Per (batch, KV head, chunk of positions) and query head of the group: the chunk's logits, their
+  // maximum m, l = sum exp(logit - m), and two weighted sums, the selected rows' values (model basis)
+  // and the other positions' code values (Hadamard basis); merged across chunks like online softmax.
+  constexpr int64_t kChunk = 512;
+  const int64_t chunks = std::max<int64_t>(1, (seq_len + kChunk - 1) / kChunk);
+  const int64_t items = batch * kv_heads * chunks;
+  std::vector<float> part_max(items * group), part_sum(items * group), part_out(items * group * 2 * dim, 0.0f);
+  at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> weights(quads * 4 * kChunk);  // rows past the group: the padded lanes' scores
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t bh = item / chunks, chunk = item % chunks, b = bh / kv_heads, h = bh % kv_heads;
+      const int64_t first = chunk * kChunk, count = std::min(kChunk, seq_len - first);
+      const uint8_t* codes = kc_ptr + b * kcs0 + h * kcs1 + first * kcs2;
+      const float* keys = k_ptr + b * ks0 + h * ks1 + first * ks2;
+      const float* values = v_ptr + b * vs0 + h * vs1 + first * vs2;
+      float* outputs = part_out.data() + item * group * 2 * dim;
+      for (int64_t quad = 0; quad < quads; ++quad)
+        score_quad(tables.data() + (bh * quads + quad) * quad_floats, codes, kcs2, count, key_bytes,
+                   weights.data() + quad * 4 * kChunk, kChunk);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t bq = b * q_heads + h * group + g;
+        const uint8_t* head_marks = marks.data() + bq * seq_len + first;
+        const float* q = q_ptr + bq * dim;
+        float* w = weights.data() + g * kChunk;
+        const float shift = shifts[bq];
+        for (int64_t j = 0; j < count; ++j) w[j] = w[j] * scale - shift;
+        for (int64_t j = 0; j < count; ++j) {
+          if (head_marks[j] == kEstimated) continue;
+          w[j] = head_marks[j] == kExcluded ? -std::numeric_limits<float>::infinity() : dot(q, keys + j * ks2, dim) * scale;
+        }
+        const float top = max_of(w, count);
+        part_max[item * group + g] = top;
+        if (top == -std::numeric_limits<float>::infinity()) {
+          std::fill(w, w + count, 0.0f);
+          part_sum[item * group + g] = 0.0f;
+          continue;
+        }
+        for (int64_t j = 0; j < count; ++j) w[j] -= top;
+        exp_nonpositive(w, count, simd);
+        part_sum[item * group + g] = sum_of(w, count);
+        float* exact_out = outputs + g * 2 * dim + dim;
+        for (int64_t j = 0; j < count; ++j) {
+          if (head_marks[j] != kSelected) continue;
+          for (int64_t d = 0; d < dim; ++d) exact_out[d] += w[j] * values[j * vs2 + d];
+          w[j] = 0.0f;  // its value is exact: no code value for it
+        }
+      }
+      accumulate_code_values_any(value_per_byte, simd, weights.data(), kChunk, group, count,
+                                 vc_ptr + b * vcs0 + h * vcs1 + first * vcs2, vcs2, value_bytes,
+                                 vbv_ptr + h * 256 * value_per_byte, outputs);
+    }
+  });
+
+  auto out = torch::zeros({batch, q_heads, dim}, torch::kFloat32);
+  float* o_ptr = out.data_ptr<float>();
+  std::vector<float> code_sum(dim), exact_sum(dim);
+  for (int64_t bq = 0; bq < heads_total; ++bq) {
+    const int64_t b = bq / q_heads, h = (bq % q_heads) / group, g = bq % group;
+    float top = -std::numeric_limits<float>::infinity();
+    for (int64_t c = 0; c < chunks; ++c) top = std::max(top, part_max[((b * kv_heads + h) * chunks + c) * group + g]);
+    if (top == -std::numeric_limits<float>::infinity()) continue;  // nothing valid: zeros
+    float total = 0.0f;
+    std::fill(code_sum.begin(), code_sum.end(), 0.0f);
+    std::fill(exact_sum.begin(), exact_sum.end(), 0.0f);
+    for (int64_t c = 0; c < chunks; ++c) {
+      const int64_t slot = ((b * kv_heads + h) * chunks + c) * group + g;
+      if (part_max[slot] == -std::numeric_limits<float>::infinity()) continue;
+      const float factor = std::exp(part_max[slot] - top);
+      total += part_sum[slot] * factor;
+      const float* sums = part_out.data() + slot * 2 * dim;
+      for (int64_t d = 0; d < dim; ++d) {
+        code_sum[d] += sums[d] * factor;
+        exact_sum[d] += sums[dim + d] * factor;
+      }
+    }
+    float* o = o_ptr + bq * dim;
+    for (int64_t d = 0; d < dim; ++d) {
+      float rotated = 0.0f;
+      for (int64_t e = 0; e < dim; ++e) rotated += code_sum[e] * h_ptr[e * dim + d];
+      o[d] = (exact_sum[d] + rotated) / std::max(total, std::numeric_limits<float>::min());
+    }
+  }
+  return out;
 }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("tail_partials", &tail_partials, "The tail estimate's unselected positions from the key and value codes (CPU)");
+  m.def("tail_decode_attention", &tail_decode_attention, "The tail estimate's attention over the whole cache (CPU)");
   m.def("select_by_centroids", &select_by_centroids, "Exact asymmetric selection by a fast-scanned estimate (CPU)");
   m.def("bucket_codes", &bucket_codes, "Bucketize and pack Hadamard values into codes (CPU)");
   m.def("rescore_selection", &rescore_selection, "Exact q . k second stage over selected candidates (CPU)");
