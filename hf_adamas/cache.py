@@ -43,7 +43,6 @@ from transformers.cache_utils import DynamicLayer
 from hf_adamas import ops
 from hf_adamas.codebook import code_book
 from hf_adamas.config import AdamasConfig, check_model_config
-from hf_adamas.ops import reference
 
 _MIN_CAPACITY = 256
 GROWTH = 1.25
@@ -265,7 +264,7 @@ class AdamasLayer(PreallocatedLayer):
             thresholds, centroids = code_book(values[:, :, : self._length], bits)
             self._value_code_book = (thresholds, centroids)
             self._value_codes = _RowCodes(
-                lambda rows: reference.hadamard_codes(rows, thresholds, bits), values.shape[-1] * bits // 8
+                lambda rows: ops.hadamard_codes(rows, thresholds, bits), values.shape[-1] * bits // 8
             )
         return self._value_codes.read(values, self._length), self._value_code_book[1]
 

@@ -93,7 +93,7 @@ def hadamard_codes(x: torch.Tensor, thresholds: torch.Tensor, bits: int) -> torc
     """Packed Hadamard codes ``[..., D * bits // 8]`` of ``x [..., D]``; see :func:`reference.hadamard_codes`."""
     if _use_triton(x):
         return _kernels().hadamard_codes_triton(x, thresholds, bits)
-    if _fused_cpu(x):
+    if _fused_cpu(x) and bits in (1, 2):  # the C++ op packs 1- and 2-bit codes (4-bit value codes: PyTorch)
         return hadamard_codes_cpu(x, thresholds, bits)
     return reference.hadamard_codes(x, thresholds, bits)
 
