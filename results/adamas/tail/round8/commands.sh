@@ -7,3 +7,6 @@ OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode --contexts 8192 --b
 # End-to-end check that the new op changes nothing measurable (the window never tuned on; round 7: dense 17.22, tail 17.10).
 OMP_NUM_THREADS=2 hf-adamas ppl --output-dir $D/perplexity_250000 --context 8192 --decode-tokens 128 --skip-tokens 250000 \
   --budgets 64 --methods dense asymmetric-online-tail2
+# The second run, with the cache's value codes encoded in C++ (the code of commit 259659c).
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_values_in_cpp --contexts 8192 --budgets 64 256 --steps 16 \
+  --rounds 5 --methods dense-static asymmetric-online asymmetric-online-tail2
