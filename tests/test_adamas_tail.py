@@ -3,6 +3,7 @@ whole cache, its decomposed production path, the cache's value codes, and the mo
 
 from __future__ import annotations
 
+import json
 from functools import partial
 
 import pytest
@@ -16,6 +17,7 @@ from hf_adamas.bench.evaluation import Method, attention_method, decode_step, pr
 from hf_adamas.codebook import code_book
 from hf_adamas.ops import cpu, reference, tail
 from hf_common.compat import cache_kwargs
+from hf_common.outputs import OutputPathError
 
 
 def _random_codes(shape: tuple[int, ...], bits: int, generator: torch.Generator) -> torch.Tensor:
@@ -211,6 +213,17 @@ def test_codes_and_keys_read_in_place_from_larger_buffers() -> None:
         assert_close(f"in place ({path})", expected, implementation(**views), 1e-5)
 
 
+def test_the_cpp_op_refuses_a_head_dim_it_cannot_sum() -> None:
+    if "cpp" not in PATHS:
+        pytest.skip("the C++ extension cannot be built here")
+    codes = reference.PackedCodes(torch.zeros(1, 1, 4, 2, dtype=torch.uint8), torch.randn(1, 4), 2)
+    key = torch.randn(1, 1, 4, 8)
+    with pytest.raises(ValueError, match="power of two >= 16"):
+        cpu.tail_decode_attention_cpu(
+            torch.randn(1, 1, 8), key, key, torch.zeros(1, 1, 1, dtype=torch.int64), 1.0, codes, codes, None
+        )
+
+
 def test_a_row_with_nothing_valid_is_zeros_on_every_path() -> None:
     inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
     inputs["valid"] = torch.zeros(1, 8, dtype=torch.bool)
@@ -386,3 +399,26 @@ def test_the_tail_diagnosis_refuses_bad_settings_and_foreign_summaries(tmp_path,
     assert diagnosis.main(["ppl", "--output-dir", str(tmp_path)]) == 2
     assert "pass --overwrite" in capsys.readouterr().err
     assert summary.read_text() == "someone else's"
+
+
+def test_the_tail_op_benchmark_writes_its_report_and_keeps_an_existing_one(tmp_path, capsys) -> None:
+    script = load_script("bench_adamas_tail_op")
+    argv = ["--contexts", "40", "70", "--budget", "4", "--candidates", "6", "--head-dim", "16",
+            "--repeats", "2", "--threads", "1", "--output-dir", str(tmp_path)]  # fmt: skip
+    assert script.main(argv) == 0
+    payload = json.loads((tmp_path / "tail_op.json").read_text())
+    names = {record["implementation"] for record in payload["records"]}
+    assert {"spec", "pytorch", "sdpa"} <= names
+    assert all(
+        record["max_relative_deviation_from_spec"] < 1e-4
+        for record in payload["records"]
+        if record["implementation"] != "sdpa"
+    )
+    assert (tmp_path / "tail_op.png").stat().st_size > 0
+    before = (tmp_path / "tail_op.md").read_text()
+    with pytest.raises(OutputPathError):
+        script.main(argv)
+    assert (tmp_path / "tail_op.md").read_text() == before
+    with pytest.raises(SystemExit):
+        script.main(["--q-heads", "4", "--kv-heads", "3"])
+    assert "not a multiple" in capsys.readouterr().err

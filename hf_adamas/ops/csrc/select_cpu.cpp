@@ -1043,6 +1043,7 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
               "byte values must be contiguous float32 [Hkv, 256, codes per byte]");
   const int64_t key_per_byte = key_byte_values.size(2), value_per_byte = value_byte_values.size(2);
   TORCH_CHECK(key_bytes * key_per_byte == dim && value_bytes * value_per_byte == dim, "codes and head_dim disagree");
+  TORCH_CHECK(dim % 16 == 0, "head_dim must be a multiple of 16, got ", dim);
   for (const auto& codes : {key_codes, value_codes})
     TORCH_CHECK(codes.size(0) == batch && codes.size(1) == kv_heads && codes.size(2) == seq_len,
                 "codes and key disagree");
