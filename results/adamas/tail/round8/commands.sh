@@ -10,3 +10,5 @@ OMP_NUM_THREADS=2 hf-adamas ppl --output-dir $D/perplexity_250000 --context 8192
 # The second run, with the cache's value codes encoded in C++ (the code of commit 259659c).
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_values_in_cpp --contexts 8192 --budgets 64 256 --steps 16 \
   --rounds 5 --methods dense-static asymmetric-online asymmetric-online-tail2
+# One layer's op against the spec, the PyTorch path and sdpa (commit 09be5ec).
+OMP_NUM_THREADS=2 python scripts/bench_adamas_tail_op.py --output-dir $D/op
