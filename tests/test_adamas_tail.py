@@ -34,6 +34,33 @@ def test_code_values_are_each_codes_centroid(bits) -> None:
     assert torch.equal(reference.code_values(codes, centroids, bits), expected)
 
 
+@pytest.mark.parametrize("bits", [1, 2])
+def test_quantized_scores_are_within_half_a_grid_step_per_nibble_of_the_exact_ones(bits) -> None:
+    """`reference.quantized_centroid_scores` (the C++ op's estimates): per query head, every nibble's
+    terms rounded onto one grid of the widest nibble range / 255, so a key's score moves by at most
+    half a step per nibble; the grid recomputed here from the nibble terms one by one."""
+    generator = torch.Generator().manual_seed(bits)
+    query = 3 * torch.randn(2, 6, 32, generator=generator)
+    codes = _random_codes((2, 3, 50, 32), bits, generator)
+    centroids = torch.randn(3, 2**bits, generator=generator)
+    exact = reference.centroid_scores(query, codes, centroids, bits, shared_per_kv_group=False)
+    quantized = reference.quantized_centroid_scores(query, codes, centroids, bits)
+    q_hat, half = reference.hadamard_values(query).double(), 4 // bits
+    for b in range(2):
+        for head in range(6):
+            ranges = []
+            for start in range(0, 32, half):
+                terms = [
+                    sum(q_hat[b, head, start + m] * centroids[head // 2, (v >> (bits * m)) & (2**bits - 1)]
+                        for m in range(half))
+                    for v in range(16)
+                ]  # fmt: skip
+                ranges.append(max(terms) - min(terms))
+            step, nibbles = max(ranges) / 255, len(ranges)
+            error = (quantized[b, head] - exact[b, head]).abs().max()
+            assert 0 < error <= nibbles * step / 2 + 1e-4, (b, head)
+
+
 def _inputs(
     bsz: int, q_heads: int, kv_heads: int, length: int, budget: int, bits: int, shared: bool, seed: int = 0
 ) -> dict:
@@ -131,6 +158,9 @@ def _production_paths() -> dict:
 
 
 PATHS = _production_paths()
+SPECS = {  # each path's oracle: the reference with the estimates it computes (the C++ op fast-scans them)
+    path: partial(reference.tail_decode_attention, quantized_estimates=path.startswith("cpp")) for path in PATHS
+}
 
 SHAPES = [
     (1, 1, 1, 1, 1, 2, False),
@@ -140,6 +170,7 @@ SHAPES = [
     (2, 6, 3, 50, 7, 4, True),
     (1, 9, 3, 130, 16, 4, False),
     (3, 4, 4, 17, 17, 2, False),
+    (1, 17, 1, 40, 3, 2, False),  # seventeen query heads per KV head: two scans of the codes
 ]
 
 
@@ -150,8 +181,7 @@ def test_production_paths_match_the_reference(
 ) -> None:
     """The PyTorch and the C++ paths against the reference in float32; bf16 through the dispatch."""
     inputs = _noisy(_inputs(bsz, q_heads, kv_heads, length, budget, bits, shared, seed=length))
-    expected = reference.tail_decode_attention(**inputs)
-    assert_close(f"tail ({path})", expected, PATHS[path](**inputs), 1e-5)
+    assert_close(f"tail ({path})", SPECS[path](**inputs), PATHS[path](**inputs), 1e-5)
     half = dict(inputs, **{name: inputs[name].bfloat16() for name in ("query", "key", "value")})
     got = ops.tail_decode_attention(**half)
     assert got.dtype == torch.bfloat16
@@ -179,8 +209,7 @@ def test_chunks_whose_maxima_lie_far_apart_merge_exactly() -> None:
     inputs["key"][:, :, 600:700] *= 6.0  # the second chunk's exact logits far larger
     inputs["query"] = inputs["query"] * 3
     inputs["indices"] = torch.tensor([[[610, 650, -1], [5, 1100, 620]]])
-    expected = reference.tail_decode_attention(**inputs)
-    assert_close("far-apart chunks", expected, PATHS["cpp"](**inputs), 1e-5)
+    assert_close("far-apart chunks", SPECS["cpp"](**inputs), PATHS["cpp"](**inputs), 1e-5)
 
 
 def test_nothing_selected_and_very_negative_logits_still_average_the_rest() -> None:
@@ -189,10 +218,9 @@ def test_nothing_selected_and_very_negative_logits_still_average_the_rest() -> N
     inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
     inputs.update(indices=torch.full_like(inputs["indices"], -1), valid=None, scaling=1.0)
     inputs["query"] = inputs["query"] * 0 - 200.0  # logits about -200 * sum of key values
-    expected = reference.tail_decode_attention(**inputs)
-    assert expected.abs().sum() > 0
+    assert reference.tail_decode_attention(**inputs).abs().sum() > 0
     for path, implementation in PATHS.items():
-        assert_close(f"empty selection ({path})", expected, implementation(**inputs), 1e-5)
+        assert_close(f"empty selection ({path})", SPECS[path](**inputs), implementation(**inputs), 1e-5)
 
 
 def test_codes_and_keys_read_in_place_from_larger_buffers() -> None:
@@ -208,9 +236,8 @@ def test_codes_and_keys_read_in_place_from_larger_buffers() -> None:
         room = torch.zeros(2, 3, 50, codes.shape[-1], dtype=torch.uint8)
         room[:, :, :30] = codes
         views[name] = inputs[name]._replace(codes=room[:, :, :30])
-    expected = reference.tail_decode_attention(**inputs)
     for path, implementation in PATHS.items():
-        assert_close(f"in place ({path})", expected, implementation(**views), 1e-5)
+        assert_close(f"in place ({path})", SPECS[path](**inputs), implementation(**views), 1e-5)
 
 
 def test_the_cpp_op_refuses_a_head_dim_it_cannot_sum() -> None:
@@ -332,7 +359,7 @@ def test_exact_positions_make_their_logits_exact() -> None:
     assert not torch.allclose(expected, reference.tail_decode_attention(**inputs), atol=1e-5)
     for path, implementation in PATHS.items():
         got = implementation(**inputs, exact_positions=some)
-        assert_close(f"exact positions ({path})", expected, got, 1e-5)
+        assert_close(f"exact positions ({path})", SPECS[path](**inputs, exact_positions=some), got, 1e-5)
 
 
 def test_the_tail_diagnosis_variants_agree_with_the_spec() -> None:
@@ -383,7 +410,9 @@ def test_the_level_shift_removes_an_estimate_excess_common_to_all_keys(length) -
     expected = reference.tail_decode_attention(**inputs, exact_positions=everything)
     assert_close("reference", expected, reference.tail_decode_attention(**inputs), 1e-5)
     for path, implementation in PATHS.items():
-        assert_close(path, expected, implementation(**inputs), 1e-5)
+        assert_close(path, SPECS[path](**inputs), implementation(**inputs), 1e-5)
+    # The quantized estimates' level is calibrated the same way: within their rounding of the exact one.
+    assert_close("quantized", expected, reference.tail_decode_attention(**inputs, quantized_estimates=True), 1e-2)
 
 
 def test_the_tail_diagnosis_refuses_bad_settings_and_foreign_summaries(tmp_path, capsys) -> None:

@@ -14,8 +14,9 @@
   from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
 - `tail_decode_attention_cpu`: the tail estimate (``value_code_bits``) in one call: exact over the
-  selection, elsewhere each key's score from the key codes' byte table and its value codes' Hadamard
-  values, for the query heads of a KV group at once, over chunks of positions in parallel.
+  selection, elsewhere each key's logit from the same fast scan of its codes (the quantized estimate
+  itself, `reference.quantized_centroid_scores`) and its value codes' Hadamard values, for the query
+  heads of a KV group at once, over chunks of positions in parallel.
 
 Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table`,
 `reference.rescore_selection`, `reference.sparse_decode_attention` and `reference.tail_decode_attention`.
@@ -31,7 +32,7 @@ from types import ModuleType
 
 import torch
 
-from hf_adamas._validation import check_attention_inputs, check_thresholds
+from hf_adamas._validation import check_attention_inputs, check_centroid_score_inputs, check_thresholds
 from hf_adamas.ops.reference import PackedCodes, byte_centroids, hadamard_matrix, hadamard_values
 from hf_common.cpp_extension import load_cpu_extension
 
@@ -147,18 +148,20 @@ def tail_decode_attention_cpu(
     exact_positions: torch.Tensor | None = None,
     portable: bool = False,
 ) -> torch.Tensor:
-    """`reference.tail_decode_attention` (same arguments) for float32 caches in one C++ call: the level
-    shift's sample and the selection read exactly, every other key and value from its codes, the
-    positions split into chunks that run in parallel and merge like an online softmax.
+    """`reference.tail_decode_attention` (same arguments, ``quantized_estimates=True``) for float32 caches
+    in one C++ call: the level shift's sample and the selection read exactly, every other key's logit
+    fast-scanned from its codes and its value decoded from them, the positions split into chunks that
+    run in parallel and merge like an online softmax.
 
     ``portable`` runs the plain C++ loops instead of AVX2 (the same sums but for rounding; for tests).
     """
     check_attention_inputs(query, key, value, indices)
+    check_centroid_score_inputs(query, key_codes.codes, key_codes.centroids, key_codes.bits)
     out = cpu_extension().tail_decode_attention(
-        query.float().contiguous(), key, value, indices.contiguous(),
+        query.float().contiguous(), hadamard_values(query).contiguous(), key, value, indices.contiguous(),
         torch.empty(0, dtype=torch.int64) if exact_positions is None else exact_positions.contiguous(),
         _rows_contiguous(key_codes.codes), _rows_contiguous(value_codes.codes),
-        byte_centroids(key_codes.centroids, key_codes.bits, key.device).contiguous(),
+        key_codes.centroids.float().contiguous(), key_codes.bits,
         byte_centroids(value_codes.centroids, value_codes.bits, key.device).contiguous(),
         torch.empty(0, dtype=torch.bool) if valid is None else valid.contiguous(),
         hadamard_matrix(key.shape[-1], key.device), float(scaling), portable,

@@ -55,6 +55,7 @@ __all__ = [
     "largest_first",
     "log_mass",
     "pack_codes",
+    "quantized_centroid_scores",
     "select_by_table",
     "select_topk",
     "selected_attention_partials",
@@ -220,6 +221,36 @@ def centroid_table(
         "bhgpm,hvm->bhgpv", q_hat.double(), byte_values.double()
     )  # byte_values: [Hkv, 256, 8 // bits]
     return table.float()
+
+
+def quantized_centroid_scores(
+    query: torch.Tensor, k_codes: torch.Tensor, centroids: torch.Tensor, bits: int
+) -> torch.Tensor:
+    """:func:`centroid_scores` per query head as the CPU fast scan computes them: float32 ``[B, Hq, S]``.
+
+    A key's score is a sum over its ``2 P`` code nibbles (4 bits each) of a term the query fixes. Per
+    query head, each nibble's 16 terms (summed in float64) minus their lowest are rounded, ties to
+    even, onto one grid of ``step = widest range / 255``: uint8 entries whose per-key sums are exact
+    integers (what AVX2 byte shuffles add, 32 keys at a time). The score is ``Σ lowest + step *
+    Σ entries``, within ``P * step`` of :func:`centroid_scores` (half a step per nibble).
+    """
+    group = check_centroid_score_inputs(query, k_codes, centroids, bits)
+    bsz, num_kv_heads, _, packed = k_codes.shape
+    half = codes_per_byte(bits) // 2
+    q_hat = hadamard_values(query).double().view(bsz, num_kv_heads, group, 2 * packed, half)
+    nibble_codes = byte_codes(bits, k_codes.device)[:16, :half].long()  # the codes of nibble value v
+    nibble_values = centroids.double().to(k_codes.device)[:, nibble_codes]  # [Hkv, 16, half]
+    terms = torch.einsum("bhgnm,hvm->bhgnv", q_hat, nibble_values)  # [B, Hkv, G, 2P, 16]
+    lowest = terms.amin(-1, keepdim=True)
+    widest = (terms.amax(-1, keepdim=True) - lowest).amax(-2, keepdim=True)
+    scale = torch.where(widest > 0, 255.0 / widest, 0.0)
+    entries = torch.round((terms - lowest) * scale).clamp(max=255)  # exact small integers
+    low, high = entries[..., 0::2, :], entries[..., 1::2, :]  # [B, Hkv, G, P, 16] per byte's nibbles
+    byte_entries = (high[..., :, None] + low[..., None, :]).flatten(-2)  # byte v = 16 * high + low
+    estimates = byte_table_sum(byte_entries.float(), k_codes, shared_per_kv_group=False)  # exact integers
+    step = (widest / 255.0).float().view(bsz, -1, 1)
+    offset = lowest.sum(-2).float().view(bsz, -1, 1)
+    return offset + step * estimates
 
 
 def byte_table_sum(table: torch.Tensor, k_codes: torch.Tensor, shared_per_kv_group: bool) -> torch.Tensor:
@@ -509,12 +540,14 @@ def tail_decode_attention(
     value_codes: PackedCodes,
     valid: torch.Tensor | None,
     exact_positions: torch.Tensor | None = None,
+    quantized_estimates: bool = False,
 ) -> torch.Tensor:
     """Attention of one decode token over the whole cache: exact at the selected positions, estimated elsewhere.
 
     The softmax runs over every valid position. A selected position has its exact logit
     ``q · k * scaling`` and value; any other has the key-code estimate of its logit
-    (`centroid_scores` ``* scaling``), lowered per head by the level shift below, and the value its
+    (`centroid_scores` ``* scaling``, or with ``quantized_estimates`` the CPU op's
+    `quantized_centroid_scores`), lowered per head by the level shift below, and the value its
     value codes stand for (`code_values` @ H). With every valid position selected this is
     :func:`sparse_decode_attention`.
 
@@ -532,6 +565,7 @@ def tail_decode_attention(
         exact_positions: int64 ``[B, Hq or Hkv, R]`` (``-1`` skipped), unselected positions whose logit is
             exact too (their keys were read anyway, by the ``rescore_factor`` stage); their values stay
             estimated. None: none.
+        quantized_estimates: estimate logits as the C++ op does (`quantized_centroid_scores`).
 
     Returns:
         ``[B, Hq, D]`` in ``query.dtype``, computed in float32; zeros for a row with no valid position.
@@ -541,7 +575,10 @@ def tail_decode_attention(
     heads = num_kv_heads * group
     q = query.float().view(bsz, num_kv_heads, group, head_dim)
     exact = (q @ key.float().transpose(2, 3)).view(bsz, heads, length) * scaling
-    estimated_logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling
+    if quantized_estimates:
+        estimated_logits = quantized_centroid_scores(query, *key_codes) * scaling
+    else:
+        estimated_logits = centroid_scores(query, *key_codes, shared_per_kv_group=False) * scaling
     selected = selected_mask(indices, heads, length)
     exact_logit = (
         selected if exact_positions is None else selected | selected_mask(exact_positions, heads, length)

@@ -358,9 +358,21 @@ void exact_scores(const float* table, const uint8_t* codes, int64_t row_stride, 
   }
 }
 
-// The uint8 nibble tables of one output row, luts[n * 16 + v] for nibble n = 2 p + side, and the
-// bound, in estimate units, on |estimate - (exact float32 score - offset) * scale| for every key.
-double quantized_tables(const double* halves, int64_t packed, int64_t first, int64_t heads, uint8_t* luts) {
+// How a row's uint16 estimates stand for its scores: score ~ offset + step * estimate, to within
+// `bound` estimate units of the exact float32 score.
+struct EstimateGrid {
+  double bound, step, offset;
+};
+
+// The score a row's estimate stands for, in float32 (reference.quantized_centroid_scores).
+inline float estimate_score(const EstimateGrid& grid, uint32_t estimate) {
+  return static_cast<float>(grid.offset) + static_cast<float>(grid.step) * static_cast<float>(estimate);
+}
+
+// The uint8 nibble tables of one output row, luts[n * 16 + v] for nibble n = 2 p + side: each
+// nibble's terms minus their lowest, on one grid of `step` = widest range / 255 (nearest, ties to
+// even); `offset` is the sum of the lowest terms (twin: reference.quantized_centroid_scores).
+EstimateGrid quantized_tables(const double* halves, int64_t packed, int64_t first, int64_t heads, uint8_t* luts) {
   const int64_t nibbles = 2 * packed;
   std::vector<double> terms(nibbles * kNibble, 0.0), lowest(nibbles);
   double widest = 0.0, magnitude = 0.0;
@@ -382,13 +394,15 @@ double quantized_tables(const double* halves, int64_t packed, int64_t first, int
     magnitude += heads * largest_abs;
   }
   const double scale = widest > 0.0 ? 255.0 / widest : 0.0;
+  double offset = 0.0;
+  for (int64_t n = 0; n < nibbles; ++n) offset += lowest[n];
   for (int64_t i = 0; i < nibbles * kNibble; ++i)
     luts[i] = static_cast<uint8_t>(std::min(255.0, std::nearbyint((terms[i] - lowest[i / kNibble]) * scale)));
   // Rounding each term to the grid moves a key's estimate by at most nibbles / 2; the float32
   // roundings of the exact score (per head and byte, across a group, across bytes) by far less than
   // 2**-22 * (packed + heads + 2) of the terms' magnitudes. Generous on both, to stay a bound.
   const double float_error = magnitude * static_cast<double>(packed + heads + 2) * std::ldexp(1.0, -22);
-  return 0.5 * static_cast<double>(nibbles) * 1.001 + float_error * scale + 1e-6;
+  return {0.5 * static_cast<double>(nibbles) * 1.001 + float_error * scale + 1e-6, widest / 255.0, offset};
 }
 
 // Estimates of 32 keys (rows of `packed` bytes, `stride` bytes apart) for `columns` output rows:
@@ -565,7 +579,7 @@ torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torc
                       own);
       for (int64_t c = 0; c < columns; ++c)
         bounds[bh * columns + c] = quantized_tables(own, packed, shared ? 0 : c, shared ? group : 1,
-                                                    luts.data() + (bh * columns + c) * nibbles * kNibble);
+                                                    luts.data() + (bh * columns + c) * nibbles * kNibble).bound;
     }
   });
 
@@ -822,11 +836,16 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 // query: float32 [B, Hq, D] contiguous; key, value: float32 [B, Hkv, S, D] with contiguous rows (read in
 // place); indices: int64 [B, Hq or Hkv, K] contiguous (-1 skipped), the selection (exact logit and value);
 // exact_positions: empty, or int64 [B, Hq or Hkv, R] contiguous, positions whose logit is exact too (value
-// from its codes); key_codes, value_codes: uint8 [B, Hkv, S, P] with contiguous rows; key_byte_values,
-// value_byte_values: float32 [Hkv, 256, 8 / bits] contiguous (the Hadamard values each code byte stands for);
-// valid: bool [B, S] contiguous or empty (all valid); hadamard: float32 [D, D] contiguous (orthonormal,
-// symmetric); portable: the plain C++ loops instead of AVX2 (for tests). Returns float32 [B, Hq, D], zeros
-// for a row with no valid position.
+// from its codes); key_codes, value_codes: uint8 [B, Hkv, S, P] with contiguous rows; q_hat: float32
+// [B, Hq, D] contiguous, the query's Hadamard values; key_centroids: float32 [Hkv, 2**key_bits] contiguous;
+// value_byte_values: float32 [Hkv, 256, 8 / bits] contiguous (the Hadamard values each code byte stands
+// for); valid: bool [B, S] contiguous or empty (all valid); hadamard: float32 [D, D] contiguous
+// (orthonormal, symmetric); portable: the plain C++ loops instead of AVX2 (for tests). Returns float32
+// [B, Hq, D], zeros for a row with no valid position.
+//
+// An estimated logit is the key codes' fast-scan estimate (select_by_centroids' uint8 nibble tables,
+// one per query head), offset + step * estimate: reference.quantized_centroid_scores, within half a
+// grid step per nibble of reference.centroid_scores.
 namespace {
 
 enum TailMark : uint8_t { kEstimated = 0, kExactLogit = 1, kSelected = 2, kExcluded = 3 };
@@ -942,38 +961,6 @@ void accumulate_code_values_any(int64_t per_byte, bool simd, const float* weight
   }
 }
 
-// Per key, the sum over its P code bytes of the table entries they pick, for four query heads at once
-// (tab: [P, 256, 4]), four keys interleaved; head c's scores go to scores[c * column_stride + s].
-void score_quad(const float* tab, const uint8_t* codes, int64_t row_stride, int64_t count, int64_t packed,
-                float* scores, int64_t column_stride) {
-  int64_t s = 0;
-  for (; s + 4 <= count; s += 4) {
-    const uint8_t* r0 = codes + s * row_stride;
-    const uint8_t *r1 = r0 + row_stride, *r2 = r1 + row_stride, *r3 = r2 + row_stride;
-    __m128 a0 = _mm_setzero_ps(), a1 = _mm_setzero_ps(), a2 = _mm_setzero_ps(), a3 = _mm_setzero_ps();
-    for (int64_t p = 0; p < packed; ++p) {
-      const float* row = tab + p * 256 * 4;
-      a0 = _mm_add_ps(a0, _mm_loadu_ps(row + r0[p] * 4));
-      a1 = _mm_add_ps(a1, _mm_loadu_ps(row + r1[p] * 4));
-      a2 = _mm_add_ps(a2, _mm_loadu_ps(row + r2[p] * 4));
-      a3 = _mm_add_ps(a3, _mm_loadu_ps(row + r3[p] * 4));
-    }
-    _MM_TRANSPOSE4_PS(a0, a1, a2, a3);  // now a_c holds head c's scores of the four keys
-    _mm_storeu_ps(scores + s, a0);
-    _mm_storeu_ps(scores + column_stride + s, a1);
-    _mm_storeu_ps(scores + 2 * column_stride + s, a2);
-    _mm_storeu_ps(scores + 3 * column_stride + s, a3);
-  }
-  for (; s < count; ++s) {
-    const uint8_t* r = codes + s * row_stride;
-    __m128 acc = _mm_setzero_ps();
-    for (int64_t p = 0; p < packed; ++p) acc = _mm_add_ps(acc, _mm_loadu_ps(tab + (p * 256 + r[p]) * 4));
-    float lanes[4];
-    _mm_storeu_ps(lanes, acc);
-    for (int64_t c = 0; c < 4; ++c) scores[c * column_stride + s] = lanes[c];
-  }
-}
-
 // The largest and the sum of x[0..count), in eight independent lanes so that they vectorize.
 __attribute__((target_clones("avx2", "default")))
 float max_of(const float* x, int64_t count) {
@@ -1019,12 +1006,15 @@ void mark_positions(const torch::Tensor& rows, uint8_t mark, int64_t q_heads, in
 
 }  // namespace
 
-torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor indices,
-                                    torch::Tensor exact_positions, torch::Tensor key_codes, torch::Tensor value_codes,
-                                    torch::Tensor key_byte_values, torch::Tensor value_byte_values, torch::Tensor valid,
-                                    torch::Tensor hadamard, double scaling, bool portable) {
+torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, torch::Tensor key, torch::Tensor value,
+                                    torch::Tensor indices, torch::Tensor exact_positions, torch::Tensor key_codes,
+                                    torch::Tensor value_codes, torch::Tensor key_centroids, int64_t key_bits,
+                                    torch::Tensor value_byte_values, torch::Tensor valid, torch::Tensor hadamard,
+                                    double scaling, bool portable) {
   TORCH_CHECK(query.dtype() == torch::kFloat32 && query.dim() == 3 && query.is_contiguous(),
               "query must be contiguous float32 [B, Hq, D]");
+  TORCH_CHECK(q_hat.dtype() == torch::kFloat32 && q_hat.is_contiguous() && q_hat.sizes() == query.sizes(),
+              "q_hat must be contiguous float32 shaped as the query");
   TORCH_CHECK(key.dtype() == torch::kFloat32 && value.dtype() == torch::kFloat32 && key.dim() == 4 &&
                   key.sizes() == value.sizes() && key.stride(3) == 1 && value.stride(3) == 1,
               "key and value must be float32 [B, Hkv, S, D] with contiguous rows");
@@ -1035,15 +1025,18 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
   const int64_t q_heads = query.size(1), group = q_heads / kv_heads;
   TORCH_CHECK(query.size(0) == batch && query.size(2) == dim && q_heads % kv_heads == 0, "query and key disagree");
   const int64_t key_bytes = key_codes.size(3), value_bytes = value_codes.size(3);
-  TORCH_CHECK(key_byte_values.dtype() == torch::kFloat32 && value_byte_values.dtype() == torch::kFloat32 &&
-                  key_byte_values.is_contiguous() && value_byte_values.is_contiguous() &&
-                  key_byte_values.dim() == 3 && value_byte_values.dim() == 3 &&
-                  key_byte_values.size(0) == kv_heads && value_byte_values.size(0) == kv_heads &&
-                  key_byte_values.size(1) == 256 && value_byte_values.size(1) == 256,
-              "byte values must be contiguous float32 [Hkv, 256, codes per byte]");
-  const int64_t key_per_byte = key_byte_values.size(2), value_per_byte = value_byte_values.size(2);
-  TORCH_CHECK(key_bytes * key_per_byte == dim && value_bytes * value_per_byte == dim, "codes and head_dim disagree");
+  TORCH_CHECK(key_bits == 1 || key_bits == 2, "key code bits must be 1 or 2");
+  TORCH_CHECK(key_centroids.dtype() == torch::kFloat32 && key_centroids.is_contiguous() && key_centroids.dim() == 2 &&
+                  key_centroids.size(0) == kv_heads && key_centroids.size(1) == (int64_t{1} << key_bits),
+              "key centroids must be contiguous float32 [Hkv, 2**key_bits]");
+  TORCH_CHECK(value_byte_values.dtype() == torch::kFloat32 && value_byte_values.is_contiguous() &&
+                  value_byte_values.dim() == 3 && value_byte_values.size(0) == kv_heads &&
+                  value_byte_values.size(1) == 256,
+              "value byte values must be contiguous float32 [Hkv, 256, codes per byte]");
+  const int64_t value_per_byte = value_byte_values.size(2);
+  TORCH_CHECK(key_bytes * 8 == dim * key_bits && value_bytes * value_per_byte == dim, "codes and head_dim disagree");
   TORCH_CHECK(dim % 16 == 0, "head_dim must be a multiple of 16, got ", dim);
+  TORCH_CHECK(2 * key_bytes * 255 < 65536, "head_dim ", dim, " is too large for uint16 estimates");
   for (const auto& codes : {key_codes, value_codes})
     TORCH_CHECK(codes.size(0) == batch && codes.size(1) == kv_heads && codes.size(2) == seq_len,
                 "codes and key disagree");
@@ -1065,7 +1058,8 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
   const float* v_ptr = value.data_ptr<float>();
   const uint8_t* kc_ptr = key_codes.data_ptr<uint8_t>();
   const uint8_t* vc_ptr = value_codes.data_ptr<uint8_t>();
-  const float* kbv_ptr = key_byte_values.data_ptr<float>();
+  const float* qh_ptr = q_hat.data_ptr<float>();
+  const float* kc_centroids = key_centroids.data_ptr<float>();
   const float* vbv_ptr = value_byte_values.data_ptr<float>();
   const float* h_ptr = hadamard.data_ptr<float>();
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
@@ -1085,49 +1079,67 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
         for (int64_t j = 0; j < seq_len; ++j)
           if (!ok[b * seq_len + j]) marks[(b * q_heads + head) * seq_len + j] = kExcluded;
   }
+  // Per query head, its positions not estimated, ascending: special[special_begin[bq] ..
+  // special_begin[bq + 1]) (a few hundred of thousands; runs of 8 estimated ones skipped at once).
+  std::vector<int64_t> special, special_begin(heads_total + 1, 0);
+  for (int64_t bq = 0; bq < heads_total; ++bq) {
+    const uint8_t* head_marks = marks.data() + bq * seq_len;
+    int64_t j = 0;
+    for (; j + 8 <= seq_len; j += 8) {
+      uint64_t word;
+      std::memcpy(&word, head_marks + j, 8);
+      if (word == 0) continue;  // kEstimated is 0
+      for (int64_t k = j; k < j + 8; ++k)
+        if (head_marks[k] != kEstimated) special.push_back(k);
+    }
+    for (; j < seq_len; ++j)
+      if (head_marks[j] != kEstimated) special.push_back(j);
+    special_begin[bq + 1] = static_cast<int64_t>(special.size());
+  }
 
-  // Per query head: its lookup table (reference.centroid_table), stored as lane g % 4 of its KV
-  // group's quad g / 4 ([P, 256, 4] floats per quad, so that one 128-bit load serves four heads),
-  // and the level shift, log sum exp(estimate) - log sum exp(exact) over the calibration sample.
-  const int64_t quads = (group + 3) / 4, quad_floats = key_bytes * 256 * 4;
-  std::vector<float> tables(batch * kv_heads * quads * quad_floats, 0.0f), shifts(heads_total, 0.0f);
+  // Per query head: its uint8 nibble tables and grid (quantized_tables, as select_by_centroids
+  // builds them), luts[(b * Hq + hq) * nibbles * 16 ..], and the level shift, log sum exp(estimate) -
+  // log sum exp(exact) over the calibration sample.
+  const int64_t nibbles = 2 * key_bytes, halves_size = group * key_bytes * 2 * kNibble;
+  std::vector<uint8_t> luts(heads_total * nibbles * kNibble);
+  std::vector<EstimateGrid> grids(heads_total);
+  std::vector<float> shifts(heads_total, 0.0f);
   const int64_t stride = std::max<int64_t>(1, seq_len / 64);  // reference.tail_calibration_stride
-  at::parallel_for(0, heads_total, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> q_hat(dim), estimated, exact;
-    for (int64_t bq = begin; bq < end; ++bq) {
-      const int64_t b = bq / q_heads, h = (bq % q_heads) / group, g = bq % group;
-      const float* q = q_ptr + bq * dim;
-      std::fill(q_hat.begin(), q_hat.end(), 0.0f);
-      for (int64_t e = 0; e < dim; ++e)
-        for (int64_t d = 0; d < dim; ++d) q_hat[d] += q[e] * h_ptr[e * dim + d];
-      float* tab = tables.data() + ((b * kv_heads + h) * quads + g / 4) * quad_floats + g % 4;
-      const float* byte_values = kbv_ptr + h * 256 * key_per_byte;
-      for (int64_t p = 0; p < key_bytes; ++p)
-        for (int64_t v = 0; v < 256; ++v) {
-          float total = 0.0f;
-          for (int64_t m = 0; m < key_per_byte; ++m) total += q_hat[p * key_per_byte + m] * byte_values[v * key_per_byte + m];
-          tab[(p * 256 + v) * 4] = total;
-        }
-      const uint8_t* head_marks = marks.data() + bq * seq_len;
+  at::parallel_for(0, batch * kv_heads, 1, [&](int64_t begin, int64_t end) {
+    std::vector<double> halves(halves_size);
+    std::vector<float> estimated, exact;
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / kv_heads, h = bh % kv_heads;
+      centroid_halves(qh_ptr + (b * q_heads + h * group) * dim, kc_centroids + h * (int64_t{1} << key_bits), key_bits,
+                      group, dim, halves.data());
       const uint8_t* codes = kc_ptr + b * kcs0 + h * kcs1;
       const float* keys = k_ptr + b * ks0 + h * ks1;
-      estimated.clear();
-      exact.clear();
-      for (int64_t j = 0; j < seq_len; j += stride) {
-        if (head_marks[j] != kEstimated) continue;
-        float total = 0.0f;
-        for (int64_t p = 0; p < key_bytes; ++p) total += tab[(p * 256 + codes[j * kcs2 + p]) * 4];
-        estimated.push_back(total * scale);
-        exact.push_back(dot(q, keys + j * ks2, dim) * scale);
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t bq = b * q_heads + h * group + g;
+        uint8_t* lut = luts.data() + bq * nibbles * kNibble;
+        grids[bq] = quantized_tables(halves.data(), key_bytes, g, 1, lut);
+        const uint8_t* head_marks = marks.data() + bq * seq_len;
+        estimated.clear();
+        exact.clear();
+        for (int64_t j = 0; j < seq_len; j += stride) {
+          if (head_marks[j] != kEstimated) continue;
+          uint32_t total = 0;
+          for (int64_t p = 0; p < key_bytes; ++p) {
+            const uint8_t byte = codes[j * kcs2 + p];
+            total += lut[(2 * p) * kNibble + (byte & 15)] + lut[(2 * p + 1) * kNibble + (byte >> 4)];
+          }
+          estimated.push_back(estimate_score(grids[bq], total) * scale);
+          exact.push_back(dot(q_ptr + bq * dim, keys + j * ks2, dim) * scale);
+        }
+        if (estimated.empty()) continue;
+        auto log_sum_exp = [](const std::vector<float>& x) {
+          const double top = *std::max_element(x.begin(), x.end());
+          double total = 0.0;
+          for (float e : x) total += std::exp(e - top);
+          return top + std::log(total);
+        };
+        shifts[bq] = static_cast<float>(log_sum_exp(estimated) - log_sum_exp(exact));
       }
-      if (estimated.empty()) continue;
-      auto log_sum_exp = [](const std::vector<float>& x) {
-        const double top = *std::max_element(x.begin(), x.end());
-        double total = 0.0;
-        for (float e : x) total += std::exp(e - top);
-        return top + std::log(total);
-      };
-      shifts[bq] = static_cast<float>(log_sum_exp(estimated) - log_sum_exp(exact));
     }
   });
 
@@ -1138,8 +1150,11 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
   const int64_t chunks = std::max<int64_t>(1, (seq_len + kChunk - 1) / kChunk);
   const int64_t items = batch * kv_heads * chunks;
   std::vector<float> part_max(items * group), part_sum(items * group), part_out(items * group * 2 * dim, 0.0f);
+  const int64_t padded = (key_bytes + 15) / 16 * 16;  // the AVX2 scan reads whole 16-byte chunks
   at::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
-    std::vector<float> weights(quads * 4 * kChunk);  // rows past the group: the padded lanes' scores
+    std::vector<float> weights(group * kChunk);
+    std::vector<uint16_t> block(kMaxColumns * kBlock);
+    std::vector<uint8_t> short_block(kBlock * padded, 0);  // a short or narrow block, zero-padded
     for (int64_t item = begin; item < end; ++item) {
       const int64_t bh = item / chunks, chunk = item % chunks, b = bh / kv_heads, h = bh % kv_heads;
       const int64_t first = chunk * kChunk, count = std::min(kChunk, seq_len - first);
@@ -1147,18 +1162,39 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
       const float* keys = k_ptr + b * ks0 + h * ks1 + first * ks2;
       const float* values = v_ptr + b * vs0 + h * vs1 + first * vs2;
       float* outputs = part_out.data() + item * group * 2 * dim;
-      for (int64_t quad = 0; quad < quads; ++quad)
-        score_quad(tables.data() + (bh * quads + quad) * quad_floats, codes, kcs2, count, key_bytes,
-                   weights.data() + quad * 4 * kChunk, kChunk);
+      const int64_t first_head = b * q_heads + h * group;
+      for (int64_t s = 0; s < count; s += kBlock) {  // the estimated logits, 32 keys at a time
+        const int64_t keys_here = std::min(kBlock, count - s);
+        const uint8_t* rows = codes + s * kcs2;
+        int64_t row_stride = kcs2;
+        if (keys_here < kBlock || key_bytes != padded) {
+          for (int64_t i = 0; i < keys_here; ++i) std::memcpy(short_block.data() + i * padded, rows + i * kcs2, key_bytes);
+          rows = short_block.data();
+          row_stride = padded;
+        }
+        for (int64_t g0 = 0; g0 < group; g0 += kMaxColumns) {
+          const int64_t columns = std::min(kMaxColumns, group - g0);
+          scan_block(simd, rows, row_stride, padded, key_bytes, luts.data() + (first_head + g0) * nibbles * kNibble,
+                     columns, block.data());
+          for (int64_t c = 0; c < columns; ++c) {
+            const EstimateGrid& grid = grids[first_head + g0 + c];
+            const float shift = shifts[first_head + g0 + c];
+            float* w = weights.data() + (g0 + c) * kChunk + s;
+            for (int64_t i = 0; i < keys_here; ++i) w[i] = estimate_score(grid, block[c * kBlock + i]) * scale - shift;
+          }
+        }
+      }
       for (int64_t g = 0; g < group; ++g) {
-        const int64_t bq = b * q_heads + h * group + g;
+        const int64_t bq = first_head + g;
         const uint8_t* head_marks = marks.data() + bq * seq_len + first;
         const float* q = q_ptr + bq * dim;
         float* w = weights.data() + g * kChunk;
-        const float shift = shifts[bq];
-        for (int64_t j = 0; j < count; ++j) w[j] = w[j] * scale - shift;
-        for (int64_t j = 0; j < count; ++j) {
-          if (head_marks[j] == kEstimated) continue;
+        const int64_t* head_begin = special.data() + special_begin[bq];
+        const int64_t* head_end = special.data() + special_begin[bq + 1];
+        const int64_t* from = std::lower_bound(head_begin, head_end, first);
+        const int64_t* to = std::lower_bound(from, head_end, first + count);  // this chunk's special positions
+        for (const int64_t* it = from; it != to; ++it) {
+          const int64_t j = *it - first;
           w[j] = head_marks[j] == kExcluded ? -std::numeric_limits<float>::infinity() : dot(q, keys + j * ks2, dim) * scale;
         }
         const float top = max_of(w, count);
@@ -1172,7 +1208,8 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
         exp_nonpositive(w, count, simd);
         part_sum[item * group + g] = sum_of(w, count);
         float* exact_out = outputs + g * 2 * dim + dim;
-        for (int64_t j = 0; j < count; ++j) {
+        for (const int64_t* it = from; it != to; ++it) {
+          const int64_t j = *it - first;
           if (head_marks[j] != kSelected) continue;
           for (int64_t d = 0; d < dim; ++d) exact_out[d] += w[j] * values[j * vs2 + d];
           w[j] = 0.0f;  // its value is exact: no code value for it
@@ -1186,7 +1223,7 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
 
   auto out = torch::zeros({batch, q_heads, dim}, torch::kFloat32);
   float* o_ptr = out.data_ptr<float>();
-  std::vector<float> code_sum(dim), exact_sum(dim);
+  std::vector<float> code_sum(dim), exact_sum(dim), rotated(dim);
   for (int64_t bq = 0; bq < heads_total; ++bq) {
     const int64_t b = bq / q_heads, h = (bq % q_heads) / group, g = bq % group;
     float top = -std::numeric_limits<float>::infinity();
@@ -1206,12 +1243,12 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor key, torc
         exact_sum[d] += sums[dim + d] * factor;
       }
     }
+    std::fill(rotated.begin(), rotated.end(), 0.0f);
+    for (int64_t e = 0; e < dim; ++e)  // code_sum @ H, e in order for every d (vectorizes over d)
+      for (int64_t d = 0; d < dim; ++d) rotated[d] += code_sum[e] * h_ptr[e * dim + d];
     float* o = o_ptr + bq * dim;
-    for (int64_t d = 0; d < dim; ++d) {
-      float rotated = 0.0f;
-      for (int64_t e = 0; e < dim; ++e) rotated += code_sum[e] * h_ptr[e * dim + d];
-      o[d] = (exact_sum[d] + rotated) / std::max(total, std::numeric_limits<float>::min());
-    }
+    for (int64_t d = 0; d < dim; ++d)
+      o[d] = (exact_sum[d] + rotated[d]) / std::max(total, std::numeric_limits<float>::min());
   }
   return out;
 }
