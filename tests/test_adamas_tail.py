@@ -159,7 +159,8 @@ def _production_paths() -> dict:
 
 PATHS = _production_paths()
 SPECS = {  # each path's oracle: the reference with the estimates it computes (the C++ op fast-scans them)
-    path: partial(reference.tail_decode_attention, quantized_estimates=path.startswith("cpp")) for path in PATHS
+    path: partial(reference.tail_decode_attention, quantized_estimates=path.startswith("cpp"))
+    for path in PATHS
 }
 
 SHAPES = [
@@ -412,7 +413,9 @@ def test_the_level_shift_removes_an_estimate_excess_common_to_all_keys(length) -
     for path, implementation in PATHS.items():
         assert_close(path, SPECS[path](**inputs), implementation(**inputs), 1e-5)
     # The quantized estimates' level is calibrated the same way: within their rounding of the exact one.
-    assert_close("quantized", expected, reference.tail_decode_attention(**inputs, quantized_estimates=True), 1e-2)
+    assert_close(
+        "quantized", expected, reference.tail_decode_attention(**inputs, quantized_estimates=True), 1e-2
+    )
 
 
 def test_the_tail_diagnosis_refuses_bad_settings_and_foreign_summaries(tmp_path, capsys) -> None:
