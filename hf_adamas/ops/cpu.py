@@ -33,7 +33,7 @@ from types import ModuleType
 import torch
 
 from hf_adamas._validation import check_attention_inputs, check_centroid_score_inputs, check_thresholds
-from hf_adamas.ops.reference import PackedCodes, byte_centroids, hadamard_matrix, hadamard_values
+from hf_adamas.ops.reference import PackedCodes, hadamard_matrix, hadamard_values
 from hf_common.cpp_extension import load_cpu_extension
 
 __all__ = [
@@ -162,7 +162,7 @@ def tail_decode_attention_cpu(
         torch.empty(0, dtype=torch.int64) if exact_positions is None else exact_positions.contiguous(),
         _rows_contiguous(key_codes.codes), _rows_contiguous(value_codes.codes),
         key_codes.centroids.float().contiguous(), key_codes.bits,
-        byte_centroids(value_codes.centroids, value_codes.bits, key.device).contiguous(),
+        value_codes.centroids.float().contiguous(), value_codes.bits,
         torch.empty(0, dtype=torch.bool) if valid is None else valid.contiguous(),
         hadamard_matrix(key.shape[-1], key.device), float(scaling), portable,
     )  # fmt: skip

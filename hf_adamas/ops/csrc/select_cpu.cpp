@@ -838,8 +838,7 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 // exact_positions: empty, or int64 [B, Hq or Hkv, R] contiguous, positions whose logit is exact too (value
 // from its codes); key_codes, value_codes: uint8 [B, Hkv, S, P] with contiguous rows; q_hat: float32
 // [B, Hq, D] contiguous, the query's Hadamard values; key_centroids: float32 [Hkv, 2**key_bits] contiguous;
-// value_byte_values: float32 [Hkv, 256, 8 / bits] contiguous (the Hadamard values each code byte stands
-// for); valid: bool [B, S] contiguous or empty (all valid); hadamard: float32 [D, D] contiguous
+// value_centroids: float32 [Hkv, 2**value_bits] contiguous (value_bits 2 or 4); valid: bool [B, S] contiguous or empty (all valid); hadamard: float32 [D, D] contiguous
 // (orthonormal, symmetric); portable: the plain C++ loops instead of AVX2 (for tests). Returns float32
 // [B, Hq, D], zeros for a row with no valid position.
 //
@@ -1009,8 +1008,8 @@ void mark_positions(const torch::Tensor& rows, uint8_t mark, int64_t q_heads, in
 torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, torch::Tensor key, torch::Tensor value,
                                     torch::Tensor indices, torch::Tensor exact_positions, torch::Tensor key_codes,
                                     torch::Tensor value_codes, torch::Tensor key_centroids, int64_t key_bits,
-                                    torch::Tensor value_byte_values, torch::Tensor valid, torch::Tensor hadamard,
-                                    double scaling, bool portable) {
+                                    torch::Tensor value_centroids, int64_t value_bits, torch::Tensor valid,
+                                    torch::Tensor hadamard, double scaling, bool portable) {
   TORCH_CHECK(query.dtype() == torch::kFloat32 && query.dim() == 3 && query.is_contiguous(),
               "query must be contiguous float32 [B, Hq, D]");
   TORCH_CHECK(q_hat.dtype() == torch::kFloat32 && q_hat.is_contiguous() && q_hat.sizes() == query.sizes(),
@@ -1029,11 +1028,12 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, to
   TORCH_CHECK(key_centroids.dtype() == torch::kFloat32 && key_centroids.is_contiguous() && key_centroids.dim() == 2 &&
                   key_centroids.size(0) == kv_heads && key_centroids.size(1) == (int64_t{1} << key_bits),
               "key centroids must be contiguous float32 [Hkv, 2**key_bits]");
-  TORCH_CHECK(value_byte_values.dtype() == torch::kFloat32 && value_byte_values.is_contiguous() &&
-                  value_byte_values.dim() == 3 && value_byte_values.size(0) == kv_heads &&
-                  value_byte_values.size(1) == 256,
-              "value byte values must be contiguous float32 [Hkv, 256, codes per byte]");
-  const int64_t value_per_byte = value_byte_values.size(2);
+  TORCH_CHECK(value_bits == 2 || value_bits == 4, "value code bits must be 2 or 4");
+  TORCH_CHECK(value_centroids.dtype() == torch::kFloat32 && value_centroids.is_contiguous() &&
+                  value_centroids.dim() == 2 && value_centroids.size(0) == kv_heads &&
+                  value_centroids.size(1) == (int64_t{1} << value_bits),
+              "value centroids must be contiguous float32 [Hkv, 2**value_bits]");
+  const int64_t value_per_byte = 8 / value_bits, value_levels = int64_t{1} << value_bits;
   TORCH_CHECK(key_bytes * 8 == dim * key_bits && value_bytes * value_per_byte == dim, "codes and head_dim disagree");
   TORCH_CHECK(dim % 16 == 0, "head_dim must be a multiple of 16, got ", dim);
   TORCH_CHECK(2 * key_bytes * 255 < 65536, "head_dim ", dim, " is too large for uint16 estimates");
@@ -1060,7 +1060,15 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, to
   const uint8_t* vc_ptr = value_codes.data_ptr<uint8_t>();
   const float* qh_ptr = q_hat.data_ptr<float>();
   const float* kc_centroids = key_centroids.data_ptr<float>();
-  const float* vbv_ptr = value_byte_values.data_ptr<float>();
+  // The Hadamard values each value code byte stands for (reference.byte_centroids): [Hkv, 256, per byte].
+  std::vector<float> value_byte_values(kv_heads * 256 * value_per_byte);
+  const float* vc_centroids = value_centroids.data_ptr<float>();
+  for (int64_t h = 0; h < kv_heads; ++h)
+    for (int64_t v = 0; v < 256; ++v)
+      for (int64_t m = 0; m < value_per_byte; ++m)
+        value_byte_values[(h * 256 + v) * value_per_byte + m] =
+            vc_centroids[h * value_levels + ((v >> (value_bits * m)) & (value_levels - 1))];
+  const float* vbv_ptr = value_byte_values.data();
   const float* h_ptr = hadamard.data_ptr<float>();
   const int64_t ks0 = key.stride(0), ks1 = key.stride(1), ks2 = key.stride(2);
   const int64_t vs0 = value.stride(0), vs1 = value.stride(1), vs2 = value.stride(2);
