@@ -177,7 +177,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     write_report(
         args.output_dir,
         "tail_op",
-        command_line("python scripts/bench_adamas_tail_op.py", argv),
+        command_line("python", ["scripts/bench_adamas_tail_op.py", *argv]),
         {"settings": vars(args) | {"output_dir": str(args.output_dir)}, "records": records},
         "One layer's tail-estimate attention on CPU against dense sdpa",
         f"{shapes}.\n\n{markdown_table(records, columns)}",

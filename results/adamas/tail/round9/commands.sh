@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Round 9 of the tail estimate: the C++ op's logits fast-scanned (uint8 nibble tables), at commit 66b232c.
+set -euo pipefail
+D=results/adamas/tail/round9
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode --contexts 8192 --budgets 64 256 --steps 16 --rounds 5 \
+  --methods dense-static asymmetric-online asymmetric-online-tail2
+OMP_NUM_THREADS=2 python scripts/bench_adamas_tail_op.py --output-dir $D/op
+# End-to-end check of what the quantized estimates change (window 250000 never tuned on; 150000 held out).
+for window in 250000 150000; do
+  OMP_NUM_THREADS=2 hf-adamas ppl --output-dir $D/perplexity_$window --context 8192 --decode-tokens 128 \
+    --skip-tokens $window --budgets 64 --methods dense asymmetric-online-tail2
+done
