@@ -85,9 +85,7 @@ def select_by_table_cpu(
     """`reference.select_by_table` in one fused C++ pass; the extension must be available."""
     layout = table.float().permute(0, 1, 3, 4, 2).contiguous()  # [B, Hkv, P, 256, C]: one read per byte
     forced, valid = _masks(k_codes.shape[0], k_codes.shape[2], valid, forced)
-    if k_codes.stride(3) != 1:
-        k_codes = k_codes.contiguous()
-    return cpu_extension().select_by_table(layout, k_codes, budget, forced, valid, largest)
+    return cpu_extension().select_by_table(layout, _rows_contiguous(k_codes), budget, forced, valid, largest)
 
 
 def select_by_centroids_cpu(
@@ -107,11 +105,9 @@ def select_by_centroids_cpu(
     ``portable`` scans with the plain C++ loop instead of AVX2 (the same estimates; for tests).
     """
     forced, valid = _masks(k_codes.shape[0], k_codes.shape[2], valid, forced)
-    if k_codes.stride(3) != 1:
-        k_codes = k_codes.contiguous()
     return cpu_extension().select_by_centroids(
-        q_hat.float().contiguous(), k_codes, centroids.float().contiguous(), bits, shared_per_kv_group, budget,
-        forced, valid, portable,
+        q_hat.float().contiguous(), _rows_contiguous(k_codes), centroids.float().contiguous(), bits,
+        shared_per_kv_group, budget, forced, valid, portable,
     )  # fmt: skip
 
 
