@@ -12,8 +12,9 @@ rule: byte-table scores and an exact top-k in one pass over the packed codes; th
 fast-scanned estimate narrows the keys that get exact scores), or :func:`reference.select_by_table`
 where they cannot be built. :func:`sparse_decode_attention` of float32 CPU caches runs the C++ op of the same module too.
 :func:`tail_decode_attention` (the optional tail estimate) reads only the selected K/V rows and sums
-the others from their codes: one C++ call for float32 CPU caches, :mod:`hf_adamas.ops.tail` (PyTorch)
-elsewhere. :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for
+the others from their codes: one C++ call for float32 CPU caches (its logit estimates fast-scanned,
+``reference.tail_decode_attention(..., quantized_estimates=True)``), :mod:`hf_adamas.ops.tail`
+(PyTorch, float estimates) elsewhere. :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for
 float32 CPU caches and the PyTorch reference elsewhere.
 """
 
