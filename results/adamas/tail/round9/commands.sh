@@ -10,3 +10,9 @@ for window in 250000 150000; do
   OMP_NUM_THREADS=2 hf-adamas ppl --output-dir $D/perplexity_$window --context 8192 --decode-tokens 128 \
     --skip-tokens $window --budgets 64 --methods dense asymmetric-online-tail2
 done
+# Passkey at 4K, budget 64, the 30 held-out trials of round 7 (1 thread, the two runs side by side; round 7:
+# dense 15, default 14, tail 13, tail + rescore_factor=4 14).
+OMP_NUM_THREADS=1 hf-adamas passkey --output-dir $D/passkey_4096_b64 --trials 30 --splits heldout --lengths 4096 \
+  --budgets 64 --methods asymmetric-online-tail2
+OMP_NUM_THREADS=1 hf-adamas passkey --output-dir $D/passkey_4096_b64_rescore --trials 30 --splits heldout \
+  --lengths 4096 --budgets 64 --methods asymmetric-online-rescore-tail2
