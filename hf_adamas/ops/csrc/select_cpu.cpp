@@ -1089,7 +1089,7 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, to
           if (!ok[b * seq_len + j]) marks[(b * q_heads + head) * seq_len + j] = kExcluded;
   }
   // Per query head, its positions not estimated, ascending: special[special_begin[bq] ..
-  // special_begin[bq + 1]) (a few hundred of thousands; runs of 8 estimated ones skipped at once).
+  // special_begin[bq + 1]) (a few hundred among thousands; runs of 8 estimated ones skipped at once).
   std::vector<int64_t> special, special_begin(heads_total + 1, 0);
   for (int64_t bq = 0; bq < heads_total; ++bq) {
     const uint8_t* head_marks = marks.data() + bq * seq_len;
