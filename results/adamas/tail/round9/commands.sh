@@ -19,3 +19,6 @@ OMP_NUM_THREADS=1 hf-adamas passkey --output-dir $D/passkey_4096_b64_rescore --t
 # A second end-to-end run with the tail + rescoring configuration (commit e745266).
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_rescore --contexts 8192 --budgets 64 256 --steps 16 \
   --rounds 5 --methods dense-static asymmetric-online asymmetric-online-rescore-tail2
+# A repeat of the first run (commit 46bc4f3).
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_run2 --contexts 8192 --budgets 64 256 --steps 16 --rounds 5 \
+  --methods dense-static asymmetric-online asymmetric-online-tail2
