@@ -22,3 +22,6 @@ OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_rescore --contexts 
 # A repeat of the first run (commit 46bc4f3).
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_run2 --contexts 8192 --budgets 64 256 --steps 16 --rounds 5 \
   --methods dense-static asymmetric-online asymmetric-online-tail2
+# The same at 4K (commit c689b1c).
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_4k --contexts 4096 --budgets 64 256 --steps 16 --rounds 5 \
+  --methods dense-static asymmetric-online asymmetric-online-tail2
