@@ -405,21 +405,34 @@ EstimateGrid quantized_tables(const double* halves, int64_t packed, int64_t firs
   return {0.5 * static_cast<double>(nibbles) * 1.001 + float_error * scale + 1e-6, widest / 255.0, offset};
 }
 
+// One key's estimate: the sum over its nibbles n of lut[n][nibble n of the key's `packed` bytes].
+inline uint32_t nibble_estimate(const uint8_t* lut, const uint8_t* row, int64_t packed) {
+  uint32_t total = 0;
+  for (int64_t p = 0; p < packed; ++p)
+    total += lut[(2 * p) * kNibble + (row[p] & 15)] + lut[(2 * p + 1) * kNibble + (row[p] >> 4)];
+  return total;
+}
+
 // Estimates of 32 keys (rows of `packed` bytes, `stride` bytes apart) for `columns` output rows:
 // out[c * 32 + i] = sum over nibbles n of luts[c][n][nibble n of key i].
 void scan_block_portable(const uint8_t* rows, int64_t stride, int64_t packed, const uint8_t* luts,
                          int64_t columns, uint16_t* out) {
-  for (int64_t c = 0; c < columns; ++c) {
-    const uint8_t* lut = luts + c * 2 * packed * kNibble;
-    for (int64_t i = 0; i < kBlock; ++i) {
-      uint32_t total = 0;
-      for (int64_t p = 0; p < packed; ++p) {
-        const uint8_t byte = rows[i * stride + p];
-        total += lut[(2 * p) * kNibble + (byte & 15)] + lut[(2 * p + 1) * kNibble + (byte >> 4)];
-      }
-      out[c * kBlock + i] = static_cast<uint16_t>(total);
-    }
-  }
+  for (int64_t c = 0; c < columns; ++c)
+    for (int64_t i = 0; i < kBlock; ++i)
+      out[c * kBlock + i] =
+          static_cast<uint16_t>(nibble_estimate(luts + c * 2 * packed * kNibble, rows + i * stride, packed));
+}
+
+// The rows of a block of `count` <= 32 keys as the scans read them (`padded` bytes each): in place
+// when the block is whole and rows need no padding, else copied into `scratch` (32 * padded bytes,
+// zero past each row's `packed` bytes); `stride` is set to the rows' distance.
+const uint8_t* scan_rows(const uint8_t* rows, int64_t row_stride, int64_t count, int64_t packed, int64_t padded,
+                         uint8_t* scratch, int64_t& stride) {
+  stride = row_stride;
+  if (count == kBlock && packed == padded) return rows;
+  for (int64_t i = 0; i < count; ++i) std::memcpy(scratch + i * padded, rows + i * row_stride, packed);
+  stride = padded;
+  return scratch;
 }
 
 // The same integers with AVX2 byte shuffles; rows readable to `padded` bytes (a multiple of 16).
@@ -605,13 +618,9 @@ torch::Tensor select_by_centroids(torch::Tensor q_hat, torch::Tensor codes, torc
         const uint8_t* head_luts = luts.data() + bh * columns * nibbles * kNibble;
         for (int64_t s = first; s < last; s += kBlock) {
           const int64_t count = std::min(kBlock, last - s);
-          const uint8_t* rows_ptr = codes_ptr + b * cs0 + h * cs1 + s * cs2;
-          int64_t stride = cs2;
-          if (count < kBlock || packed != padded) {
-            for (int64_t i = 0; i < count; ++i) std::memcpy(tail.data() + i * padded, rows_ptr + i * cs2, packed);
-            rows_ptr = tail.data();
-            stride = padded;
-          }
+          int64_t stride;
+          const uint8_t* rows_ptr =
+              scan_rows(codes_ptr + b * cs0 + h * cs1 + s * cs2, cs2, count, packed, padded, tail.data(), stride);
           scan_block(simd, rows_ptr, stride, padded, packed, head_luts, columns, block.data());
           const uint8_t* block_competes = competes.data() + b * seq_len + s;
           for (int64_t c = 0; c < columns; ++c) {
@@ -839,9 +848,10 @@ torch::Tensor rescore_selection(torch::Tensor query, torch::Tensor key, torch::T
 // exact_positions: empty, or int64 [B, Hq or Hkv, R] contiguous, positions whose logit is exact too (value
 // from its codes); key_codes, value_codes: uint8 [B, Hkv, S, P] with contiguous rows; q_hat: float32
 // [B, Hq, D] contiguous, the query's Hadamard values; key_centroids: float32 [Hkv, 2**key_bits] contiguous;
-// value_centroids: float32 [Hkv, 2**value_bits] contiguous (value_bits 2 or 4); valid: bool [B, S] contiguous or empty (all valid); hadamard: float32 [D, D] contiguous
-// (orthonormal, symmetric); portable: the plain C++ loops instead of AVX2 (for tests). Returns float32
-// [B, Hq, D], zeros for a row with no valid position.
+// value_centroids: float32 [Hkv, 2**value_bits] contiguous (value_bits 2 or 4); valid: bool [B, S]
+// contiguous or empty (all valid); hadamard: float32 [D, D] contiguous (orthonormal, symmetric);
+// portable: the plain C++ loops instead of AVX2 (for tests). Returns float32 [B, Hq, D], zeros for a
+// row with no valid position.
 //
 // An estimated logit is the key codes' fast-scan estimate (select_by_centroids' uint8 nibble tables,
 // one per query head), offset + step * estimate: reference.quantized_centroid_scores, within half a
@@ -1132,12 +1142,7 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, to
         exact.clear();
         for (int64_t j = 0; j < seq_len; j += stride) {
           if (head_marks[j] != kEstimated) continue;
-          uint32_t total = 0;
-          for (int64_t p = 0; p < key_bytes; ++p) {
-            const uint8_t byte = codes[j * kcs2 + p];
-            total += lut[(2 * p) * kNibble + (byte & 15)] + lut[(2 * p + 1) * kNibble + (byte >> 4)];
-          }
-          estimated.push_back(estimate_score(grids[bq], total) * scale);
+          estimated.push_back(estimate_score(grids[bq], nibble_estimate(lut, codes + j * kcs2, key_bytes)) * scale);
           exact.push_back(dot(q_ptr + bq * dim, keys + j * ks2, dim) * scale);
         }
         if (estimated.empty()) continue;
@@ -1174,13 +1179,9 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, to
       const int64_t first_head = b * q_heads + h * group;
       for (int64_t s = 0; s < count; s += kBlock) {  // the estimated logits, 32 keys at a time
         const int64_t keys_here = std::min(kBlock, count - s);
-        const uint8_t* rows = codes + s * kcs2;
-        int64_t row_stride = kcs2;
-        if (keys_here < kBlock || key_bytes != padded) {
-          for (int64_t i = 0; i < keys_here; ++i) std::memcpy(short_block.data() + i * padded, rows + i * kcs2, key_bytes);
-          rows = short_block.data();
-          row_stride = padded;
-        }
+        int64_t row_stride;
+        const uint8_t* rows =
+            scan_rows(codes + s * kcs2, kcs2, keys_here, key_bytes, padded, short_block.data(), row_stride);
         for (int64_t g0 = 0; g0 < group; g0 += kMaxColumns) {
           const int64_t columns = std::min(kMaxColumns, group - g0);
           scan_block(simd, rows, row_stride, padded, key_bytes, luts.data() + (first_head + g0) * nibbles * kNibble,
