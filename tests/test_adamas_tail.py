@@ -252,6 +252,22 @@ def test_the_cpp_op_refuses_a_head_dim_it_cannot_sum() -> None:
         )
 
 
+def test_code_books_that_do_not_match_the_codes_are_refused() -> None:
+    """Key centroids of the wrong shape: the quantized scores and the C++ op say so before any work;
+    value centroids of a width the value codes were not made with: the C++ op refuses them."""
+    inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
+    key_codes = inputs["key_codes"]
+    with pytest.raises(ValueError, match="centroids must be"):
+        reference.quantized_centroid_scores(inputs["query"], key_codes.codes, torch.randn(2, 4), 2)
+    if "cpp" not in PATHS:
+        pytest.skip("the C++ extension cannot be built here")
+    with pytest.raises(ValueError, match="centroids must be"):
+        cpu.tail_decode_attention_cpu(**dict(inputs, key_codes=key_codes._replace(centroids=torch.randn(1, 2))))
+    wrong_width = inputs["value_codes"]._replace(centroids=torch.randn(1, 16), bits=4)
+    with pytest.raises(RuntimeError, match="codes and head_dim disagree"):
+        cpu.tail_decode_attention_cpu(**dict(inputs, value_codes=wrong_width))
+
+
 def test_a_row_with_nothing_valid_is_zeros_on_every_path() -> None:
     inputs = _inputs(1, 2, 1, 8, 3, 2, shared=False)
     inputs["valid"] = torch.zeros(1, 8, dtype=torch.bool)
