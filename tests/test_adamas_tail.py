@@ -262,7 +262,9 @@ def test_code_books_that_do_not_match_the_codes_are_refused() -> None:
     if "cpp" not in PATHS:
         pytest.skip("the C++ extension cannot be built here")
     with pytest.raises(ValueError, match="centroids must be"):
-        cpu.tail_decode_attention_cpu(**dict(inputs, key_codes=key_codes._replace(centroids=torch.randn(1, 2))))
+        cpu.tail_decode_attention_cpu(
+            **dict(inputs, key_codes=key_codes._replace(centroids=torch.randn(1, 2)))
+        )
     wrong_width = inputs["value_codes"]._replace(centroids=torch.randn(1, 16), bits=4)
     with pytest.raises(RuntimeError, match="codes and head_dim disagree"):
         cpu.tail_decode_attention_cpu(**dict(inputs, value_codes=wrong_width))
