@@ -24,10 +24,12 @@ from hf_adamas.calibration import OnlineCalibratedLayer
 from hf_adamas.codebook import code_book
 from hf_adamas.config import CONFIG_ATTRIBUTE, AdamasConfig, check_model_config
 from hf_adamas.ops import reference
+from hf_adamas.ops.cpu import asymmetric_decode_step_cpu
 from hf_adamas.selection import (
     CACHE_LAYER_ATTRIBUTE,
     SELECTORS,
     code_book_for,
+    forced_positions,
     select_asymmetric_with_candidates,
 )
 from hf_common.compat import CACHE_ARGUMENT
@@ -106,6 +108,18 @@ def install_cache_hooks(model: torch.nn.Module) -> None:
             _prepare_module(module)
 
 
+def _code_layer(module: torch.nn.Module, key: torch.Tensor) -> AdamasLayer | None:
+    """The module's cache layer when it is an `AdamasLayer` holding exactly these keys (so its codes are theirs)."""
+    layer = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
+    if (
+        isinstance(layer, AdamasLayer)
+        and layer.get_seq_length() == key.shape[2]
+        and layer.keys.data_ptr() == key.data_ptr()
+    ):
+        return layer
+    return None
+
+
 def _key_codes(
     module: torch.nn.Module, key: torch.Tensor, thresholds: torch.Tensor, bits: int
 ) -> torch.Tensor:
@@ -115,16 +129,12 @@ def _key_codes(
     user's own layer type): every sparse layer then re-encodes its whole cache at every step, which
     is correct but costs about as much as the estimate itself, so it is said once.
     """
-    layer = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
-    if (
-        isinstance(layer, AdamasLayer)
-        and layer.bits == bits
-        and layer.get_seq_length() == key.shape[2]
-        and layer.keys.data_ptr() == key.data_ptr()
-    ):
+    layer = _code_layer(module, key)
+    if layer is not None and layer.bits == bits:
         return layer.key_codes
+    stored = getattr(module, CACHE_LAYER_ATTRIBUTE, None)
     logger.warning_once(
-        f"Adamas: the cache layer ({type(layer).__name__}) stores no key codes, so every sparse layer "
+        f"Adamas: the cache layer ({type(stored).__name__}) stores no key codes, so every sparse layer "
         f"re-encodes all {key.shape[2]} cached keys at every decode step (correct, but slower). Use the "
         "DynamicCache that generate() builds by default or hf_adamas.AdamasCache."
     )
@@ -196,7 +206,10 @@ def adamas_attention_forward(
         "valid": valid,
         "key_codes": lambda thresholds: _key_codes(module, key, thresholds, settings.bits),
     }
-    if settings.value_code_bits:  # the config allows it with selector="adamas_asymmetric" only
+    layer = _fused_step_layer(settings, module, key, value)
+    if layer is not None:
+        output = _fused_step(settings, module, layer, query[:, :, 0], key, value, valid, scaling)
+    elif settings.value_code_bits:  # the config allows it with selector="adamas_asymmetric" only
         indices, candidates = select_asymmetric_with_candidates(**arguments)
         output = _attention_with_tail(
             settings, module, query[:, :, 0], key, value, indices, candidates, scaling, valid
@@ -205,6 +218,45 @@ def adamas_attention_forward(
         indices = SELECTORS[settings.selector](**arguments)
         output = ops.sparse_decode_attention(query[:, :, 0], key, value, indices, scaling)
     return output[:, None], None
+
+
+def _fused_step_layer(
+    settings: AdamasConfig, module: torch.nn.Module, key: torch.Tensor, value: torch.Tensor
+) -> AdamasLayer | None:
+    """The cache layer when the default step runs as one C++ call (`_fused_step`): the asymmetric rule
+    without the tail estimate, on a float32 CPU cache layer that stores these keys' codes."""
+    if (
+        settings.selector != "adamas_asymmetric"
+        or settings.value_code_bits
+        or not ops.float32_cpu_cache(key, value)
+    ):
+        return None
+    layer = _code_layer(module, key)
+    return layer if layer is not None and layer.bits == settings.bits else None
+
+
+def _fused_step(
+    settings: AdamasConfig,
+    module: torch.nn.Module,
+    layer: AdamasLayer,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    valid: torch.Tensor | None,
+    scaling: float,
+) -> torch.Tensor:
+    """`select_adamas_asymmetric` (with its rescoring) + `ops.sparse_decode_attention` in one C++ call
+    (`ops.cpu.asymmetric_decode_step_cpu`), which also writes the codes of the keys stored since the
+    last step into the layer's code buffer: the Python between the steps cost as much as they did."""
+    _, centroids = code_book_for(settings, module, key)
+    codes, coded = layer.unwritten_key_codes()
+    output, _ = asymmetric_decode_step_cpu(
+        query, key, value, codes, coded, layer.thresholds, centroids, settings.bits,
+        settings.gqa_selection == "shared_per_kv_group", settings.token_budget, settings.candidate_pool, valid,
+        forced_positions(settings, valid, key.shape[0], key.shape[2], key.device), scaling,
+    )  # fmt: skip
+    layer.key_codes_written()
+    return output
 
 
 def _value_codes(

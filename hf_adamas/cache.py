@@ -182,8 +182,9 @@ class _RowCodes:
         self.codes: torch.Tensor | None = None  # as long as the buffer once built
         self.coded = 0  # positions whose codes are in ``codes``
 
-    def read(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
-        """Codes of ``buffer[:, :, :length]`` (a view); encodes the positions added since the last read."""
+    def pending(self, buffer: torch.Tensor, length: int) -> tuple[torch.Tensor, int]:
+        """The code rows of ``buffer[:, :, :length]`` (a view) and how many of them are written; the rest
+        are the caller's to write (then `written`)."""
         if self.codes is None or self.codes.shape[:3] != buffer.shape[:3]:
             fresh = torch.empty(
                 *buffer.shape[:3], self.bytes_per_row, dtype=torch.uint8, device=buffer.device
@@ -191,10 +192,19 @@ class _RowCodes:
             if self.codes is not None:  # the buffer grew or changed rows: keep what is coded
                 fresh[:, :, : self.coded] = self.codes[:, :, : self.coded]
             self.codes = fresh
-        if self.coded < length:
-            self.codes[:, :, self.coded : length] = self.encode(buffer[:, :, self.coded : length])
-            self.coded = length
-        return self.codes[:, :, :length]
+        return self.codes[:, :, :length], min(self.coded, length)
+
+    def written(self, length: int) -> None:
+        """Positions below ``length`` hold their codes."""
+        self.coded = length
+
+    def read(self, buffer: torch.Tensor, length: int) -> torch.Tensor:
+        """Codes of ``buffer[:, :, :length]`` (a view); encodes the positions added since the last read."""
+        codes, coded = self.pending(buffer, length)
+        if coded < length:
+            codes[:, :, coded:] = self.encode(buffer[:, :, coded:length])
+            self.written(length)
+        return codes
 
     def crop(self, length: int) -> None:
         self.coded = min(self.coded, length)
@@ -241,18 +251,30 @@ class AdamasLayer(PreallocatedLayer):
         new._adopt(layer)
         return new
 
+    def _key_code_rows(self) -> _RowCodes:
+        if self._key_codes is None:
+            self._key_codes = _RowCodes(
+                lambda rows: ops.hadamard_codes(rows, self.thresholds, self.bits),
+                self._buffers[0].shape[-1] * self.bits // 8,
+            )
+        return self._key_codes
+
     @property
     def key_codes(self) -> torch.Tensor | None:
         """Codes of the stored keys ``[B, Hkv, S, P]`` (a view); encodes those stored since the last call."""
         if self._buffers is None:
             return None
-        if self._key_codes is None:
-            keys = self._buffers[0]
-            self._key_codes = _RowCodes(
-                lambda rows: ops.hadamard_codes(rows, self.thresholds, self.bits),
-                keys.shape[-1] * self.bits // 8,
-            )
-        return self._key_codes.read(self._buffers[0], self._length)
+        return self._key_code_rows().read(self._buffers[0], self._length)
+
+    def unwritten_key_codes(self) -> tuple[torch.Tensor, int]:
+        """The key-code buffer ``[B, Hkv, S, P]`` (a view) and the first position whose codes are not
+        written yet, for an op that encodes them itself (with `thresholds`) and then calls
+        `key_codes_written`; the layer must hold keys."""
+        return self._key_code_rows().pending(self._buffers[0], self._length)
+
+    def key_codes_written(self) -> None:
+        """Every stored key's codes are in the buffer (after `unwritten_key_codes`)."""
+        self._key_code_rows().written(self._length)
 
     def value_codes(self, bits: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """``bits``-bit codes of the stored values ``[B, Hkv, S, D * bits / 8]`` (a view) and their

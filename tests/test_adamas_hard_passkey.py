@@ -154,9 +154,11 @@ def test_decode_speed_splits_sparse_tokens_and_runs_a_static_dense_baseline() ->
     for record in records:  # the median of the methods' interleaved rounds
         assert len(record["round_ms_per_token"]) == 3
         assert record["ms_per_token"] == pytest.approx(statistics.median(record["round_ms_per_token"]))
+    asymmetric, adamas = records[2:]
+    assert asymmetric["fused_step_ms"] > 0 and asymmetric["selection_ms"] == asymmetric["attention_ms"] == 0
+    assert adamas["selection_ms"] > 0 and adamas["attention_ms"] > 0 and adamas["fused_step_ms"] == 0
     for record in records[2:]:
-        assert record["selection_ms"] > 0 and record["attention_ms"] > 0
-        parts = record["selection_ms"] + record["attention_ms"] + record["rest_ms"]
+        parts = record["selection_ms"] + record["attention_ms"] + record["fused_step_ms"] + record["rest_ms"]
         assert parts == pytest.approx(record["ms_per_token"])
     assert "selection_ms" not in records[1] and records[1]["tokens_per_second"] > 0
 

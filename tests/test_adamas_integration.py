@@ -60,13 +60,22 @@ def test_sparse_step_matches_masked_dense_attention(tiny_config, gqa_selection, 
     captured = {}
 
     def spy(query, key, value, indices, scaling):
-        captured.update(query=query, key=key, value=value, indices=indices, scaling=scaling)
-        return sparse(query, key, value, indices, scaling)
+        output = sparse(query, key, value, indices, scaling)
+        captured.update(query=query, key=key, value=value, indices=indices, scaling=scaling, output=output)
+        return output
 
-    sparse = ops.sparse_decode_attention
+    def fused_spy(query, key, value, *arguments):  # the default rule's step as one C++ call on CPU
+        output, indices = fused(query, key, value, *arguments)
+        captured.update(
+            query=query, key=key, value=value, indices=indices, scaling=arguments[-1], output=output
+        )
+        return output, indices
+
+    sparse, fused = ops.sparse_decode_attention, hf_adamas.attention.asymmetric_decode_step_cpu
     input_ids, attention_mask = _prompt()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(ops, "sparse_decode_attention", spy)
+        patch.setattr(hf_adamas.attention, "asymmetric_decode_step_cpu", fused_spy)
         model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=2, do_sample=False)
     query, key, value, indices = (captured[k] for k in ("query", "key", "value", "indices"))
     groups = attention.num_key_value_groups
@@ -76,7 +85,7 @@ def test_sparse_step_matches_masked_dense_attention(tiny_config, gqa_selection, 
     scores = torch.einsum("bhd,bhsd->bhs", query.float(), key.float().repeat_interleave(groups, 1))
     weights = (scores * captured["scaling"]).masked_fill(~keep, float("-inf")).softmax(-1)
     expected = torch.einsum("bhs,bhsd->bhd", weights, value.float().repeat_interleave(groups, 1))
-    torch.testing.assert_close(spy(query, key, value, indices, captured["scaling"]).float(), expected)
+    torch.testing.assert_close(captured["output"].float(), expected)
     # padded positions are never selected; every row keeps the current token
     assert not (per_head[0] >= 0).logical_and(per_head[0] < 5).any()
     assert (per_head == key.shape[2] - 1).any(-1).all()

@@ -332,38 +332,40 @@ def run_perplexity(
 
 @contextmanager
 def timed_sparse_ops() -> Iterator[dict[str, float]]:
-    """Seconds spent in key selection (estimate + top-k, one fused op on CPU, plus the optional exact
-    rescoring) and in the sparse attention over the selected keys (with the tail estimate: the whole
-    ``tail_decode_attention``, unselected positions included), summed over every call in the block
-    (CPU: synchronous)."""
-    from hf_adamas import ops
+    """Seconds spent in key selection (estimate + top-k, plus the optional exact rescoring), in the
+    sparse attention over the selected keys (with the tail estimate: the whole ``tail_decode_attention``,
+    unselected positions included), and in the fused CPU step that does both of the default rule in one
+    call (with the new key's codes; `hf_adamas.ops.cpu.asymmetric_decode_step_cpu`), summed over every
+    call in the block (CPU: synchronous)."""
+    from hf_adamas import attention, ops
 
-    totals = {"selection": 0.0, "attention": 0.0}
-    timed = {
-        "select_by_code_distance": "selection",
-        "select_by_centroid_scores": "selection",
-        "rescore_selection": "selection",
-        "sparse_decode_attention": "attention",
-        "tail_decode_attention": "attention",
-    }
-    originals = {name: getattr(ops, name) for name in timed}
+    totals = {"selection": 0.0, "attention": 0.0, "fused_step": 0.0}
+    timed = [
+        (ops, "select_by_code_distance", "selection"),
+        (ops, "select_by_centroid_scores", "selection"),
+        (ops, "rescore_selection", "selection"),
+        (ops, "sparse_decode_attention", "attention"),
+        (ops, "tail_decode_attention", "attention"),
+        (attention, "asymmetric_decode_step_cpu", "fused_step"),
+    ]
 
-    def timer(name: str):
+    def timer(function, part: str):
         def run(*args, **kwargs):
             start = time.perf_counter()
-            result = originals[name](*args, **kwargs)
-            totals[timed[name]] += time.perf_counter() - start
+            result = function(*args, **kwargs)
+            totals[part] += time.perf_counter() - start
             return result
 
         return run
 
-    for name in timed:
-        setattr(ops, name, timer(name))
+    originals = [(owner, name, getattr(owner, name)) for owner, name, _ in timed]
+    for (owner, name, part), (_, _, function) in zip(timed, originals, strict=True):
+        setattr(owner, name, timer(function, part))
     try:
         yield totals
     finally:
-        for name, original in originals.items():
-            setattr(ops, name, original)
+        for owner, name, function in originals:
+            setattr(owner, name, function)
 
 
 def run_decode_speed(
@@ -381,7 +383,8 @@ def run_decode_speed(
     kept. Then ``rounds`` rounds each time ``steps`` greedy steps of every method in turn, so that
     a slow spell of a shared machine hits all methods alike; a record holds the median over rounds
     (``round_ms_per_token`` lists them all). Sparse methods' records split each token's time into
-    ``selection_ms``, ``attention_ms`` and ``rest_ms`` (`timed_sparse_ops`, medians over rounds).
+    ``selection_ms``, ``attention_ms``, ``fused_step_ms`` and ``rest_ms`` (`timed_sparse_ops`, medians
+    over rounds).
     """
     input_ids = input_ids.to(model.device)
     states = []
@@ -421,7 +424,7 @@ def run_decode_speed(
             "round_ms_per_token": [1000 * round_["total"] / steps for round_ in spent_per_round],
         }
         if method.config is not None:
-            parts = {f"{part}_ms": per_token[part] for part in ("selection", "attention")}
+            parts = {f"{part}_ms": per_token[part] for part in ("selection", "attention", "fused_step")}
             record |= parts | {"rest_ms": record["ms_per_token"] - sum(parts.values())}
         records.append(record)
     return records

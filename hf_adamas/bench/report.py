@@ -53,6 +53,7 @@ DECODE_COLUMNS = [
     "speedup_vs_fastest_dense",
     "selection_ms",
     "attention_ms",
+    "fused_step_ms",
     "rest_ms",
 ]
 
@@ -60,7 +61,8 @@ DECODE_COLUMNS = [
 def write_decode_report(output_dir: Path, name: str, command: str, records: list[dict], title: str) -> str:
     """``name``.json/.md/.png of decode-speed records: tokens/s per method and budget, the speed-up over
     the fastest dense configuration of the same context, and each sparse token's time split into key
-    selection, sparse attention and the rest of the model; returns the Markdown table."""
+    selection, sparse attention, the fused step that does both on CPU, and the rest of the model;
+    returns the Markdown table."""
     series, baselines = budget_series(records, "tokens_per_second")
     rows = [
         record | {"budget": "all" if record["budget"] is None else record["budget"]} for record in records

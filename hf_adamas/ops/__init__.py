@@ -15,7 +15,8 @@ where they cannot be built. :func:`sparse_decode_attention` of float32 CPU cache
 the others from their codes: one C++ call for float32 CPU caches (its logit estimates fast-scanned,
 ``reference.tail_decode_attention(..., quantized_estimates=True)``), :mod:`hf_adamas.ops.tail`
 (PyTorch, float estimates) elsewhere. :func:`rescore_selection` (the optional exact second stage) runs that module's C++ op for
-float32 CPU caches and the PyTorch reference elsewhere.
+float32 CPU caches and the PyTorch reference elsewhere. The attention function runs the default rule's
+whole step through :func:`hf_adamas.ops.cpu.asymmetric_decode_step_cpu` where :func:`float32_cpu_cache` holds.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from hf_adamas.ops.reference import select_topk
 __all__ = [
     "centroid_scores",
     "code_distance",
+    "float32_cpu_cache",
     "force_reference",
     "hadamard_codes",
     "rescore_selection",
@@ -123,7 +125,7 @@ def sparse_decode_attention(
     """Attention of one decode token over selected positions, ``[B, Hq, D]``; see :func:`reference.sparse_decode_attention`."""
     if _use_triton(query):
         return _kernels().sparse_decode_attention_triton(query, key, value, indices, scaling)
-    if _float32_cpu_cache(key, value):
+    if float32_cpu_cache(key, value):
         return sparse_decode_attention_cpu(query, key, value, indices, scaling)
     return reference.sparse_decode_attention(query, key, value, indices, scaling)
 
@@ -144,7 +146,7 @@ def tail_decode_attention(
     :func:`tail.tail_decode_attention` (PyTorch, any device)."""
     if _force_reference:
         implementation = reference.tail_decode_attention
-    elif _float32_cpu_cache(key, value):
+    elif float32_cpu_cache(key, value):
         implementation = tail_decode_attention_cpu
     else:
         implementation = tail.tail_decode_attention
@@ -160,8 +162,9 @@ def rescore_selection(
     return reference.rescore_selection(query, key, candidates, budget, forced)
 
 
-def _float32_cpu_cache(key: torch.Tensor, value: torch.Tensor) -> bool:
-    """Whether the C++ attention ops read these K/V in place: float32 CPU caches with contiguous rows."""
+def float32_cpu_cache(key: torch.Tensor, value: torch.Tensor) -> bool:
+    """Whether the C++ attention ops (:mod:`hf_adamas.ops.cpu`) read these K/V in place: float32 CPU
+    caches with contiguous rows, the extension built, the reference not forced."""
     return (
         _fused_cpu(key)
         and key.dtype == value.dtype == torch.float32

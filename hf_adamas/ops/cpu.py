@@ -13,13 +13,17 @@
 - `rescore_selection_cpu`: the exact ``q · k`` of the candidates an estimate selected, read in place
   from the cache, and their top-k (the optional second stage, ``rescore_factor``).
 - `sparse_decode_attention_cpu`: attention over the selected rows, read in place from the cache.
+- `asymmetric_decode_step_cpu`: a whole decode step of the default rule for a layer that stores key
+  codes: the new keys' codes written into the cache's code buffer, the selection of
+  `select_by_centroids_cpu` and the attention of `sparse_decode_attention_cpu`, in one call.
 - `tail_decode_attention_cpu`: the tail estimate (``value_code_bits``) in one call: exact over the
   selection, elsewhere each key's logit from the same fast scan of its codes (the quantized estimate
   itself, `reference.quantized_centroid_scores`) and its value codes' Hadamard values, for the query
   heads of a KV group at once, over chunks of positions in parallel.
 
 Their PyTorch twins, and the fallback when no compiler is found, are `reference.select_by_table`,
-`reference.rescore_selection`, `reference.sparse_decode_attention` and `reference.tail_decode_attention`.
+`reference.rescore_selection`, `reference.sparse_decode_attention`, `reference.asymmetric_decode_step`
+and `reference.tail_decode_attention`.
 
 The extension is built once per machine (`hf_common.cpp_extension`, about 30 s).
 """
@@ -37,6 +41,7 @@ from hf_adamas.ops.reference import PackedCodes, hadamard_matrix, hadamard_value
 from hf_common.cpp_extension import load_cpu_extension
 
 __all__ = [
+    "asymmetric_decode_step_cpu",
     "cpu_extension",
     "hadamard_codes_cpu",
     "rescore_selection_cpu",
@@ -130,6 +135,48 @@ def sparse_decode_attention_cpu(
         query.float().contiguous(), key, value, indices.contiguous(), float(scaling)
     )
     return out.to(query.dtype)
+
+
+def asymmetric_decode_step_cpu(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    coded: int,
+    thresholds: torch.Tensor,
+    centroids: torch.Tensor,
+    bits: int,
+    shared_per_kv_group: bool,
+    budget: int,
+    candidate_pool: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """`reference.asymmetric_decode_step` for float32 caches in one C++ call, after writing the codes
+    of keys ``coded..S`` (`reference.hadamard_codes` with ``thresholds``) into ``k_codes`` in place.
+
+    ``k_codes`` is the cache's code buffer ``[B, Hkv, S, P]`` (rows contiguous); its rows before
+    ``coded`` are read as they are. Returns the output ``[B, Hq, D]`` and the indices.
+    """
+    check_centroid_score_inputs(query, k_codes, centroids, bits)
+    if coded < key.shape[2]:
+        check_thresholds(thresholds, bits)
+    if key.shape != value.shape or key.shape[:2] != k_codes.shape[:2] or key.shape[2] != k_codes.shape[2]:
+        raise ValueError(
+            f"key, value [B, Hkv, S, D] and k_codes [B, Hkv, S, P] disagree: {tuple(key.shape)}, "
+            f"{tuple(value.shape)}, {tuple(k_codes.shape)}"
+        )
+    if k_codes.stride(-1) != 1:
+        raise ValueError(
+            "k_codes must be the code buffer itself (contiguous rows): its codes are written in place"
+        )
+    forced, valid = _masks(key.shape[0], key.shape[2], valid, forced)
+    return cpu_extension().asymmetric_decode_step(
+        query, key, value, k_codes, coded, thresholds, centroids.float().contiguous(),
+        hadamard_matrix(key.shape[-1]), bits, shared_per_kv_group, budget, candidate_pool, forced, valid,
+        float(scaling),
+    )  # fmt: skip
 
 
 def tail_decode_attention_cpu(

@@ -41,6 +41,7 @@ from hf_adamas._validation import (
 
 __all__ = [
     "PackedCodes",
+    "asymmetric_decode_step",
     "byte_centroids",
     "byte_codes",
     "byte_table_sum",
@@ -444,6 +445,37 @@ def sparse_decode_attention(
     """
     _, weight_sum, weighted_values = selected_attention_partials(query, key, value, indices, scaling)
     return (weighted_values / weight_sum.clamp(min=torch.finfo(torch.float32).tiny)).to(query.dtype)
+
+
+def asymmetric_decode_step(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_codes: torch.Tensor,
+    centroids: torch.Tensor,
+    bits: int,
+    shared_per_kv_group: bool,
+    budget: int,
+    candidate_pool: int,
+    valid: torch.Tensor | None,
+    forced: torch.Tensor | None,
+    scaling: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One decode step of the asymmetric rule: the ``budget`` keys with the largest centroid scores
+    (:func:`centroid_table`, :func:`select_by_table`), or when ``candidate_pool`` exceeds the budget,
+    that many narrowed to the budget by their exact scores (:func:`rescore_selection`); then exact
+    attention over them.
+
+    Returns the output ``[B, Hq, D]`` and the indices ``[B, Hq or Hkv, budget]``. The twin of the
+    fused CPU op, which also writes the codes of the keys appended since the last step.
+    """
+    table = centroid_table(query, k_codes, centroids, bits)
+    if shared_per_kv_group:
+        table = table.sum(2, keepdim=True)
+    indices = select_by_table(table, k_codes, max(budget, candidate_pool), valid, forced, largest=True)
+    if candidate_pool > budget:
+        indices = rescore_selection(query, key, indices, budget, forced)
+    return sparse_decode_attention(query, key, value, indices, scaling), indices
 
 
 def selected_attention_partials(

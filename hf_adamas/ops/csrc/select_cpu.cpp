@@ -9,6 +9,8 @@
 //   twin reference.rescore_selection.
 // - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
 //   (possibly preallocated, strided) cache; twin reference.sparse_decode_attention.
+// - asymmetric_decode_step: the new keys' codes, select_by_centroids and sparse_decode_attention in one
+//   call (the default decode step); twin reference.asymmetric_decode_step.
 // - tail_decode_attention: the tail estimate (AdamasConfig.value_code_bits), exact over the selection and
 //   from the key and value codes elsewhere, in one call; twin reference.tail_decode_attention.
 #include <torch/extension.h>
@@ -20,6 +22,7 @@
 #include <cstring>
 #include <immintrin.h>
 #include <limits>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -183,7 +186,7 @@ double dot_double(const double* q, const float* k, int64_t dim) {
 }
 
 // Selected rows are scattered over the cache: ask for a row a few iterations before it is read.
-constexpr int64_t kAhead = 8;
+constexpr int64_t kAhead = 16;
 inline void prefetch_row(const float* row, int64_t dim) {
   for (int64_t d = 0; d < dim; d += 16) __builtin_prefetch(row + d);
 }
@@ -1263,7 +1266,43 @@ torch::Tensor tail_decode_attention(torch::Tensor query, torch::Tensor q_hat, to
   return out;
 }
 
+// One sparse decode step of the asymmetric rule for a layer that stores key codes, in one call (the
+// Python glue of the three steps cost about as much as the steps themselves at 8K):
+// 1. the codes of keys [coded, S) written into `codes` in place (the cache's code buffer; its bytes
+//    before `coded` are read as they are): their Hadamard values by the same matmul as
+//    reference.hadamard_values, then bucket_codes;
+// 2. select_by_centroids from the query's Hadamard values (the same matmul), of `pool` candidates
+//    narrowed to the budget by rescore_selection when pool > budget;
+// 3. sparse_decode_attention over the selection.
+// query: float32 [B, Hq, D] (any strides); key/value/codes/forced/valid as those ops take them;
+// hadamard: float32 [D, D] (reference.hadamard_matrix). Returns (float32 [B, Hq, D], the indices).
+// Twin: reference.asymmetric_decode_step, after reference.hadamard_codes of keys [coded, S).
+std::tuple<torch::Tensor, torch::Tensor> asymmetric_decode_step(
+    torch::Tensor query, torch::Tensor key, torch::Tensor value, torch::Tensor codes, int64_t coded,
+    torch::Tensor thresholds, torch::Tensor centroids, torch::Tensor hadamard, int64_t bits, bool shared,
+    int64_t budget, int64_t pool, torch::Tensor forced, torch::Tensor valid, double scaling) {
+  TORCH_CHECK(query.dtype() == torch::kFloat32 && key.dtype() == torch::kFloat32 && query.dim() == 3 &&
+                  key.dim() == 4, "query must be float32 [B, Hq, D] and key float32 [B, Hkv, S, D]");
+  TORCH_CHECK(codes.dim() == 4 && codes.size(2) == key.size(2), "codes must have one row per cached key");
+  const int64_t seq_len = key.size(2);
+  TORCH_CHECK(coded >= 0 && coded <= seq_len, "coded must be in [0, ", seq_len, "], got ", coded);
+  if (coded < seq_len) {
+    const auto fresh = key.narrow(2, coded, seq_len - coded);
+    const auto fresh_hat = at::matmul(fresh, hadamard);
+    const auto packed = bucket_codes(fresh_hat.reshape({-1, key.size(3)}).contiguous(), thresholds, bits);
+    codes.narrow(2, coded, seq_len - coded).copy_(packed.view(codes.narrow(2, coded, seq_len - coded).sizes()));
+  }
+  const auto q_hat = at::matmul(query, hadamard).contiguous();
+  const auto q = query.contiguous();
+  auto indices = select_by_centroids(q_hat, codes, centroids, bits, shared, std::max(pool, budget), forced, valid, false);
+  if (pool > budget) indices = rescore_selection(q, key, indices, budget, forced);
+  auto out = sparse_decode_attention(q, key, value, indices, scaling);
+  return {out, indices};
+}
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("asymmetric_decode_step", &asymmetric_decode_step,
+        "Encode new key codes, select by the asymmetric rule and attend, one decode step (CPU)");
   m.def("tail_decode_attention", &tail_decode_attention, "The tail estimate's attention over the whole cache (CPU)");
   m.def("select_by_centroids", &select_by_centroids, "Exact asymmetric selection by a fast-scanned estimate (CPU)");
   m.def("bucket_codes", &bucket_codes, "Bucketize and pack Hadamard values into codes (CPU)");
