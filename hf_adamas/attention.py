@@ -70,24 +70,35 @@ def _stash_cache_layer(module: torch.nn.Module, args: tuple, kwargs: dict) -> No
     layer = None
     if isinstance(cache, Cache) and module.layer_idx < len(cache.layers):
         layer = cache.layers[module.layer_idx]
-        settings = settings_for(module)
-        thresholds = settings.thresholds_for_layer(module.layer_idx)
-        layer_type = OnlineCalibratedLayer if settings.calibration == "online" else AdamasLayer
-        sparse_layer = module.layer_idx >= settings.dense_layers
-        plain = type(layer) is DynamicLayer or (sparse_layer and type(layer) is PreallocatedLayer)
-        stale = isinstance(layer, AdamasLayer) and not (
-            type(layer) is layer_type and layer.encodes_with(thresholds, settings.bits)
-        )
         capacity = getattr(cache, CAPACITY_ATTRIBUTE, None)
-        if module.config._attn_implementation == ATTENTION_NAME and (plain or stale):
-            if sparse_layer:
-                layer = layer_type.from_layer(layer, thresholds, settings.bits, capacity)
+        if module.config._attn_implementation == ATTENTION_NAME and _needs_swap(module, layer):
+            settings = settings_for(module)
+            if module.layer_idx >= settings.dense_layers:
+                thresholds = settings.thresholds_for_layer(module.layer_idx)
+                layer = _code_layer_type(settings).from_layer(layer, thresholds, settings.bits, capacity)
             else:
                 layer = PreallocatedLayer.from_layer(layer, capacity)
             cache.layers[module.layer_idx] = layer
         elif isinstance(layer, PreallocatedLayer) and capacity is not None:
             layer.capacity = capacity
     setattr(module, CACHE_LAYER_ATTRIBUTE, layer)
+
+
+def _needs_swap(module: torch.nn.Module, layer: object) -> bool:
+    """Whether ``layer`` is not the one Adamas wants here: a plain `DynamicLayer`, a `PreallocatedLayer`
+    in a sparse layer, or an `AdamasLayer` whose codes were made with other settings."""
+    settings = settings_for(module)
+    sparse_layer = module.layer_idx >= settings.dense_layers
+    if type(layer) is DynamicLayer or (sparse_layer and type(layer) is PreallocatedLayer):
+        return True
+    if not isinstance(layer, AdamasLayer):
+        return False
+    thresholds = settings.thresholds_for_layer(module.layer_idx)
+    return not (type(layer) is _code_layer_type(settings) and layer.encodes_with(thresholds, settings.bits))
+
+
+def _code_layer_type(settings: AdamasConfig) -> type[AdamasLayer]:
+    return OnlineCalibratedLayer if settings.calibration == "online" else AdamasLayer
 
 
 def _prepare_module(module: torch.nn.Module) -> None:
