@@ -209,6 +209,10 @@ def adamas_attention_forward(
 
     scaling = scaling if scaling is not None else query.shape[-1] ** -0.5
     valid = _valid_positions(attention_mask, query_length)
+    layer = _fused_step_layer(settings, module, key, value)
+    if layer is not None:
+        output = _fused_step(settings, module, layer, query[:, :, 0], key, value, valid, scaling)
+        return output[:, None], None
     arguments = {
         "settings": settings,
         "module": module,
@@ -217,10 +221,7 @@ def adamas_attention_forward(
         "valid": valid,
         "key_codes": lambda thresholds: _key_codes(module, key, thresholds, settings.bits),
     }
-    layer = _fused_step_layer(settings, module, key, value)
-    if layer is not None:
-        output = _fused_step(settings, module, layer, query[:, :, 0], key, value, valid, scaling)
-    elif settings.value_code_bits:  # the config allows it with selector="adamas_asymmetric" only
+    if settings.value_code_bits:  # the config allows it with selector="adamas_asymmetric" only
         indices, candidates = select_asymmetric_with_candidates(**arguments)
         output = _attention_with_tail(
             settings, module, query[:, :, 0], key, value, indices, candidates, scaling, valid
