@@ -18,7 +18,7 @@ from transformers import GenerationConfig, LogitsProcessorList, PreTrainedModel,
 from transformers.generation.utils import GenerateDecoderOnlyOutput, GenerationMixin
 
 from hf_common.compat import CACHE_ARGUMENT
-from hf_common.few_rows_linear import few_rows_linear_layers
+from hf_common.few_rows_linear import few_rows_linear_available, few_rows_linear_layers
 from hf_scylla.candidate_generator import ScyllaCandidateGenerator, ScyllaStats
 from hf_scylla.modeling import ScyllaDraftModel
 from hf_scylla.tree import TreeConfig, tree_decode
@@ -158,6 +158,8 @@ def generate(
     ``attention_mask``...). ``stats.new_tokens`` / ``stats.seconds`` give tokens per second.
     """
     check_generation_inputs(target, input_ids)
+    if generate_kwargs.get("few_rows_linear", True):
+        few_rows_linear_available()  # builds the C++ kernel on a fresh machine (about 30 s): not timed
     stats = ScyllaStats()
     start = time.perf_counter()
     output = target.generate(

@@ -286,3 +286,22 @@ def test_verification_runs_on_the_few_rows_kernel_unless_turned_off(tree, monkey
             for module in target.modules()
             if isinstance(module, torch.nn.Linear)
         )
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_the_kernel_is_built_before_the_timed_call(enabled, monkeypatch) -> None:
+    """`generate` builds the few-rows kernel (about 30 s on a fresh machine) before it starts its clock,
+    so that a first run's tokens/s (the demo's, on a fresh clone) is not the compiler's; with
+    ``few_rows_linear=False`` it does not build it at all."""
+    import hf_scylla.generation
+
+    events = []
+    monkeypatch.setattr(hf_scylla.generation, "few_rows_linear_available", lambda: events.append("build"))
+    target = make_target(context_scale=0.3)
+    original = target.generate
+    monkeypatch.setattr(
+        target, "generate", lambda *a, **k: events.append("timed generate") or original(*a, **k)
+    )
+    generate(target, make_draft(target, depth=1), random_prompt(0), max_new_tokens=4, do_sample=False,
+             few_rows_linear=enabled)  # fmt: skip
+    assert events == (["build", "timed generate"] if enabled else ["timed generate"])
