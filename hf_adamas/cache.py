@@ -6,7 +6,8 @@ Layout. `AdamasLayer` keeps, per layer, keys and values ``[batch, kv_heads, seq,
 ``2*(i % 4) + 1`` (8 one-bit codes per byte with ``bits=1``). At 2 bits a key's codes take 1/8 of
 its bf16 key, i.e. 1/16 of its bf16 key and value (1/32 of an fp32 K+V cache).
 
-Codes are built lazily: `AdamasLayer.key_codes` encodes the keys stored since its last call. So a
+Codes are built lazily: `AdamasLayer.key_codes` encodes the keys stored since its last call (or the
+fused CPU decode step writes them itself: `AdamasLayer.unwritten_key_codes`). So a
 prefill stores keys and values only, and the codes of the whole prompt are made at the first sparse
 decode step, after the prefill's activations are freed; the code buffer is therefore not part of
 the prefill's memory peak, which is what sets a long generation's peak (see

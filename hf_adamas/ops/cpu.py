@@ -157,7 +157,9 @@ def asymmetric_decode_step_cpu(
     of keys ``coded..S`` (`reference.hadamard_codes` with ``thresholds``) into ``k_codes`` in place.
 
     ``k_codes`` is the cache's code buffer ``[B, Hkv, S, P]`` (rows contiguous); its rows before
-    ``coded`` are read as they are. Returns the output ``[B, Hq, D]`` and the indices.
+    ``coded`` are read as they are. With ``candidate_pool`` above ``budget`` the estimate proposes that
+    many keys and their exact scores keep ``budget`` (`rescore_selection_cpu`). Returns the output
+    ``[B, Hq, D]`` and the indices.
     """
     check_centroid_score_inputs(query, k_codes, centroids, bits)
     if coded < key.shape[2]:

@@ -9,8 +9,8 @@
 //   twin reference.rescore_selection.
 // - sparse_decode_attention: softmax attention over the selected rows only, read in place from the
 //   (possibly preallocated, strided) cache; twin reference.sparse_decode_attention.
-// - asymmetric_decode_step: the new keys' codes, select_by_centroids and sparse_decode_attention in one
-//   call (the default decode step); twin reference.asymmetric_decode_step.
+// - asymmetric_decode_step: the new keys' codes, select_by_centroids (and rescore_selection) and
+//   sparse_decode_attention in one call (the default decode step); twin reference.asymmetric_decode_step.
 // - tail_decode_attention: the tail estimate (AdamasConfig.value_code_bits), exact over the selection and
 //   from the key and value codes elsewhere, in one call; twin reference.tail_decode_attention.
 #include <torch/extension.h>
