@@ -9,3 +9,5 @@ for run in cpu_decode cpu_decode_run2; do
 done
 OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_4k --contexts 4096 --budgets 64 256 --steps 16 --rounds 5 \
   --methods dense-static asymmetric-online asymmetric-online-tail2
+OMP_NUM_THREADS=2 hf-adamas bench --output-dir $D/cpu_decode_run3 --contexts 8192 --budgets 64 256 --steps 16 --rounds 5 \
+  --methods dense-static asymmetric-online   # a third run, at commit 5ced5b2
