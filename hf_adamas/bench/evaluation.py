@@ -359,8 +359,8 @@ def timed_sparse_ops() -> Iterator[dict[str, float]]:
         return run
 
     originals = [(owner, name, getattr(owner, name)) for owner, name, _ in timed]
-    for (owner, name, part), (_, _, function) in zip(timed, originals, strict=True):
-        setattr(owner, name, timer(function, part))
+    for owner, name, part in timed:
+        setattr(owner, name, timer(getattr(owner, name), part))
     try:
         yield totals
     finally:

@@ -1290,7 +1290,8 @@ std::tuple<torch::Tensor, torch::Tensor> asymmetric_decode_step(
     const auto fresh = key.narrow(2, coded, seq_len - coded);
     const auto fresh_hat = at::matmul(fresh, hadamard);
     const auto packed = bucket_codes(fresh_hat.reshape({-1, key.size(3)}).contiguous(), thresholds, bits);
-    codes.narrow(2, coded, seq_len - coded).copy_(packed.view(codes.narrow(2, coded, seq_len - coded).sizes()));
+    auto fresh_codes = codes.narrow(2, coded, seq_len - coded);
+    fresh_codes.copy_(packed.view(fresh_codes.sizes()));
   }
   const auto q_hat = at::matmul(query, hadamard).contiguous();
   const auto q = query.contiguous();
