@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,6 +13,7 @@ from hf_common.cli import COMMON_COMMANDS, Command, CommandError, run_cli
 from hf_common.data import SHARED_DATA_DIR
 from hf_common.default_model import DEFAULT_MODEL_ID, load_model_and_tokenizer
 from hf_common.demo import demo_command
+from hf_common.few_rows_linear import few_rows_linear_available
 from hf_common.harness import eval_command
 from hf_common.outputs import RUNS_DIR, add_output_arguments, claim_outputs
 from hf_common.reporting import command_line, machine, save_json
@@ -325,6 +327,14 @@ def _add_bench_arguments(parser: argparse.ArgumentParser) -> None:
         default=5,
         help="Rounds in which every method decodes --steps tokens in turn; records hold the median round.",
     )
+    parser.add_argument(
+        "--few-rows-linear",
+        choices=["off", "on", "both"],
+        default="off",
+        help="Decode every method's linear layers on hf_common.few_rows_linear's one-row C++ kernel "
+        "(on), or run each method both ways in the same rounds (both: the kernel's runs are named "
+        "'<method>+few-rows-linear'); the speed-up column compares with the fastest dense run of either.",
+    )
 
 
 def _run_bench(args: argparse.Namespace) -> int:
@@ -334,6 +344,11 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise CommandError(f"--steps and --rounds must be >= 1, got {args.steps} and {args.rounds}")
     _require_file(args.text, "--text")
     _check_method_arguments(args, min(args.contexts), "shortest --contexts")
+    if args.few_rows_linear != "off" and not few_rows_linear_available():
+        raise CommandError(
+            "--few-rows-linear needs hf_common.few_rows_linear's C++ kernel, which is not available here "
+            "(no C++ toolchain, or no AVX2/FMA)"
+        )
     _claim_report(args, "decode_speed")
     model, tokenizer = load_model_and_tokenizer(args.model)
     text_ids = tokenizer(args.text.read_text(), return_tensors="pt").input_ids
@@ -341,7 +356,7 @@ def _run_bench(args: argparse.Namespace) -> int:
         raise CommandError(
             f"{args.text} has {text_ids.shape[1]} tokens, fewer than --contexts {max(args.contexts)}"
         )
-    methods = _build_methods(args, model, tokenizer)
+    methods = _with_linear_kernel(_build_methods(args, model, tokenizer), args.few_rows_linear)
     records = []
     for context in args.contexts:
         measured = run_decode_speed(model, text_ids[:, :context], methods, args.steps, rounds=args.rounds)
@@ -362,6 +377,15 @@ def _run_bench(args: argparse.Namespace) -> int:
     )
     print(f"Saved {args.output_dir}/decode_speed.json, .md and .png")
     return 0
+
+
+def _with_linear_kernel(methods: list, few_rows_linear: str) -> list:
+    """The bench's methods as ``--few-rows-linear`` asks: as they are (off), on the kernel (on), or both."""
+    on_kernel = [
+        dataclasses.replace(method, name=f"{method.name}+few-rows-linear", few_rows_linear=True)
+        for method in methods
+    ]
+    return {"off": methods, "on": on_kernel, "both": methods + on_kernel}[few_rows_linear]
 
 
 COMMANDS = (

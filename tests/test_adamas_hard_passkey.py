@@ -14,13 +14,16 @@ from lm_eval.tasks import TaskManager
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
+import hf_common.few_rows_linear
 from hf_adamas import AdamasConfig
 from hf_adamas.bench.evaluation import method_grid, run_decode_speed
 from hf_adamas.bench.needle import NEEDLE_FORMATS, needle_prompt, sentence_pools
 from hf_adamas.bench.passkey import passkey_trials, read_records
+from hf_adamas.cli import _with_linear_kernel
 from hf_adamas.cli import main as adamas_main
 from hf_adamas.tasks import TASKS_DIR
 from hf_common.data import SHARED_DATA_DIR
+from hf_common.few_rows_linear import few_rows_linear_available
 
 pytestmark = pytest.mark.skipif(
     not (SHARED_DATA_DIR / "gsm8k" / "test.jsonl").is_file(),
@@ -161,6 +164,35 @@ def test_decode_speed_splits_sparse_tokens_and_runs_a_static_dense_baseline() ->
         parts = record["selection_ms"] + record["attention_ms"] + record["fused_step_ms"] + record["rest_ms"]
         assert parts == pytest.approx(record["ms_per_token"])
     assert "selection_ms" not in records[1] and records[1]["tokens_per_second"] > 0
+
+
+@pytest.mark.skipif(not few_rows_linear_available(), reason="hf_common.few_rows_linear is not built here")
+def test_decode_speed_runs_a_method_on_the_one_row_linear_kernel(monkeypatch) -> None:
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(make_tiny_config("llama")).eval()
+    rows_served = []
+    kernel = hf_common.few_rows_linear._kernel
+
+    def counting_kernel(extension, inputs, weight, bias):
+        rows_served.append(inputs.numel() // weight.shape[1])
+        return kernel(extension, inputs, weight, bias)
+
+    monkeypatch.setattr(hf_common.few_rows_linear, "_kernel", counting_kernel)
+    plain, sparse = method_grid(["dense-static", "asymmetric-online"], [8])
+    methods = _with_linear_kernel([plain, sparse], "both")
+    assert [(m.name, m.few_rows_linear) for m in methods] == [
+        ("dense-static", False), ("asymmetric-online", False),
+        ("dense-static+few-rows-linear", True), ("asymmetric-online+few-rows-linear", True),
+    ]  # fmt: skip
+    records = run_decode_speed(model, torch.randint(3, 128, (1, 40)), methods, steps=3, rounds=2)
+    linear_layers = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    # two kernel methods x (2 warm-up + 2 rounds x 3 steps) one-row steps, each through every layer
+    assert rows_served == [1] * (2 * 8 * linear_layers)
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if isinstance(m, torch.nn.Linear))
+    assert [r["method"] for r in records] == [m.name for m in methods]
+    assert _with_linear_kernel([plain], "on")[0].few_rows_linear and _with_linear_kernel([plain], "off") == [
+        plain
+    ]
 
 
 def test_passkey_command_resumes_and_refuses_to_replace_records(tmp_path: Path, model_dir: Path) -> None:

@@ -316,6 +316,16 @@ def test_bad_arguments_are_refused_before_the_model_loads(
     assert re.search(message, err), err
 
 
+def test_bench_without_the_linear_kernel_is_refused_before_the_model_loads(
+    no_model_load, monkeypatch, tmp_path, capsys
+) -> None:
+    monkeypatch.setattr(cli, "few_rows_linear_available", lambda: False)
+    out = tmp_path / "out"
+    assert cli.main(["bench", "--few-rows-linear", "both", "--output-dir", str(out)]) == 2
+    assert "needs hf_common.few_rows_linear's C++ kernel" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("command", ["passkey", "ppl", "bench"])
 def test_existing_results_are_kept_without_overwrite(command, no_model_load, tmp_path, capsys) -> None:
     stem = {"passkey": "passkey_varied", "ppl": "perplexity", "bench": "decode_speed"}[command]

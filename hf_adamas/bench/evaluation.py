@@ -14,7 +14,7 @@ import math
 import statistics
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -25,6 +25,7 @@ from transformers.cache_utils import Cache
 from hf_adamas.config import AdamasConfig
 from hf_adamas.integration import apply_adamas
 from hf_common.compat import cache_kwargs, crop_cache
+from hf_common.few_rows_linear import few_rows_linear_layers
 
 PASSKEY_FILLER = "The grass is green. The sky is blue. The sun is yellow. Here we go. There and back again. "
 PASSKEY_QUESTION = "What is the pass key? The pass key is"
@@ -33,11 +34,14 @@ PASSKEY_QUESTION = "What is the pass key? The pass key is"
 @dataclass(frozen=True)
 class Method:
     """An attention method under evaluation: dense sdpa when ``config`` is None, over a `StaticCache`
-    when ``static_cache`` (the decode-speed benchmark's second dense baseline)."""
+    when ``static_cache`` (the decode-speed benchmark's second dense baseline); with
+    ``few_rows_linear`` its decode steps run every ``nn.Linear`` on `hf_common.few_rows_linear`'s
+    one-row kernel (the decode-speed benchmark's option for dense and sparse methods alike)."""
 
     name: str
     config: AdamasConfig | None = None
     static_cache: bool = False
+    few_rows_linear: bool = False
 
     @property
     def budget(self) -> int | None:
@@ -46,13 +50,17 @@ class Method:
 
 @contextmanager
 def attention_method(model: PreTrainedModel, method: Method) -> Iterator[None]:
-    """Run the block with ``method``'s attention, restoring sdpa afterwards."""
+    """Run the block with ``method``'s attention (and linear layers), restoring sdpa afterwards."""
     if method.config is None:
         model.set_attn_implementation("sdpa")
     else:
         apply_adamas(model, method.config)
     try:
-        yield
+        linear = (
+            few_rows_linear_layers(model, min_rows=1, max_rows=1) if method.few_rows_linear else nullcontext()
+        )
+        with linear:
+            yield
     finally:
         model.set_attn_implementation("sdpa")
 
